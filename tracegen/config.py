@@ -1,0 +1,248 @@
+"""Typed configuration: one model per command, loaded from a recipe YAML and command-line flags.
+
+Precedence, lowest first: the defaults below < the recipe file < environment variables and flags
+(an environment variable such as ``TRACEGEN_TEACHER_BASE_URL`` is the same setting as its flag).
+Every model forbids unknown keys, so a typo in a recipe is an error that names the key and its
+line, never a silently ignored setting.
+
+API keys are never configuration: a recipe names the environment variable that holds the key
+(``api_key_env``), and the key itself is read from the environment at the moment a client is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tracegen.errors import BadInputError, RecipeError
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a careful problem solver with access to tools. Think step by step. When running code "
+    "would help, call a tool and wait for its output before continuing. When you are done, reply "
+    "with your final answer and no tool call."
+)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EndpointConfig(Strict):
+    """An OpenAI-compatible chat-completions endpoint and how to talk to it."""
+
+    base_url: str | None = Field(None, description="Base URL ending in /v1, e.g. http://127.0.0.1:8000/v1.")
+    model: str | None = Field(None, description="Model name sent in every request.")
+    api_key_env: str = Field(
+        "TRACEGEN_TEACHER_API_KEY",
+        description="Environment variable holding the API key (falls back to OPENAI_API_KEY). "
+        "Keys never go in recipe files.",
+    )
+    temperature: float = Field(0.6, ge=0, description="Sampling temperature (0.6 suits thinking models).")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling.")
+    max_tokens: int = Field(4096, ge=1, description="Completion tokens per request (per turn).")
+    seed: int | None = Field(None, description="Sampling seed, where the server supports one.")
+    stream: bool = Field(True, description="Stream replies (SSE) so long thinking never hits a read timeout.")
+    extra_body: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra request fields, e.g. {chat_template_kwargs: {enable_thinking: true}} for vLLM.",
+    )
+    timeout_s: float = Field(600.0, gt=0, description="Longest silence allowed while reading a reply.")
+    connect_timeout_s: float = Field(10.0, gt=0, description="TCP connect timeout.")
+    max_attempts: int = Field(6, ge=1, description="Attempts per request, retries included.")
+    backoff_base_s: float = Field(1.0, ge=0, description="First retry delay; doubles each attempt, with jitter.")
+    backoff_max_s: float = Field(60.0, ge=0, description="Cap on one retry delay (Retry-After may exceed it).")
+    requests_per_minute: float | None = Field(None, gt=0, description="Client-side request rate limit.")
+    tokens_per_minute: float | None = Field(None, gt=0, description="Client-side token rate limit.")
+
+    def api_key(self) -> str:
+        """The key from the environment; servers that need none (vLLM, local) get a placeholder."""
+        return os.environ.get(self.api_key_env) or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+
+
+ToolProtocolSetting = Literal["auto", "native", "hermes", "function_tag"]
+
+
+class TeacherConfig(EndpointConfig):
+    reasoning_echo: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="Send earlier turns' reasoning back to the server: auto = on tool-call turns, in the "
+        "field the server used (DeepSeek thinking mode requires it); always; never.",
+    )
+    tool_protocol: ToolProtocolSetting = Field(
+        "auto",
+        description="auto: native function calling when the server sends it, else the text forms "
+        "<tool_call>{...}</tool_call> (hermes) or <function=NAME>... (function_tag). Pin one for servers "
+        "without function calling: the tools are then described in the system prompt.",
+    )
+
+
+class Prices(Strict):
+    input_per_mtok: float = Field(0.0, ge=0, description="Price per million prompt tokens.")
+    output_per_mtok: float = Field(0.0, ge=0, description="Price per million completion tokens.")
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
+
+
+class TaskColumns(Strict):
+    """Which task-file field (or dataset column) holds each part of a task."""
+
+    id: str = "id"
+    prompt: str = "prompt"
+    reference: str = "reference"
+    tests: str = "tests"
+    metadata: list[str] = Field(default_factory=list, description="Extra columns kept in task.metadata.")
+
+
+class CollectConfig(Strict):
+    tasks: str | None = Field(None, description="Tasks: a JSONL file or a local Hugging Face dataset directory.")
+    task_columns: TaskColumns = Field(default_factory=TaskColumns)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    simulator: EndpointConfig | None = Field(
+        None, description="Model that role-plays tools for runtime=simulated; defaults to the teacher."
+    )
+    runtime: Literal["simulated", "docker"] = Field("simulated", description="Where tool calls run.")
+    tools: list[Literal["python", "bash"]] = Field(
+        default_factory=lambda: ["python", "bash"], description="Tools offered to the teacher."
+    )
+    system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, description="System prompt of every trajectory.")
+    samples_per_task: int = Field(1, ge=1, description="Trajectories sampled per task (K, for rejection sampling).")
+    concurrency: int = Field(32, ge=1, description="Trajectories in flight at once.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N tasks.")
+    max_turns: int = Field(8, ge=1, description="Teacher requests per trajectory before stop_reason=max_turns.")
+    token_budget: int = Field(
+        65536, ge=1, description="Completion tokens (reasoning included) per trajectory before stop_reason=budget."
+    )
+    observation_max_chars: int = Field(
+        8000, ge=64, description="Longest tool output the teacher sees; longer ones are middle-truncated."
+    )
+    fail_on_error: float = Field(
+        0.5, ge=0, le=1, description="Exit 1 when more than this fraction of trajectories ended in error."
+    )
+    prices: Prices | None = Field(None, description="Token prices, to show cost on the progress bar.")
+
+    def simulator_endpoint(self) -> EndpointConfig:
+        """The simulator's endpoint; an unset base URL or model is the teacher's."""
+        if self.simulator is None:
+            return EndpointConfig(**self.teacher.model_dump(include=set(EndpointConfig.model_fields)))
+        return self.simulator.model_copy(
+            update={
+                "base_url": self.simulator.base_url or self.teacher.base_url,
+                "model": self.simulator.model or self.teacher.model,
+            }
+        )
+
+    def fingerprint(self) -> str:
+        """Hash of every setting that changes what the teacher generates.
+
+        Trajectory ids derive from it, so resuming with a changed sampling setup is caught instead of
+        mixing two setups in one file. Throughput knobs (concurrency, limits, retries, base URL) and
+        K are left out: changing them must not invalidate finished work.
+        """
+        generation = {
+            "teacher": self.teacher.model_dump(
+                include={"model", "temperature", "top_p", "max_tokens", "seed", "extra_body",
+                         "reasoning_echo", "tool_protocol"}
+            ),
+            "simulator": self.simulator_endpoint().model if self.runtime == "simulated" else None,
+            "runtime": self.runtime,
+            "tools": self.tools,
+            "system_prompt": self.system_prompt,
+            "max_turns": self.max_turns,
+            "token_budget": self.token_budget,
+            "observation_max_chars": self.observation_max_chars,
+        }
+        blob = json.dumps(generation, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class Recipe(Strict):
+    """A reproducible pipeline: one section per stage."""
+
+    name: str | None = None
+    description: str | None = None
+    collect: CollectConfig = Field(default_factory=CollectConfig)
+
+
+def load_recipe(path: Path) -> Recipe:
+    """Parse and validate a recipe; relative paths inside it resolve against the recipe's folder."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from exc
+    try:
+        data = yaml.safe_load(text) or {}
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise RecipeError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from exc
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}:1: a recipe must be a mapping of stage names to settings")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise _recipe_error(exc, str(path), root) from exc
+    tasks = recipe.collect.tasks
+    if tasks and not Path(tasks).is_absolute():
+        recipe.collect.tasks = str((path.parent / tasks).resolve())
+    return recipe
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``overrides`` into ``base``; ``None`` in overrides means "not given"."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            out[key] = merge(out.get(key) or {}, value)
+        else:
+            out[key] = value
+    return out
+
+
+def apply_overrides(config: CollectConfig, overrides: dict[str, Any], source: str = "flags") -> CollectConfig:
+    """Layer flag/environment values over a validated config, re-validating the result."""
+    merged = merge(config.model_dump(exclude_unset=True), overrides)
+    try:
+        return CollectConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise _recipe_error(exc, source, None, prefix="collect") from exc
+
+
+def _recipe_error(exc: ValidationError, source: str, root: yaml.Node | None, prefix: str = "") -> RecipeError:
+    """One line naming the key (and its line in the file) and the fix."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    dotted = ".".join(([prefix] if prefix else []) + loc)
+    line = _line_of(root, loc) if root is not None else None
+    where = f"{source}:{line}" if line else source
+    if err["type"] == "extra_forbidden":
+        return RecipeError(f"{where}: unknown key '{dotted}'", hint="check the spelling; `tracegen collect --help` lists the settings")
+    return RecipeError(f"{where}: {dotted}: {err['msg']}")
+
+
+def _line_of(node: yaml.Node | None, loc: list[str]) -> int | None:
+    """1-based line of the deepest YAML node along ``loc`` (pydantic's error location)."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if k.value == part), None)
+            key = next((k for k, _ in node.value if k.value == part), None)
+            if match is None:
+                return line
+            line = (key.start_mark.line if key is not None else match.start_mark.line) + 1
+            node = match
+        elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+            node = node.value[int(part)]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line

@@ -1,0 +1,56 @@
+"""Every error tracegen raises on purpose, in one tree.
+
+::
+
+    TracegenError                 a known failure: one ``Error:`` line, exit 1
+    ├── BadInputError             bad usage or bad input (file:line where there is one): exit 2
+    │   └── RecipeError           a recipe YAML that does not validate
+    ├── TeacherError              the teacher (or simulator, or judge) API failed
+    │   └── RetryableTeacherError 429 / 5xx / dropped or truncated stream / timeout: worth retrying
+    └── RuntimeToolError          a tool runtime could not execute a call (not the tool's own failure)
+
+A ``hint`` says what to do about it. Foreign exceptions (httpx, docker, yaml, pydantic) are translated
+once, where they are caught, with ``raise ... from exc``. Messages never contain secrets: the code
+that builds them has only the base URL host and model name, never the key.
+"""
+
+from __future__ import annotations
+
+
+class TracegenError(Exception):
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class BadInputError(TracegenError):
+    exit_code = 2
+
+
+class RecipeError(BadInputError):
+    pass
+
+
+class TeacherError(TracegenError):
+    def __init__(self, message: str, hint: str | None = None, status: int | None = None) -> None:
+        super().__init__(message, hint)
+        self.status = status
+
+
+class RetryableTeacherError(TeacherError):
+    def __init__(
+        self,
+        message: str,
+        hint: str | None = None,
+        status: int | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message, hint, status)
+        self.retry_after_s = retry_after_s
+
+
+class RuntimeToolError(TracegenError):
+    pass

@@ -1,0 +1,121 @@
+"""Crash-safe storage: append-only JSONL with one fsync per record, and atomically written manifests.
+
+Guarantees: a record :meth:`JsonlStore.append` returned from is on disk (flushed and fsynced) and
+survives ``kill -9`` or power loss of the process. A crash mid-write leaves at most one torn last
+line, which :meth:`JsonlStore.open` cuts off before anything new is appended, so the file is always
+a sequence of complete lines. Not guaranteed: durability when the filesystem lies about fsync, or
+safety with two processes appending to one file at once (one run directory, one writer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from tracegen.errors import BadInputError
+from tracegen.types import Trajectory
+
+
+class JsonlStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def open(self) -> list[str]:
+        """Repair a torn tail, open for appending, and return the ids of the records already there."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        ids = repair_and_index(self.path)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        return ids
+
+    def append(self, line: str) -> None:
+        """Write one JSON line and fsync it; blocking, so call it from a worker thread in async code."""
+        assert self._fd is not None, "open() first"
+        data = (line + "\n").encode()
+        written = 0
+        while written < len(data):
+            written += os.write(self._fd, data[written:])
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def repair_and_index(path: Path) -> list[str]:
+    """Cut a torn last line off ``path`` (if any) and return the ids of its records, in order."""
+    if not path.exists():
+        return []
+    ids: list[str] = []
+    good_end = 0
+    with path.open("rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break  # torn tail: the writer died mid-line
+            try:
+                ids.append(json.loads(raw)["id"])
+            except (ValueError, KeyError, TypeError):
+                break  # a complete but unreadable last line is a torn write too; only ever at the end
+            good_end += len(raw)
+    size = path.stat().st_size
+    if good_end < size:
+        _check_only_tail(path, good_end, line_no=len(ids) + 1)
+        with path.open("r+b") as f:
+            f.truncate(good_end)
+            f.flush()
+            os.fsync(f.fileno())
+    return ids
+
+
+def _check_only_tail(path: Path, good_end: int, line_no: int) -> None:
+    """Refuse to truncate more than one line: damage in the middle is not ours to discard."""
+    with path.open("rb") as f:
+        f.seek(good_end)
+        rest = f.read()
+    if rest.count(b"\n") > 1 or (rest.count(b"\n") == 1 and not rest.endswith(b"\n")):
+        raise BadInputError(
+            f"{path}:{line_no}: corrupt record in the middle of the file",
+            hint="inspect that line; tracegen only repairs a torn last line",
+        )
+
+
+def read_trajectories(path: Path) -> Iterator[Trajectory]:
+    """Every trajectory in a JSONL file; a bad line is an error naming file:line."""
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield Trajectory.model_validate_json(line)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                raise BadInputError(f"{path}:{line_no}: not a trajectory record ({where}: {first['msg']})") from exc
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write-to-temp, fsync, rename: readers see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,369 @@
+"""A scriptable OpenAI-compatible chat-completions server on loopback, for tests and benchmarks.
+
+It speaks real HTTP/1.1 (keep-alive, chunked Server-Sent Events), so a client under test runs its
+production code path end to end. A *script* decides each reply from the request body:
+
+- :class:`Scripted` plays a list of :class:`Reply` objects in order (one per request);
+- :class:`ReactScript` plays a fixed ReAct episode: ``turns - 1`` tool calls, then an answer, with a
+  fixed latency per response (the benchmark's teacher).
+
+Reply builders cover what real servers do: reasoning as ``reasoning_content``, as ``reasoning`` or
+inline ``<think>`` (with or without the opening tag), tool-call deltas split across chunks, parallel
+calls, 429 with ``Retry-After``, 500, a connection dropped mid-stream, ``finish_reason=length`` and
+slow responses. Users can test their own recipes against it::
+
+    python -m tracegen.testing.fake_server --turns 4 --latency 0.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+Request = dict[str, Any]
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    events: list[dict[str, Any]] = field(default_factory=list)
+    """Stream deltas: each a ``choices[0]`` object (``delta`` and/or ``finish_reason``)."""
+    usage: dict[str, Any] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+    delay_s: float = 0.0
+    """Wait before the response starts (a slow server, or time to first token)."""
+    event_delay_s: float = 0.0
+    """Wait between events."""
+    drop_after: int | None = None
+    """Close the connection after this many events, without ``[DONE]`` (a dropped stream)."""
+
+
+Script = Callable[[Request], Reply]
+
+
+def _split(text: str, pieces: int) -> list[str]:
+    if not text:
+        return []
+    size = max(1, -(-len(text) // max(pieces, 1)))
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+def _usage(prompt: int, completion: int, reasoning: int = 0) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "completion_tokens_details": {"reasoning_tokens": reasoning},
+    }
+
+
+def text_reply(
+    content: str,
+    reasoning: str | None = None,
+    shape: str = "reasoning_content",
+    finish_reason: str = "stop",
+    pieces: int = 3,
+    **kwargs: Any,
+) -> Reply:
+    """A streamed answer. ``shape``: reasoning_content | reasoning | inline | inline_open (no opening tag)."""
+    events: list[dict[str, Any]] = [{"delta": {"role": "assistant"}}]
+    if reasoning and shape in ("reasoning_content", "reasoning"):
+        events += [{"delta": {shape: part}} for part in _split(reasoning, pieces)]
+    elif reasoning and shape == "inline":
+        content = f"<think>\n{reasoning}\n</think>\n\n{content}"
+    elif reasoning and shape == "inline_open":
+        content = f"{reasoning}\n</think>\n\n{content}"
+    events += [{"delta": {"content": part}} for part in _split(content, pieces)]
+    events.append({"delta": {}, "finish_reason": finish_reason})
+    n = len((reasoning or "").split()) + len(content.split())
+    return Reply(events=events, usage=_usage(50, n, len((reasoning or "").split())), **kwargs)
+
+
+def tool_call_reply(
+    calls: list[tuple[str, str]],
+    reasoning: str | None = None,
+    content: str = "",
+    pieces: int = 3,
+    **kwargs: Any,
+) -> Reply:
+    """Native tool calls (name, raw arguments JSON), each split into ``pieces`` argument deltas."""
+    events: list[dict[str, Any]] = [{"delta": {"role": "assistant"}}]
+    if reasoning:
+        events += [{"delta": {"reasoning_content": part}} for part in _split(reasoning, pieces)]
+    if content:
+        events.append({"delta": {"content": content}})
+    for index, (name, arguments) in enumerate(calls):
+        head = {"index": index, "id": f"srv-call-{index}", "type": "function", "function": {"name": name}}
+        events.append({"delta": {"tool_calls": [head]}})
+        for part in _split(arguments, pieces):
+            events.append({"delta": {"tool_calls": [{"index": index, "function": {"arguments": part}}]}})
+    events.append({"delta": {}, "finish_reason": "tool_calls"})
+    return Reply(events=events, usage=_usage(60, 20 + len((reasoning or "").split())), **kwargs)
+
+
+def error_reply(status: int, message: str = "fake error", retry_after: float | None = None) -> Reply:
+    headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
+    return Reply(status=status, error=message, headers=headers)
+
+
+class Scripted:
+    """Replies in order; after the last one, ``default`` (or a plain answer) forever."""
+
+    def __init__(self, replies: list[Reply], default: Reply | None = None) -> None:
+        self.replies = list(replies)
+        self.default = default or text_reply("done")
+        self._lock = threading.Lock()
+
+    def __call__(self, request: Request) -> Reply:
+        with self._lock:
+            return self.replies.pop(0) if self.replies else self.default
+
+
+class ReactScript:
+    """A deterministic ReAct episode per trajectory: ``turns - 1`` python calls, then an answer.
+
+    The turn is read off the request (assistant messages so far), so any number of concurrent
+    trajectories can share the server. Requests without ``tools`` are tool simulations and get a
+    simulated program output. Each response takes ``latency_s``: half before the first token, half
+    streaming ``chunks`` deltas in two bursts.
+    """
+
+    def __init__(self, turns: int = 4, latency_s: float = 0.2, chunks: int = 16) -> None:
+        self.turns = turns
+        self.latency_s = latency_s
+        self.chunks = chunks
+
+    def __call__(self, request: Request) -> Reply:
+        messages = request.get("messages", [])
+        if not request.get("tools"):
+            reply = text_reply("hello from the simulator\nEXIT_CODE: 0", pieces=2)
+        else:
+            turn = sum(1 for m in messages if m.get("role") == "assistant")
+            thought = " ".join(["thinking"] * (self.chunks // 2))
+            if turn < self.turns - 1:
+                reply = tool_call_reply(
+                    [("python", json.dumps({"code": f"print({turn} * 7)"}))], reasoning=thought, pieces=self.chunks // 4
+                )
+            else:
+                reply = text_reply("The answer is 42.", reasoning=thought, pieces=self.chunks // 2)
+        reply.delay_s = self.latency_s / 2
+        reply.event_delay_s = -self.latency_s / 2  # negative: split the remaining latency into two bursts
+        return reply
+
+
+class FakeServer:
+    """Run a script on 127.0.0.1 in a background thread: ``with FakeServer(script) as srv: srv.base_url``."""
+
+    def __init__(self, script: Script, port: int = 0, record: bool = True) -> None:
+        self.script = script
+        self.port = port
+        self.record = record
+        self.requests: list[Request] = []
+        self.headers: list[dict[str, str]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def __enter__(self) -> FakeServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="fake-openai", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("fake server did not start")
+
+    def stop(self) -> None:
+        if self._loop and self._server:
+            self._loop.call_soon_threadsafe(self._server.close)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread:
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._server = self._loop.run_until_complete(serve(self.script, self.port, self._on_request))
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self._loop.run_forever()
+
+    def _on_request(self, headers: dict[str, str], body: Request) -> None:
+        if self.record:
+            self.headers.append(headers)
+            self.requests.append(body)
+
+
+async def serve(
+    script: Script, port: int = 0, on_request: Callable[[dict[str, str], Request], None] | None = None
+) -> asyncio.Server:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while await _handle_one(reader, writer, script, on_request):
+                pass
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", port, backlog=1024)
+
+
+async def _handle_one(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    script: Script,
+    on_request: Callable[[dict[str, str], Request], None] | None,
+) -> bool:
+    """Serve one request; False when the connection must close."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return False
+    lines = head.decode("latin-1").split("\r\n")
+    method, path, _ = lines[0].split(" ", 2)
+    headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:] if ":" in ln)}
+    body_bytes = await reader.readexactly(int(headers.get("content-length", "0")))
+    if method == "GET" and path.endswith("/models"):
+        _write_json(writer, 200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
+        return True
+    if method != "POST" or not path.endswith("/chat/completions"):
+        _write_json(writer, 404, {"error": {"message": f"no route {method} {path}"}})
+        return True
+    request = json.loads(body_bytes or b"{}")
+    if on_request:
+        on_request(headers, request)
+    reply = script(request)
+    if reply.delay_s > 0:
+        await asyncio.sleep(reply.delay_s)
+    if reply.status != 200:
+        _write_json(writer, reply.status, {"error": {"message": reply.error, "type": "fake"}}, reply.headers)
+        return True
+    model = request.get("model", "fake")
+    if not request.get("stream"):
+        _write_json(writer, 200, _completion(reply, model))
+        return True
+    writer.write(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    created = int(time.time())
+    frames = [
+        {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": created, "model": model,
+         "choices": [{"index": 0, **event}]}
+        for event in reply.events
+    ]
+    include_usage = (request.get("stream_options") or {}).get("include_usage")
+    if include_usage and reply.usage:
+        frames.append({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": created,
+                       "model": model, "choices": [], "usage": reply.usage})
+    if reply.event_delay_s < 0:
+        # Two bursts separated by the given time: streamed, but cheap for the server to produce.
+        half = len(frames) // 2
+        _write_frames(writer, frames[:half])
+        await writer.drain()
+        await asyncio.sleep(-reply.event_delay_s)
+        _write_frames(writer, frames[half:])
+    else:
+        for i, frame in enumerate(frames):
+            if reply.drop_after is not None and i >= reply.drop_after:
+                await writer.drain()
+                writer.transport.abort()  # a dropped connection: no [DONE], no chunk terminator
+                return False
+            _write_frames(writer, [frame])
+            if reply.event_delay_s:
+                await writer.drain()
+                await asyncio.sleep(reply.event_delay_s)
+    _write_chunk(writer, b"data: [DONE]\n\n")
+    writer.write(b"0\r\n\r\n")
+    await writer.drain()
+    return True
+
+
+def _write_frames(writer: asyncio.StreamWriter, frames: list[dict[str, Any]]) -> None:
+    if frames:
+        _write_chunk(writer, b"".join(b"data: " + json.dumps(f).encode() + b"\n\n" for f in frames))
+
+
+def _write_chunk(writer: asyncio.StreamWriter, data: bytes) -> None:
+    writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+
+def _write_json(
+    writer: asyncio.StreamWriter, status: int, data: dict[str, Any], headers: dict[str, str] | None = None
+) -> None:
+    body = json.dumps(data).encode()
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    writer.write(
+        f"HTTP/1.1 {status} Fake\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode()
+        + body
+    )
+
+
+def _completion(reply: Reply, model: str) -> dict[str, Any]:
+    """A non-streamed completion equivalent to the reply's events."""
+    message: dict[str, Any] = {"role": "assistant", "content": ""}
+    calls: dict[int, dict[str, Any]] = {}
+    finish = None
+    for event in reply.events:
+        delta = event.get("delta", {})
+        for key in ("content", "reasoning_content", "reasoning"):
+            if delta.get(key):
+                message[key] = (message.get(key) or "") + delta[key]
+        for call in delta.get("tool_calls", []):
+            slot = calls.setdefault(call["index"], {"id": None, "type": "function",
+                                                    "function": {"name": "", "arguments": ""}})
+            slot["id"] = call.get("id") or slot["id"]
+            fn = call.get("function", {})
+            slot["function"]["name"] += fn.get("name", "")
+            slot["function"]["arguments"] += fn.get("arguments", "")
+        finish = event.get("finish_reason") or finish
+    if calls:
+        message["tool_calls"] = [calls[i] for i in sorted(calls)]
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+        "usage": reply.usage,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Fake OpenAI-compatible server playing a ReAct episode.")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--latency", type=float, default=0.2, help="seconds per response")
+    parser.add_argument("--chunks", type=int, default=16, help="stream deltas per response")
+    args = parser.parse_args()
+
+    async def run() -> None:
+        server = await serve(ReactScript(args.turns, args.latency, args.chunks), args.port)
+        port = server.sockets[0].getsockname()[1]
+        print(f"http://127.0.0.1:{port}/v1", flush=True)
+        await server.serve_forever()
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""The records that flow through every tracegen stage.
+
+One record, :class:`Trajectory`, is written by ``collect`` and read by every later stage; stages add
+fields, they never reshape it. Everything here is pure pydantic (no I/O), versioned by
+``SCHEMA_VERSION``, and round-trips exactly:
+``Trajectory.model_validate_json(t.model_dump_json()) == t``.
+
+Messages follow the OpenAI chat shape, as a union tagged by ``role``. Tool-call arguments stay the
+raw JSON string the teacher produced (plus a parse error when it was not valid JSON), so nothing the
+teacher wrote is lost and the Hub schema stays stable.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+
+class Record(BaseModel):
+    """Base for every record: unknown fields are errors, so a typo never silently drops data."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Usage(Record):
+    """Token counts as the server reported them (zeros where it reported nothing)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            reasoning_tokens=self.reasoning_tokens + other.reasoning_tokens,
+        )
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Task(Record):
+    """One unit of work: a prompt, and optionally what a verifier checks the answer against."""
+
+    id: str
+    prompt: str
+    reference: str | None = None
+    tests: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+ToolProtocol = Literal["native", "hermes", "function_tag"]
+ReasoningFormat = Literal["reasoning_content", "reasoning", "inline"]
+
+
+class ToolCall(Record):
+    id: str
+    name: str
+    arguments: str
+    """The raw JSON text the teacher produced, even when it does not parse."""
+    parse_error: str | None = None
+
+
+class SystemMessage(Record):
+    role: Literal["system"] = "system"
+    content: str
+
+
+class UserMessage(Record):
+    role: Literal["user"] = "user"
+    content: str
+
+
+class AssistantMessage(Record):
+    role: Literal["assistant"] = "assistant"
+    content: str = ""
+    reasoning: str | None = None
+    reasoning_format: ReasoningFormat | None = None
+    """How the server delivered the reasoning; decides how it is echoed back on later turns."""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    tool_protocol: ToolProtocol | None = None
+    """How the tool calls were expressed: native function calling or one of the text forms."""
+    finish_reason: str | None = None
+    usage: Usage = Field(default_factory=Usage)
+    latency_s: float = 0.0
+    ttft_s: float | None = None
+    attempts: int = 1
+
+
+class Observation(Record):
+    """Where a tool message came from, and what happened while producing it."""
+
+    source: Literal["executed", "simulated", "error"]
+    exit_code: int | None = None
+    timed_out: bool = False
+    oom_killed: bool = False
+    truncated: bool = False
+    duration_s: float = 0.0
+    simulator: str | None = None
+    """The model that role-played the tool, for ``source == "simulated"``."""
+
+
+class ToolMessage(Record):
+    role: Literal["tool"] = "tool"
+    tool_call_id: str
+    name: str
+    content: str
+    observation: Observation
+
+
+Message = Annotated[
+    SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")
+]
+
+
+class ToolSpec(Record):
+    """A tool offered to the teacher, in OpenAI function-calling shape."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+    def openai_schema(self) -> dict[str, Any]:
+        return {
+            "type": "function",
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": self.parameters,
+            },
+        }
+
+
+class SamplingParams(Record):
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int | None = None
+
+
+class TeacherInfo(Record):
+    """Who produced the trajectory. Never holds a key: only the host of the base URL."""
+
+    model: str
+    base_url_host: str
+    sampling: SamplingParams
+
+
+class RuntimeInfo(Record):
+    kind: Literal["simulated", "docker"]
+    image: str | None = None
+    simulator_model: str | None = None
+
+
+StopReason = Literal["answer", "max_turns", "length", "error", "budget"]
+
+
+class TrajectoryError(Record):
+    """A typed, recorded failure: a bad episode is data, never an exception."""
+
+    kind: Literal["teacher", "runtime", "tool_call", "budget", "internal"]
+    message: str
+    turn: int | None = None
+
+
+class Timing(Record):
+    started_at: str
+    """ISO-8601 UTC."""
+    wall_s: float = 0.0
+    teacher_s: float = 0.0
+    tool_s: float = 0.0
+
+
+class Verdict(Record):
+    check: str
+    passed: bool
+    score: float | None = None
+    reason: str = ""
+    judge_model: str | None = None
+    usage: Usage | None = None
+
+
+class Trajectory(Record):
+    schema_version: int = SCHEMA_VERSION
+    id: str
+    tracegen_version: str
+    recipe_fingerprint: str
+    task: Task
+    sample_index: int
+    teacher: TeacherInfo
+    runtime: RuntimeInfo
+    tools: list[ToolSpec]
+    messages: list[Message]
+    final_answer: str | None = None
+    stop_reason: StopReason
+    errors: list[TrajectoryError] = Field(default_factory=list)
+    usage: Usage = Field(default_factory=Usage)
+    requests: int = 0
+    retries: int = 0
+    timing: Timing
+    verdicts: list[Verdict] = Field(default_factory=list)
+    critique: str | None = None
+
+    @property
+    def turns(self) -> int:
+        """Assistant turns, i.e. teacher requests that produced a reply."""
+        return sum(1 for m in self.messages if isinstance(m, AssistantMessage))
