@@ -156,9 +156,7 @@ class Agent:
             usage=usage,
             requests=requests,
             retries=retries,
-            timing=Timing(
-                started_at=started_at, wall_s=time.monotonic() - started, teacher_s=teacher_s, tool_s=tool_s
-            ),
+            timing=Timing(started_at=started_at, wall_s=time.monotonic() - started, teacher_s=teacher_s, tool_s=tool_s),
         )
 
     async def _observe(self, episode: Episode, call: ToolCall) -> ToolMessage:

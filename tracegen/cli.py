@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -80,7 +79,9 @@ def collect(
     teacher_base_url: Annotated[
         str | None, typer.Option(envvar="TRACEGEN_TEACHER_BASE_URL", help="Teacher endpoint, e.g. http://host:8000/v1.")
     ] = None,
-    teacher_model: Annotated[str | None, typer.Option(envvar="TRACEGEN_TEACHER_MODEL", help="Teacher model name.")] = None,
+    teacher_model: Annotated[
+        str | None, typer.Option(envvar="TRACEGEN_TEACHER_MODEL", help="Teacher model name.")
+    ] = None,
     simulator_base_url: Annotated[
         str | None,
         typer.Option(envvar="TRACEGEN_SIMULATOR_BASE_URL", help="Tool-simulator endpoint (default: the teacher's)."),
@@ -89,10 +90,15 @@ def collect(
         str | None, typer.Option(envvar="TRACEGEN_SIMULATOR_MODEL", help="Tool-simulator model (default: the teacher).")
     ] = None,
     runtime: Annotated[
-        Literal["docker", "simulated"] | None, typer.Option(help="Where tool calls run: a Docker sandbox or a simulator.")
+        Literal["docker", "simulated"] | None,
+        typer.Option(help="Where tool calls run: a Docker sandbox or a simulator."),
     ] = None,
-    samples_per_task: Annotated[int | None, typer.Option("--samples-per-task", "-k", help="Trajectories per task (K).")] = None,
-    concurrency: Annotated[int | None, typer.Option("--concurrency", "-c", help="Trajectories in flight (default 32).")] = None,
+    samples_per_task: Annotated[
+        int | None, typer.Option("--samples-per-task", "-k", help="Trajectories per task (K).")
+    ] = None,
+    concurrency: Annotated[
+        int | None, typer.Option("--concurrency", "-c", help="Trajectories in flight (default 32).")
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N tasks.")] = None,
     max_turns: Annotated[int | None, typer.Option(help="Teacher turns per trajectory (default 8).")] = None,
     temperature: Annotated[float | None, typer.Option(help="Sampling temperature (default 0.6).")] = None,
@@ -116,8 +122,15 @@ def collect(
     from tracegen.config import CollectConfig, apply_overrides, load_recipe
 
     base = load_recipe(recipe).collect if recipe else CollectConfig()
-    teacher = {"base_url": teacher_base_url, "model": teacher_model, "temperature": temperature,
-               "top_p": top_p, "max_tokens": max_tokens, "seed": seed, "tool_protocol": tool_protocol}
+    teacher = {
+        "base_url": teacher_base_url,
+        "model": teacher_model,
+        "temperature": temperature,
+        "top_p": top_p,
+        "max_tokens": max_tokens,
+        "seed": seed,
+        "tool_protocol": tool_protocol,
+    }
     simulator = {"base_url": simulator_base_url, "model": simulator_model}
     overrides: dict[str, Any] = {
         "tasks": str(tasks) if tasks else None,
@@ -154,4 +167,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import platform
 import signal
 import time
@@ -198,10 +199,9 @@ def _cancel_on_sigterm() -> None:
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     if task is not None:
-        try:
+        # Not the main thread, or no signal support: Ctrl-C still works.
+        with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGTERM, task.cancel)
-        except (NotImplementedError, RuntimeError):
-            pass  # not the main thread, or no signal support: Ctrl-C still works
 
 
 def _manifest(

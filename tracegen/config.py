@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tracegen.errors import BadInputError, RecipeError
+from tracegen.errors import RecipeError
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a careful problem solver with access to tools. Think step by step. When running code "
@@ -109,7 +109,8 @@ class CollectConfig(Strict):
     )
     runtime: Literal["simulated", "docker"] = Field("simulated", description="Where tool calls run.")
     tools: list[Literal["python", "bash"]] = Field(
-        default_factory=lambda: ["python", "bash"], description="Tools offered to the teacher."
+        default_factory=lambda: ["python", "bash"],  # type: ignore[arg-type]  # mypy can't see the Literal
+        description="Tools offered to the teacher."
     )
     system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, description="System prompt of every trajectory.")
     samples_per_task: int = Field(1, ge=1, description="Trajectories sampled per task (K, for rejection sampling).")
@@ -147,8 +148,16 @@ class CollectConfig(Strict):
         """
         generation = {
             "teacher": self.teacher.model_dump(
-                include={"model", "temperature", "top_p", "max_tokens", "seed", "extra_body",
-                         "reasoning_echo", "tool_protocol"}
+                include={
+                    "model",
+                    "temperature",
+                    "top_p",
+                    "max_tokens",
+                    "seed",
+                    "extra_body",
+                    "reasoning_echo",
+                    "tool_protocol",
+                }
             ),
             "simulator": self.simulator_endpoint().model if self.runtime == "simulated" else None,
             "runtime": self.runtime,
@@ -225,7 +234,9 @@ def _recipe_error(exc: ValidationError, source: str, root: yaml.Node | None, pre
     line = _line_of(root, loc) if root is not None else None
     where = f"{source}:{line}" if line else source
     if err["type"] == "extra_forbidden":
-        return RecipeError(f"{where}: unknown key '{dotted}'", hint="check the spelling; `tracegen collect --help` lists the settings")
+        return RecipeError(
+            f"{where}: unknown key '{dotted}'", hint="check the spelling; `tracegen collect --help` lists the settings"
+        )
     return RecipeError(f"{where}: {dotted}: {err['msg']}")
 
 

@@ -18,8 +18,10 @@ def print_collect_summary(summary: CollectSummary) -> None:
     for reason in ("answer", "max_turns", "length", "budget", "error"):
         table.add_row(f"  stop_reason={reason}", str(summary.by_stop_reason.get(reason, 0)))
     table.add_row("turns", str(summary.turns))
-    table.add_row("prompt / completion / reasoning tokens",
-                  f"{summary.prompt_tokens:,} / {summary.completion_tokens:,} / {summary.reasoning_tokens:,}")
+    table.add_row(
+        "prompt / completion / reasoning tokens",
+        f"{summary.prompt_tokens:,} / {summary.completion_tokens:,} / {summary.reasoning_tokens:,}",
+    )
     table.add_row("requests (retries)", f"{summary.requests} ({summary.retries})")
     table.add_row("wall time", f"{summary.wall_s:.1f} s")
     table.add_row("run directory", str(summary.run_dir))

@@ -167,7 +167,7 @@ class ChatClient:
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
             return retry_after + random.uniform(0, 0.1 * max(retry_after, 0.1))
-        cap = min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** (attempt - 1))
+        cap = min(self.config.backoff_max_s, self.config.backoff_base_s * 2.0 ** (attempt - 1))
         return cap / 2 + random.uniform(0, cap / 2)
 
     async def _stream(self, body: dict[str, Any], started: float) -> RawReply:
@@ -202,16 +202,16 @@ class ChatClient:
                 extra_body={k: v for k, v in body.items() if k not in known} or None,
             )
         except openai.APIStatusError as exc:
-            raise self._status_error(exc.status_code, exc.response.text, exc.response.headers.get("retry-after")) from exc
+            raise self._status_error(
+                exc.status_code, exc.response.text, exc.response.headers.get("retry-after")
+            ) from exc
         except (openai.APIConnectionError, openai.APITimeoutError) as exc:
             raise RetryableTeacherError(f"connection failed ({type(exc).__name__})") from exc
         data = completion.model_dump()
         reply = RawReply()
         choice = (data.get("choices") or [{}])[0]
         message = choice.get("message") or {}
-        reply.apply_delta(message)
-        for i, call in enumerate(message.get("tool_calls") or []):
-            reply.add_tool_delta({**call, "index": i})
+        reply.apply_delta(message)  # a whole message folds in like one big delta
         reply.finish_reason = choice.get("finish_reason")
         reply.set_usage(data.get("usage"))
         reply.latency_s = reply.ttft_s = time.monotonic() - started
@@ -236,7 +236,7 @@ class ChatClient:
 class RawReply:
     """A reply being assembled, from stream deltas or a whole message."""
 
-    __slots__ = ("content", "reasoning", "reasoning_format", "tools", "finish_reason", "usage", "latency_s", "ttft_s")
+    __slots__ = ("content", "finish_reason", "latency_s", "reasoning", "reasoning_format", "tools", "ttft_s", "usage")
 
     def __init__(self) -> None:
         self.content: list[str] = []
@@ -255,11 +255,12 @@ class RawReply:
         if text:
             self.content.append(text)
             got = True
+        field: ReasoningFormat
         for field in ("reasoning_content", "reasoning"):
             thought = delta.get(field)
             if thought and isinstance(thought, str):
                 self.reasoning.append(thought)
-                self.reasoning_format = field  # type: ignore[assignment]
+                self.reasoning_format = field
                 got = True
                 break
         calls = delta.get("tool_calls")

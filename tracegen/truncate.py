@@ -7,7 +7,7 @@ def middle_truncate(text: str, max_chars: int) -> tuple[str, bool]:
     """Keep the first and last parts of ``text`` within ``max_chars``; returns (text, was_truncated)."""
     if len(text) <= max_chars:
         return text, False
-    marker = f"\n[... {{}} characters elided ...]\n"
+    marker = "\n[... {} characters elided ...]\n"
     budget = max(0, max_chars - len(marker) - 8)
     head = budget // 2
     tail = budget - head

@@ -24,7 +24,7 @@ from tracegen.truncate import middle_truncate
 from tracegen.types import Observation, RuntimeInfo, ToolCall, ToolSpec
 
 SIMULATOR_PROMPT = """You simulate a sandboxed Linux machine (Python 3.12, bash, no network) that executes tool calls.
-Reply with exactly the raw output the call would produce: stdout, then stderr, byte for byte as a terminal would show it.
+Reply with exactly the raw output the call would produce: stdout, then stderr, as a terminal would show them.
 No explanations, no markdown fences, no commentary. Stay consistent with the earlier calls and outputs of this session.
 End your reply with one last line of the form:
 EXIT_CODE: <the process exit status>"""

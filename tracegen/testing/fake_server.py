@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -190,18 +191,25 @@ class FakeServer:
             raise RuntimeError("fake server did not start")
 
     def stop(self) -> None:
-        if self._loop and self._server:
-            self._loop.call_soon_threadsafe(self._server.close)
+        if self._loop and self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread:
             self._thread.join(5)
 
     def _run(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._server = self._loop.run_until_complete(serve(self.script, self.port, self._on_request))
-        self.port = self._server.sockets[0].getsockname()[1]
+        loop = self._loop = asyncio.new_event_loop()
+        server = self._server = loop.run_until_complete(serve(self.script, self.port, self._on_request))
+        self.port = server.sockets[0].getsockname()[1]
         self._ready.set()
-        self._loop.run_forever()
+        try:
+            loop.run_forever()
+        finally:
+            server.close()
+            for task in asyncio.all_tasks(loop):
+                task.cancel()
+            loop.run_until_complete(asyncio.sleep(0.01))  # let cancelled handlers close their sockets
+            loop.run_until_complete(server.wait_closed())
+            loop.close()
 
     def _on_request(self, headers: dict[str, str], body: Request) -> None:
         if self.record:
@@ -264,14 +272,27 @@ async def _handle_one(
     )
     created = int(time.time())
     frames = [
-        {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": created, "model": model,
-         "choices": [{"index": 0, **event}]}
+        {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, **event}],
+        }
         for event in reply.events
     ]
     include_usage = (request.get("stream_options") or {}).get("include_usage")
     if include_usage and reply.usage:
-        frames.append({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": created,
-                       "model": model, "choices": [], "usage": reply.usage})
+        frames.append(
+            {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": reply.usage,
+            }
+        )
     if reply.event_delay_s < 0:
         # Two bursts separated by the given time: streamed, but cheap for the server to produce.
         half = len(frames) // 2
@@ -309,10 +330,8 @@ def _write_json(
 ) -> None:
     body = json.dumps(data).encode()
     extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-    writer.write(
-        f"HTTP/1.1 {status} Fake\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode()
-        + body
-    )
+    head = f"HTTP/1.1 {status} Fake\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
+    writer.write(head.encode() + body)
 
 
 def _completion(reply: Reply, model: str) -> dict[str, Any]:
@@ -326,8 +345,9 @@ def _completion(reply: Reply, model: str) -> dict[str, Any]:
             if delta.get(key):
                 message[key] = (message.get(key) or "") + delta[key]
         for call in delta.get("tool_calls", []):
-            slot = calls.setdefault(call["index"], {"id": None, "type": "function",
-                                                    "function": {"name": "", "arguments": ""}})
+            slot = calls.setdefault(
+                call["index"], {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+            )
             slot["id"] = call.get("id") or slot["id"]
             fn = call.get("function", {})
             slot["function"]["name"] += fn.get("name", "")
@@ -359,10 +379,8 @@ def main() -> None:
         print(f"http://127.0.0.1:{port}/v1", flush=True)
         await server.serve_forever()
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run())
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

@@ -1,0 +1,54 @@
+"""Shared fixtures: a real loopback OpenAI-compatible server, task files, and a secret to guard."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tracegen.config import CollectConfig
+from tracegen.testing.fake_server import FakeServer, Script
+
+SECRET = "sk-test-SECRET-do-not-leak-0123456789"
+
+
+@pytest.fixture(autouse=True)
+def _secret_key(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with a teacher key set, so any test can check it never leaks."""
+    monkeypatch.setenv("TRACEGEN_TEACHER_API_KEY", SECRET)
+    return SECRET
+
+
+@pytest.fixture
+def fake_server() -> Iterator[Callable[[Script], FakeServer]]:
+    servers: list[FakeServer] = []
+
+    def start(script: Script) -> FakeServer:
+        server = FakeServer(script)
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def write_tasks(path: Path, n: int = 3) -> Path:
+    with path.open("w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"t{i}", "prompt": f"What is {i} + {i}?", "reference": str(2 * i)}) + "\n")
+    return path
+
+
+@pytest.fixture
+def tasks_file(tmp_path: Path) -> Path:
+    return write_tasks(tmp_path / "tasks.jsonl")
+
+
+def make_config(base_url: str, tasks: Path, **overrides: object) -> CollectConfig:
+    teacher = {"base_url": base_url, "model": "fake-teacher", "backoff_base_s": 0.01, "backoff_max_s": 0.05}
+    teacher.update(overrides.pop("teacher", {}))  # type: ignore[arg-type]
+    return CollectConfig.model_validate({"tasks": str(tasks), "teacher": teacher, **overrides})

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tracegen.errors import BadInputError
+from tracegen.store import JsonlStore, repair_and_index, write_json_atomic
+
+
+def test_torn_tail_is_cut_and_appends_continue(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "mess')
+    store = JsonlStore(path)
+    assert store.open() == ["a", "b"]
+    store.append(json.dumps({"id": "d"}))
+    store.close()
+    assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["a", "b", "d"]
+
+
+def test_complete_but_unreadable_last_line_counts_as_torn(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"id": "a"}\n{"id": \n')
+    assert repair_and_index(path) == ["a"]
+    assert path.read_text() == '{"id": "a"}\n'
+
+
+def test_damage_in_the_middle_is_refused_not_discarded(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    original = '{"id": "a"}\nGARBAGE\n{"id": "c"}\n'
+    path.write_text(original)
+    with pytest.raises(BadInputError, match=r"t\.jsonl:2: corrupt record"):
+        repair_and_index(path)
+    assert path.read_text() == original
+
+
+def test_atomic_json_leaves_no_temp_files(tmp_path: Path) -> None:
+    write_json_atomic(tmp_path / "m.json", {"a": 1})
+    write_json_atomic(tmp_path / "m.json", {"a": 2})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"a": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
