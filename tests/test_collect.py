@@ -202,3 +202,15 @@ def test_the_key_never_reaches_any_file(fake_server: Start, tasks_file: Path, tm
     assert server.headers[0]["authorization"] == f"Bearer {SECRET}"
     for path in (tmp_path / "run").iterdir():
         assert SECRET not in path.read_text(), path
+
+
+def test_simulator_sees_this_trajectorys_earlier_calls_only(fake_server: Start, tmp_path: Path) -> None:
+    server = fake_server(ReactScript(turns=3, latency_s=0.0))
+    cfg = make_config(server.base_url, write_tasks(tmp_path / "t.jsonl", 1))
+    run_collect(cfg, tmp_path / "run", show_progress=False)
+    simulator_requests = [r for r in server.requests if not r.get("tools")]
+    assert len(simulator_requests) == 2
+    first, second = (r["messages"] for r in simulator_requests)
+    assert first[0]["role"] == "system" and "EXIT_CODE" in first[0]["content"]
+    assert len(first) == 2 and len(second) == 4  # the second call carries the first call and its output
+    assert "print(0 * 7)" in second[1]["content"] and "print(1 * 7)" in second[3]["content"]

@@ -155,3 +155,17 @@ def test_sampling_settings_reach_the_server(fake_server: Start) -> None:
     assert (sent["temperature"], sent["top_p"], sent["max_tokens"], sent["seed"]) == (0.3, 0.5, 77, 5)
     assert sent["chat_template_kwargs"] == {"x": 1}
     assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+
+
+def test_requests_per_minute_limit_spaces_requests(fake_server: Start) -> None:
+    server = fake_server(Scripted([], default=text_reply("ok")))
+    config = TeacherConfig.model_validate({"base_url": server.base_url, "model": "m", "requests_per_minute": 600})
+
+    async def go() -> float:
+        client = ChatClient(config)
+        started = time.monotonic()
+        await asyncio.gather(*(client.complete(MESSAGES) for _ in range(5)))
+        await client.aclose()
+        return time.monotonic() - started
+
+    assert asyncio.run(go()) >= 0.4  # 600/min = one request per 0.1 s: the 5th waits 0.4 s
