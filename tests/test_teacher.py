@@ -169,3 +169,9 @@ def test_requests_per_minute_limit_spaces_requests(fake_server: Start) -> None:
         return time.monotonic() - started
 
     assert asyncio.run(go()) >= 0.4  # 600/min = one request per 0.1 s: the 5th waits 0.4 s
+
+
+def test_garbage_in_the_stream_is_retried(fake_server: Start) -> None:
+    garbage = Reply(events=[{"delta": {"content": "x"}}, {"raw": '{"choices": [{"delta": {"content": "y"'}])
+    msg = ask(fake_server(Scripted([garbage, text_reply("ok")])))
+    assert (msg.content, msg.attempts) == ("ok", 2)

@@ -121,7 +121,7 @@ def run_collect(config: CollectConfig, run_dir: Path, show_progress: bool = True
     summary = CollectSummary(run_dir=run_dir)
     try:
         asyncio.run(collect_async(config, tasks, run_dir, summary, show_progress))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C, or SIGTERM (which cancels the run)
         summary.interrupted = True
     return summary
 

@@ -181,6 +181,8 @@ class ChatClient:
                 done = await _read_sse(resp, reply, started)
         except httpx.TimeoutException as exc:
             raise RetryableTeacherError(f"timed out ({type(exc).__name__})") from exc
+        except json.JSONDecodeError as exc:
+            raise RetryableTeacherError(f"malformed stream event ({exc.msg})") from exc
         except httpx.TransportError as exc:
             raise RetryableTeacherError(f"connection failed ({type(exc).__name__}: {self._scrub(str(exc))})") from exc
         if not done and reply.finish_reason is None:
@@ -297,7 +299,7 @@ async def _read_sse(resp: httpx.Response, reply: RawReply, started: float) -> bo
     The hot path: bytes are split on newlines by hand and only ``data:`` lines are parsed.
     """
     buffer = b""
-    async for chunk in resp.aiter_raw():
+    async for chunk in resp.aiter_bytes():  # bytes, not text: decoding per chunk is wasted work
         buffer += chunk
         if b"\n" not in chunk:
             continue

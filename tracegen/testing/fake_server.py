@@ -34,7 +34,8 @@ Request = dict[str, Any]
 class Reply:
     status: int = 200
     events: list[dict[str, Any]] = field(default_factory=list)
-    """Stream deltas: each a ``choices[0]`` object (``delta`` and/or ``finish_reason``)."""
+    """Stream deltas: each a ``choices[0]`` object (``delta`` and/or ``finish_reason``), or
+    ``{"raw": "..."}`` to send that text as the ``data:`` payload verbatim (garbage, errors)."""
     usage: dict[str, Any] | None = None
     headers: dict[str, str] = field(default_factory=dict)
     error: str | None = None
@@ -318,7 +319,13 @@ async def _handle_one(
 
 def _write_frames(writer: asyncio.StreamWriter, frames: list[dict[str, Any]]) -> None:
     if frames:
-        _write_chunk(writer, b"".join(b"data: " + json.dumps(f).encode() + b"\n\n" for f in frames))
+        _write_chunk(writer, b"".join(b"data: " + _payload(f).encode() + b"\n\n" for f in frames))
+
+
+def _payload(frame: dict[str, Any]) -> str:
+    choices = frame.get("choices") or [{}]
+    raw = choices[0].get("raw")
+    return str(raw) if raw is not None else json.dumps(frame)
 
 
 def _write_chunk(writer: asyncio.StreamWriter, data: bytes) -> None:
