@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Give a fresh Debian machine what the Docker sandbox tests need: a running engine and the
+# tracegen sandbox image. Idempotent: every step is skipped when its result is already there.
+#
+#   bash scripts/provision_docker.sh [PYTHON]      # PYTHON defaults to `python`; CI passes .venv/bin/python
+#
+# As root, when no engine answers: installs Debian's docker.io (which provides dockerd) and
+# debootstrap, starts dockerd in the background (log: $TRACEGEN_DOCKERD_LOG), and waits for it.
+# Then builds the sandbox image (`python:3.12-slim` when a registry answers, else a debootstrapped
+# Debian base imported locally). Not root and no engine: says so and fails.
+set -euo pipefail
+
+PY="${1:-python}"
+LOG="${TRACEGEN_DOCKERD_LOG:-/var/log/tracegen-dockerd.log}"
+WAIT_S="${TRACEGEN_DOCKERD_WAIT_S:-90}"
+
+say() { echo "provision_docker: $*" >&2; }
+
+engine_up() { docker info >/dev/null 2>&1; }
+
+need_root() {
+    if [ "$(id -u)" != 0 ]; then
+        say "$1 needs root; run this script as root or start a Docker engine yourself"
+        exit 1
+    fi
+}
+
+install_packages() {
+    local missing=()
+    # docker.io provides both dockerd and a docker client.
+    if ! command -v dockerd >/dev/null 2>&1 || ! command -v docker >/dev/null 2>&1; then
+        missing+=(docker.io)
+    fi
+    command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
+    if [ "${#missing[@]}" -gt 0 ]; then
+        need_root "installing ${missing[*]}"
+        say "installing ${missing[*]} from Debian"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+    fi
+}
+
+start_dockerd() {
+    need_root "starting dockerd"
+    # A stale pid file from a killed daemon would make the new one refuse to start.
+    if [ -f /var/run/docker.pid ] && ! kill -0 "$(cat /var/run/docker.pid)" 2>/dev/null; then
+        rm -f /var/run/docker.pid
+    fi
+    if ! pgrep -x dockerd >/dev/null 2>&1; then
+        say "starting dockerd (log: $LOG)"
+        mkdir -p "$(dirname "$LOG")"
+        nohup dockerd >>"$LOG" 2>&1 </dev/null &
+        disown || true
+    fi
+    for _ in $(seq "$WAIT_S"); do
+        engine_up && return 0
+        sleep 1
+    done
+    say "dockerd did not answer within ${WAIT_S}s; last log lines:"
+    tail -n 30 "$LOG" >&2 || true
+    exit 1
+}
+
+install_packages
+if engine_up; then
+    say "Docker engine answers"
+else
+    start_dockerd
+    say "dockerd is up"
+fi
+
+"$PY" -m tracegen.sandbox_cli build
