@@ -41,7 +41,7 @@ import time
 
 VERSION = 1
 READ_CHUNK = 1 << 16
-DRAIN_AFTER_EXIT_S = 1.0  # bounded: survivors are killed first, so pipes close almost at once
+DRAIN_AFTER_EXIT_S = 1.0  # bounded: survivors are killed first, so the pipes close almost at once
 ARGV_SCRIPT_LIMIT = 64 * 1024  # longer scripts go through a file (the kernel caps one argv string)
 
 
@@ -192,41 +192,49 @@ class Worker:
         sel = selectors.DefaultSelector()
         sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
         sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
-        open_streams = 2
-        killed = False
-        exited_at = None
-        while open_streams:
-            now = time.monotonic()
-            if exited_at is None and proc.poll() is not None:
-                # The main process is done: kill what it left behind so the pipes close.
-                exited_at = now
-                self.kill_leftovers(proc.pid)
-                killed = True
-            if exited_at is not None and now - exited_at > DRAIN_AFTER_EXIT_S:
-                break
-            if not killed and now >= deadline:
-                result["timed_out"] = True
-                self.kill_leftovers(proc.pid)
-                killed = True
-            wait = 0.05 if killed else min(0.05, max(0.0, deadline - now))
+        open_streams = [2]
+        # A pidfd turns "the process exited" into one more readable fd, so one select waits for
+        # output and exit alike; without one (Python < 3.9, old kernels) we poll every 10 ms.
+        pidfd = None
+        try:
+            pidfd = os.pidfd_open(proc.pid)
+            sel.register(pidfd, selectors.EVENT_READ, "exit")
+        except (AttributeError, OSError):
+            pass
+
+        def read_ready(wait):
             for key, _ in sel.select(wait):
+                if key.data == "exit":
+                    sel.unregister(key.fileobj)
+                    continue
                 data = os.read(key.fd, READ_CHUNK)
                 if not data:
                     sel.unregister(key.fileobj)
-                    open_streams -= 1
-                    continue
-                if result["output_capped"]:
-                    continue  # the producer is being killed: discard what is still in flight
-                captures[key.data].add(data)
-                if captures["stdout"].total + captures["stderr"].total > kill_bytes:
-                    result["output_capped"] = True
-                    self.kill_leftovers(proc.pid)
-                    killed = True
+                    open_streams[0] -= 1
+                elif not result["output_capped"]:  # once capped, what is still in flight is dropped
+                    captures[key.data].add(data)
+                    if captures["stdout"].total + captures["stderr"].total > kill_bytes:
+                        result["output_capped"] = True
+
+        # Until the main process exits, the deadline passes or the output cap is hit. End of output
+        # is not the end of the call: programs close stdout before they exit (and children may
+        # keep it open after).
+        while proc.poll() is None and not result["output_capped"]:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                result["timed_out"] = True
+                break
+            read_ready(left if pidfd is not None else min(0.01, left))
+        # Nothing a call started may outlive it; with every writer dead the pipes drain at once.
+        self.kill_leftovers(proc.pid)
+        drain_until = time.monotonic() + DRAIN_AFTER_EXIT_S
+        while open_streams[0] and time.monotonic() < drain_until:
+            read_ready(0.05)
         sel.close()
+        if pidfd is not None:
+            os.close(pidfd)
         proc.stdout.close()
         proc.stderr.close()
-        if not killed:
-            self.kill_leftovers(proc.pid)
         code = proc.wait()
         if code < 0:
             # Shell convention, so a model reads the familiar 137 for a SIGKILL.

@@ -1,0 +1,190 @@
+"""Building the sandbox image (``sandbox/Dockerfile`` plus the worker) on one or more engines.
+
+Two ways to the base the Dockerfile builds on, tried in order:
+
+1. ``registry``: ``python:3.12-slim`` is on the engine already or the engine can pull it (the
+   ordinary path on a user's machine);
+2. ``local``: no registry answers, so a Debian base is made on this machine:
+   ``debootstrap --variant=minbase --include=python3 bookworm DIR``, then
+   ``tar -C DIR -c . | docker import - tracegen-sandbox-base:bookworm`` (needs root and
+   debootstrap; about a minute). A base made earlier is reused unless ``rebuild_base``.
+
+The worker layer is then built from the same Dockerfile with ``--build-arg BASE=<base>``. With
+several engines the image is built on the first and copied to the others (``docker save | load``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, NamedTuple
+
+from tracegen.errors import RuntimeToolError, TracegenError
+from tracegen.runtime.docker import DEFAULT_IMAGE
+
+if TYPE_CHECKING:
+    import docker
+
+REGISTRY_BASE = "python:3.12-slim"
+LOCAL_BASE = "tracegen-sandbox-base:bookworm"
+DEBIAN_SUITE = "bookworm"
+
+BasePath = Literal["registry", "local"]
+
+
+class BuildResult(NamedTuple):
+    image: str
+    base: str
+    path: BasePath
+    """``registry``: the base came from (or was already pulled from) a registry; ``local``: bootstrapped here."""
+    bootstrapped: bool
+    """True when this build ran debootstrap (False when it reused a local base made earlier)."""
+
+
+def sandbox_dir() -> Path:
+    """The ``sandbox/`` folder of the source tree (Dockerfile and worker)."""
+    here = Path(__file__).resolve().parents[2] / "sandbox"
+    if not (here / "Dockerfile").is_file() or not (here / "worker.py").is_file():
+        raise TracegenError(
+            f"cannot find the sandbox image definition at {here}",
+            hint="build from a source checkout of tracegen (the sandbox/ folder is not in the wheel)",
+        )
+    return here
+
+
+def worker_digest() -> str:
+    return hashlib.sha256((sandbox_dir() / "worker.py").read_bytes()).hexdigest()[:16]
+
+
+def build_image(
+    client: docker.DockerClient,
+    tag: str = DEFAULT_IMAGE,
+    base: str = REGISTRY_BASE,
+    rebuild_base: bool = False,
+    say: Callable[[str], None] | None = None,
+) -> BuildResult:
+    """Build ``tag`` on the engine behind ``client``; ``say`` receives progress lines."""
+    import docker.errors
+
+    say = say or (lambda line: print(line, file=sys.stderr))
+    chosen, path, bootstrapped = _base_image(client, base, rebuild_base, say)
+    say(f"building {tag} from {chosen} ({sandbox_dir() / 'Dockerfile'})")
+    try:
+        client.images.build(
+            path=str(sandbox_dir()),
+            tag=tag,
+            buildargs={"BASE": chosen},
+            labels={"tracegen.worker-sha256": worker_digest(), "tracegen.base": chosen},
+            rm=True,
+            forcerm=True,
+            pull=False,
+        )
+    except (docker.errors.BuildError, docker.errors.APIError) as exc:
+        raise RuntimeToolError(f"building {tag} failed: {_build_log_tail(exc)}") from exc
+    return BuildResult(tag, chosen, path, bootstrapped)
+
+
+def _base_image(
+    client: docker.DockerClient, base: str, rebuild_base: bool, say: Callable[[str], None]
+) -> tuple[str, BasePath, bool]:
+    import docker.errors
+
+    if _has_image(client, base):
+        return base, "registry", False
+    try:
+        say(f"pulling {base}")
+        client.images.pull(base)
+        return base, "registry", False
+    except docker.errors.APIError as exc:
+        say(f"cannot pull {base} ({_first_line(exc)}); falling back to a locally bootstrapped Debian base")
+    if _has_image(client, LOCAL_BASE) and not rebuild_base:
+        say(f"reusing the local base {LOCAL_BASE} (pass --rebuild-base to bootstrap it again)")
+        return LOCAL_BASE, "local", False
+    bootstrap_base(client, LOCAL_BASE, say)
+    return LOCAL_BASE, "local", True
+
+
+def _has_image(client: docker.DockerClient, name: str) -> bool:
+    import docker.errors
+
+    try:
+        client.api.inspect_image(name)
+    except docker.errors.ImageNotFound:
+        return False
+    return True
+
+
+def bootstrap_base(client: docker.DockerClient, name: str = LOCAL_BASE, say: Callable[[str], None] = print) -> None:
+    """``debootstrap --variant=minbase --include=python3 bookworm DIR``, then import DIR as ``name``."""
+    if shutil.which("debootstrap") is None:
+        raise RuntimeToolError(
+            "no registry answers and debootstrap is not installed, so no base image can be made",
+            hint="as root: apt-get install debootstrap (or run scripts/provision_docker.sh), "
+            "or make python:3.12-slim reachable",
+        )
+    if os.geteuid() != 0:
+        raise RuntimeToolError("bootstrapping the offline base image needs root (debootstrap)", hint="run as root")
+    with _scratch_dir() as root:
+        say(f"debootstrap --variant=minbase --include=python3 {DEBIAN_SUITE} {root} (about a minute)")
+        done = subprocess.run(
+            ["debootstrap", "--variant=minbase", "--include=python3", DEBIAN_SUITE, str(root)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            tail = "\n".join(done.stdout.strip().splitlines()[-5:])
+            raise RuntimeToolError(f"debootstrap failed (exit {done.returncode}): {tail}")
+        say(f"tar -C {root} -c . | docker import - {name}")
+        repository, _, tag = name.partition(":")
+        tar = subprocess.Popen(["tar", "--numeric-owner", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
+        assert tar.stdout is not None
+        try:
+            client.api.import_image_from_stream(_chunks(tar.stdout), repository=repository, tag=tag or "latest")
+        finally:
+            tar.stdout.close()
+            code = tar.wait()
+        if code != 0:
+            raise RuntimeToolError(f"tar of the bootstrapped tree failed (exit {code})")
+
+
+def _chunks(stream: object, size: int = 1 << 20) -> Iterator[bytes]:
+    read = getattr(stream, "read")  # noqa: B009  # any binary file object
+    while chunk := read(size):
+        yield chunk
+
+
+@contextlib.contextmanager
+def _scratch_dir() -> Iterator[Path]:
+    # /var/tmp: the tree is ~300 MB, more than a tmpfs /tmp may hold.
+    path = Path(tempfile.mkdtemp(prefix="tracegen-debootstrap-", dir="/var/tmp" if Path("/var/tmp").is_dir() else None))
+    try:
+        yield path / "root"
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def copy_image(src: docker.DockerClient, dst: docker.DockerClient, name: str) -> None:
+    """``docker save NAME | docker -H DST load``, streamed."""
+    dst.api.load_image(src.api.get_image(name))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _build_log_tail(exc: BaseException) -> str:
+    lines: list[str] = []
+    for entry in getattr(exc, "build_log", None) or []:
+        if isinstance(entry, dict) and entry.get("stream"):
+            lines.append(str(entry["stream"]).rstrip())
+    return ("\n".join(lines[-8:]) + "\n" if lines else "") + _first_line(exc)
