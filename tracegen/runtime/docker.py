@@ -61,6 +61,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -238,6 +239,11 @@ def connect(url: str | None, threads: int = 4, timeout: float = 60.0) -> docker.
     import docker.errors
     import requests.exceptions
 
+    where = url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    hint = "start one (as root: bash scripts/provision_docker.sh), or set collect.docker.engines"
+    # Checked first: docker-py leaks a socket when its constructor's version probe cannot connect.
+    if where.startswith("unix://") and not Path(where.removeprefix("unix://")).is_socket():
+        raise RuntimeToolError(f"no Docker engine answers at {where}: no such socket", hint=hint)
     try:
         if url is None:
             client = docker.from_env(version="auto", max_pool_size=threads, timeout=int(timeout))
@@ -251,11 +257,7 @@ def connect(url: str | None, threads: int = 4, timeout: float = 60.0) -> docker.
             )
         client.ping()
     except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
-        where = url or os.environ.get("DOCKER_HOST") or "the default Docker socket"
-        raise RuntimeToolError(
-            f"no Docker engine answers at {where}: {type(exc).__name__}",
-            hint="start one (as root: bash scripts/provision_docker.sh), or set collect.docker.engines",
-        ) from exc
+        raise RuntimeToolError(f"no Docker engine answers at {where}: {_short(exc)}", hint=hint) from exc
     return client
 
 
@@ -584,7 +586,15 @@ class DockerRuntime:
             environment=SANDBOX_ENV,
         )["Id"]
         sock = api.exec_start(exec_id, socket=True)
-        return getattr(sock, "_sock", sock)
+        inner = getattr(sock, "_sock", None)
+        if type(inner) is not socket.socket:
+            return inner if inner is not None else sock  # TLS, ssh: driven by a thread (see WorkerChannel)
+        # Own a duplicate of the connection, then drop docker-py's wrappers: the HTTP response keeps
+        # a reference that would otherwise keep the original descriptor open after we close it.
+        own = inner.dup()
+        sock.close()
+        inner.close()
+        return own
 
     async def _start_sandbox(self, engine: Engine) -> Sandbox:
         """Create, start and attach one container; its worker has said hello when this returns."""
@@ -592,6 +602,7 @@ class DockerRuntime:
         name = f"tracegen-{self.run_id}-{self._counter}"
         engine.live += 1
         cid: str | None = None
+        channel: WorkerChannel | None = None
         try:
             cid = await self._api(self._create_container, engine, name)
             raw = await self._api(self._attach_worker, engine, cid)
@@ -601,18 +612,18 @@ class DockerRuntime:
             try:
                 hello = await channel.request({"op": "hello"}, self.config.start_timeout_s)
             except (WorkerLost, TimeoutError) as exc:
-                channel.close()
                 raise RuntimeToolError(
                     f"the sandbox worker did not start in {self.config.image!r}: {channel.stderr_tail() or exc}",
-                    hint="the image needs python3 and the worker at "
-                    f"{WORKER_PATH}: build it with `tracegen sandbox build`",
+                    hint=f"the image needs python3 and the worker at {WORKER_PATH}: "
+                    "build it with `tracegen sandbox build`",
                 ) from exc
             if hello.get("op") != "hello":
-                channel.close()
-                raise RuntimeToolError(f"unexpected greeting from the sandbox worker: {hello}")
+                raise RuntimeToolError(f"unexpected greeting from the sandbox worker: {str(hello)[:200]}")
             return Sandbox(engine, cid, channel)
-        except BaseException:
+        except BaseException:  # cancellation included: nothing half-made may linger
             engine.live -= 1
+            if channel is not None:
+                channel.close()
             if cid is not None:
                 self._remove_later(engine, cid)
             raise

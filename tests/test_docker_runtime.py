@@ -1,0 +1,357 @@
+"""The Docker runtime against a real engine: ordinary calls, hardening, pool, sweeps, several engines."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.docker_fixtures import (
+    docker_client_fixture,  # noqa: F401  # fixture
+    fast_config,
+    no_leftover_containers_fixture,  # noqa: F401  # fixture
+    own_containers,
+    started,
+    unavailable,
+)
+from tracegen.errors import RuntimeToolError
+from tracegen.runtime.docker import (
+    DEFAULT_IMAGE,
+    LABEL_CREATED,
+    LABEL_MANAGED,
+    LABEL_OWNER,
+    LABEL_RUN,
+    LABEL_TTL,
+    DockerRuntime,
+    DockerRuntimeConfig,
+    sweep_engine,
+)
+from tracegen.runtime.selfcheck import run
+
+pytestmark = pytest.mark.docker
+
+
+def test_stdout_stderr_and_exit_code(docker_client: Any) -> None:
+    async def body() -> None:
+        async with started() as rt:
+            ep = await rt.open_episode("t")
+            out = await run(ep, "bash", "echo to-out; echo to-err >&2; exit 3")
+            assert out.content == "to-out\n[stderr]\nto-err\n[exit code 3]"
+            assert out.observation.source == "executed"
+            assert out.observation.exit_code == 3
+            assert not (out.observation.timed_out or out.observation.truncated or out.observation.oom_killed)
+            ok = await run(ep, "python", "print(6 * 7)")
+            assert (ok.content, ok.observation.exit_code) == ("42", 0)
+            err = await run(ep, "python", "raise SystemExit('bad input')")
+            assert err.observation.exit_code == 1 and "bad input" in err.content
+            tb = await run(ep, "python", "1/0")
+            assert "ZeroDivisionError" in tb.content and tb.observation.exit_code == 1
+            await ep.close()
+
+    asyncio.run(body())
+
+
+def test_state_persists_across_calls_and_tools(docker_client: Any) -> None:
+    async def body() -> None:
+        async with started() as rt:
+            ep = await rt.open_episode("t")
+            await run(ep, "bash", "mkdir -p data && echo 1,2,3 > data/x.csv")
+            out = await run(ep, "python", "print(sum(map(int, open('data/x.csv').read().split(','))))")
+            assert out.content == "6"
+            # Compiled programs must run from the work dir: tmpfs is mounted exec.
+            made = await run(
+                ep, "bash", "printf '#!/bin/sh\\necho ran\\n' > ./tool.sh && chmod +x tool.sh && ./tool.sh"
+            )
+            assert made.content == "ran"
+            await ep.close()
+
+    asyncio.run(body())
+
+
+def test_non_utf8_output_is_shown_escaped(docker_client: Any) -> None:
+    async def body() -> None:
+        async with started() as rt:
+            ep = await rt.open_episode("t")
+            out = await run(ep, "bash", r"printf 'ok \xff\xfe end\n'; printf '\xc3' >&2")
+            assert out.content == "ok \\xff\\xfe end\n[stderr]\n\\xc3"
+            assert out.observation.exit_code == 0
+            await ep.close()
+
+    asyncio.run(body())
+
+
+def test_concurrent_episodes_are_isolated(docker_client: Any) -> None:
+    async def body() -> None:
+        async with started(pool_size=2) as rt:
+            episodes = [await rt.open_episode(f"t{i}") for i in range(6)]
+            await asyncio.gather(*(run(ep, "bash", f"echo {i} > mine.txt") for i, ep in enumerate(episodes)))
+            seen = await asyncio.gather(*(run(ep, "bash", "cat *.txt") for ep in episodes))
+            assert [o.content for o in seen] == [str(i) for i in range(6)]
+            assert len({ep.container_id for ep in episodes}) == 6
+            await asyncio.gather(*(ep.close() for ep in episodes))
+
+    asyncio.run(body())
+
+
+def test_model_sees_middle_truncated_output(docker_client: Any) -> None:
+    async def body() -> None:
+        async with started(max_chars=500) as rt:
+            ep = await rt.open_episode("t")
+            out = await run(ep, "python", "print('A' * 3000 + 'B' * 3000)")
+            assert len(out.content) <= 500 and out.observation.truncated
+            assert out.content.startswith("AAAA") and out.content.endswith("BBBB")
+            assert "elided" in out.content
+            await ep.close()
+
+    asyncio.run(body())
+
+
+def test_long_code_runs_through_a_file(docker_client: Any) -> None:
+    async def body() -> None:
+        async with started() as rt:
+            ep = await rt.open_episode("t")
+            code = "x = 0\n" + "x += 1\n" * 20000 + "print(x)"  # ~140 KB: over one argv string's limit
+            out = await run(ep, "python", code)
+            assert out.content == "20000"
+            await ep.close()
+
+    asyncio.run(body())
+
+
+def test_containers_are_hardened_and_labelled(docker_client: Any) -> None:
+    async def body() -> None:
+        async with started() as rt:
+            ep = await rt.open_episode("t")
+            await run(ep, "bash", "true")
+            info = docker_client.api.inspect_container(ep.container_id)
+            host, cfg = info["HostConfig"], info["Config"]
+            assert host["NetworkMode"] == "none"
+            assert host["ReadonlyRootfs"] is True
+            assert host["CapDrop"] == ["ALL"]
+            assert "no-new-privileges" in host["SecurityOpt"]
+            assert host["PidsLimit"] == rt.config.pids_limit
+            assert host["Memory"] == host["MemorySwap"] == 256 * 1024**2
+            assert host["NanoCpus"] == 1_000_000_000
+            assert host["Init"] is True and host["AutoRemove"] is True
+            assert set(host["Tmpfs"]) == {"/work", "/tmp"} and "size=" in host["Tmpfs"]["/work"]
+            assert {u["Name"] for u in host["Ulimits"]} == {"nofile", "fsize"}
+            assert cfg["User"] == "1000:1000"
+            assert cfg["Cmd"] == ["sleep", str(rt.config.ttl_s)]  # the backstop after kill -9
+            assert not any(e.startswith("TRACEGEN_") for e in cfg["Env"])
+            labels = cfg["Labels"]
+            assert labels[LABEL_MANAGED] == "tracegen" and labels[LABEL_RUN] == rt.run_id
+            assert labels[LABEL_OWNER].split(":")[1] == str(os.getpid())
+            assert int(labels[LABEL_TTL]) == rt.config.ttl_s and int(labels[LABEL_CREATED]) <= time.time()
+            await ep.close()
+
+    asyncio.run(body())
+
+
+def test_close_and_aclose_remove_every_container(docker_client: Any) -> None:
+    async def body() -> None:
+        async with started(pool_size=3) as rt:
+            ep = await rt.open_episode("t")
+            await run(ep, "bash", "true")
+            cid = ep.container_id
+            await ep.close()
+            for _ in range(50):  # removal runs in the background
+                if not any(c["Id"] == cid for c in own_containers(docker_client)):
+                    break
+                await asyncio.sleep(0.1)
+            assert not any(c["Id"] == cid for c in own_containers(docker_client))
+            await asyncio.sleep(1.0)  # let the pool refill
+            assert own_containers(docker_client), "the warm pool keeps containers ready"
+        assert own_containers(docker_client) == []
+
+    asyncio.run(body())
+
+
+def test_worker_that_stops_answering_gets_its_container_killed(docker_client: Any) -> None:
+    async def body() -> None:
+        async with started(timeout_s=1.0, kill_grace_s=1.0) as rt:
+            ep = await rt.open_episode("t")
+            await run(ep, "bash", "echo x > f")
+            first = ep.container_id
+            # A frozen worker never replies: the host's own deadline has to act.
+            frozen = await run(ep, "bash", "kill -STOP $PPID")
+            assert frozen.observation.timed_out and 1.9 <= frozen.observation.duration_s < 5
+            after = await run(ep, "bash", "ls; echo alive")
+            assert "alive" in after.content and "restarted" in after.content
+            assert ep.container_id != first
+            await ep.close()
+
+    asyncio.run(body())
+
+
+def test_capacity_per_engine_is_respected(docker_client: Any) -> None:
+    async def body() -> None:
+        async with started(pool_size=0, max_containers_per_engine=2) as rt:
+            a, b, c = [await rt.open_episode(n) for n in "abc"]
+            await run(a, "bash", "true")
+            await run(b, "bash", "true")
+            third = asyncio.ensure_future(run(c, "bash", "echo third"))
+            await asyncio.sleep(1.0)
+            assert not third.done(), "a third container would exceed the engine's capacity"
+            await a.close()
+            assert (await asyncio.wait_for(third, 20)).content == "third"
+            await asyncio.gather(b.close(), c.close())
+
+    asyncio.run(body())
+
+
+def test_missing_image_is_a_runtime_error_with_a_hint(docker_client: Any) -> None:
+    async def body() -> None:
+        rt = DockerRuntime(fast_config(image="tracegen-no-such-image:0"))
+        try:
+            with pytest.raises(RuntimeToolError) as info:
+                await rt.start()
+            assert "tracegen sandbox build" in (info.value.hint or "")
+        finally:
+            await rt.aclose()
+
+    asyncio.run(body())
+
+
+def test_unreachable_engine_is_a_runtime_error(docker_client: Any) -> None:
+    async def body() -> None:
+        rt = DockerRuntime(fast_config(engines=["unix:///nonexistent/docker.sock"]))
+        try:
+            with pytest.raises(RuntimeToolError, match="no Docker engine answers"):
+                await rt.start()
+        finally:
+            await rt.aclose()
+
+    asyncio.run(body())
+
+
+def test_sweep_removes_dead_owners_and_expired_containers(docker_client: Any) -> None:
+    def leftover(owner: str, created: int, ttl: int) -> str:
+        labels = {
+            LABEL_MANAGED: "tracegen",
+            LABEL_RUN: "sweeptest",
+            LABEL_OWNER: owner,
+            LABEL_CREATED: str(created),
+            LABEL_TTL: str(ttl),
+        }
+        c = docker_client.containers.run(
+            DEFAULT_IMAGE, ["sleep", "120"], detach=True, labels=labels, network_mode="none"
+        )
+        return str(c.id)
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    now = int(time.time())
+    gone_owner = leftover(f"{host}:{dead.pid}:1", now, 3600)
+    expired = leftover("other-host:1:1", now - 7200, 3600)
+    alive = leftover(f"{host}:{os.getpid()}:0", now, 3600)
+    try:
+        report = sweep_engine(docker_client)
+        ids = {c["Id"] for c in docker_client.api.containers(all=True, filters={"label": f"{LABEL_RUN}=sweeptest"})}
+        assert gone_owner not in ids and expired not in ids and alive in ids
+        assert report.removed >= 2
+    finally:
+        for cid in (gone_owner, expired, alive):
+            subprocess.run(["docker", "rm", "-f", cid], capture_output=True, check=False)
+
+
+# -- several engines -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def second_engine(docker_client: Any) -> Iterator[str]:
+    """A second dockerd on this machine, with its own socket and data root, holding the sandbox image."""
+    dockerd = shutil.which("dockerd")
+    if dockerd is None or os.geteuid() != 0:
+        unavailable("a second Docker engine needs root and dockerd")
+    base = Path("/var/lib/tracegen-test-engine")  # same filesystem as the first engine: overlay2 works
+    run_dir = Path("/run/tracegen-test-engine")
+    for d in (base, run_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    sock = run_dir / "docker.sock"
+    log = open(base / "dockerd.log", "ab")  # noqa: SIM115  # lives as long as the daemon
+    proc = subprocess.Popen(
+        [
+            str(dockerd),
+            "--host",
+            f"unix://{sock}",
+            "--data-root",
+            str(base / "data"),
+            "--exec-root",
+            str(run_dir / "exec"),
+            "--pidfile",
+            str(run_dir / "docker.pid"),
+            "--bridge=none",
+            "--iptables=false",
+            "--ip6tables=false",
+        ],
+        stdout=log,
+        stderr=log,
+    )
+    url = f"unix://{sock}"
+    try:
+        import docker
+
+        for _ in range(120):  # until the daemon listens (docker-py's own probe leaks sockets on failure)
+            with socket.socket(socket.AF_UNIX) as probe:
+                if probe.connect_ex(str(sock)) == 0:
+                    break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"the second dockerd did not start; see {base / 'dockerd.log'}")
+        client = docker.DockerClient(base_url=url, version="auto")
+        client.ping()
+        from tracegen.runtime.image import copy_image
+
+        copy_image(docker_client, client, DEFAULT_IMAGE)
+        client.close()
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.mark.slow
+def test_containers_spread_over_two_engines(docker_client: Any, second_engine: str) -> None:
+    default = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+    async def body() -> None:
+        config = fast_config(engines=[default, second_engine], pool_size=0, max_containers_per_engine=3)
+        async with started(config) as rt:
+            episodes = [await rt.open_episode(f"t{i}") for i in range(6)]
+            outs = await asyncio.gather(*(run(ep, "bash", "echo $HOSTNAME") for ep in episodes))
+            assert all(o.observation.exit_code == 0 for o in outs)
+            per_engine = [e.live for e in rt.engines]
+            assert per_engine == [3, 3], per_engine
+            await asyncio.gather(*(ep.close() for ep in episodes))
+        import docker
+
+        other = docker.DockerClient(base_url=second_engine, version="auto")
+        try:
+            assert own_containers(other) == []
+        finally:
+            other.close()
+
+    asyncio.run(body())
+
+
+def test_default_config_validates_and_forbids_unknown_keys() -> None:
+    config = DockerRuntimeConfig()
+    assert config.network_mode == "none" and config.read_only and config.drop_capabilities
+    with pytest.raises(ValueError, match="extra"):
+        DockerRuntimeConfig.model_validate({"imagee": "x"})
+    for name, info in DockerRuntimeConfig.model_fields.items():
+        assert info.description, f"{name} has no description"
