@@ -1,9 +1,9 @@
 """The OpenAI-compatible chat client shared by the teacher, the tool simulator and (later) the judge.
 
-Streaming (the default) reads Server-Sent Events straight off an ``httpx`` connection and parses
-each ``data:`` line with ``json.loads``: at hundreds of concurrent trajectories the per-chunk cost is
-the client's whole CPU budget, and the SDK's per-chunk pydantic objects cost about twice the time
-of this loop. Non-streaming requests (``stream: false``) go through the ``openai`` SDK. Both paths
+Streaming (the default) reads Server-Sent Events straight off a keep-alive connection
+(:mod:`tracegen.http`) and parses each ``data:`` line with ``json.loads``: at hundreds of concurrent
+trajectories the per-chunk and per-request costs are the client's whole CPU budget, and the SDK's
+per-chunk pydantic objects (or httpx's pool bookkeeping) cost several times this loop. Non-streaming requests (``stream: false``) go through the ``openai`` SDK. Both paths
 end in :func:`assemble`, so a reply means the same thing however it arrived.
 
 What a reply may look like, all handled:
@@ -31,10 +31,9 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
-
 from tracegen.config import EndpointConfig, ToolProtocolSetting
 from tracegen.errors import RetryableTeacherError, TeacherError
+from tracegen.http import Response, open_pool
 from tracegen.tools import parse_arguments, parse_text_calls
 from tracegen.types import AssistantMessage, ReasoningFormat, ToolCall, Usage
 
@@ -99,19 +98,19 @@ class ChatClient:
         self.base_url = config.base_url.rstrip("/")
         self.host = urlsplit(self.base_url).netloc or self.base_url
         self._key = config.api_key()
-        self._url = f"{self.base_url}/chat/completions"
-        self._headers = {"Authorization": f"Bearer {self._key}", "Accept": "text/event-stream"}
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s, pool=None),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=max_connections),
-        )
+        self._headers = {
+            "Authorization": f"Bearer {self._key}",
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream",
+        }
+        self._pool = open_pool(self.base_url, config.connect_timeout_s, config.timeout_s)
         self._limiter = RateLimiter(config.requests_per_minute, config.tokens_per_minute)
         self._sdk: Any = None  # the openai SDK client, built on first non-streaming request
         self.requests = 0
         self.retries = 0
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self._pool.aclose()
         if self._sdk is not None:
             await self._sdk.close()
 
@@ -171,20 +170,20 @@ class ChatClient:
         return cap / 2 + random.uniform(0, cap / 2)
 
     async def _stream(self, body: dict[str, Any], started: float) -> RawReply:
-        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        payload = json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode()
         reply = RawReply()
         try:
-            async with self._http.stream("POST", self._url, json=body, headers=self._headers) as resp:
-                if resp.status_code != 200:
-                    await resp.aread()
-                    raise self._status_error(resp.status_code, resp.text, resp.headers.get("retry-after"))
+            async with self._pool.post("/chat/completions", payload, self._headers) as resp:
+                if resp.status != 200:
+                    text = (await resp.read()).decode("utf-8", "replace")
+                    raise self._status_error(resp.status, text, resp.headers.get("retry-after"))
                 done = await _read_sse(resp, reply, started)
-        except httpx.TimeoutException as exc:
-            raise RetryableTeacherError(f"timed out ({type(exc).__name__})") from exc
-        except json.JSONDecodeError as exc:
-            raise RetryableTeacherError(f"malformed stream event ({exc.msg})") from exc
-        except httpx.TransportError as exc:
-            raise RetryableTeacherError(f"connection failed ({type(exc).__name__}: {self._scrub(str(exc))})") from exc
+        except TimeoutError as exc:
+            raise RetryableTeacherError(f"no data for {self.config.timeout_s:g} s (read timeout)") from exc
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+            raise RetryableTeacherError(f"connection failed ({self._scrub(str(exc)) or type(exc).__name__})") from exc
+        except ValueError as exc:  # a chunk or event that does not parse
+            raise RetryableTeacherError(f"malformed response ({self._scrub(str(exc))[:200]})") from exc
         if not done and reply.finish_reason is None:
             raise RetryableTeacherError("stream ended before a finish reason (dropped connection?)")
         reply.latency_s = time.monotonic() - started
@@ -293,13 +292,17 @@ class RawReply:
         )
 
 
-async def _read_sse(resp: httpx.Response, reply: RawReply, started: float) -> bool:
+async def _read_sse(resp: Response, reply: RawReply, started: float) -> bool:
     """Fold every SSE event of ``resp`` into ``reply``; True when the server sent ``[DONE]``.
 
-    The hot path: bytes are split on newlines by hand and only ``data:`` lines are parsed.
+    The hot path: bytes are split on newlines by hand and only ``data:`` lines are parsed. The body
+    is read to its end even after ``[DONE]``, so the connection can serve the next request.
     """
     buffer = b""
-    async for chunk in resp.aiter_bytes():  # bytes, not text: decoding per chunk is wasted work
+    done = False
+    async for chunk in resp.iter_bytes():
+        if done:
+            continue
         buffer += chunk
         if b"\n" not in chunk:
             continue
@@ -309,7 +312,8 @@ async def _read_sse(resp: httpx.Response, reply: RawReply, started: float) -> bo
                 continue  # comments, event names, blank separators
             payload = line[5:].strip()
             if payload == b"[DONE]":
-                return True
+                done = True
+                break
             event = json.loads(payload)
             if "error" in event:
                 err = event["error"]
@@ -325,7 +329,7 @@ async def _read_sse(resp: httpx.Response, reply: RawReply, started: float) -> bo
                     reply.finish_reason = choice["finish_reason"]
             if event.get("usage"):
                 reply.set_usage(event["usage"])
-    return False
+    return done
 
 
 def assemble(

@@ -169,6 +169,7 @@ class FakeServer:
         self.record = record
         self.requests: list[Request] = []
         self.headers: list[dict[str, str]] = []
+        self.connections = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
         self._thread: threading.Thread | None = None
@@ -199,7 +200,9 @@ class FakeServer:
 
     def _run(self) -> None:
         loop = self._loop = asyncio.new_event_loop()
-        server = self._server = loop.run_until_complete(serve(self.script, self.port, self._on_request))
+        server = self._server = loop.run_until_complete(
+            serve(self.script, self.port, self._on_request, self._on_connect)
+        )
         self.port = server.sockets[0].getsockname()[1]
         self._ready.set()
         try:
@@ -212,6 +215,9 @@ class FakeServer:
             loop.run_until_complete(server.wait_closed())
             loop.close()
 
+    def _on_connect(self) -> None:
+        self.connections += 1
+
     def _on_request(self, headers: dict[str, str], body: Request) -> None:
         if self.record:
             self.headers.append(headers)
@@ -219,9 +225,14 @@ class FakeServer:
 
 
 async def serve(
-    script: Script, port: int = 0, on_request: Callable[[dict[str, str], Request], None] | None = None
+    script: Script,
+    port: int = 0,
+    on_request: Callable[[dict[str, str], Request], None] | None = None,
+    on_connect: Callable[[], None] | None = None,
 ) -> asyncio.Server:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if on_connect:
+            on_connect()
         try:
             while await _handle_one(reader, writer, script, on_request):
                 pass
