@@ -355,3 +355,34 @@ def test_default_config_validates_and_forbids_unknown_keys() -> None:
         DockerRuntimeConfig.model_validate({"imagee": "x"})
     for name, info in DockerRuntimeConfig.model_fields.items():
         assert info.description, f"{name} has no description"
+
+
+# -- tracegen sandbox build|check|cleanup ------------------------------------------------------
+
+
+def test_cli_build_reports_the_path_and_cleanup_counts(docker_client: Any) -> None:
+    from typer.testing import CliRunner
+
+    from tracegen.sandbox_cli import sandbox_app
+
+    runner = CliRunner()
+    built = runner.invoke(sandbox_app, ["build"], env={"COLUMNS": "200"})
+    assert built.exit_code == 0, built.output
+    assert DEFAULT_IMAGE in built.stdout and ("registry" in built.stdout or "offline" in built.stdout)
+    cleaned = runner.invoke(sandbox_app, ["cleanup", "--stale-only"], env={"COLUMNS": "200"})
+    assert cleaned.exit_code == 0, cleaned.output
+    assert "removed" in cleaned.stdout
+
+
+@pytest.mark.slow
+def test_cli_check_prints_every_case_passing(docker_client: Any) -> None:
+    from typer.testing import CliRunner
+
+    from tracegen.runtime.selfcheck import CASES
+    from tracegen.sandbox_cli import sandbox_app
+
+    result = CliRunner().invoke(sandbox_app, ["check"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    for name, _, _ in CASES:
+        assert name in result.stdout
+    assert "NO" not in result.stdout
