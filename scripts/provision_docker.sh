@@ -25,7 +25,14 @@ need_root() {
     fi
 }
 
-install_packages() {
+apt_install() {
+    need_root "installing $*"
+    say "installing $* from Debian"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2
+}
+
+install_engine() {
     local missing=()
     # docker.io provides both dockerd and a docker client.
     if ! command -v dockerd >/dev/null 2>&1 || ! command -v docker >/dev/null 2>&1; then
@@ -33,10 +40,7 @@ install_packages() {
     fi
     command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
     if [ "${#missing[@]}" -gt 0 ]; then
-        need_root "installing ${missing[*]}"
-        say "installing ${missing[*]} from Debian"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+        apt_install "${missing[@]}"
     fi
 }
 
@@ -61,12 +65,18 @@ start_dockerd() {
     exit 1
 }
 
-install_packages
 if engine_up; then
     say "Docker engine answers"
 else
+    need_root "starting a Docker engine"
+    install_engine
     start_dockerd
     say "dockerd is up"
 fi
+# The offline fallback of the image build needs debootstrap; without root it is simply not offered.
+if ! command -v debootstrap >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt_install debootstrap
+fi
 
+cd "$(dirname "$0")/.."
 "$PY" -m tracegen.sandbox_cli build
