@@ -79,4 +79,4 @@ if ! command -v debootstrap >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
 fi
 
 cd "$(dirname "$0")/.."
-"$PY" -m tracegen.sandbox_cli build
+"$PY" -m tracegen.cli sandbox build

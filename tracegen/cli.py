@@ -8,15 +8,16 @@ Results go to stdout, progress and logs to stderr. Heavy libraries are imported 
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Callable
+import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
+import click
 import typer
 
 from tracegen.errors import TracegenError
+from tracegen.sandbox_cli import sandbox_app
 
 app = typer.Typer(
     name="tracegen",
@@ -26,8 +27,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _version(value: bool) -> None:
@@ -47,29 +46,7 @@ def main_options(
     """Turn a strong teacher model into training data, and then into a small student."""
 
 
-def handle_errors(fn: F) -> F:
-    """Map tracegen's error tree to exit codes and one readable line; never print a secret."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except TracegenError as exc:
-            if os.environ.get("TRACEGEN_DEBUG") == "1":
-                raise
-            typer.echo(f"Error: {exc.message}", err=True)
-            if exc.hint:
-                typer.echo(f"hint: {exc.hint}", err=True)
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            typer.echo("Interrupted.", err=True)
-            raise typer.Exit(130) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
 @app.command()
-@handle_errors
 def collect(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (re-running the same command resumes).")],
     tasks: Annotated[
@@ -163,8 +140,26 @@ def collect(
 
 
 def main() -> None:
-    app()
+    """Run the app; map tracegen's error tree to exit codes and one readable line, never a secret."""
+    try:
+        code = app(standalone_mode=False)
+    except TracegenError as exc:
+        if os.environ.get("TRACEGEN_DEBUG") == "1":
+            raise
+        typer.echo(f"Error: {exc.message}", err=True)
+        if exc.hint:
+            typer.echo(f"hint: {exc.hint}", err=True)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:  # bad usage: click's own message, exit 2
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:  # Ctrl-C outside a command's own clean stop
+        typer.echo("Interrupted.", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
+
+app.add_typer(sandbox_app, name="sandbox")
 
 if __name__ == "__main__":
     main()

@@ -186,7 +186,7 @@ def _build_runtime(config: CollectConfig) -> Runtime:
     if config.runtime == "docker":
         from tracegen.runtime.docker import DockerRuntime
 
-        return DockerRuntime(config.docker)
+        return DockerRuntime(config.docker, max_chars=config.observation_max_chars)
     from tracegen.runtime.simulated import SimulatedRuntime
 
     # Its own client even when it shares the teacher's endpoint, so its traffic is counted apart.

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tracegen.errors import RecipeError
+from tracegen.runtime.docker import DockerRuntimeConfig
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a careful problem solver with access to tools. Think step by step. When running code "
@@ -108,6 +109,9 @@ class CollectConfig(Strict):
         None, description="Model that role-plays tools for runtime=simulated; defaults to the teacher."
     )
     runtime: Literal["simulated", "docker"] = Field("simulated", description="Where tool calls run.")
+    docker: DockerRuntimeConfig = Field(
+        default_factory=DockerRuntimeConfig, description="The Docker sandbox (image, engines, limits, hardening)."
+    )
     tools: list[Literal["python", "bash"]] = Field(
         default_factory=lambda: ["python", "bash"],  # type: ignore[arg-type]  # mypy can't see the Literal
         description="Tools offered to the teacher."
@@ -161,6 +165,7 @@ class CollectConfig(Strict):
             ),
             "simulator": self.simulator_endpoint().model if self.runtime == "simulated" else None,
             "runtime": self.runtime,
+            "image": self.docker.image if self.runtime == "docker" else None,
             "tools": self.tools,
             "system_prompt": self.system_prompt,
             "max_turns": self.max_turns,

@@ -8,11 +8,9 @@ main CLI maps them to exit codes). docker-py is imported inside the commands, so
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -135,23 +133,3 @@ def cleanup(
         report = sweep_engine(connect(url), only_stale=stale_only)
         table.add_row(_engine_name(url), str(report.removed), str(report.kept))
     out.print(table)
-
-
-def main() -> None:
-    """``python -m tracegen.sandbox_cli``: the same commands, with the main CLI's exit codes."""
-    try:
-        sandbox_app(standalone_mode=False)
-    except TracegenError as exc:
-        err.print(f"Error: {exc.message}", markup=False, highlight=False)
-        if exc.hint:
-            err.print(f"hint: {exc.hint}", markup=False, highlight=False)
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()

@@ -242,8 +242,15 @@ def connect(url: str | None, threads: int = 4, timeout: float = 60.0) -> docker.
     where = url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
     hint = "start one (as root: bash scripts/provision_docker.sh), or set collect.docker.engines"
     # Checked first: docker-py leaks a socket when its constructor's version probe cannot connect.
-    if where.startswith("unix://") and not Path(where.removeprefix("unix://")).is_socket():
-        raise RuntimeToolError(f"no Docker engine answers at {where}: no such socket", hint=hint)
+    if where.startswith("unix://"):
+        path = where.removeprefix("unix://")
+        if not Path(path).is_socket():
+            raise RuntimeToolError(f"no Docker engine answers at {where}: no such socket", hint=hint)
+        with socket.socket(socket.AF_UNIX) as probe:  # a socket file left by a dead daemon refuses
+            try:
+                probe.connect(path)
+            except OSError as exc:
+                raise RuntimeToolError(f"no Docker engine answers at {where}: {exc.strerror}", hint=hint) from exc
     try:
         if url is None:
             client = docker.from_env(version="auto", max_pool_size=threads, timeout=int(timeout))
