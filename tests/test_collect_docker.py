@@ -44,7 +44,9 @@ def test_state_persists_within_a_trajectory_and_the_key_stays_outside(
 ) -> None:
     write = json.dumps({"command": "echo hello > notes.txt && env"})
     read = json.dumps({"command": "wc -c < notes.txt"})
-    server = fake_server(Scripted([tool_call_reply([("bash", write)]), tool_call_reply([("bash", read)]), text_reply("6")]))
+    server = fake_server(
+        Scripted([tool_call_reply([("bash", write)]), tool_call_reply([("bash", read)]), text_reply("6")])
+    )
     cfg = make_config(server.base_url, write_tasks(tmp_path / "t.jsonl", 1), runtime="docker", docker=FAST)
     run_collect(cfg, tmp_path / "run", show_progress=False)
     [t] = read_trajectories(tmp_path / "run" / "trajectories.jsonl")
