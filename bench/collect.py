@@ -43,7 +43,7 @@ PROMPT = "Compute 6 * 7 with the python tool, then state the answer."
 
 @dataclass(frozen=True)
 class Level:
-    engine: str  # "tracegen" | "inspect_ai"
+    engine: str  # "tracegen" | "tracegen-docker" (tool calls run in the sandbox) | "inspect_ai"
     concurrency: int
     latency_s: float
     trajectories: int
@@ -59,6 +59,9 @@ class Result:
     http_requests: int
     server_cpu_s: float
     problems: list[str]
+    tool_share: float = 0.0
+    """Fraction of trajectory time spent in tool calls (vs waiting for the teacher)."""
+    mean_trajectory_s: float = 0.0
 
     @property
     def throughput(self) -> float:
@@ -81,7 +84,7 @@ class Result:
         return 1000 * self.cpu_s / self.http_requests if self.http_requests else float("nan")
 
 
-def plan(quick: bool) -> list[Level]:
+def plan(quick: bool, docker: bool = False) -> list[Level]:
     """The levels to run: ~4x concurrency trajectories per level (at least 8), so waves repeat."""
     if quick:
         return [
@@ -92,6 +95,11 @@ def plan(quick: bool) -> list[Level]:
     levels = [Level("tracegen", c, 0.2, max(8, 4 * c)) for c in (1, 16, 64, 256)]
     levels.append(Level("tracegen", 256, 1.0, 4 * 256))
     levels.append(Level("inspect_ai", 64, 0.2, 4 * 64))
+    if docker:
+        # One wave, and four: the first shows what tool execution adds to a trajectory; the second
+        # what the container-creation rate of this machine sustains (a fresh container per trajectory).
+        levels.append(Level("tracegen-docker", 32, 0.2, 32))
+        levels.append(Level("tracegen-docker", 32, 0.2, 128))
     return levels
 
 
@@ -126,8 +134,17 @@ def serve(latency_s: float, sim_latency_s: float, turns: int, chunks: int) -> No
 class ServerProcess:
     def __init__(self, latency_s: float, sim_latency_s: float, chunks: int) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--serve", "--latency", str(latency_s),
-             "--sim-latency", str(sim_latency_s), "--chunks", str(chunks)],
+            [
+                sys.executable,
+                __file__,
+                "--serve",
+                "--latency",
+                str(latency_s),
+                "--sim-latency",
+                str(sim_latency_s),
+                "--chunks",
+                str(chunks),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -166,7 +183,7 @@ def _write_tasks(path: Path, n: int, prefix: str) -> None:
             f.write(json.dumps({"id": f"{prefix}-{i}", "prompt": f"{PROMPT} (#{i})"}) + "\n")
 
 
-def work_tracegen(base_url: str, concurrency: int, trajectories: int) -> dict[str, Any]:
+def work_tracegen(base_url: str, concurrency: int, trajectories: int, runtime: str = "simulated") -> dict[str, Any]:
     from tracegen.collect import run_collect
     from tracegen.config import CollectConfig
 
@@ -179,7 +196,8 @@ def work_tracegen(base_url: str, concurrency: int, trajectories: int) -> dict[st
                 {
                     "tasks": str(root / f"{name}.jsonl"),
                     "teacher": {"base_url": base_url, "model": "fake"},
-                    "runtime": "simulated",
+                    "runtime": runtime,
+                    "docker": {"pool_size": c, "prefill": True},
                     "tools": ["python"],
                     "concurrency": c,
                     "max_turns": TURNS + 4,
@@ -195,10 +213,15 @@ def work_tracegen(base_url: str, concurrency: int, trajectories: int) -> dict[st
 
         simulator_requests = 0
         problems: list[str] = []
+        tool_s = teacher_s = trajectory_s = 0.0
         for line in (root / "bench" / "trajectories.jsonl").read_text().splitlines():
             record = json.loads(line)
+            tool_s += record["timing"]["tool_s"]
+            teacher_s += record["timing"]["teacher_s"]
+            trajectory_s += record["timing"]["wall_s"]
             simulator_requests += sum(
-                1 for m in record["messages"]
+                1
+                for m in record["messages"]
                 if m["role"] == "tool" and (m.get("observation") or {}).get("source") == "simulated"
             )
             if record["stop_reason"] != "answer":
@@ -211,6 +234,8 @@ def work_tracegen(base_url: str, concurrency: int, trajectories: int) -> dict[st
         "completed": summary.completed,
         "turns": summary.turns,
         "http_requests": summary.requests + simulator_requests,
+        "tool_share": tool_s / (tool_s + teacher_s) if tool_s + teacher_s else 0.0,
+        "mean_trajectory_s": trajectory_s / max(summary.completed, 1),
         "problems": problems[:5],
     }
 
@@ -289,8 +314,18 @@ def work_inspect(base_url: str, concurrency: int, trajectories: int) -> dict[str
 def run_level(level: Level, server: ServerProcess, timeout_s: float) -> Result:
     cpu0 = server.cpu_s()
     proc = subprocess.run(
-        [sys.executable, __file__, "--worker", level.engine, "--base-url", server.base_url,
-         "--concurrency", str(level.concurrency), "--trajectories", str(level.trajectories)],
+        [
+            sys.executable,
+            __file__,
+            "--worker",
+            level.engine,
+            "--base-url",
+            server.base_url,
+            "--concurrency",
+            str(level.concurrency),
+            "--trajectories",
+            str(level.trajectories),
+        ],
         capture_output=True,
         text=True,
         timeout=timeout_s,
@@ -310,6 +345,8 @@ def run_level(level: Level, server: ServerProcess, timeout_s: float) -> Result:
         http_requests=data["http_requests"],
         server_cpu_s=server_cpu,
         problems=data["problems"],
+        tool_share=data.get("tool_share", 0.0),
+        mean_trajectory_s=data.get("mean_trajectory_s", 0.0),
     )
 
 
@@ -320,14 +357,14 @@ def run_level(level: Level, server: ServerProcess, timeout_s: float) -> Result:
 def table(results: list[Result]) -> str:
     head = (
         "| engine | concurrency | latency | trajectories | wall s | traj/s | bound/s | fraction of bound "
-        "| CPU ms/turn | CPU ms/HTTP req | server CPU |"
+        "| CPU ms/turn | CPU ms/HTTP req | server CPU | tool time |"
     )
-    rows = [head, "|" + "---|" * 11]
+    rows = [head, "|" + "---|" * 12]
     for r in results:
         rows.append(
             f"| {r.level.engine} | {r.level.concurrency} | {r.level.latency_s * 1000:.0f} ms | {r.completed} "
             f"| {r.wall_s:.2f} | {r.throughput:.1f} | {r.bound:.1f} | {r.fraction:.2f} | {r.cpu_ms_per_turn:.2f} "
-            f"| {r.cpu_ms_per_request:.2f} | {100 * r.server_cpu_s / r.wall_s:.0f}% |"
+            f"| {r.cpu_ms_per_request:.2f} | {100 * r.server_cpu_s / r.wall_s:.0f}% | {100 * r.tool_share:.0f}% |"
         )
     return "\n".join(rows)
 
@@ -366,6 +403,17 @@ def verdicts(results: list[Result], quick: bool) -> list[str]:
                 f"tracegen at concurrency {c}, {latency * 1000:.0f} ms: {r.fraction:.2f} of the bound  "
                 f"[target >= 0.9: {mark(r.fraction >= 0.9)}]"
             )
+    for r in (r for r in results if r.level.engine == "tracegen-docker"):
+        # Per trajectory, so the warm pool's prefill (container creation, before the first request) is
+        # not counted: ideal = turns x latency; what real tool execution adds shows as the gap.
+        ideal_s = TURNS * r.level.latency_s
+        per_trajectory = ideal_s / r.mean_trajectory_s if r.mean_trajectory_s else 0.0
+        lines.append(
+            f"tracegen --runtime docker, concurrency {r.level.concurrency}, {r.completed} trajectories: each took "
+            f"{r.mean_trajectory_s:.3f} s on average = {per_trajectory:.2f} of the ideal {ideal_s:.1f} s"
+            f" (tool calls {100 * r.tool_share:.0f}% of it); whole run incl. container start-up {r.fraction:.2f} of the"
+            f" bound  [target >= 0.9 per trajectory: {mark(per_trajectory >= 0.9)}]"
+        )
     # Judged where the run is long enough (>= 1000 turns) that start-up (clients, TLS contexts, manifest,
     # task loading: ~0.1-0.2 s of CPU) is amortised; the concurrency-1 row shows it un-amortised.
     steady = [r for r in results if r.level.engine == "tracegen" and r.turns >= 1000]
@@ -390,7 +438,10 @@ def main() -> int:
     # Internal modes: the fake server process, and one engine level in a fresh process.
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--latency", type=float, default=0.2, help=argparse.SUPPRESS)
-    parser.add_argument("--worker", choices=["tracegen", "inspect_ai"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["tracegen", "tracegen-docker", "inspect_ai"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--docker", action="store_true", help="also run collect --runtime docker (needs an engine and the image)"
+    )
     parser.add_argument("--base-url", help=argparse.SUPPRESS)
     parser.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--trajectories", type=int, default=8, help=argparse.SUPPRESS)
@@ -400,11 +451,15 @@ def main() -> int:
         serve(args.latency, args.sim_latency, TURNS, args.chunks)
         return 0
     if args.worker:
-        work = work_tracegen if args.worker == "tracegen" else work_inspect
-        print(json.dumps(work(args.base_url, args.concurrency, args.trajectories)), flush=True)
+        if args.worker == "inspect_ai":
+            result = work_inspect(args.base_url, args.concurrency, args.trajectories)
+        else:
+            runtime = "docker" if args.worker == "tracegen-docker" else "simulated"
+            result = work_tracegen(args.base_url, args.concurrency, args.trajectories, runtime)
+        print(json.dumps(result), flush=True)
         return 0
 
-    levels = plan(args.quick)
+    levels = plan(args.quick, args.docker)
     started = time.perf_counter()
     print(
         f"# collect benchmark: {TURNS}-turn trajectories, {args.chunks} deltas per reply, simulator latency "
@@ -444,10 +499,19 @@ def main() -> int:
         args.json.write_text(
             json.dumps(
                 [
-                    {**r.level.__dict__, "wall_s": r.wall_s, "cpu_s": r.cpu_s, "completed": r.completed,
-                     "turns": r.turns, "http_requests": r.http_requests, "traj_per_s": r.throughput,
-                     "fraction_of_bound": r.fraction, "cpu_ms_per_turn": r.cpu_ms_per_turn,
-                     "cpu_ms_per_request": r.cpu_ms_per_request, "server_cpu_s": r.server_cpu_s}
+                    {
+                        **r.level.__dict__,
+                        "wall_s": r.wall_s,
+                        "cpu_s": r.cpu_s,
+                        "completed": r.completed,
+                        "turns": r.turns,
+                        "http_requests": r.http_requests,
+                        "traj_per_s": r.throughput,
+                        "fraction_of_bound": r.fraction,
+                        "cpu_ms_per_turn": r.cpu_ms_per_turn,
+                        "cpu_ms_per_request": r.cpu_ms_per_request,
+                        "server_cpu_s": r.server_cpu_s,
+                    }
                     for r in results
                 ],
                 indent=2,

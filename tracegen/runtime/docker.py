@@ -114,6 +114,9 @@ class DockerRuntimeConfig(BaseModel):
         None, ge=1, description="Containers per engine at once; default: engine memory / mem_limit."
     )
     pool_size: int = Field(8, ge=0, description="Idle containers kept started ahead of need.")
+    prefill: bool = Field(
+        False, description="Wait at start-up until pool_size containers are ready, so the first wave never waits."
+    )
     max_starting: int = Field(2, ge=1, description="Containers being created at once (bounds the creation rate).")
     api_threads: int = Field(
         16, ge=1, description="Threads for docker-py calls; each engine client's connection pool has this size."
@@ -456,6 +459,10 @@ class DockerRuntime:
         first = await self._start_sandbox(self._pick_engine() or self.engines[0])
         self._ready.append(first)
         self._filler = asyncio.create_task(self._fill())
+        if self.config.prefill:
+            target = min(self.config.pool_size, sum(e.capacity for e in self.engines))
+            while len(self._ready) < target and self._failures < 3:
+                await asyncio.sleep(0.05)  # the filler starts them, max_starting at a time
 
     async def open_episode(self, trajectory_id: str) -> DockerEpisode:
         return DockerEpisode(self, trajectory_id)
