@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import platform
 import signal
 import time
@@ -100,8 +101,6 @@ def prepare(config: CollectConfig, run_dir: Path) -> list[Task]:
                 )
     manifest = run_dir / MANIFEST
     if manifest.exists():
-        import json
-
         try:
             previous = json.loads(manifest.read_text()).get("recipe_fingerprint")
         except ValueError:
@@ -139,7 +138,7 @@ async def collect_async(
     summary.planned = len(pairs)
     summary.already_done = len(pairs) - len(pending)
 
-    teacher = ChatClient(config.teacher, "teacher", max_connections=config.concurrency)
+    teacher = ChatClient(config.teacher, "teacher")
     runtime = _build_runtime(config)
     progress = CollectProgress(total=len(pending), prices=config.prices, enabled=show_progress)
     agent = Agent(config=config, teacher=teacher, runtime=runtime, fingerprint=fingerprint, on_turn=progress.turn)
@@ -190,7 +189,7 @@ def _build_runtime(config: CollectConfig) -> Runtime:
     from tracegen.runtime.simulated import SimulatedRuntime
 
     # Its own client even when it shares the teacher's endpoint, so its traffic is counted apart.
-    simulator = ChatClient(config.simulator_endpoint(), "simulator", max_connections=config.concurrency)
+    simulator = ChatClient(config.simulator_endpoint(), "simulator")
     return SimulatedRuntime(simulator, config.observation_max_chars)
 
 

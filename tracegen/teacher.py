@@ -85,7 +85,7 @@ class RateLimiter:
 class ChatClient:
     """One endpoint (teacher, simulator or judge). Create and use it inside the running event loop."""
 
-    def __init__(self, config: EndpointConfig, role: str = "teacher", max_connections: int = 64) -> None:
+    def __init__(self, config: EndpointConfig, role: str = "teacher") -> None:
         if not config.base_url or not config.model:
             missing = "base_url" if not config.base_url else "model"
             flag = f"--{role}-{'base-url' if missing == 'base_url' else 'model'}"
