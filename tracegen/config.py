@@ -176,12 +176,63 @@ class CollectConfig(Strict):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+class LoraSettings(Strict):
+    """The LoRA adapter (PEFT); defaults are the published recipes'."""
+
+    r: int = Field(64, ge=1, description="Adapter rank.")
+    alpha: int = Field(128, ge=1, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: Literal["auto", "all-linear"] | list[str] = Field(
+        "auto",
+        description="auto: the per-architecture preset (dense: q/k/v/o/gate/up/down projections; hybrid "
+        "linear-attention models: all-linear); or PEFT's all-linear; or explicit module names. The output "
+        "layer and (tied) embeddings are never adapted.",
+    )
+
+
+class DistillConfig(Strict):
+    """`tracegen distill`: LoRA training on a formatted dataset's trained tokens (weighted CE + KD)."""
+
+    student: str | None = Field(None, description="Student model: local folder or Hub id.")
+    teacher_cache: str | None = Field(
+        None, description="Teacher top-k cache folder (from `tracegen distill cache-teacher`); none = CE only."
+    )
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    proof_weight_start: float = Field(2.5, ge=0, description="Weight of proof tokens at the first optimizer step.")
+    proof_weight_end: float = Field(1.5, ge=0, description="Weight of proof tokens at the last step (linear decay).")
+    alpha_ce: float = Field(0.55, ge=0, description="Weight of the cross-entropy term when KD is on.")
+    alpha_kd: float = Field(0.45, ge=0, description="Weight of the KD term (KL(teacher||student) * T^2).")
+    temperature: float = Field(2.0, gt=0, description="KD temperature T.")
+    top_k: int = Field(64, ge=1, description="Teacher log-probs cached per supervised token (cache-teacher).")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
+    min_learning_rate: float = Field(2e-5, ge=0, description="Floor of the cosine schedule.")
+    warmup_steps: int | None = Field(None, ge=0, description="Warmup steps; overrides warmup_ratio when set.")
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="Warmup as a fraction of the optimizer steps.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    batch_size: int = Field(4, ge=1, description="Sequences per micro-batch.")
+    grad_accum: int = Field(4, ge=1, description="Micro-batches per optimizer step.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training split (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
+    max_length: int = Field(4096, ge=2, description="Longer sequences are cut to this many tokens.")
+    seed: int = Field(42, description="Seed of the data order, adapter init and dropout.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast on a GPU that supports it, fp32 otherwise (CPU)."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    eval_fraction: float = Field(0.05, ge=0, lt=1, description="Held-out fraction (split with seed 42).")
+    eval_every: int = Field(50, ge=1, description="Evaluate every N optimizer steps (and at the end).")
+    save_every: int = Field(100, ge=1, description="Write a resumable checkpoint every N optimizer steps.")
+    log_every: int = Field(1, ge=1, description="Progress line every N optimizer steps.")
+
+
 class Recipe(Strict):
     """A reproducible pipeline: one section per stage."""
 
     name: str | None = None
     description: str | None = None
     collect: CollectConfig = Field(default_factory=CollectConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
 
 
 def load_recipe(path: Path) -> Recipe:
@@ -206,6 +257,11 @@ def load_recipe(path: Path) -> Recipe:
     tasks = recipe.collect.tasks
     if tasks and not Path(tasks).is_absolute():
         recipe.collect.tasks = str((path.parent / tasks).resolve())
+    distill = recipe.distill
+    for field in ("student", "teacher_cache"):  # a Hub id stays as written; a local folder resolves
+        value = getattr(distill, field)
+        if value and not Path(value).is_absolute() and (path.parent / value).exists():
+            setattr(distill, field, str((path.parent / value).resolve()))
     return recipe
 
 
@@ -229,6 +285,17 @@ def apply_overrides(config: CollectConfig, overrides: dict[str, Any], source: st
         return CollectConfig.model_validate(merged)
     except ValidationError as exc:
         raise _recipe_error(exc, source, None, prefix="collect") from exc
+
+
+def apply_distill_overrides(
+    config: DistillConfig, overrides: dict[str, Any], source: str = "flags"
+) -> DistillConfig:
+    """Layer flag values over a validated distill config, re-validating the result."""
+    merged = merge(config.model_dump(exclude_unset=True), overrides)
+    try:
+        return DistillConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise _recipe_error(exc, source, None, prefix="distill") from exc
 
 
 def _recipe_error(exc: ValidationError, source: str, root: yaml.Node | None, prefix: str = "") -> RecipeError:

@@ -1,0 +1,108 @@
+"""The distillation losses, on the supervised positions only.
+
+Every function here takes *already selected* rows: one row per supervised token (the position whose
+next-token label is not -100), so the output layer and the losses never touch masked positions.
+
+- :func:`proof_weight` -- the per-token weight of proof tokens, decaying linearly over optimizer steps.
+- :func:`weighted_ce_sum` -- the *sum* of per-token weighted cross-entropy. The trainer divides it by
+  the number of supervised tokens in the whole gradient-accumulation window (never by the sum of the
+  weights, which would cancel the weighting): a weight of 2.5 means 2.5 times the gradient.
+- :func:`sparse_kd_sum` -- KL(teacher || student) at temperature T, scaled by T^2, computed exactly on
+  the teacher's top-k ids with the remaining probability mass in one tail bucket. With k equal to the
+  vocabulary the tail is empty and the value equals :func:`dense_kd_sum`.
+
+Not guaranteed: the tail bucket is a lower bound on the full KL (merging the tail ids into one bucket
+can only lose divergence, by the log-sum inequality); it is exact only when k covers the vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F  # noqa: N812  # torch's own convention
+
+
+def proof_weight(step: int, total_steps: int, start: float, end: float) -> float:
+    """Weight of a proof token at optimizer step ``step`` (0-based) of ``total_steps``.
+
+    Linear from ``start`` at the first step to ``end`` at the last; a one-step run uses ``start``.
+    """
+    if total_steps <= 1:
+        return start
+    progress = min(max(step, 0), total_steps - 1) / (total_steps - 1)
+    return start + (end - start) * progress
+
+
+def token_weights(proof_mask: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per-token weights: ``weight`` where ``proof_mask`` is 1, else 1 (float32)."""
+    ones = torch.ones(proof_mask.shape, dtype=torch.float32, device=proof_mask.device)
+    return torch.where(proof_mask.bool(), ones * weight, ones)
+
+
+def weighted_ce_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of ``weights[i] * CE(logits[i], targets[i])``; logits ``[N, V]``, targets ``[N]``."""
+    ce = F.cross_entropy(logits.float(), targets, reduction="none")
+    return (ce * weights).sum()
+
+
+class TeacherTopK(NamedTuple):
+    """Cached teacher distribution for N supervised tokens.
+
+    ``ids`` ``[N, k]`` int64; ``logprobs`` ``[N, k]`` log-softmax at T=1 of those ids; ``lse1`` ``[N]``
+    logsumexp of the raw logits; ``lse_t`` ``[N]`` logsumexp of the logits divided by T.
+    """
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    lse1: torch.Tensor
+    lse_t: torch.Tensor
+
+
+def teacher_logprobs_at(topk: TeacherTopK, temperature: float) -> torch.Tensor:
+    """Teacher log-probabilities of the top-k ids at temperature T, from the T=1 cache.
+
+    Raw logit z_i = logprob_i + lse1, so log p_T(i) = z_i / T - lse_T.
+    """
+    logits = topk.logprobs.float() + topk.lse1.float().unsqueeze(-1)
+    return logits / temperature - topk.lse_t.float().unsqueeze(-1)
+
+
+def _xlogy_diff(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """p * (log p - log q) with 0 * anything = 0 (an empty tail bucket contributes nothing)."""
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+
+
+def sparse_kd_sum(student_logits: torch.Tensor, topk: TeacherTopK, temperature: float) -> torch.Tensor:
+    """T^2 * sum over rows of KL(teacher_T || student_T) on top-k ids plus one tail bucket."""
+    t = temperature
+    s = student_logits.float() / t
+    log_q_all = s - torch.logsumexp(s, dim=-1, keepdim=True)
+    log_q = log_q_all.gather(-1, topk.ids)
+    log_p = teacher_logprobs_at(topk, t)
+    p = log_p.exp()
+    head = _xlogy_diff(p, log_p, log_q).sum(-1)
+    # Tail bucket: the mass outside the top-k ids, for teacher and student alike.
+    p_tail = (1.0 - p.sum(-1)).clamp(min=0.0)
+    log_p_tail = torch.log(p_tail.clamp(min=1e-30))
+    masked = log_q_all.scatter(-1, topk.ids, float("-inf"))
+    log_q_tail = torch.logsumexp(masked, dim=-1)  # -inf when k == V: the term is then masked off
+    tail = torch.where(p_tail > 1e-6, p_tail * (log_p_tail - log_q_tail), torch.zeros_like(p_tail))
+    return (head + tail).sum() * (t * t)
+
+
+def dense_kd_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Reference: T^2 * sum over rows of the full-vocabulary KL(teacher_T || student_T)."""
+    t = temperature
+    log_q = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="sum") * (t * t)
+
+
+def topk_from_logits(teacher_logits: torch.Tensor, k: int, temperature: float) -> TeacherTopK:
+    """What the cache stores for these logits (fp32 here; the cache rounds log-probs to fp16)."""
+    z = teacher_logits.float()
+    lse1 = torch.logsumexp(z, dim=-1)
+    lse_t = torch.logsumexp(z / temperature, dim=-1)
+    values, ids = z.topk(k, dim=-1)
+    return TeacherTopK(ids=ids, logprobs=values - lse1.unsqueeze(-1), lse1=lse1, lse_t=lse_t)
