@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F  # noqa: N812  # torch's own convention
+import torch.nn.functional as F  # torch's own convention
 
 
 def proof_weight(step: int, total_steps: int, start: float, end: float) -> float:

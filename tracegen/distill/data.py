@@ -1,0 +1,157 @@
+"""Reading a formatted dataset for training, and batching it.
+
+A formatted dataset (``tracegen format``) is a folder with ``data/*.parquet``; training needs only
+the ``input_ids``, ``labels`` (-100 where masked) and ``proof_mask`` columns. Files whose names start
+with ``train`` are used when there are any (the Hub layout); otherwise every parquet file, sorted.
+
+Supervised positions: position ``t`` of a row is supervised when ``labels[t + 1] != -100`` (the hidden
+state at ``t`` predicts token ``t + 1``). The teacher cache stores one entry per supervised position in
+exactly this row-major order, so a row cut to ``max_length`` keeps a prefix of its cache entries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from tracegen.errors import BadInputError
+
+REQUIRED_COLUMNS = ("input_ids", "labels", "proof_mask")
+METADATA_FILES = ("tracegen.json", "dataset_info.json", "metadata.json")
+
+
+class Row(NamedTuple):
+    input_ids: list[int]
+    labels: list[int]
+    proof_mask: list[int]
+
+
+class Batch(NamedTuple):
+    """A right-padded micro-batch; ``rows`` are dataset row indices (for the teacher cache)."""
+
+    rows: list[int]
+    input_ids: torch.Tensor  # [B, L] int64
+    attention_mask: torch.Tensor  # [B, L] int64
+    labels: torch.Tensor  # [B, L] int64, -100 masked and padded
+    proof_mask: torch.Tensor  # [B, L] int64
+
+    def supervised(self) -> torch.Tensor:
+        """Boolean ``[B, L-1]``: the positions whose next-token label is trained."""
+        return self.labels[:, 1:] != -100
+
+    def n_supervised(self) -> int:
+        return int(self.supervised().sum().item())
+
+
+def parquet_files(dataset_dir: Path) -> list[Path]:
+    files = sorted((dataset_dir / "data").glob("*.parquet")) or sorted(dataset_dir.glob("*.parquet"))
+    if not files:
+        raise BadInputError(
+            f"{dataset_dir}: no data/*.parquet files", hint="point at a folder written by `tracegen format`"
+        )
+    train = [f for f in files if f.name.startswith("train")]
+    return train or files
+
+
+def load_rows(dataset_dir: Path) -> list[Row]:
+    """Every row's ids, labels and proof mask; checks the lengths agree (exit 2 when not)."""
+    import pyarrow.parquet as pq
+
+    rows: list[Row] = []
+    for path in parquet_files(dataset_dir):
+        table = pq.read_table(path)
+        missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+        if missing:
+            raise BadInputError(
+                f"{path}: missing column(s) {', '.join(missing)}",
+                hint="format the dataset with a tokenizer: `tracegen format ... --tokenizer TOK`",
+            )
+        cols = [table.column(c).to_pylist() for c in REQUIRED_COLUMNS]
+        for i, (ids, labels, proof) in enumerate(zip(*cols, strict=True)):
+            if ids is None or labels is None or proof is None or not (len(ids) == len(labels) == len(proof)):
+                raise BadInputError(f"{path}: row {i}: input_ids, labels and proof_mask must have equal lengths")
+            rows.append(Row(list(ids), list(labels), [int(bool(p)) for p in proof]))
+    if not rows:
+        raise BadInputError(f"{dataset_dir}: the dataset has no rows")
+    return rows
+
+
+def dataset_metadata(dataset_dir: Path) -> dict[str, Any]:
+    """The format stage's metadata (tokenizer name, vocabulary hash), when the folder has it."""
+    for name in METADATA_FILES:
+        path = dataset_dir / name
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict):
+                return data
+    return {}
+
+
+def dataset_vocab_hash(dataset_dir: Path) -> str | None:
+    """The vocabulary hash the dataset was tokenized with, if its metadata records one."""
+    meta = dataset_metadata(dataset_dir)
+    for container in (meta, meta.get("tokenizer") if isinstance(meta.get("tokenizer"), dict) else {}):
+        for key in ("vocab_hash", "tokenizer_vocab_hash", "vocabulary_hash"):
+            value = container.get(key) if isinstance(container, dict) else None
+            if isinstance(value, str) and value:
+                return value
+    return None
+
+
+def rows_fingerprint(rows: list[Row]) -> str:
+    """Hash of every row's ids and labels: a teacher cache belongs to exactly one dataset."""
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(np.asarray(row.input_ids, dtype=np.int64).tobytes())
+        h.update(np.asarray(row.labels, dtype=np.int64).tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
+def n_supervised(row: Row, max_length: int | None = None) -> int:
+    labels = row.labels[:max_length] if max_length else row.labels
+    return sum(1 for x in labels[1:] if x != -100)
+
+
+def collate(rows: list[Row], indices: list[int], max_length: int, pad_id: int = 0) -> Batch:
+    """Right-pad rows ``indices`` (cut to ``max_length``) into one batch."""
+    cut = [rows[i] for i in indices]
+    length = max(min(len(r.input_ids), max_length) for r in cut)
+    ids = torch.full((len(cut), length), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(cut), length), dtype=torch.long)
+    labels = torch.full((len(cut), length), -100, dtype=torch.long)
+    proof = torch.zeros((len(cut), length), dtype=torch.long)
+    for b, row in enumerate(cut):
+        n = min(len(row.input_ids), max_length)
+        ids[b, :n] = torch.tensor(row.input_ids[:n], dtype=torch.long)
+        attn[b, :n] = 1
+        labels[b, :n] = torch.tensor(row.labels[:n], dtype=torch.long)
+        proof[b, :n] = torch.tensor(row.proof_mask[:n], dtype=torch.long)
+    return Batch(list(indices), ids, attn, labels, proof)
+
+
+class Split(NamedTuple):
+    train: list[int]
+    eval: list[int]
+
+
+def split_indices(n: int, eval_fraction: float, seed: int = 42) -> Split:
+    """Row indices; eval is ``floor(n * eval_fraction)`` rows drawn with ``seed``."""
+    n_eval = int(n * eval_fraction)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return Split(sorted(order[n_eval:]), sorted(order[:n_eval]))
+
+
+def micro_batches(train: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The micro-batches of one epoch: a shuffle seeded by ``(seed, epoch)``, so resume is exact."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = [train[i] for i in torch.randperm(len(train), generator=g).tolist()]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]

@@ -1,0 +1,43 @@
+"""The forward pass on supervised positions only.
+
+A causal LM's output layer is most of a small model's step (vocabulary x hidden per position), and
+only about a quarter of the positions in a typical formatted dataset are supervised. So the decoder
+runs over the whole batch, and the output layer only over the hidden states whose next-token label is
+trained. Works for plain ``PreTrainedModel`` s and for PEFT-wrapped ones (LoRA layers stay active).
+
+Not handled: architectures that post-process logits (e.g. Gemma 2's final logit soft-capping); their
+logits here are the raw output layer's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from tracegen.distill.data import Batch
+
+
+class SupervisedLogits(NamedTuple):
+    logits: torch.Tensor  # [N, V]
+    targets: torch.Tensor  # [N]
+
+
+def _causal_lm(model: Any) -> Any:
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def supervised_logits(model: Any, batch: Batch, device: torch.device) -> SupervisedLogits:
+    """``(logits [N, V], targets [N])`` for the N supervised positions of ``batch``, in row-major order."""
+    lm = _causal_lm(model)
+    out = lm.get_decoder()(
+        input_ids=batch.input_ids.to(device),
+        attention_mask=batch.attention_mask.to(device),
+        use_cache=False,
+    )
+    hidden: torch.Tensor = out.last_hidden_state[:, :-1]
+    sel = batch.supervised().to(device)
+    logits: torch.Tensor = lm.get_output_embeddings()(hidden[sel])
+    targets = batch.labels[:, 1:].to(device)[sel]
+    return SupervisedLogits(logits, targets)
