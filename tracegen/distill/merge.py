@@ -1,0 +1,44 @@
+"""Folding a LoRA adapter into its base model: ``tracegen distill merge ADAPTER_DIR --out MODEL_DIR``.
+
+The base is the adapter's ``base_model_name_or_path`` (or ``base``), loaded in full precision;
+merging into a quantized base is refused (the rounding would change the model). The merged folder is
+a plain transformers model whose logits equal base+adapter up to float rounding; the tokenizer saved
+with the adapter is copied next to it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tracegen.errors import BadInputError
+
+
+@dataclass(frozen=True)
+class MergeSummary:
+    adapter: Path
+    base: str
+    out: Path
+
+
+def merge_adapter(adapter_dir: Path, out: Path, base: str | None = None) -> MergeSummary:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config_path = adapter_dir / "adapter_config.json"
+    if not config_path.is_file():
+        raise BadInputError(f"{adapter_dir}: no adapter_config.json", hint="point at a `tracegen distill` output")
+    base_name = base or json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base_name:
+        raise BadInputError(f"{config_path}: no base_model_name_or_path", hint="pass --base MODEL")
+    if getattr(AutoConfig.from_pretrained(base_name), "quantization_config", None) is not None:
+        raise BadInputError(f"{base_name} is quantized: merge into the full-precision base", hint="pass --base MODEL")
+    model: Any = AutoModelForCausalLM.from_pretrained(base_name, dtype=torch.float32)
+    merged: Any = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(str(out))
+    tok_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else Path(base_name)
+    AutoTokenizer.from_pretrained(str(tok_source)).save_pretrained(str(out))
+    return MergeSummary(adapter_dir, str(base_name), out)
