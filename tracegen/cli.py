@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import click
 import typer
 
+from tracegen.distill_cli import distill_app
 from tracegen.errors import TracegenError
 from tracegen.sandbox_cli import sandbox_app
 
@@ -160,6 +161,7 @@ def main() -> None:
 
 
 app.add_typer(sandbox_app, name="sandbox")
+app.add_typer(distill_app, name="distill")
 
 if __name__ == "__main__":
     main()

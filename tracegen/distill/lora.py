@@ -14,6 +14,7 @@ excludes the output layer, and the dense preset names no embedding.
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from tracegen.config import LoraSettings
@@ -71,7 +72,10 @@ def wrap_lora(model: PreTrainedModel, settings: LoraSettings, *, announce: bool 
         bias="none",
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, lora_config)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing`; not ours to fix, and harmless.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, lora_config)
     if announce:
         trainable, total = peft_model.get_nb_trainable_parameters()
         targets = preset.targets if isinstance(preset.targets, str) else ",".join(preset.targets)

@@ -1,0 +1,135 @@
+"""``tracegen distill``: train a LoRA student, cache teacher logits, merge an adapter.
+
+Command shape (a group whose default command is ``train``)::
+
+    tracegen distill DATASET_DIR --student MODEL --out ADAPTER_DIR [--recipe R]   (same as `distill train ...`)
+    tracegen distill cache-teacher DATASET_DIR --teacher MODEL --out CACHE_DIR [--top-k 64]
+    tracegen distill merge ADAPTER_DIR --out MODEL_DIR
+
+Any first argument that is not a subcommand name is routed to ``train`` (a dataset folder literally
+named ``merge`` needs ``distill train merge`` or ``./merge``). torch, transformers and peft are
+imported inside the commands, so ``tracegen --help`` never loads them. Results go to stdout as one
+JSON object, progress to stderr; failures are tracegen errors the main CLI maps to exit codes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+
+class _DefaultTrainGroup(TyperGroup):
+    """Routes ``distill DATASET ...`` to ``distill train DATASET ...``."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["train", *args]
+        return super().parse_args(ctx, args)
+
+
+distill_app = typer.Typer(
+    cls=_DefaultTrainGroup,
+    help="Distil into a small student: `tracegen distill DATASET_DIR --student MODEL --out ADAPTER_DIR` trains a "
+    "LoRA adapter (default command `train`); `cache-teacher` stores teacher top-k logits for KD; `merge` folds "
+    "an adapter into its base.",
+    no_args_is_help=True,
+)
+
+
+def _print(result: dict[str, Any]) -> None:
+    typer.echo(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in result.items()}, indent=2))
+
+
+@distill_app.command("train")
+def train_command(
+    dataset_dir: Annotated[Path, typer.Argument(help="A formatted dataset folder (`tracegen format` output).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Adapter folder (PEFT format, metrics, config).")],
+    student: Annotated[str | None, typer.Option(help="Student model: local folder or Hub id.")] = None,
+    recipe: Annotated[
+        Path | None, typer.Option("--recipe", "-r", help="Recipe YAML; flags override `distill:`.")
+    ] = None,
+    teacher_cache: Annotated[
+        Path | None, typer.Option(help="Teacher cache folder for KD (without one: CE only, sequence-level).")
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides epochs).")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Passes over the training split (default 1).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Sequences per micro-batch (default 4).")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step (default 4).")] = None,
+    learning_rate: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (default 2e-4).")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Cut sequences to this many tokens (default 4096).")] = None,
+    lora_r: Annotated[int | None, typer.Option(help="LoRA rank (default 64).")] = None,
+    lora_alpha: Annotated[int | None, typer.Option(help="LoRA alpha (default 128).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed (default 42).")] = None,
+    gradient_checkpointing: Annotated[
+        bool | None,
+        typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory."),
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint if there is one.")] = False,
+) -> None:
+    """Train a LoRA adapter on the trained tokens of DATASET_DIR (proof-weighted CE, plus KD with a teacher cache)."""
+    from tracegen.config import DistillConfig, apply_distill_overrides, load_recipe
+
+    base = load_recipe(recipe).distill if recipe else DistillConfig()
+    lora = {"r": lora_r, "alpha": lora_alpha}
+    overrides: dict[str, Any] = {
+        "student": student,
+        "teacher_cache": str(teacher_cache) if teacher_cache else None,
+        "max_steps": max_steps,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "grad_accum": grad_accum,
+        "learning_rate": learning_rate,
+        "max_length": max_length,
+        "seed": seed,
+        "gradient_checkpointing": gradient_checkpointing,
+    }
+    if any(v is not None for v in lora.values()):
+        overrides["lora"] = lora
+    config = apply_distill_overrides(base, overrides)
+
+    from tracegen.distill.trainer import train
+
+    summary = train(config, dataset_dir, out, resume=resume)
+    _print(asdict(summary))
+    if summary.interrupted:
+        raise typer.Exit(130)
+
+
+@distill_app.command("cache-teacher")
+def cache_teacher_command(
+    dataset_dir: Annotated[Path, typer.Argument(help="The formatted dataset the student will train on.")],
+    teacher: Annotated[
+        str, typer.Option(help="Local teacher model (folder or Hub id), same tokenizer as the student.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Cache folder (memory-mappable .npy shards).")],
+    top_k: Annotated[int, typer.Option(help="Log-probs kept per supervised token.")] = 64,
+    temperature: Annotated[float, typer.Option(help="KD temperature the logsumexp is stored for.")] = 2.0,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 4,
+    max_length: Annotated[int, typer.Option(help="Cut sequences to this many tokens (>= training's).")] = 4096,
+) -> None:
+    """One forward pass of a local teacher: per supervised token, top-k ids + fp16 log-probs + logsumexp."""
+    from tracegen.distill.cache import build_cache
+
+    summary = build_cache(
+        dataset_dir, teacher, out, top_k=top_k, temperature=temperature, batch_size=batch_size, max_length=max_length
+    )
+    _print(asdict(summary))
+
+
+@distill_app.command("merge")
+def merge_command(
+    adapter_dir: Annotated[Path, typer.Argument(help="A `tracegen distill` output folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Merged model folder (plain transformers).")],
+    base: Annotated[
+        str | None, typer.Option(help="Base model (default: the adapter's base_model_name_or_path).")
+    ] = None,
+) -> None:
+    """Fold the adapter into its full-precision base; the merged logits equal base+adapter."""
+    from tracegen.distill.merge import merge_adapter
+
+    _print(asdict(merge_adapter(adapter_dir, out, base)))
