@@ -140,6 +140,110 @@ def collect(
         )
 
 
+@app.command("format")
+def format_(
+    input_path: Annotated[
+        Path, typer.Argument(metavar="FILE", help="Trajectories JSONL (or a run/filter folder); with --import cot a CoT dataset.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Dataset folder to write (replaced atomically).")],
+    template: Annotated[
+        Literal["proof", "dualmind", "chat", "instruct"] | None,
+        typer.Option(help="Training layout (default chat)."),
+    ] = None,
+    tokenizer: Annotated[
+        str | None, typer.Option(help="Student tokenizer: qwen3, smollm2, or a local folder with tokenizer.json.")
+    ] = None,
+    recipe: Annotated[Path | None, typer.Option(help="Recipe YAML; flags override its `format:` section.")] = None,
+    chat_template: Annotated[
+        Path | None, typer.Option(help="Jinja chat template for --template chat (default: the tokenizer's own).")
+    ] = None,
+    train_observations: Annotated[
+        Literal["none", "executed", "all"] | None,
+        typer.Option(help="Train tool outputs: none (default) or executed; simulated ones never."),
+    ] = None,
+    max_length: Annotated[int | None, typer.Option(help="Longest sample in tokens (cut outside tool calls).")] = None,
+    examine: Annotated[
+        Literal["none", "teacher", "judge"] | None,
+        typer.Option(help="dualmind critique: teacher (ask it now) or judge (filter's rationale)."),
+    ] = None,
+    teacher_base_url: Annotated[
+        str | None, typer.Option(envvar="TRACEGEN_TEACHER_BASE_URL", help="Teacher endpoint for --examine teacher.")
+    ] = None,
+    teacher_model: Annotated[
+        str | None, typer.Option(envvar="TRACEGEN_TEACHER_MODEL", help="Teacher model for --examine teacher.")
+    ] = None,
+    export: Annotated[
+        list[str] | None, typer.Option(help="Extra row format: sharegpt (LLaMA-Factory / axolotl).")
+    ] = None,
+    import_format: Annotated[
+        Literal["trajectories", "cot"] | None,
+        typer.Option("--import", help="Input kind: trajectories (default) or cot (question / CoT / response rows)."),
+    ] = None,
+    import_columns: Annotated[
+        str | None, typer.Option(help="Column mapping for --import cot, e.g. question=problem,reasoning=cot,answer=answer.")
+    ] = None,
+) -> None:
+    """Render trajectories with a training template, tokenize them with masks, and write a Hub-ready dataset.
+
+    Writes OUT/data/*.parquet (text, spans, input_ids, labels, proof_mask, messages, provenance),
+    OUT/tracegen.json and the dataset card OUT/README.md. `datasets.load_dataset(OUT)` loads it.
+    """
+    from tracegen.format import format_config, format_dataset, parse_columns, summary_lines
+
+    overrides: dict[str, Any] = {
+        "template": template,
+        "tokenizer": tokenizer,
+        "chat_template": str(chat_template) if chat_template else None,
+        "train_observations": train_observations,
+        "max_length": max_length,
+        "examine": examine,
+        "teacher": {"base_url": teacher_base_url, "model": teacher_model},
+        "export": export,
+        "import_format": import_format,
+        "import_columns": parse_columns(import_columns),
+    }
+    result = format_dataset(input_path, out, format_config(recipe, overrides))
+    for line in summary_lines(result):
+        typer.echo(line)
+
+
+@app.command()
+def audit(
+    dataset_dir: Annotated[Path, typer.Argument(metavar="DATASET_DIR", help="A folder written by `tracegen format`.")],
+    index: Annotated[int, typer.Option("--index", "-i", help="Sample to show token by token.")] = 0,
+    html: Annotated[Path | None, typer.Option(help="Also write a self-contained HTML page (sample picker, hover).")] = None,
+    tokenizer: Annotated[
+        str | None, typer.Option(help="Tokenizer to decode with (default: the one recorded in the dataset).")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(help="Tokens of the sample shown in the terminal.")] = 2000,
+) -> None:
+    """Show which tokens are trained and why, and check the masking invariants over the whole dataset.
+
+    Exit 1 when an invariant is broken (no prompt or observation token trained, every sample has
+    trained tokens, labels equal input_ids where trained, spans cover the text, decode round-trips).
+    """
+    from tracegen.audit import run_audit
+
+    report = run_audit(dataset_dir, index=index, html=html, tokenizer=tokenizer, max_tokens=max_tokens)
+    if report.violations:
+        raise TracegenError(
+            f"{len(report.violations)} masking invariant violation(s); first: {report.violations[0]}",
+            hint="the list is above; re-run `tracegen format` after fixing the template or the input",
+        )
+
+
+@app.command()
+def push(
+    dataset_dir: Annotated[Path, typer.Argument(metavar="DATASET_DIR", help="A folder written by `tracegen format`.")],
+    repo_id: Annotated[str, typer.Option(help="Hub dataset repo, ORG/NAME.")],
+    private: Annotated[bool, typer.Option(help="Create the repo private.")] = False,
+) -> None:
+    """Upload a dataset folder and its card to the Hugging Face Hub, with the token in $HF_TOKEN."""
+    from tracegen.hub import push_dataset
+
+    typer.echo(push_dataset(dataset_dir, repo_id, private))
+
+
 def main() -> None:
     """Run the app; map tracegen's error tree to exit codes and one readable line, never a secret."""
     try:

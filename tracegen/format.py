@@ -1,0 +1,391 @@
+"""``tracegen format``: trajectories (or an imported CoT dataset) to a tokenized, Hub-ready dataset folder.
+
+Reads top to bottom: load and validate the input (a bad line stops the run before any work, naming
+file:line) → the tokenizer → critiques for ``dualmind`` (``--examine``) → render every sample to
+text + spans (:mod:`tracegen.templates`) → tokenize in batches (:mod:`tracegen.render`) → rows,
+metadata, card → one atomic write of the folder (:mod:`tracegen.hub`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tracegen import __version__
+from tracegen.config import FormatConfig
+from tracegen.errors import BadInputError, TracegenError
+from tracegen.render import Stats, Tok, Tokenized, load_tokenizer, tokenize_batch
+from tracegen.store import read_trajectories
+from tracegen.templates import (
+    TEMPLATE_TEXTS,
+    MaskPolicy,
+    NoAnswer,
+    Rendered,
+    compile_chat_template,
+    renderer_for,
+    trajectory_parts,
+)
+from tracegen.types import AssistantMessage, SystemMessage, ToolMessage, Trajectory, UserMessage
+
+
+@dataclass
+class FormatResult:
+    out: Path
+    stats: Stats
+    metadata: dict[str, Any]
+
+
+def load_input(path: Path, config: FormatConfig) -> list[Trajectory]:
+    if not path.exists():
+        raise BadInputError(f"{path}: no such file or folder")
+    if config.import_format == "cot":
+        from tracegen.importers import import_cot
+
+        return import_cot(path, config.import_columns)
+    if path.is_dir():
+        for name in ("kept.jsonl", "trajectories.jsonl"):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise BadInputError(f"{path}: no kept.jsonl or trajectories.jsonl in this folder")
+    trajs = list(read_trajectories(path))
+    if not trajs:
+        raise BadInputError(f"{path}: no trajectories")
+    return trajs
+
+
+def derivation_text(traj: Trajectory) -> str:
+    return "".join(p.text for p in trajectory_parts(traj, MaskPolicy()).derivation)
+
+
+CRITIQUE_PROMPT = (
+    "Problem:\n{question}\n\nProposed solution:\n{derivation}\n\nFinal answer: {answer}\n\n"
+    "Verify this solution step by step. Point out every error, gap or unjustified step, check the tool "
+    "outputs it relies on, and say whether the final answer is correct. Reply with the critique only."
+)
+
+
+async def _examine_teacher(trajs: list[Trajectory], config: FormatConfig) -> list[str | None]:
+    from tracegen.teacher import ChatClient
+
+    client = ChatClient(config.teacher, role="teacher")
+    gate = asyncio.Semaphore(config.examine_concurrency)
+
+    async def one(t: Trajectory) -> str | None:
+        if t.critique:
+            return t.critique
+        parts = trajectory_parts(t, MaskPolicy())
+        prompt = CRITIQUE_PROMPT.format(
+            question=parts.question, derivation=derivation_text(t), answer=parts.answer or "(none)"
+        )
+        async with gate:
+            reply = await client.complete([{"role": "user", "content": prompt}])
+        return reply.content.strip() or None
+
+    try:
+        return list(await asyncio.gather(*(one(t) for t in trajs)))
+    finally:
+        await client.aclose()
+
+
+def critiques_for(trajs: list[Trajectory], config: FormatConfig) -> list[str | None]:
+    """dualmind's examine block: existing critiques, the teacher's (asked now) or the judge's rationale."""
+    if config.examine == "teacher":
+        found = asyncio.run(_examine_teacher(trajs, config))
+        for i, c in enumerate(found):
+            trajs[i] = trajs[i].model_copy(update={"critique": c})
+        return found
+    if config.examine == "judge":
+        out: list[str | None] = []
+        for t in trajs:
+            reasons = [v.reason for v in t.verdicts if v.judge_model and v.reason.strip()]
+            out.append(t.critique or (reasons[0] if reasons else None))
+        missing = sum(1 for c in out if c is None)
+        if missing:
+            raise BadInputError(
+                f"--examine judge: {missing} of {len(trajs)} records have no judge rationale",
+                hint="run `tracegen filter --verifier judge` first, or use --examine teacher",
+            )
+        return out
+    existing = [t.critique for t in trajs]
+    missing = sum(1 for c in existing if not c)
+    if missing:
+        raise BadInputError(
+            f"--template dualmind needs a self-critique per sample and {missing} of {len(trajs)} records have none",
+            hint="pass --examine teacher (the teacher critiques each derivation) or --examine judge (the filter "
+            "judge's rationale)",
+        )
+    return existing
+
+
+def _message_rows(traj: Trajectory) -> list[dict[str, Any]]:
+    rows = []
+    for m in traj.messages:
+        row: dict[str, Any] = {
+            "role": m.role,
+            "content": m.content,
+            "reasoning": None,
+            "tool_calls": None,
+            "tool_call_id": None,
+            "name": None,
+            "observation_source": None,
+        }
+        if isinstance(m, AssistantMessage):
+            row["reasoning"] = m.reasoning
+            row["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in m.tool_calls]
+        elif isinstance(m, ToolMessage):
+            row.update(tool_call_id=m.tool_call_id, name=m.name, observation_source=m.observation.source)
+        rows.append(row)
+    return rows
+
+
+def sharegpt_row(traj: Trajectory) -> dict[str, Any]:
+    """LLaMA-Factory / axolotl sharegpt: human / function_call / observation / gpt, ``tools`` as JSON.
+
+    Parallel tool calls become one ``function_call`` turn holding a JSON list, and their outputs one
+    ``observation`` turn (joined by newlines). Reasoning is kept only on the final ``gpt`` turn, as a
+    ``<think>`` block (sharegpt has no field for it on tool-call turns).
+    """
+    system = next((m.content for m in traj.messages if isinstance(m, SystemMessage)), "")
+    conv: list[dict[str, str]] = []
+    pending_obs: list[str] = []
+    for m in traj.messages:
+        if isinstance(m, ToolMessage):
+            pending_obs.append(m.content)
+            continue
+        if pending_obs:
+            conv.append({"from": "observation", "value": "\n".join(pending_obs)})
+            pending_obs = []
+        if isinstance(m, UserMessage):
+            conv.append({"from": "human", "value": m.content})
+        elif isinstance(m, AssistantMessage):
+            if m.tool_calls:
+                calls = []
+                for c in m.tool_calls:
+                    try:
+                        args: Any = json.loads(c.arguments)
+                    except ValueError:
+                        args = c.arguments
+                    calls.append({"name": c.name, "arguments": args})
+                value = json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
+                conv.append({"from": "function_call", "value": value})
+            else:
+                think = f"<think>\n{m.reasoning.strip()}\n</think>\n\n" if m.reasoning else ""
+                conv.append({"from": "gpt", "value": think + m.content})
+    if pending_obs:
+        conv.append({"from": "observation", "value": "\n".join(pending_obs)})
+    tools = json.dumps([t.openai_schema()["function"] for t in traj.tools], ensure_ascii=False)
+    return {"id": traj.id, "conversations": conv, "system": system, "tools": tools}
+
+
+def _sharegpt_table(trajs: list[Trajectory]) -> Any:
+    import pyarrow as pa
+
+    rows = [sharegpt_row(t) for t in trajs]
+    conv_type = pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))
+    return pa.table(
+        {
+            "id": pa.array([r["id"] for r in rows], pa.string()),
+            "conversations": pa.array([r["conversations"] for r in rows], conv_type),
+            "system": pa.array([r["system"] for r in rows], pa.string()),
+            "tools": pa.array([r["tools"] for r in rows], pa.string()),
+        }
+    )
+
+
+def build_row(traj: Trajectory, tok_row: Tokenized) -> dict[str, Any]:
+    ids = tok_row["input_ids"]
+    return {
+        "id": traj.id,
+        "template": tok_row["template"],
+        "text": tok_row["text"],
+        "spans": [s.as_dict() for s in tok_row["spans"]],
+        "input_ids": ids,
+        "labels": tok_row["labels"],
+        "proof_mask": tok_row["proof_mask"],
+        "messages": _message_rows(traj),
+        "tools": json.dumps([t.openai_schema() for t in traj.tools], ensure_ascii=False),
+        "task_id": traj.task.id,
+        "sample_index": traj.sample_index,
+        "teacher_model": traj.teacher.model,
+        "runtime": traj.runtime.kind,
+        "stop_reason": traj.stop_reason,
+        "critique": traj.critique,
+        "num_tokens": len(ids),
+        "num_trained": int((tok_row["labels"] != -100).sum()),
+        "truncated": bool(tok_row["truncated"]),
+    }
+
+
+def provenance(trajs: list[Trajectory], input_path: Path, config: FormatConfig) -> dict[str, Any]:
+    teachers: Counter[tuple[str, str]] = Counter()
+    for t in trajs:
+        s = t.teacher.sampling
+        teachers[(t.teacher.model, f"temperature={s.temperature}, top_p={s.top_p}, max_tokens={s.max_tokens}")] += 1
+    obs: Counter[str] = Counter()
+    simulators: set[str] = set()
+    for t in trajs:
+        for m in t.messages:
+            if isinstance(m, ToolMessage):
+                obs[m.observation.source] += 1
+                if m.observation.simulator:
+                    simulators.add(m.observation.simulator)
+        if t.runtime.simulator_model:
+            simulators.add(t.runtime.simulator_model)
+    checks: dict[str, list[int]] = {}
+    for t in trajs:
+        for v in t.verdicts:
+            c = checks.setdefault(v.check, [0, 0])
+            c[0] += int(v.passed)
+            c[1] += 1
+    prov: dict[str, Any] = {
+        "samples_in": len(trajs),
+        "teachers": [{"model": m, "sampling": s, "samples": n} for (m, s), n in teachers.most_common()],
+        "observations": dict(obs),
+        "simulators": sorted(simulators),
+        "stop_reasons": dict(Counter(t.stop_reason for t in trajs)),
+        "imported_from": (config.import_columns.source or input_path.name) if config.import_format == "cot" else None,
+        "critiques": {"teacher": f"asked {config.teacher.model}", "judge": "filter judge rationale"}.get(
+            config.examine, "from the records" if config.template == "dualmind" else None
+        ),
+        "filter": None,
+    }
+    report = (input_path if input_path.is_dir() else input_path.parent) / "report.json"
+    if report.is_file():
+        try:
+            data = json.loads(report.read_text(encoding="utf-8"))
+        except ValueError:
+            data = None
+        if isinstance(data, dict):
+            summary = {k: v for k, v in data.items() if isinstance(v, int | float | str)}
+            prov["filter"] = {
+                "summary": ", ".join(f"{k}={v}" for k, v in sorted(summary.items())) or "report.json present",
+                "checks": {k: f"{p} / {n}" for k, (p, n) in checks.items()},
+                "report": data,
+            }
+    elif checks:
+        prov["filter"] = {
+            "summary": "verdicts present, no report.json",
+            "checks": {k: f"{p} / {n}" for k, (p, n) in checks.items()},
+        }
+    return prov
+
+
+def render_all(
+    trajs: list[Trajectory], config: FormatConfig, tok: Tok, critiques: list[str | None] | None
+) -> tuple[list[tuple[int, Rendered]], int]:
+    """Every sample rendered (index into ``trajs``, sample); and the number skipped for lack of an answer."""
+    policy = MaskPolicy(train_observations="executed" if config.train_observations == "executed" else "none")
+    chat = None
+    if config.template == "chat":
+        if config.chat_template:
+            try:
+                source = Path(config.chat_template).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise BadInputError(f"--chat-template {config.chat_template}: {exc.strerror}") from exc
+        elif tok.chat_template:
+            source = tok.chat_template
+        else:
+            raise BadInputError(f"tokenizer {tok.source} has no chat template", hint="pass --chat-template FILE")
+        chat = compile_chat_template(source, tok.special_map, config.end_of_turn or tok.eos)
+    render = renderer_for(config.template, policy, tok.eos, chat, critiques)
+    out: list[tuple[int, Rendered]] = []
+    no_answer = 0
+    for i, t in enumerate(trajs):
+        try:
+            out.append((i, render(i, t)))
+        except NoAnswer:
+            no_answer += 1
+    return out, no_answer
+
+
+def format_dataset(input_path: Path, out: Path, config: FormatConfig) -> FormatResult:
+    if not config.tokenizer:
+        raise BadInputError("no tokenizer given", hint="pass --tokenizer qwen3|smollm2|PATH")
+    trajs = load_input(input_path, config)
+    tok = load_tokenizer(config.tokenizer)
+    critiques = critiques_for(trajs, config) if config.template == "dualmind" else None
+    rendered, no_answer = render_all(trajs, config, tok, critiques)
+    stats = Stats(dropped_no_answer=no_answer)
+    rows: list[dict[str, Any]] = []
+    kept: list[Trajectory] = []
+    for b in range(0, len(rendered), config.batch_size):
+        batch = rendered[b : b + config.batch_size]
+        for (i, _), tok_row in zip(batch, tokenize_batch([r for _, r in batch], tok, config.max_length, stats), strict=True):
+            if tok_row is not None:
+                rows.append(build_row(trajs[i], tok_row))
+                kept.append(trajs[i])
+    if not rows:
+        raise TracegenError(
+            f"no sample left to write ({len(trajs)} read: {no_answer} without a final answer, "
+            f"{stats.dropped_too_long} too long, {stats.dropped_no_trained} with nothing to train)"
+        )
+    from tracegen.hub import dataset_card, rows_table, save_dataset
+
+    metadata: dict[str, Any] = {
+        "tracegen_version": __version__,
+        "template": config.template,
+        "template_text": TEMPLATE_TEXTS[config.template]
+        if config.template != "chat"
+        else f"{TEMPLATE_TEXTS['chat']}: {config.chat_template or tok.name}",
+        "license": config.license,
+        "tokenizer": {
+            "name": tok.name,
+            "source": tok.source,
+            "path": str(tok.path),
+            "vocab_hash": tok.vocab_hash,
+            "vocab_size": int(tok.full.get_vocab_size(with_added_tokens=True)),
+            "eos_token": tok.eos,
+        },
+        "policy": {"train_observations": config.train_observations, "max_length": config.max_length},
+        "stats": stats.as_dict(),
+        "provenance": provenance(trajs, input_path, config),
+        "exports": list(config.export),
+        "config": config.model_dump(mode="json", exclude={"teacher"}),
+    }
+    extra = {"sharegpt": _sharegpt_table(kept)} if "sharegpt" in config.export else None
+    save_dataset(out, rows_table(rows), metadata, dataset_card(metadata), config.shard_rows, extra)
+    return FormatResult(out=out, stats=stats, metadata=metadata)
+
+
+def format_config(recipe: Path | None, overrides: dict[str, Any]) -> FormatConfig:
+    """Defaults < the recipe's ``format:`` section < flags; unknown keys and bad values are errors."""
+    from pydantic import ValidationError
+
+    from tracegen.config import _recipe_error, load_recipe, merge
+
+    base = load_recipe(recipe).format if recipe else FormatConfig()
+    merged = merge(base.model_dump(exclude_unset=True), overrides)
+    try:
+        return FormatConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise _recipe_error(exc, "flags", None, prefix="format") from exc
+
+
+def parse_columns(spec: str | None) -> dict[str, str] | None:
+    """``question=q,reasoning=cot,answer=a`` -> a mapping (``--import-columns``)."""
+    if not spec:
+        return None
+    out = {}
+    for part in spec.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise BadInputError(f"--import-columns {spec!r}: expected FIELD=COLUMN[,FIELD=COLUMN...]")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def summary_lines(result: FormatResult) -> list[str]:
+    s = result.stats
+    frac = s.trained / max(1, s.tokens)
+    return [
+        f"{s.samples} samples, {s.tokens:,} tokens, {s.trained:,} trained ({frac:.1%}), {s.straddled} straddled",
+        f"dropped: {s.dropped_no_answer} without answer, {s.dropped_too_long} too long, "
+        f"{s.dropped_no_trained} nothing to train; {s.truncated} truncated",
+        f"wrote {result.out}",
+    ]
