@@ -52,3 +52,11 @@ def make_config(base_url: str, tasks: Path, **overrides: object) -> CollectConfi
     teacher = {"base_url": base_url, "model": "fake-teacher", "backoff_base_s": 0.01, "backoff_max_s": 0.05}
     teacher.update(overrides.pop("teacher", {}))  # type: ignore[arg-type]
     return CollectConfig.model_validate({"tasks": str(tasks), "teacher": teacher, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A byte-level BPE tokenizer trained in the fixture (format/audit tests)."""
+    from .format_fixtures import train_tiny_tokenizer
+
+    return train_tiny_tokenizer(tmp_path_factory.mktemp("tiny-tok"))
