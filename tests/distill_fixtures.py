@@ -50,12 +50,15 @@ def build_model(vocab_size: int, seed: int = 0, arch: str = "qwen3") -> Any:
         "max_position_embeddings": 256,
         "pad_token_id": 0,
         "tie_word_embeddings": arch == "llama",
+        "initializer_range": 0.3,  # larger output rows, so a LoRA on a 32-wide model can move the logits
     }
     config = Qwen3Config(**kwargs) if arch == "qwen3" else LlamaConfig(**kwargs)
     return AutoModelForCausalLM.from_config(config)
 
 
-def save_model(path: Path, vocab_size: int = 160, seed: int = 0, arch: str = "qwen3", corpus: list[str] | None = None) -> Path:
+def save_model(
+    path: Path, vocab_size: int = 160, seed: int = 0, arch: str = "qwen3", corpus: list[str] | None = None
+) -> Path:
     tokenizer = build_tokenizer(vocab_size, corpus)
     model = build_model(len(tokenizer), seed, arch)
     model.save_pretrained(str(path))

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from tracegen.config import LoraSettings
@@ -28,6 +30,14 @@ DENSE_TYPES = frozenset(
     {"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "granite", "smollm3"}
 )
 NEVER_ADAPTED = ["lm_head", "embed_tokens"]
+
+
+@contextmanager
+def peft_warnings_silenced() -> Iterator[None]:
+    """peft reads transformers' deprecated ``is_gradient_checkpointing``: harmless, and not ours to fix."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 class TargetPreset(NamedTuple):
@@ -72,9 +82,7 @@ def wrap_lora(model: PreTrainedModel, settings: LoraSettings, *, announce: bool 
         bias="none",
         task_type="CAUSAL_LM",
     )
-    with warnings.catch_warnings():
-        # peft reads transformers' deprecated `is_gradient_checkpointing`; not ours to fix, and harmless.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with peft_warnings_silenced():
         peft_model = get_peft_model(model, lora_config)
     if announce:
         trainable, total = peft_model.get_nb_trainable_parameters()

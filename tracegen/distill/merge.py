@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tracegen.distill.lora import peft_warnings_silenced
 from tracegen.errors import BadInputError
 
 
@@ -37,7 +38,8 @@ def merge_adapter(adapter_dir: Path, out: Path, base: str | None = None) -> Merg
     if getattr(AutoConfig.from_pretrained(base_name), "quantization_config", None) is not None:
         raise BadInputError(f"{base_name} is quantized: merge into the full-precision base", hint="pass --base MODEL")
     model: Any = AutoModelForCausalLM.from_pretrained(base_name, dtype=torch.float32)
-    merged: Any = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    with peft_warnings_silenced():
+        merged: Any = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(str(out))
     tok_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else Path(base_name)
     AutoTokenizer.from_pretrained(str(tok_source)).save_pretrained(str(out))

@@ -113,9 +113,13 @@ def train(
     out: Path,
     *,
     resume: bool = False,
-    on_step: Callable[[StepMetrics], None] | None = None,
+    on_step: Callable[[StepMetrics, Any], None] | None = None,
 ) -> TrainSummary:
-    """Train a LoRA adapter on ``dataset_dir`` and save it (PEFT format) to ``out``."""
+    """Train a LoRA adapter on ``dataset_dir`` and save it (PEFT format) to ``out``.
+
+    ``on_step(metrics, model)`` runs after every optimizer step (a KeyboardInterrupt raised there stops
+    the run cleanly, as Ctrl-C does).
+    """
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -134,7 +138,11 @@ def train(
     rows = load_rows(dataset_dir)
     data_hash = dataset_vocab_hash(dataset_dir)
     if data_hash is not None and data_hash != student_hash:
-        _say(f"warning: {dataset_dir} records vocabulary hash {data_hash}, the student's is {student_hash}")
+        raise BadInputError(
+            f"{dataset_dir} was tokenized with a different vocabulary (hash {data_hash}) than the student "
+            f"{config.student} ({student_hash})",
+            hint="re-run `tracegen format` with the student's tokenizer",
+        )
     split = split_indices(len(rows), config.eval_fraction)
     if not split.train:
         raise BadInputError(f"{dataset_dir}: no training rows left after the {config.eval_fraction:.0%} eval split")
@@ -302,7 +310,7 @@ def train(
             if (step + 1) % config.save_every == 0 and step + 1 < total:
                 _save_checkpoint(model, optimizer, scheduler, rng_after_step, step + 1, total, best_eval, ckpt)
             if on_step is not None:
-                on_step(metrics)
+                on_step(metrics, model)
     except KeyboardInterrupt:
         interrupted = True
         optimizer.zero_grad(set_to_none=True)  # a half-accumulated window is dropped and redone on resume

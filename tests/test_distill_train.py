@@ -1,0 +1,194 @@
+"""Training, caching and merging on tiny offline models (CPU, a few seconds each)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from tracegen.config import DistillConfig, LoraSettings
+from tracegen.distill.cache import TeacherCache, build_cache
+from tracegen.distill.data import collate, load_rows
+from tracegen.distill.forward import supervised_logits
+from tracegen.distill.losses import token_weights, topk_from_logits, weighted_ce_sum
+from tracegen.distill.trainer import StepMetrics, train
+from tracegen.errors import BadInputError
+
+from .distill_fixtures import save_model, write_dataset
+
+torch.set_num_threads(2)
+OTHER_CORPUS = ["zebra quartz jumps over lazy vexing fog", "completely different words here 123"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("distill")
+    student = save_model(root / "student", seed=0)
+    teacher = save_model(root / "teacher", seed=1)  # same tokenizer, other weights
+    alien = save_model(root / "alien", vocab_size=300, seed=2, corpus=OTHER_CORPUS)  # other vocabulary
+    dataset = write_dataset(root / "dataset", student, n=8)
+    return {"root": root, "student": student, "teacher": teacher, "alien": alien, "dataset": dataset}
+
+
+def small(student: Path, **kw: Any) -> DistillConfig:
+    base: dict[str, Any] = {
+        "student": str(student),
+        "lora": LoraSettings(r=8, alpha=16, dropout=0.0),
+        "batch_size": 2,
+        "grad_accum": 2,
+        "max_steps": 4,
+        "learning_rate": 1e-2,
+        "min_learning_rate": 1e-3,
+        "eval_fraction": 0.0,
+    }
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def metrics(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_adapter_weights_change_and_base_weights_do_not(assets: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained(str(assets["student"])).state_dict()
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(m: StepMetrics, model: Any) -> None:
+        seen.update({k: v.detach().clone() for k, v in model.named_parameters()})
+
+    summary = train(small(assets["student"]), assets["dataset"], tmp_path / "out", on_step=grab)
+    assert summary.mode == "ce" and summary.steps == 4
+    lora = {k: v for k, v in seen.items() if "lora_" in k}
+    base = {k: v for k, v in seen.items() if "lora_" not in k}
+    assert lora and all("lm_head" not in k and "embed" not in k for k in lora)
+    assert any(float(v.abs().sum()) > 0 for k, v in lora.items() if "lora_B" in k)  # B starts at zero
+    for name, value in base.items():
+        key = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        assert torch.equal(value, original[key]), name
+    assert (tmp_path / "out" / "adapter_config.json").is_file()
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_loss_falls_when_overfitting(assets: dict[str, Path], tmp_path: Path) -> None:
+    # Constant weights here: the decaying proof weight would lower the loss by itself.
+    two_rows = write_dataset(tmp_path / "two", assets["student"], n=2)
+    config = small(
+        assets["student"], max_steps=20, grad_accum=1, warmup_steps=0, proof_weight_start=1.0, proof_weight_end=1.0
+    )
+    train(config, two_rows, tmp_path / "out")
+    losses = [m["loss"] for m in metrics(tmp_path / "out")]
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_proof_weight_decays_over_the_run(assets: dict[str, Path], tmp_path: Path) -> None:
+    train(small(assets["student"], max_steps=3), assets["dataset"], tmp_path / "out")
+    assert [m["proof_weight"] for m in metrics(tmp_path / "out")] == pytest.approx([2.5, 2.0, 1.5])
+
+
+def test_masked_tokens_change_nothing(assets: dict[str, Path]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(assets["student"]))
+    rows = load_rows(assets["dataset"])
+    batch = collate(rows, [0, 1], 512)
+
+    @torch.no_grad()
+    def loss(b: Any) -> float:
+        logits, targets = supervised_logits(model, b, torch.device("cpu"))
+        sel = b.supervised()
+        return float(weighted_ce_sum(logits, targets, token_weights(b.proof_mask[:, 1:][sel], 2.5)))
+
+    reference = loss(batch)
+    masked = batch.labels == -100
+    assert loss(batch._replace(proof_mask=torch.where(masked, 1, batch.proof_mask))) == reference
+    # Control: a supervised label does matter.
+    first = int((~masked[0, 1:]).nonzero()[0]) + 1
+    changed = batch.labels.clone()
+    changed[0, first] = (changed[0, first] + 1) % 100
+    assert loss(batch._replace(labels=changed)) != reference
+
+
+def test_resume_reproduces_the_uninterrupted_run(assets: dict[str, Path], tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    config = small(assets["student"], max_steps=4, save_every=1, lora=LoraSettings(r=8, alpha=16, dropout=0.1))
+    train(config, assets["dataset"], tmp_path / "a")
+
+    def stop(m: StepMetrics, model: Any) -> None:
+        if m.step == 2:
+            raise KeyboardInterrupt
+
+    first = train(config, assets["dataset"], tmp_path / "b", on_step=stop)
+    assert first.interrupted and first.steps == 2
+    assert not (tmp_path / "b" / "adapter_model.safetensors").exists()
+    second = train(config, assets["dataset"], tmp_path / "b", resume=True)
+    assert not second.interrupted and second.steps == 4
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    assert [m["loss"] for m in a] == pytest.approx([m["loss"] for m in b], rel=1e-5)
+    wa, wb = (
+        load_file(str(tmp_path / "a" / "adapter_model.safetensors")),
+        load_file(str(tmp_path / "b" / "adapter_model.safetensors")),
+    )
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_cache_round_trip_and_kd_training(assets: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    cache_dir = tmp_path / "cache"
+    summary = build_cache(
+        assets["dataset"], str(assets["teacher"]), cache_dir, top_k=16, temperature=2.0, batch_size=3, shard_tokens=200
+    )
+    assert summary.shards > 1 and summary.tokens > 0
+    cache = TeacherCache(cache_dir)
+    assert isinstance(cache._shards[0]["ids"], np.memmap)
+    teacher = AutoModelForCausalLM.from_pretrained(str(assets["teacher"]))
+    rows = load_rows(assets["dataset"])
+    for r in (0, 5):
+        batch = collate(rows, [r], 512)
+        with torch.inference_mode():
+            live = topk_from_logits(supervised_logits(teacher, batch, torch.device("cpu")).logits, 16, 2.0)
+        got = cache.batch([r], [batch.n_supervised()], torch.device("cpu"))
+        assert torch.equal(got.ids, live.ids)
+        assert torch.allclose(got.logprobs, live.logprobs, atol=2e-3, rtol=1e-3)  # fp16
+        assert torch.allclose(got.lse_t, live.lse_t, atol=1e-5)
+
+    out = tmp_path / "kd"
+    result = train(small(assets["student"], teacher_cache=str(cache_dir)), assets["dataset"], out)
+    assert result.mode == "kd"
+    assert all(m["kd"] > 0 for m in metrics(out))
+
+
+def test_kd_refused_when_vocabularies_differ(assets: dict[str, Path], tmp_path: Path) -> None:
+    alien_data = write_dataset(tmp_path / "alien_data", assets["alien"], n=3)
+    build_cache(alien_data, str(assets["alien"]), tmp_path / "cache", top_k=4)
+    with pytest.raises(BadInputError, match="KD refused"):
+        train(small(assets["student"], teacher_cache=str(tmp_path / "cache")), assets["dataset"], tmp_path / "o")
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+def test_merge_reproduces_base_plus_adapter_logits(assets: dict[str, Path], tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tracegen.distill.merge import merge_adapter
+
+    train(small(assets["student"], max_steps=3), assets["dataset"], tmp_path / "adapter")
+    merge_adapter(tmp_path / "adapter", tmp_path / "merged")
+    ids = torch.tensor([load_rows(assets["dataset"])[0].input_ids])
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(assets["student"])), str(tmp_path / "adapter")
+    ).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+    base = AutoModelForCausalLM.from_pretrained(str(assets["student"])).eval()
+    with torch.inference_mode():
+        want, got, plain = peft_model(ids).logits, merged(ids).logits, base(ids).logits
+    assert torch.allclose(want, got, atol=1e-4)
+    assert not torch.allclose(plain, got, atol=1e-3)  # the adapter did something
