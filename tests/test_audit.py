@@ -31,8 +31,15 @@ def test_audit_shows_tokens_legend_counts_and_passes(dataset: Path) -> None:
     r = tracegen("audit", str(dataset), "--index", "1")
     assert r.returncode == 0, r.stderr
     out = " ".join(r.stdout.split())  # rich wraps long lines
-    for needle in ("legend", "masked: prompt", "masked: observation (simulated)", "sample 1: traj-00001",
-                   "trained fraction", "straddled tokens", "invariants hold over 5 samples"):
+    for needle in (
+        "legend",
+        "masked: prompt",
+        "masked: observation (simulated)",
+        "sample 1: traj-00001",
+        "trained fraction",
+        "straddled tokens",
+        "invariants hold over 5 samples",
+    ):
         assert needle in out, needle
     assert "↵" in out  # newlines made visible
 
@@ -53,7 +60,9 @@ def test_audit_fails_naming_sample_and_position_when_a_prompt_token_is_trained(d
         text_before = row["text"][: prompt["start"]]
         from tracegen.render import load_tokenizer
 
-        tok = load_tokenizer(str(Path(__import__("json").loads((dataset / "tracegen.json").read_text())["tokenizer"]["path"])))
+        tok = load_tokenizer(
+            str(Path(__import__("json").loads((dataset / "tracegen.json").read_text())["tokenizer"]["path"]))
+        )
         ids = row["input_ids"]
         k = next(i for i in range(len(ids)) if len(tok.decode(ids[:i])) >= len(text_before) + 1)
         row["labels"][k - 1] = ids[k - 1]
@@ -101,12 +110,19 @@ def test_html_audit_renders_in_headless_chromium(dataset: Path, tmp_path: Path) 
     source = page.read_text()
     assert "http://" not in source and "https://" not in source and "<link" not in source  # self-contained
     flags = [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
     ]
     dom = subprocess.run(
         [browser, *flags, "--virtual-time-budget=3000", "--dump-dom", page.as_uri()],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     ).stdout
     assert 'class="sw"' in dom and "masked: observation (simulated)" in dom  # the legend was built by the script
     assert dom.count('class="tok') > 100  # tokens rendered, with visible boundaries
@@ -115,7 +131,16 @@ def test_html_audit_renders_in_headless_chromium(dataset: Path, tmp_path: Path) 
     assert "invariants hold" in dom and "trained" in dom
     shot = tmp_path / "audit.png"
     subprocess.run(
-        [browser, *flags, "--window-size=1200,900", "--virtual-time-budget=3000", f"--screenshot={shot}", page.as_uri()],
-        capture_output=True, timeout=120, check=False,
+        [
+            browser,
+            *flags,
+            "--window-size=1200,900",
+            "--virtual-time-budget=3000",
+            f"--screenshot={shot}",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=False,
     )
     assert shot.is_file() and shot.stat().st_size > 10_000

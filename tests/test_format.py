@@ -74,14 +74,19 @@ def test_proof_text_is_exact_and_masks_the_prompt() -> None:
     r = render_proof(t, MaskPolicy(), "<|im_end|>")
     text = r.text
     assert text.startswith(PROOF_HEAD + t.task.prompt + PROOF_MID)
-    assert PROOF_TAIL + (t.final_answer or "") + "<|im_end|>" == text[-len(PROOF_TAIL + (t.final_answer or "") + "<|im_end|>") :]
+    assert (
+        PROOF_TAIL + (t.final_answer or "") + "<|im_end|>"
+        == text[-len(PROOF_TAIL + (t.final_answer or "") + "<|im_end|>") :]
+    )
     by_kind = {s.kind: s for s in r.spans()}
     assert not by_kind["prompt"].train and by_kind["reasoning"].train and by_kind["tool_call"].train
     assert '<tool_call>\n{"name": "python", "arguments": {"code":' in text
     assert "<tool_response>\n" in text
     d = render_dualmind(t, MaskPolicy(), "</s>", "crit")
     assert d.text.startswith(DUALMIND[0] + t.task.prompt + DUALMIND[1])
-    assert "\n</explore>\n\n<examine>\ncrit\n</examine>\n\n<response>\n" in d.text and d.text.endswith("\n</response></s>")
+    assert "\n</explore>\n\n<examine>\ncrit\n</examine>\n\n<response>\n" in d.text and d.text.endswith(
+        "\n</response></s>"
+    )
 
 
 def test_proof_mask_covers_the_derivation_only(tiny_tokenizer: Path) -> None:
@@ -128,7 +133,9 @@ def test_simulated_observations_are_never_trained(tiny_tokenizer: Path, tmp_path
     src = tmp_path / "t.jsonl"
     write_trajectories(str(src), 6, source="mixed")
     result = format_dataset(
-        src, tmp_path / "ds", FormatConfig(template="proof", tokenizer=str(tiny_tokenizer), train_observations="executed")
+        src,
+        tmp_path / "ds",
+        FormatConfig(template="proof", tokenizer=str(tiny_tokenizer), train_observations="executed"),
     )
     rows = read_rows(tmp_path / "ds").to_pylist()
     seen = set()
@@ -139,7 +146,16 @@ def test_simulated_observations_are_never_trained(tiny_tokenizer: Path, tmp_path
                 assert sp["train"] == (sp["source"] == "executed")
     assert seen == {"executed", "simulated"}
     assert result.stats.kind_trained["observation"] > 0
-    r = tracegen("format", str(src), "--out", str(tmp_path / "x"), "--tokenizer", str(tiny_tokenizer), "--train-observations", "all")
+    r = tracegen(
+        "format",
+        str(src),
+        "--out",
+        str(tmp_path / "x"),
+        "--tokenizer",
+        str(tiny_tokenizer),
+        "--train-observations",
+        "all",
+    )
     assert r.returncode == 2 and "simulated observations can never be trained" in r.stderr
     assert not (tmp_path / "x").exists()
 
@@ -155,7 +171,9 @@ def test_chat_masks_equal_trl_on_real_qwen3() -> None:
 
     spec = importlib.util.find_spec("trl")
     assert spec is not None and spec.submodule_search_locations
-    trl_template = (Path(next(iter(spec.submodule_search_locations))) / "chat_templates/qwen3_training.jinja").read_text()
+    trl_template = (
+        Path(next(iter(spec.submodule_search_locations))) / "chat_templates/qwen3_training.jinja"
+    ).read_text()
     tok = load_tokenizer("qwen3")
     hf = AutoTokenizer.from_pretrained(str(tok.path))
     chat = compile_chat_template(trl_template, tok.special_map, tok.eos)
@@ -208,7 +226,18 @@ def test_dataset_folder_loads_and_card_is_honest(tiny_tokenizer: Path, tmp_path:
     write_trajectories(str(src), 8, source="mixed")
     (tmp_path / "report.json").write_text(json.dumps({"kept": 8, "rejected": 4, "acceptance_rate": 0.667}))
     out = tmp_path / "ds"
-    r = tracegen("format", str(src), "--out", str(out), "--template", "chat", "--tokenizer", str(tiny_tokenizer), "--export", "sharegpt")
+    r = tracegen(
+        "format",
+        str(src),
+        "--out",
+        str(out),
+        "--template",
+        "chat",
+        "--tokenizer",
+        str(tiny_tokenizer),
+        "--export",
+        "sharegpt",
+    )
     assert r.returncode == 0, r.stderr
     assert "8 samples" in r.stdout
     ds = datasets.load_dataset(str(out), split="train")
@@ -244,7 +273,9 @@ def test_bad_input_line_is_exit_2_with_file_line_and_writes_nothing(tiny_tokeniz
 def test_dualmind_needs_a_critique_source(tiny_tokenizer: Path, tmp_path: Path) -> None:
     src = tmp_path / "t.jsonl"
     write_trajectories(str(src), 3, judge_reason="Step 2 is justified; the answer checks out.")
-    r = tracegen("format", str(src), "--out", str(tmp_path / "d"), "--template", "dualmind", "--tokenizer", str(tiny_tokenizer))
+    r = tracegen(
+        "format", str(src), "--out", str(tmp_path / "d"), "--template", "dualmind", "--tokenizer", str(tiny_tokenizer)
+    )
     assert r.returncode == 2 and "--examine teacher" in r.stderr
     cfg = FormatConfig(template="dualmind", tokenizer=str(tiny_tokenizer), examine="judge")
     format_dataset(src, tmp_path / "d", cfg)
@@ -260,8 +291,12 @@ def test_examine_teacher_asks_the_teacher(tiny_tokenizer: Path, tmp_path: Path, 
     src = tmp_path / "t.jsonl"
     write_trajectories(str(src), 2)
     cfg = FormatConfig.model_validate(
-        {"template": "dualmind", "tokenizer": str(tiny_tokenizer), "examine": "teacher",
-         "teacher": {"base_url": server.base_url, "model": "critic"}}
+        {
+            "template": "dualmind",
+            "tokenizer": str(tiny_tokenizer),
+            "examine": "teacher",
+            "teacher": {"base_url": server.base_url, "model": "critic"},
+        }
     )
     format_dataset(src, tmp_path / "d", cfg)
     rows = read_rows(tmp_path / "d").to_pylist()
@@ -271,15 +306,31 @@ def test_examine_teacher_asks_the_teacher(tiny_tokenizer: Path, tmp_path: Path, 
 
 def test_import_cot_dataset(tiny_tokenizer: Path, tmp_path: Path) -> None:
     src = tmp_path / "cot.jsonl"
-    src.write_text("".join(json.dumps({"problem": f"q{i}", "cot": f"think {i}", "ans": f"a{i}"}) + "\n" for i in range(3)))
+    src.write_text(
+        "".join(json.dumps({"problem": f"q{i}", "cot": f"think {i}", "ans": f"a{i}"}) + "\n" for i in range(3))
+    )
     out = tmp_path / "d"
-    r = tracegen("format", str(src), "--out", str(out), "--template", "proof", "--tokenizer", str(tiny_tokenizer),
-                 "--import", "cot", "--import-columns", "question=problem,reasoning=cot,answer=ans")
+    r = tracegen(
+        "format",
+        str(src),
+        "--out",
+        str(out),
+        "--template",
+        "proof",
+        "--tokenizer",
+        str(tiny_tokenizer),
+        "--import",
+        "cot",
+        "--import-columns",
+        "question=problem,reasoning=cot,answer=ans",
+    )
     assert r.returncode == 0, r.stderr
     row = read_rows(out).to_pylist()[1]
     assert row["text"].startswith(PROOF_HEAD + "q1" + PROOF_MID + "think 1" + PROOF_TAIL + "a1")
     assert "no tool calls" in (out / "README.md").read_text()
-    bad = tracegen("format", str(src), "--out", str(tmp_path / "e"), "--tokenizer", str(tiny_tokenizer), "--import", "cot")
+    bad = tracegen(
+        "format", str(src), "--out", str(tmp_path / "e"), "--tokenizer", str(tiny_tokenizer), "--import", "cot"
+    )
     assert bad.returncode == 2 and f"{src}:1: column 'question'" in bad.stderr
 
 

@@ -62,7 +62,9 @@ def test_push_uploads_folder_and_card(dataset: Path, monkeypatch: pytest.MonkeyP
     assert 'load_dataset("org/proofs"' in card and TOKEN not in card
 
 
-def test_push_checks_repo_id_and_folder_then_hides_the_token(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_push_checks_repo_id_and_folder_then_hides_the_token(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     with pytest.raises(BadInputError, match="ORG/NAME"):
         push_dataset(dataset, "just-a-name", private=False, api=FakeHub())

@@ -30,7 +30,7 @@ import numpy.typing as npt
 from tracegen.errors import BadInputError
 from tracegen.hub import load_metadata, read_rows
 from tracegen.render import IGNORE, KIND_INDEX, Tok, load_tokenizer
-from tracegen.templates import KINDS
+from tracegen.templates import KINDS, SpanKind
 
 FORBIDDEN = ("system", "prompt", "observation")
 MAX_REPORTED = 50
@@ -159,7 +159,7 @@ def token_char_extents(text: str, ids: npt.NDArray[np.int64], table: ByteTable) 
 class SampleView:
     row: int
     id: str
-    tokens: list[tuple[str, int, int, str, str, str]]
+    tokens: list[tuple[str, int, int, SpanKind, str, str]]
     """(display text, id, label, kind, state, weight class) per token."""
     counts: dict[str, int]
 
@@ -226,7 +226,9 @@ def check_sample(
         report.violate(f"{where}: no trained token")
     # 4. decode round-trip
     if decoded != text:
-        at = next((k for k, (a, b) in enumerate(zip(decoded, text, strict=False)) if a != b), min(len(decoded), len(text)))
+        at = next(
+            (k for k, (a, b) in enumerate(zip(decoded, text, strict=False)) if a != b), min(len(decoded), len(text))
+        )
         report.violate(f"{where}: decode(input_ids) differs from text at character {at}")
         return None
     ext = token_char_extents(text, ids, table)
@@ -313,7 +315,8 @@ def resolve_audit_tokenizer(meta: dict[str, Any], override: str | None) -> Tok:
             continue
         if info.get("vocab_hash") and tok.vocab_hash != info["vocab_hash"]:
             raise BadInputError(
-                f"tokenizer {spec} has vocabulary hash {tok.vocab_hash}, the dataset was made with {info['vocab_hash']}",
+                f"tokenizer {spec} has vocabulary hash {tok.vocab_hash}, "
+                f"the dataset was made with {info['vocab_hash']}",
                 hint="pass the tokenizer the dataset was formatted with: --tokenizer PATH",
             )
         return tok
@@ -351,7 +354,7 @@ def run_audit(
         if i == index:
             shown = _view(i, row, checked, max_tokens)
         if html is not None and i < html_samples:
-            views.append(_view(i, row, checked, None) if i != index else _view(i, row, checked, None))
+            views.append(_view(i, row, checked, None))
     print_report(report, shown, meta, console)
     if html is not None:
         write_html(html, views, report, meta)
@@ -392,13 +395,14 @@ def print_report(report: AuditReport, view: SampleView | None, meta: dict[str, A
     stats.add_column("kind")
     stats.add_column("tokens", justify="right")
     stats.add_column("trained", justify="right")
-    for k in KINDS:
-        if report.kind_tokens[k]:
-            stats.add_row(k, f"{report.kind_tokens[k]:,}", f"{report.kind_trained[k]:,}")
+    for kind_name in KINDS:
+        if report.kind_tokens[kind_name]:
+            stats.add_row(kind_name, f"{report.kind_tokens[kind_name]:,}", f"{report.kind_trained[kind_name]:,}")
     con.print(stats)
     fmt = meta.get("stats") or {}
     con.print(
-        f"trained fraction {report.trained / max(1, report.tokens):.1%} ({report.trained:,} of {report.tokens:,} tokens); "
+        f"trained fraction {report.trained / max(1, report.tokens):.1%} "
+        f"({report.trained:,} of {report.tokens:,} tokens); "
         f"samples with zero trained tokens: {report.zero_trained}; straddled tokens: {report.straddled}; "
         f"truncated: {report.truncated}; dropped at format time: {fmt.get('dropped_too_long', 0)} too long, "
         f"{fmt.get('dropped_no_answer', 0)} without answer, {fmt.get('dropped_no_trained', 0)} nothing to train"
@@ -506,13 +510,16 @@ def write_html(path: Path, views: list[SampleView], report: AuditReport, meta: d
         f"template {meta.get('template')}."
     )
     if report.violation_count:
-        violations = f"<p style='color:#f85149'><b>{report.violation_count} invariant violation(s)</b></p><ul>" + "".join(
-            f"<li>{html_lib.escape(v)}</li>" for v in report.violations
-        ) + "</ul>"
+        violations = (
+            f"<p style='color:#f85149'><b>{report.violation_count} invariant violation(s)</b></p><ul>"
+            + "".join(f"<li>{html_lib.escape(v)}</li>" for v in report.violations)
+            + "</ul>"
+        )
     else:
         violations = "<p style='color:#3fb950'><b>invariants hold</b></p>"
     kind_rows = "".join(
-        f"<tr><td>{k}</td><td class='n'>{report.kind_tokens[k]:,}</td><td class='n'>{report.kind_trained[k]:,}</td></tr>"
+        f"<tr><td>{k}</td><td class='n'>{report.kind_tokens[k]:,}</td>"
+        f"<td class='n'>{report.kind_trained[k]:,}</td></tr>"
         for k in KINDS
         if report.kind_tokens[k]
     )

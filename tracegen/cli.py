@@ -143,7 +143,10 @@ def collect(
 @app.command("format")
 def format_(
     input_path: Annotated[
-        Path, typer.Argument(metavar="FILE", help="Trajectories JSONL (or a run/filter folder); with --import cot a CoT dataset.")
+        Path,
+        typer.Argument(
+            metavar="FILE", help="Trajectories JSONL, a run/filter folder, or (with --import cot) CoT rows."
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Dataset folder to write (replaced atomically).")],
     template: Annotated[
@@ -180,7 +183,8 @@ def format_(
         typer.Option("--import", help="Input kind: trajectories (default) or cot (question / CoT / response rows)."),
     ] = None,
     import_columns: Annotated[
-        str | None, typer.Option(help="Column mapping for --import cot, e.g. question=problem,reasoning=cot,answer=answer.")
+        str | None,
+        typer.Option(help="Column mapping for --import cot, e.g. question=problem,reasoning=cot,answer=answer."),
     ] = None,
 ) -> None:
     """Render trajectories with a training template, tokenize them with masks, and write a Hub-ready dataset.
@@ -211,7 +215,9 @@ def format_(
 def audit(
     dataset_dir: Annotated[Path, typer.Argument(metavar="DATASET_DIR", help="A folder written by `tracegen format`.")],
     index: Annotated[int, typer.Option("--index", "-i", help="Sample to show token by token.")] = 0,
-    html: Annotated[Path | None, typer.Option(help="Also write a self-contained HTML page (sample picker, hover).")] = None,
+    html: Annotated[
+        Path | None, typer.Option(help="Also write a self-contained HTML page (sample picker, hover).")
+    ] = None,
     tokenizer: Annotated[
         str | None, typer.Option(help="Tokenizer to decode with (default: the one recorded in the dataset).")
     ] = None,

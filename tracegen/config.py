@@ -240,7 +240,8 @@ class FormatConfig(Strict):
     """``tracegen format``: trajectories to a Hub-ready, tokenized dataset folder."""
 
     template: Literal["proof", "dualmind", "chat", "instruct"] = Field(
-        "chat", description="Training text layout: proof, dualmind, instruct (fixed texts) or chat (tokenizer's template)."
+        "chat",
+        description="Training text layout: proof, dualmind, instruct (fixed texts) or chat (tokenizer's template).",
     )
     tokenizer: str | None = Field(
         None, description="Student tokenizer: qwen3, smollm2, or a local folder with tokenizer.json (no downloads)."
@@ -257,7 +258,9 @@ class FormatConfig(Strict):
         "can never be trained; 'all' is refused for that reason.",
     )
     max_length: int | None = Field(
-        None, ge=8, description="Longest sample in tokens: cut outside tool calls; a sample whose answer would be cut is dropped."
+        None,
+        ge=8,
+        description="Longest sample in tokens: cut outside tool calls; a sample whose answer would be cut is dropped.",
     )
     examine: Literal["none", "teacher", "judge"] = Field(
         "none",
@@ -269,7 +272,7 @@ class FormatConfig(Strict):
     )
     examine_concurrency: int = Field(16, ge=1, description="Critique requests in flight with examine=teacher.")
     export: list[Literal["sharegpt"]] = Field(
-        default_factory=list, description="Extra row formats: sharegpt (LLaMA-Factory / axolotl style, in data/sharegpt/)."
+        default_factory=list, description="Extra row formats: sharegpt (LLaMA-Factory / axolotl style, in sharegpt/)."
     )
     import_format: Literal["trajectories", "cot"] = Field(
         "trajectories", description="Input kind: tracegen trajectories JSONL, or a chain-of-thought dataset (cot)."

@@ -316,7 +316,9 @@ def format_dataset(input_path: Path, out: Path, config: FormatConfig) -> FormatR
     kept: list[Trajectory] = []
     for b in range(0, len(rendered), config.batch_size):
         batch = rendered[b : b + config.batch_size]
-        for (i, _), tok_row in zip(batch, tokenize_batch([r for _, r in batch], tok, config.max_length, stats), strict=True):
+        for (i, _), tok_row in zip(
+            batch, tokenize_batch([r for _, r in batch], tok, config.max_length, stats), strict=True
+        ):
             if tok_row is not None:
                 rows.append(build_row(trajs[i], tok_row))
                 kept.append(trajs[i])

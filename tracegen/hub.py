@@ -37,7 +37,9 @@ def _list_array(arrays: Sequence[Any], pa_type: Any) -> Any:
     lengths = np.fromiter((len(a) for a in arrays), dtype=np.int32, count=len(arrays))
     offsets = np.concatenate(([0], np.cumsum(lengths, dtype=np.int64))).astype(np.int32)
     values = np.concatenate(arrays) if len(arrays) else np.zeros(0)
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(np.asarray(values).astype(pa_type.to_pandas_dtype()), pa_type))
+    return pa.ListArray.from_arrays(
+        pa.array(offsets, pa.int32()), pa.array(np.asarray(values).astype(pa_type.to_pandas_dtype()), pa_type)
+    )
 
 
 SPAN_FIELDS = [
@@ -191,7 +193,12 @@ def dataset_card(meta: dict[str, Any], repo_id: str | None = None) -> str:
     configs = ["configs:", "- config_name: default", "  default: true", "  data_files:", "  - split: train"]
     configs.append("    path: data/train-*.parquet")
     if "sharegpt" in meta.get("exports", []):
-        configs += ["- config_name: sharegpt", "  data_files:", "  - split: train", "    path: sharegpt/train-*.parquet"]
+        configs += [
+            "- config_name: sharegpt",
+            "  data_files:",
+            "  - split: train",
+            "    path: sharegpt/train-*.parquet",
+        ]
     head = "\n".join(
         [
             "---",
@@ -212,7 +219,9 @@ def dataset_card(meta: dict[str, Any], repo_id: str | None = None) -> str:
         else ", ".join(f"{obs.get(k, 0)} {k}" for k in ("executed", "simulated", "error") if obs.get(k))
         + f" observations ({obs.get('executed', 0) / n_obs:.0%} executed in a sandbox)"
     )
-    teachers = "\n".join(f"- `{t['model']}` ({t['samples']} samples; sampling {t['sampling']})" for t in prov["teachers"])
+    teachers = "\n".join(
+        f"- `{t['model']}` ({t['samples']} samples; sampling {t['sampling']})" for t in prov["teachers"]
+    )
     kinds = "\n".join(
         f"| {k} | {stats['kind_tokens'][k]:,} | {stats['kind_trained'][k]:,} |"
         for k in stats["kind_tokens"]
@@ -222,36 +231,38 @@ def dataset_card(meta: dict[str, Any], repo_id: str | None = None) -> str:
     if filt:
         checks = "\n".join(f"- `{c}`: {v}" for c, v in sorted(filt.get("checks", {}).items())) or "- (none listed)"
         filter_text = (
-            f"Filtered with `tracegen filter`: {filt.get('summary', 'see report')}.\nVerdict checks recorded on the kept "
+            f"Filtered with `tracegen filter`: {filt.get('summary', 'see report')}.\n"
+            "Verdict checks recorded on the kept "
             f"samples (passed / total):\n{checks}"
         )
     else:
         filter_text = "No filter report was found next to the input: acceptance rates are unknown."
     policy = meta["policy"]
+    origin = f"imported: {prov['imported_from']}" if prov.get("imported_from") else "collected trajectories"
     template_text = meta["template_text"]
     trained_frac = stats["trained"] / max(1, stats["tokens"])
     return f"""{head}
 
 # {name}
 
-Training data made with [tracegen](https://github.com/) `{meta['tracegen_version']}` from
-{prov['samples_in']} input records ({'imported: ' + prov['imported_from'] if prov.get('imported_from') else 'collected trajectories'}).
-{stats['samples']} samples kept after formatting.
+Training data made with [tracegen](https://github.com/) `{meta["tracegen_version"]}` from
+{prov["samples_in"]} input records ({origin}).
+{stats["samples"]} samples kept after formatting.
 
 ## Provenance
 
 - Teacher models:
-{teachers or '- (none recorded)'}
+{teachers or "- (none recorded)"}
 - Runtime: {runtime_line}.
-- Simulator models: {', '.join(prov['simulators']) or 'none'}.
-- Stop reasons of the input: {json.dumps(prov['stop_reasons'])}.
-- Critiques (dualmind): {prov.get('critiques') or 'not used'}.
+- Simulator models: {", ".join(prov["simulators"]) or "none"}.
+- Stop reasons of the input: {json.dumps(prov["stop_reasons"])}.
+- Critiques (dualmind): {prov.get("critiques") or "not used"}.
 
 {filter_text}
 
 ## Template and mask policy
 
-Template `{meta['template']}`:
+Template `{meta["template"]}`:
 
 ```
 {template_text}
@@ -259,18 +270,19 @@ Template `{meta['template']}`:
 
 Trained: reasoning, tool calls, answer, critique, the template text the student must generate, and
 the closing EOS. Masked (label -100): template text of the prompt, system, prompt, and observations
-({policy['train_observations']!r} observations trained; simulated tool output is never trained).
-A token that straddles a trained and a masked span is masked ({stats['straddled']:,} such tokens).
+({policy["train_observations"]!r} observations trained; simulated tool output is never trained).
+A token that straddles a trained and a masked span is masked ({stats["straddled"]:,} such tokens).
 
 | kind | tokens | trained |
 |---|---:|---:|
 {kinds}
 
-{stats['tokens']:,} tokens, {stats['trained']:,} trained ({trained_frac:.1%}); {stats['truncated']} samples truncated,
-{stats['dropped_too_long']} dropped because the answer would be cut, {stats['dropped_no_answer']} without a final answer,
-{stats['dropped_no_trained']} with nothing to train.
+{stats["tokens"]:,} tokens, {stats["trained"]:,} trained ({trained_frac:.1%}); {stats["truncated"]} samples truncated,
+{stats["dropped_too_long"]} dropped because the answer would be cut,
+{stats["dropped_no_answer"]} without a final answer,
+{stats["dropped_no_trained"]} with nothing to train.
 
-Tokenizer: `{tok['name']}` (vocabulary hash `{tok['vocab_hash']}`, {tok['vocab_size']:,} tokens).
+Tokenizer: `{tok["name"]}` (vocabulary hash `{tok["vocab_hash"]}`, {tok["vocab_size"]:,} tokens).
 
 ## Columns
 
@@ -282,7 +294,7 @@ Tokenizer: `{tok['name']}` (vocabulary hash `{tok['vocab_hash']}`, {tok['vocab_s
 
 ```python
 from datasets import load_dataset
-ds = load_dataset("{repo_id or 'path/to/DATASET_DIR'}", split="train")
+ds = load_dataset("{repo_id or "path/to/DATASET_DIR"}", split="train")
 
 from trl import SFTConfig, SFTTrainer  # pre-tokenized: input_ids + labels are used as they are
 trainer = SFTTrainer(model="<student>", train_dataset=ds.select_columns(["input_ids", "labels"]),
@@ -315,7 +327,8 @@ def push_dataset(dataset_dir: Path, repo_id: str, private: bool, api: HubApi | N
     token = os.environ.get("HF_TOKEN")
     if not token:
         raise BadInputError(
-            "HF_TOKEN is not set", hint="create a write token at https://huggingface.co/settings/tokens and export HF_TOKEN"
+            "HF_TOKEN is not set",
+            hint="create a write token at https://huggingface.co/settings/tokens and export HF_TOKEN",
         )
     parts = repo_id.split("/")
     if len(parts) != 2 or not all(parts) or any(c.isspace() for c in repo_id):

@@ -114,17 +114,19 @@ def load_tokenizer(spec: str) -> Tok:
     if (path / "tokenizer_config.json").is_file():
         config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
     eos = _token_str(config.get("eos_token"))
-    if eos is None or eos not in added and full.token_to_id(eos) is None:
+    if eos is None or (eos not in added and full.token_to_id(eos) is None):
         raise BadInputError(f"tokenizer {spec}: tokenizer_config.json names no usable eos_token")
     if eos not in added:
-        added[eos] = int(full.token_to_id(eos))
+        added[eos] = int(full.token_to_id(eos) or 0)
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: take the default
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     if (path / "chat_template.jinja").is_file():
         template = (path / "chat_template.jinja").read_text(encoding="utf-8")
     special = {
-        k: s for k in ("bos_token", "eos_token", "pad_token", "unk_token") if (s := _token_str(config.get(k))) is not None
+        k: s
+        for k in ("bos_token", "eos_token", "pad_token", "unk_token")
+        if (s := _token_str(config.get(k))) is not None
     }
     # the same identity tracegen.distill.vocab.vocab_hash computes from a transformers tokenizer
     items = sorted(full.get_vocab(with_added_tokens=True).items(), key=lambda kv: (kv[1], kv[0]))
@@ -309,7 +311,13 @@ def _finish(sample: Rendered, ids: I64, offs: I64, max_length: int | None, stats
         if answer_end and cut_char < answer_end:
             stats.dropped_too_long += 1
             return None
-        ids, trained, straddle, tok_kind, starts = ids[:cut], trained[:cut], straddle[:cut], tok_kind[:cut], starts[:cut]
+        ids, trained, straddle, tok_kind, starts = (
+            ids[:cut],
+            trained[:cut],
+            straddle[:cut],
+            tok_kind[:cut],
+            starts[:cut],
+        )
         text = text[:cut_char]
         spans = _clip_spans(spans, cut_char)
         truncated = True

@@ -74,7 +74,13 @@ TemplateName = Literal["proof", "dualmind", "chat", "instruct"]
 PROOF_HEAD = "Solve the following problem carefully and show a rigorous derivation.\n\nProblem:\n"
 PROOF_MID = "\n\nProof:\n"
 PROOF_TAIL = "\n\nFinal Answer:\n"
-DUALMIND = ("##USER:\n", "\n\n<explore>\n", "\n</explore>\n\n<examine>\n", "\n</examine>\n\n<response>\n", "\n</response>")
+DUALMIND = (
+    "##USER:\n",
+    "\n\n<explore>\n",
+    "\n</explore>\n\n<examine>\n",
+    "\n</examine>\n\n<response>\n",
+    "\n</response>",
+)
 INSTRUCT = ("### Instruction:\n", "\n\n### Response:\n")
 
 TEMPLATE_TEXTS: dict[str, str] = {
@@ -162,11 +168,11 @@ class Rendered:
                 continue
             end = pos + len(p.text)
             wc = weight_class(p)
-            if out and (last := out[-1]).kind == p.kind and last.train == p.train and last.source == p.source:
-                if last.weight_class == wc:
-                    out[-1] = Span(last.start, end, p.kind, p.train, p.source, wc)
-                    pos = end
-                    continue
+            last = out[-1] if out else None
+            if last and (last.kind, last.train, last.source, last.weight_class) == (p.kind, p.train, p.source, wc):
+                out[-1] = Span(last.start, end, p.kind, p.train, p.source, wc)
+                pos = end
+                continue
             out.append(Span(pos, end, p.kind, p.train, p.source, wc))
             pos = end
         return out
@@ -212,7 +218,9 @@ def trajectory_parts(traj: Trajectory, policy: MaskPolicy) -> Parts:
             if m.content.strip():
                 blocks.append(Piece(m.content.strip("\n") + "\n", "reasoning", True, derivation=True))
             for call in m.tool_calls:
-                text = f'<tool_call>\n{{"name": {json.dumps(call.name)}, "arguments": {call.arguments}}}\n</tool_call>\n'
+                text = (
+                    f'<tool_call>\n{{"name": {json.dumps(call.name)}, "arguments": {call.arguments}}}\n</tool_call>\n'
+                )
                 blocks.append(Piece(text, "tool_call", True, derivation=True))
         elif isinstance(m, ToolMessage):
             src = m.observation.source
@@ -362,7 +370,10 @@ def render_chat(traj: Trajectory, policy: MaskPolicy, chat: ChatTemplate) -> Ren
                 m2["reasoning_content"] = sub(m["reasoning_content"], "reasoning", True)
             if "tool_calls" in m:
                 m2["tool_calls"] = [
-                    {**c, "function": {**c["function"], "arguments": sub(c["function"]["arguments"], "tool_call", True)}}
+                    {
+                        **c,
+                        "function": {**c["function"], "arguments": sub(c["function"]["arguments"], "tool_call", True)},
+                    }
                     for c in m["tool_calls"]
                 ]
         masked.append(m2)
@@ -443,7 +454,9 @@ def _verify_chat(out: Rendered, messages: list[dict[str, Any]], tools: Any, chat
         return  # a field that looks like template syntax: the template may parse it; verify on another
     real = chat.render(messages=messages, tools=tools, add_generation_prompt=False)
     if real != out.text:
-        at = next((i for i, (a, b) in enumerate(zip(real, out.text, strict=False)) if a != b), min(len(real), len(out.text)))
+        at = next(
+            (i for i, (a, b) in enumerate(zip(real, out.text, strict=False)) if a != b), min(len(real), len(out.text))
+        )
         raise BadInputError(
             f"the chat template rewrites message fields in a way tracegen cannot track (first difference at "
             f"character {at}: {real[at : at + 40]!r} vs {out.text[at : at + 40]!r})",
