@@ -293,12 +293,124 @@ class FormatConfig(Strict):
         return value
 
 
+class StructuralCheckConfig(Strict):
+    """Check 1 (``structural``): did the trajectory converge cleanly, within bounds?"""
+
+    max_turns: int | None = Field(None, ge=1, description="Reject trajectories with more assistant turns than this.")
+    max_completion_tokens: int | None = Field(
+        None, ge=1, description="Reject trajectories whose completion tokens (reasoning included) exceed this."
+    )
+    allow_malformed_calls: bool = Field(
+        False, description="Keep trajectories with a tool call whose arguments did not parse (or named no tool)."
+    )
+    answer_pattern: str | None = Field(
+        None,
+        description="Regex the final answer must match, for templates that need a recoverable answer region "
+        r"(e.g. '\\boxed\{' for proof data).",
+    )
+
+
+class DuplicateCheckConfig(Strict):
+    """Check 2 (``duplicate``): the same task's answers and reasoning, exact and near duplicates."""
+
+    enabled: bool = Field(
+        True, description="Reject later samples whose normalised answer + reasoning repeat an earlier one."
+    )
+    near_threshold: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Also reject samples whose estimated Jaccard similarity (word n-gram MinHash) "
+        "to an earlier kept sample of the task is at least this; none = exact duplicates only.",
+    )
+    ngram: int = Field(5, ge=1, description="Words per shingle for the near-duplicate MinHash.")
+    num_perm: int = Field(64, ge=8, description="MinHash permutations (more = a finer similarity estimate).")
+
+
+class ReferenceCheckConfig(Strict):
+    """Check 3 (``reference``): the final answer against the task's reference."""
+
+    rel_tol: float = Field(1e-6, ge=0, description="Relative tolerance of numeric comparisons.")
+    abs_tol: float = Field(1e-9, ge=0, description="Absolute tolerance of numeric comparisons.")
+    symbolic: bool = Field(True, description="Try symbolic equivalence with sympy when both sides parse.")
+    missing: Literal["skip", "reject"] = Field(
+        "skip", description="Tasks without a reference: skip the check (no verdict), or reject the sample."
+    )
+
+
+class JudgeConfig(EndpointConfig):
+    """Check 6 (``judge``): an LLM judge on any OpenAI-compatible endpoint, answering in a JSON verdict."""
+
+    api_key_env: str = Field(
+        "TRACEGEN_JUDGE_API_KEY",
+        description="Environment variable holding the judge's API key (falls back to OPENAI_API_KEY).",
+    )
+    temperature: float = Field(0.0, ge=0, description="Judge sampling temperature (raise it for majority votes).")
+    max_tokens: int = Field(1024, ge=1, description="Completion tokens per judge reply.")
+    rubric: str = Field(
+        "Pass only if the final answer is correct and fully answers the task, and the reasoning and tool use "
+        "support it without invented results.",
+        description="What the judge grades against (appended to the fixed JSON-verdict instructions).",
+    )
+    samples: int = Field(1, ge=1, description="Judge samples per trajectory; the verdict is their majority vote.")
+    max_reasks: int = Field(2, ge=0, description="Re-asks when a reply is not a valid JSON verdict.")
+    pass_score: float | None = Field(
+        None, ge=0, le=1, description="Also require the (mean) score to be at least this to pass."
+    )
+    max_transcript_chars: int = Field(
+        24000, ge=256, description="Longest transcript shown to the judge (middle-truncated)."
+    )
+    concurrency: int = Field(16, ge=1, description="Trajectories being judged at once.")
+    prices: Prices | None = Field(None, description="Judge token prices, for the judge cost in the report.")
+
+
+class ReplayCheckConfig(Strict):
+    """Check 5 (``replay``): re-execute simulated tool calls in the real sandbox and compare."""
+
+    reject: Literal["never", "material", "any"] = Field(
+        "material",
+        description="Reject when: never (measure only); material = a call's exit status or the numbers in its "
+        "output differ; any = any call differs even after normalisation.",
+    )
+
+
+class FilterConfig(Strict):
+    """``tracegen filter``: rejection sampling over collected trajectories."""
+
+    verifiers: list[Literal["reference", "tests", "replay", "judge"]] = Field(
+        default_factory=lambda: ["reference"],  # type: ignore[arg-type]  # mypy can't see the Literal
+        description="Checks after structural and duplicate, run cheapest first: reference, tests, replay, judge.",
+    )
+    all_checks: bool = Field(
+        False, description="Run every check on every sample instead of stopping at the first failure."
+    )
+    selection: Literal["all", "best", "k"] = Field(
+        "all",
+        description="Per task, keep: all passing samples, the best one, or the k best (judge score, then shortest).",
+    )
+    k: int = Field(1, ge=1, description="Samples kept per task with selection=k.")
+    structural: StructuralCheckConfig = Field(default_factory=StructuralCheckConfig)
+    duplicate: DuplicateCheckConfig = Field(default_factory=DuplicateCheckConfig)
+    reference: ReferenceCheckConfig = Field(default_factory=ReferenceCheckConfig)
+    tests_missing: Literal["skip", "reject"] = Field(
+        "skip", description="Tasks without tests under --verifier tests: skip the check, or reject the sample."
+    )
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    replay: ReplayCheckConfig = Field(default_factory=ReplayCheckConfig)
+    docker: DockerRuntimeConfig = Field(
+        default_factory=DockerRuntimeConfig,
+        description="The sandbox of the tests and replay checks (timeout_s is the tests' time limit).",
+    )
+    concurrency: int = Field(8, ge=1, description="Samples in the sandbox checks (tests, replay) at once.")
+
+
 class Recipe(Strict):
     """A reproducible pipeline: one section per stage."""
 
     name: str | None = None
     description: str | None = None
     collect: CollectConfig = Field(default_factory=CollectConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
     format: FormatConfig = Field(default_factory=FormatConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
 
