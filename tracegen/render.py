@@ -37,6 +37,7 @@ from tracegen.errors import BadInputError
 from tracegen.templates import KINDS, Rendered, Span
 
 IGNORE = -100
+RUN_CACHE_MAX = 200_000
 KIND_INDEX = {k: i for i, k in enumerate(KINDS)}
 I32 = npt.NDArray[np.int32]
 I64 = npt.NDArray[np.int64]
@@ -60,6 +61,8 @@ class Tok:
     vocab_hash: str
     path: Path
     control_re: re.Pattern[str] | None = field(default=None)
+    run_cache: dict[str, tuple[I64, I64]] = field(default_factory=dict)
+    """Encodings of runs already seen: a dataset repeats its system prompt, tools block and template text."""
 
     def __post_init__(self) -> None:
         if self.added:
@@ -235,28 +238,29 @@ def tokenize_batch(
     Returns one entry per sample, ``None`` for a dropped one (reason counted in ``stats``).
     """
     seg = [_segments(s, tok) for s in samples]
-    all_runs = [r for runs, _, _ in seg for r in runs]
-    encodings = tok.plain.encode_batch(all_runs, add_special_tokens=False) if all_runs else []
+    cache = tok.run_cache
+    if len(cache) > RUN_CACHE_MAX:
+        cache.clear()
+    todo = list(dict.fromkeys(r for runs, _, _ in seg for r in runs if r not in cache))
+    for text, enc in zip(todo, tok.plain.encode_batch(todo, add_special_tokens=False) if todo else [], strict=True):
+        cache[text] = (np.asarray(enc.ids, dtype=np.int64), np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2))
     out: list[Tokenized | None] = []
-    k = 0
     for sample, (runs, starts, controls) in zip(samples, seg, strict=True):
-        # interleave runs and control tokens by start offset
-        parts_ids: list[Any] = []
-        parts_off: list[Any] = []
-        items: list[tuple[int, int, Any]] = [(s, 0, encodings[k + j]) for j, s in enumerate(starts)]
+        # runs and control tokens, in text order
+        items: list[tuple[int, int, Any]] = [(st, 0, r) for st, r in zip(starts, runs, strict=True)]
         items += [(c[1], 1, c) for c in controls]
         items.sort(key=lambda x: (x[0], x[1]))
-        k += len(runs)
+        parts_ids: list[Any] = []
+        parts_off: list[Any] = []
         for start, is_control, obj in items:
             if is_control:
                 parts_ids.append(np.array([obj[0]], dtype=np.int64))
                 parts_off.append(np.array([[obj[1], obj[2]]], dtype=np.int64))
             else:
-                ids = np.asarray(obj.ids, dtype=np.int64)
-                if not len(ids):
-                    continue
-                parts_ids.append(ids)
-                parts_off.append(np.asarray(obj.offsets, dtype=np.int64).reshape(-1, 2) + start)
+                ids, offs = cache[obj]
+                if len(ids):
+                    parts_ids.append(ids)
+                    parts_off.append(offs + start)
         ids_arr = np.concatenate(parts_ids) if parts_ids else np.zeros(0, np.int64)
         offs = np.concatenate(parts_off) if parts_off else np.zeros((0, 2), np.int64)
         out.append(_finish(sample, ids_arr, offs, max_length, stats))
