@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,16 +88,39 @@ def _check_only_tail(path: Path, good_end: int, line_no: int) -> None:
 
 def read_trajectories(path: Path) -> Iterator[Trajectory]:
     """Every trajectory in a JSONL file; a bad line is an error naming file:line."""
+    for _, _, trajectory in read_trajectory_lines(path):
+        yield trajectory
+
+
+def read_trajectory_lines(path: Path) -> Iterator[tuple[int, str, Trajectory]]:
+    """(line number, raw line, trajectory) for every record; a bad line is an error naming file:line."""
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                yield Trajectory.model_validate_json(line)
+                yield line_no, line, Trajectory.model_validate_json(line)
             except ValidationError as exc:
                 first = exc.errors()[0]
-                where = ".".join(str(p) for p in first["loc"])
+                where = ".".join(str(p) for p in first["loc"]) or "line"
                 raise BadInputError(f"{path}:{line_no}: not a trajectory record ({where}: {first['msg']})") from exc
+
+
+def write_lines_atomic(path: Path, lines: Iterable[str]) -> None:
+    """Write JSON lines to a temp file, fsync, rename: the file is complete or absent, never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for line in lines:
+                f.write(line)
+                f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
