@@ -140,6 +140,81 @@ def collect(
         )
 
 
+@app.command("filter")
+def filter_(
+    input_path: Annotated[
+        Path, typer.Argument(metavar="RUN_DIR|FILE.jsonl", help="A collect run directory or a trajectories JSONL.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Filter directory (re-running the same command resumes).")],
+    recipe: Annotated[Path | None, typer.Option(help="Recipe YAML; flags override its `filter:` section.")] = None,
+    verifier: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--verifier", "-v", help="Check after structural + duplicate, repeatable: reference, tests, replay, judge."
+        ),
+    ] = None,
+    all_checks: Annotated[
+        bool | None,
+        typer.Option("--all-checks", help="Run every check on every sample (default: stop at the first failure)."),
+    ] = None,
+    selection: Annotated[
+        Literal["all", "best", "k"] | None, typer.Option(help="Per task keep: all passing (default), best, or k best.")
+    ] = None,
+    k: Annotated[int | None, typer.Option("--k", help="Samples kept per task with --selection k.")] = None,
+    judge_base_url: Annotated[
+        str | None, typer.Option(envvar="TRACEGEN_JUDGE_BASE_URL", help="Judge endpoint, e.g. http://host:8000/v1.")
+    ] = None,
+    judge_model: Annotated[str | None, typer.Option(envvar="TRACEGEN_JUDGE_MODEL", help="Judge model name.")] = None,
+    judge_samples: Annotated[
+        int | None, typer.Option(help="Judge replies per sample; the verdict is their majority vote.")
+    ] = None,
+    judge_concurrency: Annotated[int | None, typer.Option(help="Samples being judged at once (default 16).")] = None,
+    concurrency: Annotated[
+        int | None, typer.Option("--concurrency", "-c", help="Samples in the sandbox checks at once (default 8).")
+    ] = None,
+    near_duplicates: Annotated[
+        float | None, typer.Option(help="Also drop near duplicates at this MinHash Jaccard similarity (0-1).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Keep the sampled trajectories that genuinely solved their task, and say why each other one was dropped.
+
+    Checks, cheapest first: structural, duplicate, then the --verifier ones (reference, tests, replay, judge).
+    Writes OUT/kept.jsonl, OUT/rejected.jsonl (records with verdicts added) and OUT/report.json. The judge's
+    API key is read from $TRACEGEN_JUDGE_API_KEY (or $OPENAI_API_KEY) and is never written anywhere.
+    """
+    from tracegen.filter import filter_config, print_summary, run_filter
+
+    overrides: dict[str, Any] = {
+        "verifiers": verifier,
+        "all_checks": all_checks,
+        "selection": selection,
+        "k": k,
+        "concurrency": concurrency,
+        "duplicate": {"near_threshold": near_duplicates},
+        "judge": {
+            "base_url": judge_base_url,
+            "model": judge_model,
+            "samples": judge_samples,
+            "concurrency": judge_concurrency,
+        },
+    }
+    summary = run_filter(input_path, out, filter_config(recipe, overrides), show_progress=not quiet)
+    if summary.interrupted:
+        typer.echo(
+            f"Interrupted: finished verdicts are in {out}/verdicts.jsonl; re-run the same command to resume.", err=True
+        )
+        raise typer.Exit(130)
+    print_summary(summary)
+    errors = summary.report["check_errors"]
+    if errors:
+        typer.echo(
+            f"{errors} sample(s) could not be checked (judge/sandbox errors): in rejected.jsonl, counted in "
+            "report.json; re-run the same command to retry them.",
+            err=True,
+        )
+
+
 @app.command("format")
 def format_(
     input_path: Annotated[

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import json
 import platform
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,6 +29,7 @@ from tracegen.config import CollectConfig
 from tracegen.errors import BadInputError
 from tracegen.progress import CollectProgress
 from tracegen.runtime.base import Runtime
+from tracegen.signals import cancel_on_sigterm
 from tracegen.store import JsonlStore, write_json_atomic
 from tracegen.tasks import load_tasks
 from tracegen.teacher import ChatClient
@@ -151,7 +150,7 @@ async def collect_async(
         )
 
     write_manifest("running")
-    _cancel_on_sigterm()
+    cancel_on_sigterm()  # SIGTERM: cancel, clean up (containers too), write the manifest
     write_lock = asyncio.Lock()
     work: Iterator[tuple[Task, int]] = iter(pending)
 
@@ -191,16 +190,6 @@ def _build_runtime(config: CollectConfig) -> Runtime:
     # Its own client even when it shares the teacher's endpoint, so its traffic is counted apart.
     simulator = ChatClient(config.simulator_endpoint(), "simulator")
     return SimulatedRuntime(simulator, config.observation_max_chars)
-
-
-def _cancel_on_sigterm() -> None:
-    """SIGTERM behaves like Ctrl-C: cancel, clean up (containers too), write the manifest."""
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    if task is not None:
-        # Not the main thread, or no signal support: Ctrl-C still works.
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal.SIGTERM, task.cancel)
 
 
 def _manifest(

@@ -230,9 +230,9 @@ def extract_answers(text: str) -> list[str]:
     phrases = _ANSWER_PHRASE.findall(text)
     if phrases:
         return [phrases[-1].strip().rstrip(".").strip("*").strip()]
-    if len(text) <= 64 and "\n" not in text:
-        return [text]
     numbers = _LAST_NUMBER.findall(text)
+    if len(text) <= 64 and "\n" not in text:
+        return [text, numbers[-1]] if numbers and numbers[-1] != text else [text]
     last_line = text.splitlines()[-1].strip()
     out = [last_line] if len(last_line) <= 64 else []
     if numbers:
