@@ -76,8 +76,10 @@ def parse_reply(text: str) -> tuple[JudgeReply | None, str | None]:
     if fenced:
         body = fenced.group(1)
     start, end = body.find("{"), body.rfind("}")
-    if start < 0 or end < start:
+    if start < 0:
         return None, "no JSON object in the reply"
+    if end < start:
+        return None, "invalid JSON: the object is never closed"
     try:
         data = json.loads(body[start : end + 1])
     except ValueError as exc:
