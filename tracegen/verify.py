@@ -88,8 +88,13 @@ def structural_verdict(t: Trajectory, config: StructuralCheckConfig, pattern: re
     if config.max_completion_tokens is not None and t.usage.completion_tokens > config.max_completion_tokens:
         problems.append(f"{t.usage.completion_tokens} completion tokens > {config.max_completion_tokens}")
     if problems:
-        return Verdict(check="structural", passed=False, reason="; ".join(problems))
-    return Verdict(check="structural", passed=True, reason=f"converged in {turns} turn(s)")
+        return _verdict("structural", False, "; ".join(problems))
+    return _verdict("structural", True, f"converged in {turns} turn(s)")
+
+
+def _verdict(check: str, passed: bool, reason: str, score: float | None = None) -> Verdict:
+    """A verdict built without re-validation: the hot path of the cheap checks (types are right by construction)."""
+    return Verdict.model_construct(check=check, passed=passed, score=score, reason=reason, judge_model=None, usage=None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -99,7 +104,7 @@ _WS = re.compile(r"\s+")
 
 
 def _norm_text(text: str) -> str:
-    return _WS.sub(" ", text).strip().lower()
+    return " ".join(text.lower().split())
 
 
 class DuplicateIndex:
@@ -115,17 +120,21 @@ class DuplicateIndex:
         self._perm: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None = None
 
     def check(self, t: Trajectory) -> Verdict:
-        reasoning = "\n".join(m.reasoning or "" for m in t.messages if isinstance(m, AssistantMessage))
-        answer = t.final_answer or ""
-        text = _norm_text(answer) + "\x00" + _norm_text(reasoning)
-        key = blake2b(text.encode(), digest_size=16).digest()
+        digest = blake2b(_norm_text(t.final_answer or "").encode(), digest_size=16)
+        pieces: list[str] = []
+        for m in t.messages:
+            if isinstance(m, AssistantMessage) and m.reasoning:
+                piece = _norm_text(m.reasoning)
+                digest.update(b"\x00" + piece.encode())
+                pieces.append(piece)
+        key = digest.digest()
         seen = self._exact.setdefault(t.task.id, {})
         original = seen.get(key)
         if original is not None:
-            return Verdict(check="duplicate", passed=False, reason=f"exact duplicate of {original}")
+            return _verdict("duplicate", False, f"exact duplicate of {original}")
         seen[key] = t.id
         if self.config.near_threshold is not None:
-            signature = self._minhash(text)
+            signature = self._minhash(" ".join([_norm_text(t.final_answer or ""), *pieces]))
             kept = self._signatures.setdefault(t.task.id, [])
             for other_id, other in kept:
                 similarity = float((signature == other).mean())
@@ -138,7 +147,7 @@ class DuplicateIndex:
                         f"{self.config.near_threshold})",
                     )
             kept.append((t.id, signature))
-        return Verdict(check="duplicate", passed=True, reason="unique")
+        return _verdict("duplicate", True, "unique")
 
     def _minhash(self, text: str) -> np.ndarray[Any, Any]:
         import numpy as np
@@ -150,7 +159,7 @@ class DuplicateIndex:
                 rng.integers(1, (1 << 31) - 1, n, dtype=np.uint64),
                 rng.integers(0, (1 << 31) - 1, n, dtype=np.uint64),
             )
-        words = text.replace("\x00", " ").split()
+        words = text.split()
         n = self.config.ngram
         shingles = {" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))}
         hashes = np.fromiter((zlib.crc32(s.encode()) & 0x7FFFFFFF for s in shingles), dtype=np.uint64)
@@ -182,11 +191,8 @@ def reference_verdict(t: Trajectory, config: ReferenceCheckConfig) -> Verdict | 
     shown = result.candidate if len(result.candidate) <= 80 else result.candidate[:77] + "..."
     ref_shown = reference.strip() if len(reference.strip()) <= 80 else reference.strip()[:77] + "..."
     relation = "==" if result.equal else "!="
-    return Verdict(
-        check="reference",
-        passed=result.equal,
-        score=1.0 if result.equal else 0.0,
-        reason=f"{result.rule}: {shown!r} {relation} reference {ref_shown!r}",
+    return _verdict(
+        "reference", result.equal, f"{result.rule}: {shown!r} {relation} reference {ref_shown!r}", float(result.equal)
     )
 
 
