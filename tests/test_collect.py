@@ -77,6 +77,18 @@ def test_rerun_resumes_without_duplicates_and_grows_with_k(
     assert len(ids) == len(set(ids)) == 9
 
 
+def test_each_sample_of_a_task_gets_its_own_seed(fake_server: Start, tasks_file: Path, tmp_path: Path) -> None:
+    # A seeded server returns identical samples for identical seeds: K samples need K seeds.
+    server = fake_server(ReactScript(turns=1, latency_s=0.0))
+    cfg = make_config(server.base_url, tasks_file, samples_per_task=3, teacher={"seed": 7})
+    run_collect(cfg, tmp_path / "run", show_progress=False)
+    seeds_by_task: dict[str, set[int]] = {}
+    for request in server.requests:
+        prompt = request["messages"][1]["content"]
+        seeds_by_task.setdefault(prompt, set()).add(request["seed"])
+    assert len(seeds_by_task) == 3 and all(seeds == {7, 8, 9} for seeds in seeds_by_task.values())
+
+
 def test_changed_generation_settings_refuse_to_resume(fake_server: Start, tasks_file: Path, tmp_path: Path) -> None:
     server = fake_server(ReactScript(turns=1, latency_s=0.0))
     run_collect(make_config(server.base_url, tasks_file), tmp_path / "run", show_progress=False)

@@ -29,6 +29,8 @@ REFERENCE_CASES: list[tuple[str, str, bool, str]] = [
     # numbers: tolerance, separators, units, currency, percent, scientific
     ("391", "391", True, "exact"),
     ("The answer is 391.", "391", True, "exact"),
+    ('The answer is "2 + 2 = 4"', "4", True, "exact"),
+    ("The answer is 2 + 2 = 5.", "4", False, "mismatch"),
     ("5050", "5,050", True, "numeric"),
     ("1,000,000", "1000000", True, "numeric"),
     ("3.5 cm", "3.5", True, "numeric"),

@@ -96,6 +96,7 @@ class Agent:
                         self.native_tools,
                         tool_protocol=self.config.teacher.tool_protocol,
                         call_id_prefix=f"call-{turn}",
+                        seed_offset=sample_index,
                     )
                 except TeacherError as exc:
                     errors.append(TrajectoryError(kind="teacher", message=exc.message, turn=turn))

@@ -74,6 +74,8 @@ def import_cot(path: Path, columns: ImportColumns) -> list[Trajectory]:
         values: dict[str, str] = {}
         for field in ("question", "reasoning", "answer"):
             col = getattr(columns, field)
+            if col is None:  # instruction data: no chain of thought
+                continue
             value = row.get(col)
             if not isinstance(value, str):
                 have = ", ".join(sorted(row)) or "none"
@@ -101,7 +103,7 @@ def import_cot(path: Path, columns: ImportColumns) -> list[Trajectory]:
                 tools=[],
                 messages=[
                     UserMessage(content=values["question"]),
-                    AssistantMessage(content=values["answer"], reasoning=values["reasoning"], finish_reason="stop"),
+                    AssistantMessage(content=values["answer"], reasoning=values.get("reasoning"), finish_reason="stop"),
                 ],
                 final_answer=values["answer"],
                 stop_reason="answer",

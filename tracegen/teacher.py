@@ -115,7 +115,9 @@ class ChatClient:
         if self._sdk is not None:
             await self._sdk.close()
 
-    def body(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> dict[str, Any]:
+    def body(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, seed_offset: int = 0
+    ) -> dict[str, Any]:
         cfg = self.config
         body: dict[str, Any] = {
             "model": self.model,
@@ -125,7 +127,7 @@ class ChatClient:
             "max_tokens": cfg.max_tokens,
         }
         if cfg.seed is not None:
-            body["seed"] = cfg.seed
+            body["seed"] = cfg.seed + seed_offset
         if tools:
             body["tools"] = tools
         body.update(cfg.extra_body)
@@ -137,12 +139,15 @@ class ChatClient:
         tools: list[dict[str, Any]] | None = None,
         tool_protocol: ToolProtocolSetting | None = None,
         call_id_prefix: str = "call",
+        seed_offset: int = 0,
     ) -> AssistantMessage:
         """One assistant turn, retried per the module docstring; raises TeacherError when it gives up.
 
         ``tool_protocol`` says where to look for tool calls (None: nowhere, e.g. for the simulator).
+        ``seed_offset`` is added to a configured seed: the K samples of a task must not share one, or a
+        seeded server returns K identical samples.
         """
-        body = self.body(messages, tools)
+        body = self.body(messages, tools, seed_offset)
         attempt = 0
         while True:
             attempt += 1

@@ -235,7 +235,10 @@ def extract_answers(text: str) -> list[str]:
         return [tags[-1].strip()]
     phrases = _ANSWER_PHRASE.findall(text)
     if phrases:
-        return [phrases[-1].strip().rstrip(".").strip("*").strip()]
+        phrase = phrases[-1].strip().rstrip(".").strip("*").strip().strip("\"'").strip()
+        # "the answer is 2 + 2 = 4": the right-hand side of the last '=' is the answer
+        rhs = phrase.rsplit("=", 1)[1].strip() if "=" in phrase else ""
+        return [phrase, rhs] if rhs else [phrase]
     numbers = _LAST_NUMBER.findall(text)
     if len(text) <= 64 and "\n" not in text:
         return [text, numbers[-1]] if numbers and numbers[-1] != text else [text]

@@ -81,6 +81,12 @@ def is_prepared(model_dir: Path) -> bool:
         return False
 
 
+def is_servable(model_dir: Path) -> bool:
+    """A plain transformers folder: the prepared SmolLM2, a merged student, a tiny model."""
+    files = ("config.json", "tokenizer.json")
+    return all((model_dir / f).is_file() for f in files) and any(model_dir.glob("*.safetensors"))
+
+
 def _offline_env(base: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
@@ -230,8 +236,11 @@ def serve(
     the body raises. ``threads`` sets the server's torch/OpenMP threads (None: leave the default).
     """
     model_dir = Path(model_dir).expanduser().resolve()
-    if not is_prepared(model_dir):
-        raise LocalTeacherError(f"{model_dir} is not a prepared model folder; run prepare_smollm2() first")
+    if not is_servable(model_dir):
+        raise LocalTeacherError(
+            f"{model_dir} is not a model folder (config.json, tokenizer.json, *.safetensors); "
+            "run prepare_smollm2() for the quickstart model"
+        )
     # transformers serve parses "<repo>@<rev>:<file>.gguf" out of the model name.
     if "@" in str(model_dir) or ":" in str(model_dir):
         raise LocalTeacherError(f"model path must not contain '@' or ':': {model_dir}")
