@@ -325,6 +325,56 @@ def push(
     typer.echo(push_dataset(dataset_dir, repo_id, private))
 
 
+@app.command("run")
+def run_(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML; its run.stages say which stages run.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Work directory (re-running the same command resumes).")],
+    scale: Annotated[
+        Literal["full", "smoke"],
+        typer.Option(help="full: the recipe as written; smoke: its smoke: block (tiny offline models and data)."),
+    ] = "full",
+    teacher_base_url: Annotated[
+        str | None, typer.Option(envvar="TRACEGEN_TEACHER_BASE_URL", help="Teacher endpoint (overrides the recipe).")
+    ] = None,
+    teacher_model: Annotated[
+        str | None, typer.Option(envvar="TRACEGEN_TEACHER_MODEL", help="Teacher model name (overrides the recipe).")
+    ] = None,
+    runtime: Annotated[
+        Literal["docker", "simulated"] | None,
+        typer.Option(help="Where collect's tool calls run (overrides the recipe)."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Run every stage the recipe declares (collect, filter, format, cache-teacher, distill, merge, stage 2, eval).
+
+    Stages run in pipeline order; a finished stage is skipped on re-run and a crashed one resumes where
+    it stopped. Ends with a table of what each stage produced and where. WORK_DIR/run.json keeps it.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from tracegen.config import load_recipe
+    from tracegen.pipeline import Pipeline, summary_rows, write_summary
+
+    config = load_recipe(recipe, scale)
+    if teacher_base_url:
+        config.collect.teacher.base_url = teacher_base_url
+    if teacher_model:
+        config.collect.teacher.model = teacher_model
+    if runtime:
+        config.collect.runtime = runtime
+    console = Console(stderr=True)
+    pipeline = Pipeline(config, out, scale, show_progress=not quiet, say=lambda m: console.print(m, markup=False))
+    outcomes = pipeline.run()
+    table = Table(title=f"tracegen run {config.name or recipe.stem} ({scale})")
+    for column in ("stage", "status", "seconds", "output and facts"):
+        table.add_column(column, overflow="fold")
+    for row in summary_rows(outcomes):
+        table.add_row(*row)
+    Console().print(table)
+    typer.echo(f"Summary: {write_summary(out, outcomes)}")
+
+
 def main() -> None:
     """Run the app; map tracegen's error tree to exit codes and one readable line, never a secret."""
     try:

@@ -114,7 +114,7 @@ class CollectConfig(Strict):
     )
     tools: list[Literal["python", "bash"]] = Field(
         default_factory=lambda: ["python", "bash"],  # type: ignore[arg-type]  # mypy can't see the Literal
-        description="Tools offered to the teacher."
+        description="Tools offered to the teacher.",
     )
     system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, description="System prompt of every trajectory.")
     samples_per_task: int = Field(1, ge=1, description="Trajectories sampled per task (K, for rejection sampling).")
@@ -231,7 +231,9 @@ class ImportColumns(Strict):
 
     id: str | None = Field(None, description="Row id column (default: the row number).")
     question: str = Field("question", description="The problem / prompt column.")
-    reasoning: str = Field("CoT", description="The chain-of-thought column (becomes the derivation).")
+    reasoning: str | None = Field(
+        "CoT", description="The chain-of-thought column (becomes the derivation); null for instruction data."
+    )
     answer: str = Field("response", description="The final answer column.")
     source: str | None = Field(None, description="Where the data came from (the card's provenance); default the path.")
 
@@ -404,6 +406,56 @@ class FilterConfig(Strict):
     concurrency: int = Field(8, ge=1, description="Samples in the sandbox checks (tests, replay) at once.")
 
 
+StageName = Literal[
+    "collect", "filter", "format", "cache_teacher", "distill", "merge",
+    "stage2_format", "stage2_distill", "stage2_merge", "eval",
+]  # fmt: skip
+STAGE_ORDER: tuple[str, ...] = StageName.__args__  # type: ignore[attr-defined]
+
+
+class CacheTeacherConfig(Strict):
+    """The ``cache_teacher`` stage: one forward pass of a local teacher over the formatted dataset."""
+
+    teacher: str | None = Field(
+        None, description="Local teacher model (folder, Hub id, smollm2 or tiny:TOKENIZER[:SEED]); student's tokenizer."
+    )
+    batch_size: int = Field(4, ge=1, description="Sequences per teacher forward pass.")
+
+
+class StageTwoConfig(Strict):
+    """A second training stage on the merged stage-1 model (e.g. instruction SFT after distillation)."""
+
+    data: str | None = Field(None, description="Dataset to import for stage 2: .jsonl, .parquet or a dataset folder.")
+    format: FormatConfig = Field(default_factory=FormatConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+
+
+class RunConfig(Strict):
+    """What `tracegen run` does with the recipe: which stages, in the fixed pipeline order."""
+
+    stages: list[StageName] = Field(
+        default_factory=lambda: ["collect", "filter", "format", "distill"],
+        description="Stages to run; they always run in pipeline order: " + ", ".join(StageName.__args__) + ".",  # type: ignore[attr-defined]
+    )
+    data: str | None = Field(
+        None, description="Input of the format stage when there is no collect stage (a chain-of-thought dataset)."
+    )
+    serve: str | None = Field(
+        None,
+        description="A local model (smollm2, tiny:TOKENIZER[:SEED] or a folder) served with `transformers serve` "
+        "for every endpoint left without a base_url (teacher, simulator, judge, examine).",
+    )
+    probes: list[Literal["proof", "dualmind", "instruct"]] = Field(
+        default_factory=list,
+        description="Eval stage: generate from the final model with each template's prompt, offline, and check "
+        "that it generates (the prompt formats still work after training).",
+    )
+    probe_max_new_tokens: int = Field(24, ge=1, description="Tokens generated per probe.")
+    merge_best: bool = Field(
+        False, description="Merge the adapter with the lowest eval loss (adapter/best) when there is one."
+    )
+
+
 class Recipe(Strict):
     """A reproducible pipeline: one section per stage."""
 
@@ -413,10 +465,20 @@ class Recipe(Strict):
     filter: FilterConfig = Field(default_factory=FilterConfig)
     format: FormatConfig = Field(default_factory=FormatConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    cache_teacher: CacheTeacherConfig = Field(default_factory=CacheTeacherConfig)
+    stage2: StageTwoConfig | None = Field(None, description="A second training stage on the merged model.")
+    run: RunConfig = Field(default_factory=RunConfig)
+    smoke: dict[str, Any] | None = Field(
+        None, description="Overrides applied by `tracegen run --scale smoke` (tiny offline models and data)."
+    )
 
 
-def load_recipe(path: Path) -> Recipe:
-    """Parse and validate a recipe; relative paths inside it resolve against the recipe's folder."""
+def load_recipe(path: Path, scale: Literal["full", "smoke"] = "full") -> Recipe:
+    """Parse and validate a recipe; relative paths inside it resolve against the recipe's folder.
+
+    ``scale="smoke"`` deep-merges the recipe's ``smoke:`` block over it first. The smoke block is
+    validated at either scale, so a broken one is caught when the recipe is loaded, not in CI.
+    """
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -434,15 +496,43 @@ def load_recipe(path: Path) -> Recipe:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise _recipe_error(exc, str(path), root) from exc
-    tasks = recipe.collect.tasks
-    if tasks and not Path(tasks).is_absolute():
-        recipe.collect.tasks = str((path.parent / tasks).resolve())
-    distill = recipe.distill
-    for field in ("student", "teacher_cache"):  # a Hub id stays as written; a local folder resolves
-        value = getattr(distill, field)
-        if value and not Path(value).is_absolute() and (path.parent / value).exists():
-            setattr(distill, field, str((path.parent / value).resolve()))
+    if recipe.smoke is not None:
+        try:
+            smoke = Recipe.model_validate(merge(data, recipe.smoke))
+        except ValidationError as exc:
+            raise _recipe_error(exc, str(path), root, smoke=True) from exc
+        if scale == "smoke":
+            recipe = smoke
+    elif scale == "smoke":
+        raise RecipeError(f"{path}: no smoke: block", hint="add one, or run at --scale full")
+    _resolve_paths(recipe, path.parent)
     return recipe
+
+
+def _resolve_paths(recipe: Recipe, base: Path) -> None:
+    """File settings resolve against the recipe's folder; a model that is not a local folder stays as written."""
+
+    def file(value: str | None) -> str | None:
+        return str((base / value).resolve()) if value and not Path(value).is_absolute() else value
+
+    def model(value: str | None) -> str | None:
+        local = value and not Path(value).is_absolute() and (base / value).exists()
+        return str((base / value).resolve()) if local and value else value
+
+    recipe.collect.tasks = file(recipe.collect.tasks)
+    recipe.run.data = file(recipe.run.data)
+    recipe.run.serve = model(recipe.run.serve)
+    recipe.cache_teacher.teacher = model(recipe.cache_teacher.teacher)
+    stage2 = recipe.stage2
+    for distill, fmt in [(recipe.distill, recipe.format), *([(stage2.distill, stage2.format)] if stage2 else [])]:
+        distill.student = model(distill.student)
+        distill.teacher_cache = model(distill.teacher_cache)
+        fmt.tokenizer = model(fmt.tokenizer)
+    if stage2 is not None:
+        stage2.data = file(stage2.data)
+    evaluation = getattr(recipe, "eval", None)  # the eval section, when this build has one
+    if evaluation is not None and getattr(evaluation, "tasks", None):
+        evaluation.tasks = file(evaluation.tasks)
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -467,9 +557,7 @@ def apply_overrides(config: CollectConfig, overrides: dict[str, Any], source: st
         raise _recipe_error(exc, source, None, prefix="collect") from exc
 
 
-def apply_distill_overrides(
-    config: DistillConfig, overrides: dict[str, Any], source: str = "flags"
-) -> DistillConfig:
+def apply_distill_overrides(config: DistillConfig, overrides: dict[str, Any], source: str = "flags") -> DistillConfig:
     """Layer flag values over a validated distill config, re-validating the result."""
     merged = merge(config.model_dump(exclude_unset=True), overrides)
     try:
@@ -478,10 +566,14 @@ def apply_distill_overrides(
         raise _recipe_error(exc, source, None, prefix="distill") from exc
 
 
-def _recipe_error(exc: ValidationError, source: str, root: yaml.Node | None, prefix: str = "") -> RecipeError:
+def _recipe_error(
+    exc: ValidationError, source: str, root: yaml.Node | None, prefix: str = "", smoke: bool = False
+) -> RecipeError:
     """One line naming the key (and its line in the file) and the fix."""
     err = exc.errors()[0]
     loc = [str(p) for p in err["loc"]]
+    if smoke:  # the error came from the smoke overlay, or from the recipe underneath it
+        loc = ["smoke", *loc] if _line_of(root, ["smoke", *loc], exact=True) else loc
     dotted = ".".join(([prefix] if prefix else []) + loc)
     line = _line_of(root, loc) if root is not None else None
     where = f"{source}:{line}" if line else source
@@ -492,15 +584,18 @@ def _recipe_error(exc: ValidationError, source: str, root: yaml.Node | None, pre
     return RecipeError(f"{where}: {dotted}: {err['msg']}")
 
 
-def _line_of(node: yaml.Node | None, loc: list[str]) -> int | None:
-    """1-based line of the deepest YAML node along ``loc`` (pydantic's error location)."""
+def _line_of(node: yaml.Node | None, loc: list[str], exact: bool = False) -> int | None:
+    """1-based line of the deepest YAML node along ``loc`` (pydantic's error location).
+
+    ``exact``: None unless the whole of ``loc`` is in the file.
+    """
     line = node.start_mark.line + 1 if node is not None else None
     for part in loc:
         if isinstance(node, yaml.MappingNode):
             match = next((v for k, v in node.value if k.value == part), None)
             key = next((k for k, _ in node.value if k.value == part), None)
             if match is None:
-                return line
+                return None if exact else line
             line = (key.start_mark.line if key is not None else match.start_mark.line) + 1
             node = match
         elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
