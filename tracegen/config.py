@@ -519,8 +519,12 @@ def _resolve_paths(recipe: Recipe, base: Path) -> None:
         local = value and not Path(value).is_absolute() and (base / value).exists()
         return str((base / value).resolve()) if local and value else value
 
+    def data(value: str | None) -> str | None:  # a file (resolved even when missing, for the error) or a Hub id
+        is_file = value and Path(value).suffix in (".jsonl", ".json", ".parquet")
+        return file(value) if is_file else model(value)
+
     recipe.collect.tasks = file(recipe.collect.tasks)
-    recipe.run.data = file(recipe.run.data)
+    recipe.run.data = data(recipe.run.data)
     recipe.run.serve = model(recipe.run.serve)
     recipe.cache_teacher.teacher = model(recipe.cache_teacher.teacher)
     stage2 = recipe.stage2
@@ -529,7 +533,7 @@ def _resolve_paths(recipe: Recipe, base: Path) -> None:
         distill.teacher_cache = model(distill.teacher_cache)
         fmt.tokenizer = model(fmt.tokenizer)
     if stage2 is not None:
-        stage2.data = file(stage2.data)
+        stage2.data = data(stage2.data)
     evaluation = getattr(recipe, "eval", None)  # the eval section, when this build has one
     if evaluation is not None and getattr(evaluation, "tasks", None):
         evaluation.tasks = file(evaluation.tasks)

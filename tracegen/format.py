@@ -40,12 +40,12 @@ class FormatResult:
 
 
 def load_input(path: Path, config: FormatConfig) -> list[Trajectory]:
-    if not path.exists():
-        raise BadInputError(f"{path}: no such file or folder")
     if config.import_format == "cot":
         from tracegen.importers import import_cot
 
-        return import_cot(path, config.import_columns)
+        return import_cot(path, config.import_columns)  # a missing path is named there (or is a Hub id)
+    if not path.exists():
+        raise BadInputError(f"{path}: no such file or folder")
     if path.is_dir():
         for name in ("kept.jsonl", "trajectories.jsonl"):
             if (path / name).is_file():

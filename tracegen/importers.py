@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ from tracegen.types import (
     Trajectory,
     UserMessage,
 )
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -64,7 +67,16 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         for i, row in enumerate(ds, 1):
             yield i, dict(row)
         return
-    raise BadInputError(f"{path}: not a .jsonl / .parquet file or a dataset folder")
+    if not path.exists() and HUB_ID.fullmatch(str(path)):
+        import datasets
+
+        for i, row in enumerate(datasets.load_dataset(str(path), split="train"), 1):
+            yield i, dict(row)
+        return
+    raise BadInputError(
+        f"{path}: not a .jsonl / .parquet file, a dataset folder or a Hub dataset id",
+        hint="check the path (relative paths in a recipe resolve against the recipe's folder)",
+    )
 
 
 def import_cot(path: Path, columns: ImportColumns) -> list[Trajectory]:

@@ -13,6 +13,7 @@ Anything else is returned unchanged (a folder or a Hub id for transformers to re
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from tracegen.errors import BadInputError
 TINY_PREFIX = "tiny:"
 TINY_FAMILIES = ("qwen3", "smollm2")
 _COMPLETE = ".tracegen-complete"
+_HUB_MODEL = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def cache_root() -> Path:
@@ -82,3 +84,17 @@ def build_tiny(family: str, seed: int) -> Path:
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)  # a crash leaves no half-built folder under the final name
     return dest
+
+
+def local_tokenizer(spec: str) -> str:
+    """``spec`` for `tracegen format --tokenizer`: the offline names resolved, a Hub model's tokenizer
+    files fetched (only those files, never the weights), anything else unchanged."""
+    if spec in ("qwen3", "smollm2"):  # format knows these itself
+        return spec
+    resolved = resolve_model(spec)
+    if Path(resolved).exists() or not _HUB_MODEL.fullmatch(resolved):
+        return resolved
+    from huggingface_hub import snapshot_download
+
+    patterns = ["tokenizer*", "*.jinja", "special_tokens_map.json", "vocab*", "merges.txt", "config.json"]
+    return snapshot_download(resolved, allow_patterns=patterns)

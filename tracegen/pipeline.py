@@ -57,6 +57,7 @@ STAGE_DIRS: dict[str, str] = {
     "eval": "eval",
 }
 MARKERS = ".run"
+ENDPOINT_STAGES = {"collect", "filter", "format", "stage2_format"}  # may call an endpoint from run.serve
 
 
 class RunInterrupted(TracegenError):
@@ -82,7 +83,7 @@ class Pipeline:
     show_progress: bool = True
     say: Callable[[str], None] = print
     _fingerprint: str = ""
-    _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    _serving: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     _served: Any = None  # the local endpoint of run.serve, started on first need
 
     # --- the loop --------------------------------------------------------------------------------
@@ -93,7 +94,7 @@ class Pipeline:
         self._check_declared(stages)
         self.work.mkdir(parents=True, exist_ok=True)
         outcomes: list[StageOutcome] = []
-        with self._stack:
+        with self._serving:
             for stage in stages:
                 outcomes.append(self._stage(stage))
         return outcomes
@@ -134,6 +135,9 @@ class Pipeline:
                 f"{out}: the {stage} stage finished with different settings (or different earlier stages)",
                 hint=f"use a new --out, or delete {out} and {marker} to redo it",
             )
+        if stage not in ENDPOINT_STAGES:
+            self._serving.close()  # frees its memory and CPU for training; restarted if needed later
+            self._served = None
         self.say(f"run: {stage} -> {out}")
         started = time.perf_counter()
         facts = getattr(self, f"_do_{stage}")(out)
@@ -176,7 +180,7 @@ class Pipeline:
 
             model_dir = Path(resolve_model(spec))
             self.say(f"run: serving {spec} locally for the endpoints without a base_url")
-            self._served = self._stack.enter_context(serve(model_dir))
+            self._served = self._serving.enter_context(serve(model_dir))
         return self._served.base_url, self._served.model
 
     def _fill(self, endpoint: EndpointConfig, who: str) -> None:
@@ -240,15 +244,13 @@ class Pipeline:
 
     def _format(self, source: Path, out: Path, config: FormatConfig, student: str | None) -> dict[str, Any]:
         from tracegen.format import format_dataset
-        from tracegen.models import resolve_model
+        from tracegen.models import local_tokenizer
 
         config = config.model_copy(deep=True)
-        if config.tokenizer is None:
-            if not student:
-                raise BadInputError("format has no tokenizer", hint="set format.tokenizer or distill.student")
-            config.tokenizer = resolve_model(student)
-        elif config.tokenizer.startswith("tiny:"):
-            config.tokenizer = resolve_model(config.tokenizer)
+        tokenizer = config.tokenizer or student  # the student's own tokenizer by default
+        if not tokenizer:
+            raise BadInputError("format has no tokenizer", hint="set format.tokenizer or distill.student")
+        config.tokenizer = local_tokenizer(tokenizer)
         if config.examine == "teacher":
             self._fill(config.teacher, "format.teacher")
         result = format_dataset(source, out, config)
@@ -347,13 +349,14 @@ class Pipeline:
         model = self.final_model()
         facts: dict[str, Any] = {}
         with contextlib.ExitStack() as stack:
-            if not config.base_url:
+            if config.tasks and not config.base_url:
                 assert model is not None  # _check_declared
                 self.say(f"run: serving the trained model {model} for eval")
                 served = stack.enter_context(serve(model))
                 config.base_url, config.model = served.base_url, served.model
-            summary = run_eval(config, out, show_progress=self.show_progress)
-            facts.update(summary.totals())
+            if config.tasks:
+                summary = run_eval(config, out, show_progress=self.show_progress)
+                facts.update(summary.totals())
         if self.recipe.run.probes:
             if model is None:
                 raise BadInputError("run.probes need a merged model", hint="add merge to run.stages")
