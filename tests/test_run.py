@@ -1,0 +1,165 @@
+"""`tracegen run`: every seed recipe end to end at smoke scale (offline), resume, and the cards' settings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tracegen.config import load_recipe
+
+ROOT = Path(__file__).parent.parent
+RECIPES = ROOT / "recipes"
+
+# The published cards' settings, as the issue's table gives them (dotted paths into the recipe).
+STEM_COMMON: dict[str, Any] = {
+    "format.template": "proof",
+    "format.import_format": "cot",
+    "format.max_length": 1024,
+    "distill.alpha_ce": 0.55,
+    "distill.alpha_kd": 0.45,
+    "distill.temperature": 2.0,
+    "distill.top_k": 64,
+    "distill.proof_weight_start": 2.5,
+    "distill.proof_weight_end": 1.5,
+    "distill.epochs": 1,
+    "distill.batch_size": 1,
+    "distill.grad_accum": 8,
+    "distill.weight_decay": 0.01,
+    "distill.learning_rate": 1.5e-5,
+    "distill.min_learning_rate": 1e-6,
+    "distill.warmup_steps": 30,
+    "distill.max_grad_norm": 1.0,
+    "distill.precision": "bf16",
+    "distill.max_length": 1024,
+    "distill.eval_fraction": 0.05,
+    "distill.seed": 42,
+}
+CARDS: dict[str, dict[str, Any]] = {
+    "qwen3-0.6b-stem-proof-thinking.yaml": {
+        **STEM_COMMON,
+        "cache_teacher.teacher": "Qwen/Qwen3-30B-A3B-Thinking-2507",
+        "distill.student": "Qwen/Qwen3-0.6B",
+    },
+    "qwen3-1.7b-stem-proof-disc.yaml": {
+        **STEM_COMMON,
+        "cache_teacher.teacher": "Qwen/Qwen3-30B-A3B-Instruct-2507",
+        "distill.student": "Qwen/Qwen3-1.7B",
+    },
+    "qwen3-1.7b-two-stage-legal.yaml": {
+        **STEM_COMMON,
+        "cache_teacher.teacher": "Qwen/Qwen3-30B-A3B-Instruct-2507",
+        "distill.student": "Qwen/Qwen3-1.7B",
+        "run.probes": ["proof", "instruct"],
+        "run.merge_best": True,
+        "stage2.data": "Alignment-Lab-AI/Lawyer-Instruct",
+        "stage2.format.template": "instruct",
+        "stage2.format.max_length": 1024,
+        "stage2.distill.epochs": 1,
+        "stage2.distill.batch_size": 2,
+        "stage2.distill.grad_accum": 4,
+        "stage2.distill.learning_rate": 5e-6,
+        "stage2.distill.warmup_steps": 30,
+        "stage2.distill.max_grad_norm": 1.0,
+        "stage2.distill.max_length": 1024,
+        "stage2.distill.gradient_checkpointing": True,
+        "stage2.distill.eval_every": 200,
+    },
+}
+
+
+def dotted(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def tracegen(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize("name", sorted(CARDS))
+def test_recipe_has_the_cards_settings(name: str) -> None:
+    recipe = load_recipe(RECIPES / name)
+    wrong = {key: dotted(recipe, key) for key, want in CARDS[name].items() if dotted(recipe, key) != want}
+    assert not wrong, f"{name} differs from its card: {wrong}"
+    assert recipe.smoke is not None, "every seed recipe has a smoke block for CI"
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_smoke_block_uses_only_offline_models(path: Path) -> None:
+    recipe = load_recipe(path, "smoke") if load_recipe(path).smoke is not None else load_recipe(path)
+    offline = ("tiny:", "smollm2", "qwen3")
+    models = [recipe.distill.student, recipe.cache_teacher.teacher, recipe.run.serve, recipe.format.tokenizer]
+    for model in filter(None, models):
+        assert model.startswith(offline) or Path(model).exists(), f"{path.name}: {model} would need a download"
+
+
+def test_stage_without_its_input_is_refused_with_exit_2(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("# tracegen run r.yaml\nrun:\n  stages: [distill]\n")
+    proc = tracegen("run", str(recipe), "--out", str(tmp_path / "w"))
+    assert proc.returncode == 2
+    assert "the distill stage needs the format stage" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "w").exists(), "nothing is written for a run refused up front"
+
+
+def test_smoke_without_a_smoke_block_is_refused(tmp_path: Path) -> None:
+    proc = tracegen("run", str(RECIPES / "quickstart.yaml"), "--out", str(tmp_path / "w"), "--scale", "smoke")
+    assert proc.returncode == 2 and "no smoke: block" in proc.stderr
+
+
+def _stages(work: Path) -> dict[str, str]:
+    return {s["stage"]: s["status"] for s in json.loads((work / "run.json").read_text())["stages"]}
+
+
+@pytest.mark.slow
+def test_stem_recipe_smoke_runs_every_stage_then_resumes(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    recipe = RECIPES / "qwen3-0.6b-stem-proof-thinking.yaml"
+    proc = tracegen("run", str(recipe), "--out", str(work), "--scale", "smoke", "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _stages(work) == {s: "ran" for s in ("format", "cache_teacher", "distill", "merge")}
+    assert (work / "adapter" / "adapter_model.safetensors").is_file()
+    assert (work / "merged" / "config.json").is_file()
+    facts = json.loads((work / ".run" / "distill.json").read_text())["facts"]
+    assert facts["mode"] == "kd" and facts["steps"] == 3
+
+    # A crash after distill: merge's output and marker are gone. Only merge runs again.
+    import shutil
+
+    shutil.rmtree(work / "merged")
+    (work / ".run" / "merge.json").unlink()
+    again = tracegen("run", str(recipe), "--out", str(work), "--scale", "smoke", "--quiet")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _stages(work) == {"format": "skipped", "cache_teacher": "skipped", "distill": "skipped", "merge": "ran"}
+
+    # The same work directory with different training settings is refused, not mixed.
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(recipe.read_text().replace("max_steps: 3", "max_steps: 4"))
+    for data in (RECIPES / "data").iterdir():
+        (tmp_path / "data").mkdir(exist_ok=True)
+        (tmp_path / "data" / data.name).write_bytes(data.read_bytes())
+    refused = tracegen("run", str(changed), "--out", str(work), "--scale", "smoke", "--quiet")
+    assert refused.returncode == 2 and "finished with different settings" in refused.stderr
+
+
+@pytest.mark.slow
+def test_two_stage_recipe_smoke_keeps_both_prompt_formats(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    proc = tracegen("run", str(RECIPES / "qwen3-1.7b-two-stage-legal.yaml"), "--out", str(work), "--scale", "smoke")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert set(_stages(work).values()) == {"ran"} and len(_stages(work)) == 8
+    probes = {p["template"]: p for p in json.loads((work / "eval" / "probes.json").read_text())}
+    assert set(probes) == {"proof", "instruct"} and all(p["generated"] for p in probes.values())
+    # stage 2 trained the merged stage-1 model, and the final model is stage 2's merge
+    adapter_config = json.loads((work / "stage2-adapter" / "adapter_config.json").read_text())
+    assert Path(adapter_config["base_model_name_or_path"]) == work / "merged"
+    dataset_meta = json.loads((work / "stage2-dataset" / "tracegen.json").read_text())
+    assert "instruct" in json.dumps(dataset_meta)
