@@ -20,8 +20,10 @@ def test_every_recipe_loads_and_opens_with_its_command(path: Path) -> None:
     assert isinstance(recipe, Recipe)
     first = path.read_text().splitlines()[0]
     assert first.startswith("# ") and "tracegen" in first, "every recipe opens with the command that runs it"
-    if recipe.collect.tasks:
-        assert Path(recipe.collect.tasks).exists(), "relative task paths resolve against the recipe"
+    offline = load_recipe(path, "smoke") if recipe.smoke is not None else recipe  # full scale: the user's data
+    for data in (offline.collect.tasks, offline.run.data, offline.stage2 and offline.stage2.data):
+        if data:
+            assert Path(data).exists(), f"{data}: relative paths resolve against the recipe"
 
 
 def test_unknown_key_names_key_and_line(tmp_path: Path) -> None:
