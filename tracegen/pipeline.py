@@ -184,9 +184,8 @@ class Pipeline:
         return self._served.base_url, self._served.model
 
     def _fill(self, endpoint: EndpointConfig, who: str) -> None:
-        if not endpoint.base_url:
-            endpoint.base_url, model = self._served_endpoint(who)
-            endpoint.model = endpoint.model or model
+        if not endpoint.base_url:  # the served model answers under its own name only
+            endpoint.base_url, endpoint.model = self._served_endpoint(who)
 
     def _eval_base_url(self) -> str | None:
         evaluation = getattr(self.recipe, "eval", None)
