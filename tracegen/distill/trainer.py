@@ -146,6 +146,13 @@ def train(
     split = split_indices(len(rows), config.eval_fraction)
     if not split.train:
         raise BadInputError(f"{dataset_dir}: no training rows left after the {config.eval_fraction:.0%} eval split")
+    # Rows are cut to max_length: when every trained token lies beyond the cut, training would run
+    # on nothing at all (loss 0) and save an unchanged adapter. Say so instead.
+    if not any(any(label != -100 for label in rows[i].labels[1 : config.max_length]) for i in split.train):
+        raise BadInputError(
+            f"{dataset_dir}: no trained token within the first {config.max_length} tokens of any training row",
+            hint="raise max_length (rows are cut there), or check the dataset with `tracegen audit`",
+        )
     cache: TeacherCache | None = None
     if config.teacher_cache:
         cache = TeacherCache(Path(config.teacher_cache))
