@@ -173,9 +173,7 @@ def test_kd_refused_when_vocabularies_differ(assets: dict[str, Path], tmp_path: 
         train(small(assets["student"], teacher_cache=str(tmp_path / "cache")), assets["dataset"], tmp_path / "o")
 
 
-def test_rows_cut_before_any_trained_token_are_refused_not_trained_on(
-    assets: dict[str, Path], tmp_path: Path
-) -> None:
+def test_rows_cut_before_any_trained_token_are_refused_not_trained_on(assets: dict[str, Path], tmp_path: Path) -> None:
     # Every row starts with a masked prompt longer than 3 tokens: cut at 3, nothing is left to train.
     with pytest.raises(BadInputError, match="no trained token within the first 3 tokens"):
         train(small(assets["student"], max_length=3), assets["dataset"], tmp_path / "o")
