@@ -198,7 +198,7 @@ def test_two_stage_recipe_smoke_keeps_both_prompt_formats(tmp_path: Path) -> Non
     proc = tracegen("run", str(RECIPES / "qwen3-1.7b-two-stage-legal.yaml"), "--out", str(work), "--scale", "smoke")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert set(_stages(work).values()) == {"ran"} and len(_stages(work)) == 8
-    probes = {p["template"]: p for p in json.loads((work / "eval" / "probes.json").read_text())}
+    probes = {p["template"]: p for p in json.loads((work / "eval" / "probes.json").read_text())["probes"]}
     assert set(probes) == {"proof", "instruct"} and all(p["generated"] for p in probes.values())
     # stage 2 trained the merged stage-1 model, and the final model is stage 2's merge
     adapter_config = json.loads((work / "stage2-adapter" / "adapter_config.json").read_text())

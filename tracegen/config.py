@@ -434,7 +434,7 @@ class RunConfig(Strict):
     """What `tracegen run` does with the recipe: which stages, in the fixed pipeline order."""
 
     stages: list[StageName] = Field(
-        default_factory=lambda: ["collect", "filter", "format", "distill"],
+        default_factory=lambda: list[StageName](["collect", "filter", "format", "distill"]),
         description="Stages to run; they always run in pipeline order: " + ", ".join(StageName.__args__) + ".",  # type: ignore[attr-defined]
     )
     data: str | None = Field(

@@ -75,7 +75,7 @@ def build_tiny(family: str, seed: int) -> Path:
     }
     config = Qwen3Config(**sizes) if family == "qwen3" else LlamaConfig(**sizes)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))

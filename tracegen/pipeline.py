@@ -90,7 +90,7 @@ class Pipeline:
 
     def run(self) -> list[StageOutcome]:
         declared = set(self.recipe.run.stages)
-        stages = [s for s in STAGE_ORDER if s in declared]
+        stages: list[str] = [s for s in STAGE_ORDER if s in declared]
         self._check_declared(stages)
         self.work.mkdir(parents=True, exist_ok=True)
         outcomes: list[StageOutcome] = []
@@ -367,7 +367,7 @@ class Pipeline:
             if model is None:
                 raise BadInputError("run.probes need a merged model", hint="add merge to run.stages")
             results = run_probes(model, list(self.recipe.run.probes), self.recipe.run.probe_max_new_tokens)
-            write_json_atomic(out / "probes.json", [r.as_dict() for r in results])
+            write_json_atomic(out / "probes.json", {"probes": [r.as_dict() for r in results]})
             failed = [r.template for r in results if not r.generated]
             if failed:
                 raise TracegenError(
@@ -409,7 +409,7 @@ def _hash(value: Any) -> str:
 
 def summary_rows(outcomes: list[StageOutcome]) -> list[tuple[str, str, str, str]]:
     """(stage, status, seconds, facts) per stage, for the end-of-run table."""
-    rows = []
+    rows: list[tuple[str, str, str, str]] = []
     for o in outcomes:
         facts = ", ".join(f"{k}={_short(v)}" for k, v in o.facts.items())
         rows.append((o.stage, o.status, f"{o.seconds:.1f}", f"{o.out}  {facts}"))

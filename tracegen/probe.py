@@ -53,7 +53,7 @@ def run_probes(model_dir: Path, templates: list[str], max_new_tokens: int = 24) 
                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
             )
         new = out[0, ids["input_ids"].shape[1] :].tolist()
-        text = tokenizer.decode(new, skip_special_tokens=True)
+        text = str(tokenizer.decode(new, skip_special_tokens=True))
         visible = [t for t in new if t != tokenizer.eos_token_id]
         results.append(ProbeResult(template, prompt, text, len(new), bool(visible) and bool(text.strip())))
     return results
