@@ -3,13 +3,42 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tracegen.config import CollectConfig
 from tracegen.testing.fake_server import FakeServer, Script
+
+ROOT = Path(__file__).parent.parent
+
+
+def tracegen(*args: str, timeout: float = 900, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run the CLI as a user does (``python cli.py ...``), capturing stdout and stderr as text."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True, timeout=timeout, **kwargs
+    )
+
+
+def start_tracegen(*args: str) -> subprocess.Popen[str]:
+    """Start the CLI as a foreground job, so Ctrl-C (SIGINT) reaches it.
+
+    A job a shell starts in the background inherits SIGINT *ignored*, and so would this child when the
+    test suite itself runs in the background: reset it to the default, as a terminal's foreground has.
+    """
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "cli.py"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
 
 SECRET = "sk-test-SECRET-do-not-leak-0123456789"
 

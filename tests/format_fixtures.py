@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 from tracegen.testing.synthetic import HOSTILE, WORDS, make_trajectory
 
@@ -53,9 +50,3 @@ def train_tiny_tokenizer(folder: Path) -> Path:
         json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML})
     )
     return folder
-
-
-def tracegen(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True, timeout=300, **kwargs
-    )

@@ -17,16 +17,10 @@ import pytest
 
 from tracegen.testing.fake_server import FakeServer, ReactScript
 
-from .conftest import SECRET, write_tasks
+from .conftest import SECRET, start_tracegen, tracegen, write_tasks
 
 ROOT = Path(__file__).parent.parent
 Start = Callable[[Any], FakeServer]
-
-
-def tracegen(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True, timeout=120, **kwargs
-    )
 
 
 def test_help_is_fast_and_imports_no_heavy_library() -> None:
@@ -136,9 +130,7 @@ def test_ctrl_c_stops_cleanly_with_exit_130_and_resumes(tmp_path: Path) -> None:
             "--teacher-model",
             "m",
         ]
-        proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "cli.py"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
+        proc = start_tracegen(*args)
         out_file = tmp_path / "run" / "trajectories.jsonl"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and (not out_file.exists() or len(out_file.read_text().splitlines()) < 4):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
-import sys
 from pathlib import Path
 
+from .conftest import tracegen as run_cli
 from .distill_fixtures import save_model, write_dataset
 
 ROOT = Path(__file__).parent.parent
@@ -14,12 +15,7 @@ ENV_THREADS = {"OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"}
 
 
 def tracegen(*args: str) -> subprocess.CompletedProcess[str]:
-    import os
-
-    env = {**os.environ, **ENV_THREADS}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True, timeout=120, env=env
-    )
+    return run_cli(*args, timeout=120, env={**os.environ, **ENV_THREADS})
 
 
 def test_cache_teacher_distill_and_merge_end_to_end(tmp_path: Path) -> None:

@@ -9,8 +9,6 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,17 +22,11 @@ from tracegen.testing.fake_server import FakeServer, Script, Scripted, text_repl
 from tracegen.testing.synthetic import make_trajectory
 from tracegen.types import AssistantMessage, Task, Trajectory, Usage
 
-from .conftest import SECRET
+from .conftest import SECRET, start_tracegen, tracegen
 
 ROOT = Path(__file__).parent.parent
 Start = Callable[[Script], FakeServer]
 GOOD = json.dumps({"verdict": "pass", "score": 0.9, "rationale": "correct and supported"})
-
-
-def tracegen(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True, timeout=120, **kwargs
-    )
 
 
 def sample(task: int, k: int, answer: str | None, tokens: int = 100, reference: str | None = None) -> Trajectory:
@@ -227,9 +219,8 @@ def test_interrupt_loses_no_finished_verdict(fake_server: Start, tmp_path: Path,
     slow = fake_server(Scripted([], default=text_reply(GOOD, delay_s=0.15)))
     source = many_samples(tmp_path, 40)
     out = tmp_path / "f"
-    args = [sys.executable, str(ROOT / "cli.py"), "filter", str(source), "--out", str(out), "-q"]
-    args += [*judge_args(slow), "--judge-concurrency", "2"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = ["filter", str(source), "--out", str(out), "-q", *judge_args(slow), "--judge-concurrency", "2"]
+    proc = start_tracegen(*args)
     journal = out / "verdicts.jsonl"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and (not journal.exists() or journal.read_text().count("\n") < 6):

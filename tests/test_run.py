@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.conftest import tracegen
 from tracegen.config import load_recipe
 
 ROOT = Path(__file__).parent.parent
@@ -118,12 +117,6 @@ def dotted(obj: Any, path: str) -> Any:
     for part in path.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def tracegen(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True, timeout=timeout
-    )
 
 
 @pytest.mark.parametrize("name", sorted(CARDS))

@@ -325,6 +325,77 @@ def push(
     typer.echo(push_dataset(dataset_dir, repo_id, private))
 
 
+@app.command("eval")
+def eval_(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Eval directory (re-running the same command resumes).")],
+    tasks: Annotated[
+        Path | None, typer.Option(help="Tasks with references: a JSONL file or a local Hugging Face dataset directory.")
+    ] = None,
+    recipe: Annotated[Path | None, typer.Option(help="Recipe YAML; flags override its `eval:` section.")] = None,
+    base_url: Annotated[
+        str | None, typer.Option(envvar="TRACEGEN_EVAL_BASE_URL", help="Endpoint of the model under test.")
+    ] = None,
+    model: Annotated[str | None, typer.Option(envvar="TRACEGEN_EVAL_MODEL", help="Model name under test.")] = None,
+    samples: Annotated[int | None, typer.Option("--samples", "-k", help="Answers per task (default 1).")] = None,
+    prompt_template: Annotated[
+        Literal["none", "proof", "dualmind", "instruct"] | None,
+        typer.Option(help="Wrap prompts in a training template's prompt part (default none: as is)."),
+    ] = None,
+    runtime: Annotated[
+        Literal["docker", "simulated"] | None, typer.Option(help="Where the model's tool calls run.")
+    ] = None,
+    tests: Annotated[
+        bool | None, typer.Option("--tests/--no-tests", help="Also run the tasks' tests in the Docker sandbox.")
+    ] = None,
+    concurrency: Annotated[
+        int | None, typer.Option("--concurrency", "-c", help="Questions in flight (default 8).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N tasks.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature (default 0.6).")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling (default 0.95).")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Completion tokens per turn (default 32768).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed, where the server supports it.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Measure a served model on a task set: accuracy by reference (and tests), and finish_reason per question.
+
+    The model answers through the same agent loop as collect (thinking on, tools offered); each answer
+    is scored by filter's reference check. Reports the share that converged (finish_reason=stop) and
+    the share that ran into the token wall (length). Writes OUT/eval.json and OUT/trajectories.jsonl.
+    The API key is read from $TRACEGEN_EVAL_API_KEY (or $OPENAI_API_KEY), never written anywhere.
+    """
+    from tracegen.config import EvalConfig, apply_overrides, load_recipe
+
+    base = (load_recipe(recipe).eval or EvalConfig()) if recipe else EvalConfig()
+    endpoint = {
+        "base_url": base_url,
+        "model": model,
+        "temperature": temperature,
+        "top_p": top_p,
+        "max_tokens": max_tokens,
+        "seed": seed,
+    }
+    overrides: dict[str, Any] = {
+        "tasks": str(tasks) if tasks else None,
+        "endpoint": endpoint,
+        "samples": samples,
+        "prompt_template": prompt_template,
+        "runtime": runtime,
+        "tests": tests,
+        "concurrency": concurrency,
+        "limit": limit,
+    }
+    config = apply_overrides(base, overrides)
+
+    from tracegen.evaluate import print_eval, run_eval
+
+    summary = run_eval(config, out, show_progress=not quiet)
+    if summary.interrupted:
+        typer.echo("Interrupted: answers so far are saved; re-run the same command to resume.", err=True)
+        raise typer.Exit(130)
+    print_eval(summary)
+
+
 @app.command("run")
 def run_(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML; its run.stages say which stages run.")],

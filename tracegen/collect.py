@@ -17,7 +17,7 @@ import collections
 import json
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -113,9 +113,19 @@ def prepare(config: CollectConfig, run_dir: Path) -> list[Task]:
     return load_tasks(Path(config.tasks), config.task_columns, config.limit)
 
 
-def run_collect(config: CollectConfig, run_dir: Path, show_progress: bool = True) -> CollectSummary:
-    """Synchronous entry point; on Ctrl-C returns a summary with ``interrupted=True``."""
+def run_collect(
+    config: CollectConfig,
+    run_dir: Path,
+    show_progress: bool = True,
+    rewrite: Callable[[Task], Task] | None = None,
+) -> CollectSummary:
+    """Synchronous entry point; on Ctrl-C returns a summary with ``interrupted=True``.
+
+    ``rewrite`` changes each loaded task before it is sent (eval wraps prompts in a training template).
+    """
     tasks = prepare(config, run_dir)
+    if rewrite is not None:
+        tasks = [rewrite(t) for t in tasks]
     summary = CollectSummary(run_dir=run_dir)
     try:
         asyncio.run(collect_async(config, tasks, run_dir, summary, show_progress))

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -101,10 +101,11 @@ class TaskColumns(Strict):
     metadata: list[str] = Field(default_factory=list, description="Extra columns kept in task.metadata.")
 
 
-class CollectConfig(Strict):
+class AgentLoopConfig(Strict):
+    """How episodes run: the tasks, the tools and where they execute. Shared by collect and eval."""
+
     tasks: str | None = Field(None, description="Tasks: a JSONL file or a local Hugging Face dataset directory.")
     task_columns: TaskColumns = Field(default_factory=TaskColumns)
-    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     simulator: EndpointConfig | None = Field(
         None, description="Model that role-plays tools for runtime=simulated; defaults to the teacher."
     )
@@ -117,7 +118,6 @@ class CollectConfig(Strict):
         description="Tools offered to the teacher.",
     )
     system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, description="System prompt of every trajectory.")
-    samples_per_task: int = Field(1, ge=1, description="Trajectories sampled per task (K, for rejection sampling).")
     concurrency: int = Field(32, ge=1, description="Trajectories in flight at once.")
     limit: int | None = Field(None, ge=1, description="Use only the first N tasks.")
     max_turns: int = Field(8, ge=1, description="Teacher requests per trajectory before stop_reason=max_turns.")
@@ -130,6 +130,11 @@ class CollectConfig(Strict):
     fail_on_error: float = Field(
         0.5, ge=0, le=1, description="Exit 1 when more than this fraction of trajectories ended in error."
     )
+
+
+class CollectConfig(AgentLoopConfig):
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    samples_per_task: int = Field(1, ge=1, description="Trajectories sampled per task (K, for rejection sampling).")
     prices: Prices | None = Field(None, description="Token prices, to show cost on the progress bar.")
 
     def simulator_endpoint(self) -> EndpointConfig:
@@ -190,6 +195,54 @@ class LoraSettings(Strict):
     )
 
 
+class DiscrepancySettings(Strict):
+    """DISC: discrepancy-weighted KD, DG-limit smoothing and gap energy (``tracegen.distill.discrepancy``)."""
+
+    horizon: int = Field(1, ge=1, description="h of the discrete discrepancy D_t = (1/h) sum_j |f_{t+j} - f_t| / j.")
+    jump_sigma: float = Field(
+        2.0, ge=0, description="A token whose D_t exceeds its sequence's mean + jump_sigma * std is a jump."
+    )
+    jump_amplifier: float = Field(3.0, ge=0, description="KD weight of a jump token (1 elsewhere).")
+    smoothing_window: int = Field(
+        3, ge=0, description="Tokens averaged around a high-entropy position before KD; 0 or 1 = no smoothing."
+    )
+    smoothing_sigma: float = Field(
+        1.0, ge=0, description="Smooth where the student's entropy exceeds its sequence's mean + smoothing_sigma * std."
+    )
+    gap_energy_weight: float = Field(
+        0.02, ge=0, description="lambda: weight of the gap energy E_disc = 0.5 * mean(D_t^2) in the loss."
+    )
+
+
+class TopologySettings(Strict):
+    """TKD: a pass over the teacher cache before training (jumps, gap-energy density, windows, curriculum)."""
+
+    jump_sigma: float = Field(
+        3.0, ge=0, description="Teacher-signal jumps: D_t above its sequence's mean + jump_sigma * std."
+    )
+    jump_kd_weight: float = Field(1.25, ge=0, description="KD weight of a jump token (1 elsewhere).")
+    energy_window: int = Field(64, ge=1, description="Tokens of the moving average giving the gap-energy density.")
+    window: int = Field(512, ge=2, description="Longer sequences are trained as windows of at most this many tokens.")
+    min_overlap: int = Field(
+        32, ge=1, description="Fewest tokens a window shares with the previous one (1 or more: a target needs context)."
+    )
+    max_overlap: int = Field(
+        128, ge=0, validate_default=True, description="Most tokens a window shares with the previous one."
+    )
+    curriculum_phases: int = Field(4, ge=1, description="Difficulty phases of each epoch (1 = a plain shuffle).")
+    easiest_fraction: float = Field(0.3, gt=0, lt=1, description="Share of the samples in the first (easiest) phase.")
+
+    @field_validator("max_overlap")
+    @classmethod
+    def _overlap_fits(cls, value: int, info: Any) -> int:  # info: pydantic's ValidationInfo
+        window, low = info.data.get("window"), info.data.get("min_overlap")
+        if low is not None and value < low:
+            raise ValueError(f"max_overlap {value} is below min_overlap {low}; raise max_overlap")
+        if window is not None and value >= window:
+            raise ValueError(f"max_overlap {value} must be below window {window} (windows must advance)")
+        return value
+
+
 class DistillConfig(Strict):
     """`tracegen distill`: LoRA training on a formatted dataset's trained tokens (weighted CE + KD)."""
 
@@ -224,6 +277,28 @@ class DistillConfig(Strict):
     eval_every: int = Field(50, ge=1, description="Evaluate every N optimizer steps (and at the end).")
     save_every: int = Field(100, ge=1, description="Write a resumable checkpoint every N optimizer steps.")
     log_every: int = Field(1, ge=1, description="Progress line every N optimizer steps.")
+    optimizer: Literal["adamw_torch", "paged_adamw_8bit"] = Field(
+        "adamw_torch",
+        description="adamw_torch, or paged_adamw_8bit (bitsandbytes PagedAdamW8bit; needs a CUDA GPU and bitsandbytes).",
+    )
+    kd_alpha_ramp: tuple[float, float] | None = Field(
+        None,
+        description="[start, end] fractions of the optimizer steps: alpha_kd is 0 until start, rises linearly to "
+        "alpha_kd at end, then stays; none = alpha_kd throughout. Needs a teacher cache.",
+    )
+    discrepancy: DiscrepancySettings | None = Field(
+        None, description="DISC discrepancy operators on the KD term (needs a teacher cache); none = off."
+    )
+    topology: TopologySettings | None = Field(
+        None, description="TKD topology pass: jump KD weights, adaptive windows, curriculum (needs a teacher cache)."
+    )
+
+    @field_validator("kd_alpha_ramp")
+    @classmethod
+    def _ramp_in_order(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0 <= value[0] < value[1] <= 1:
+            raise ValueError(f"{list(value)} must be [start, end] with 0 <= start < end <= 1, e.g. [0.15, 0.45]")
+        return value
 
 
 class ImportColumns(Strict):
@@ -456,6 +531,46 @@ class RunConfig(Strict):
     )
 
 
+class EvalEndpointConfig(TeacherConfig):
+    """The model under test: thinking-on eval defaults (32768 tokens per turn), its own key variable."""
+
+    api_key_env: str = Field(
+        "TRACEGEN_EVAL_API_KEY",
+        description="Environment variable holding the evaluated endpoint's key (falls back to OPENAI_API_KEY).",
+    )
+    max_tokens: int = Field(32768, ge=1, description="Completion tokens per request (per turn).")
+
+
+class EvalConfig(AgentLoopConfig):
+    """``tracegen eval``: a served model on a task set, through the collect loop and filter's verifiers."""
+
+    endpoint: EvalEndpointConfig = Field(
+        default_factory=EvalEndpointConfig,
+        description="The model under test (OpenAI-compatible; temperature 0.6, top_p 0.95, max_tokens 32768).",
+    )
+    samples: int = Field(1, ge=1, description="Answers sampled per task (accuracy averages over them).")
+    prompt_template: Literal["none", "proof", "dualmind", "instruct"] = Field(
+        "none",
+        description="Wrap each task prompt in a training template's prompt part (what a student trained on "
+        "that template expects), or send it as is (none).",
+    )
+    tests: bool = Field(
+        False,
+        description="Also run the tasks' tests in the Docker sandbox (filter's tests check) where tasks have them.",
+    )
+    reference: ReferenceCheckConfig = Field(default_factory=ReferenceCheckConfig)
+    concurrency: int = Field(8, ge=1, description="Questions in flight at once.")
+    fail_on_error: float = Field(
+        1.0, ge=0, le=1, description="Exit 1 when more than this fraction of answers ended in error."
+    )
+
+    def collect_config(self) -> CollectConfig:
+        """The collect run that produces the answers: the model under test in the teacher's seat."""
+        loop = self.model_dump(include=set(AgentLoopConfig.model_fields))
+        teacher = self.endpoint.model_dump()
+        return CollectConfig.model_validate({**loop, "teacher": teacher, "samples_per_task": self.samples})
+
+
 class Recipe(Strict):
     """A reproducible pipeline: one section per stage."""
 
@@ -467,10 +582,15 @@ class Recipe(Strict):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     cache_teacher: CacheTeacherConfig = Field(default_factory=CacheTeacherConfig)
     stage2: StageTwoConfig | None = Field(None, description="A second training stage on the merged model.")
+    eval: EvalConfig | None = Field(None, description="The final model measured on a task set (the eval stage).")
     run: RunConfig = Field(default_factory=RunConfig)
     smoke: dict[str, Any] | None = Field(
         None, description="Overrides applied by `tracegen run --scale smoke` (tiny offline models and data)."
     )
+
+
+# Error messages name a flag's key as it would appear in a recipe (collect.teacher.model, ...).
+SECTION_NAMES: dict[type, str] = {CollectConfig: "collect", DistillConfig: "distill", EvalConfig: "eval"}
 
 
 def load_recipe(path: Path, scale: Literal["full", "smoke"] = "full") -> Recipe:
@@ -534,8 +654,8 @@ def _resolve_paths(recipe: Recipe, base: Path) -> None:
         fmt.tokenizer = model(fmt.tokenizer)
     if stage2 is not None:
         stage2.data = data(stage2.data)
-    evaluation = getattr(recipe, "eval", None)  # the eval section, when this build has one
-    if evaluation is not None and getattr(evaluation, "tasks", None):
+    evaluation = recipe.eval
+    if evaluation is not None and evaluation.tasks:
         evaluation.tasks = file(evaluation.tasks)
 
 
@@ -552,22 +672,16 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def apply_overrides(config: CollectConfig, overrides: dict[str, Any], source: str = "flags") -> CollectConfig:
-    """Layer flag/environment values over a validated config, re-validating the result."""
-    merged = merge(config.model_dump(exclude_unset=True), overrides)
-    try:
-        return CollectConfig.model_validate(merged)
-    except ValidationError as exc:
-        raise _recipe_error(exc, source, None, prefix="collect") from exc
+SectionT = TypeVar("SectionT", bound=Strict)
 
 
-def apply_distill_overrides(config: DistillConfig, overrides: dict[str, Any], source: str = "flags") -> DistillConfig:
-    """Layer flag values over a validated distill config, re-validating the result."""
+def apply_overrides(config: SectionT, overrides: dict[str, Any], source: str = "flags") -> SectionT:
+    """Layer flag/environment values over a validated recipe section, re-validating the result."""
     merged = merge(config.model_dump(exclude_unset=True), overrides)
     try:
-        return DistillConfig.model_validate(merged)
+        return type(config).model_validate(merged)
     except ValidationError as exc:
-        raise _recipe_error(exc, source, None, prefix="distill") from exc
+        raise _recipe_error(exc, source, None, prefix=SECTION_NAMES.get(type(config), "")) from exc
 
 
 def _recipe_error(

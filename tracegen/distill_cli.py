@@ -72,7 +72,7 @@ def train_command(
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint if there is one.")] = False,
 ) -> None:
     """Train a LoRA adapter on the trained tokens of DATASET_DIR (proof-weighted CE, plus KD with a teacher cache)."""
-    from tracegen.config import DistillConfig, apply_distill_overrides, load_recipe
+    from tracegen.config import DistillConfig, apply_overrides, load_recipe
 
     base = load_recipe(recipe).distill if recipe else DistillConfig()
     lora = {"r": lora_r, "alpha": lora_alpha}
@@ -90,7 +90,7 @@ def train_command(
     }
     if any(v is not None for v in lora.values()):
         overrides["lora"] = lora
-    config = apply_distill_overrides(base, overrides)
+    config = apply_overrides(base, overrides)
 
     from tracegen.distill.trainer import train
 

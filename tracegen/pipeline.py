@@ -38,6 +38,7 @@ from tracegen.config import (
     CollectConfig,
     DistillConfig,
     EndpointConfig,
+    EvalConfig,
     FormatConfig,
     Recipe,
 )
@@ -160,7 +161,7 @@ class Pipeline:
             "stage2_format": r.stage2 and [r.stage2.format, r.stage2.data],
             "stage2_distill": r.stage2 and r.stage2.distill,
             "stage2_merge": r.run.merge_best,
-            "eval": [getattr(r, "eval", None), r.run.probes, r.run.probe_max_new_tokens],
+            "eval": [r.eval, r.run.probes, r.run.probe_max_new_tokens],
         }[stage]
         return _without_urls(_dump(section))
 
@@ -188,8 +189,8 @@ class Pipeline:
             endpoint.base_url, endpoint.model = self._served_endpoint(who)
 
     def _eval_base_url(self) -> str | None:
-        evaluation = getattr(self.recipe, "eval", None)
-        return getattr(evaluation, "base_url", None) if evaluation is not None else None
+        evaluation = self.recipe.eval
+        return evaluation.endpoint.base_url if evaluation is not None else None
 
     # --- stages ----------------------------------------------------------------------------------
 
@@ -333,20 +334,23 @@ class Pipeline:
     def _do_stage2_merge(self, out: Path) -> dict[str, Any]:
         return self._merge(self.work / STAGE_DIRS["stage2_distill"], out)
 
-    def _measure(self, evaluation: Any, model: Path | None, out: Path) -> dict[str, Any]:
+    def _measure(self, evaluation: EvalConfig, model: Path | None, out: Path) -> dict[str, Any]:
         """``tracegen eval`` on the recipe's tasks: against eval.base_url, or the final model served here."""
         from tracegen.evaluate import run_eval
         from tracegen.testing.local_teacher import serve
 
         config = evaluation.model_copy(deep=True)
         with contextlib.ExitStack() as stack:
-            if not config.base_url:
+            if not config.endpoint.base_url:
                 assert model is not None  # _check_declared
                 self.say(f"run: serving the trained model {model} for eval")
                 served = stack.enter_context(serve(model))
-                config.base_url, config.model = served.base_url, served.model
+                config.endpoint.base_url, config.endpoint.model = served.base_url, served.model
             summary = run_eval(config, out, show_progress=self.show_progress)
-        return dict(summary.totals())
+        if summary.interrupted:
+            raise RunInterrupted(f"eval interrupted: answers so far are saved in {out}")
+        totals = summary.totals()
+        return {k: totals[k] for k in ("answers", "accuracy", "converged", "hit_length")}
 
     def final_model(self) -> Path | None:
         for stage in ("stage2_merge", "merge"):
@@ -359,7 +363,7 @@ class Pipeline:
 
         model = self.final_model()
         facts: dict[str, Any] = {}
-        evaluation = getattr(self.recipe, "eval", None)
+        evaluation = self.recipe.eval
         if evaluation is not None and evaluation.tasks:
             facts.update(self._measure(evaluation, model, out))
         out.mkdir(parents=True, exist_ok=True)

@@ -12,14 +12,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tracegen.templates import DUALMIND, INSTRUCT, PROOF_HEAD, PROOF_MID
+from tracegen.templates import prompt_part
 
 PROBE_QUESTION = "Show that the sum of two even integers is even."
-PROMPTS: dict[str, str] = {
-    "proof": PROOF_HEAD + "{q}" + PROOF_MID,
-    "dualmind": DUALMIND[0] + "{q}" + DUALMIND[1],
-    "instruct": INSTRUCT[0] + "{q}" + INSTRUCT[1],
-}
 
 
 @dataclass(frozen=True)
@@ -43,7 +38,7 @@ def run_probes(model_dir: Path, templates: list[str], max_new_tokens: int = 24) 
     model.eval()
     results = []
     for template in templates:
-        prompt = PROMPTS[template].format(q=PROBE_QUESTION)
+        prompt = prompt_part(template, PROBE_QUESTION)
         ids = tokenizer(prompt, return_tensors="pt")
         with torch.inference_mode():
             out = model.generate(

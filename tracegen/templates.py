@@ -82,6 +82,18 @@ DUALMIND = (
     "\n</response>",
 )
 INSTRUCT = ("### Instruction:\n", "\n\n### Response:\n")
+PROMPT_PARTS: dict[str, tuple[str, str]] = {
+    "proof": (PROOF_HEAD, PROOF_MID),
+    "dualmind": (DUALMIND[0], DUALMIND[1]),
+    "instruct": INSTRUCT,
+}
+
+
+def prompt_part(template: str, question: str) -> str:
+    """The text of ``template`` before its first trained token, for ``question`` (what a trained model is given)."""
+    head, tail = PROMPT_PARTS[template]
+    return head + question + tail
+
 
 TEMPLATE_TEXTS: dict[str, str] = {
     "proof": PROOF_HEAD + "{question}" + PROOF_MID + "{derivation}" + PROOF_TAIL + "{answer}<EOS>",

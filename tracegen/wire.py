@@ -18,6 +18,8 @@ def to_wire(messages: list[Message], echo: ReasoningEcho) -> list[dict[str, Any]
     out: list[dict[str, Any]] = []
     native_ids: set[str] = set()
     for message in messages:
+        if isinstance(message, SystemMessage) and not message.content:
+            continue  # system_prompt "": no system turn at all (a student trained without one expects none)
         if isinstance(message, SystemMessage | UserMessage):
             out.append({"role": message.role, "content": message.content})
         elif isinstance(message, AssistantMessage):

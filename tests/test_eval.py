@@ -1,0 +1,116 @@
+"""tracegen eval: accuracy by reference, finish_reason per question, prompt wrapping, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import tracegen, write_tasks
+from tracegen.config import EvalConfig
+from tracegen.evaluate import run_eval
+from tracegen.templates import PROOF_HEAD, PROOF_MID
+from tracegen.testing.fake_server import FakeServer, Reply, text_reply
+
+
+def answer_by_question(request: dict[str, Any]) -> Reply:
+    """t0 right, t1 wrong, t2 cut off by the token wall (finish_reason=length)."""
+    prompt = request["messages"][-1]["content"]
+    i = int(re.search(r"What is (\d+) \+", prompt).group(1))  # type: ignore[union-attr]
+    if i == 0:
+        return text_reply("The answer is 0.", reasoning="0 + 0 = 0")
+    if i == 1:
+        return text_reply("The answer is 5.", reasoning="1 + 1 is surely 5")
+    return text_reply("Let me think about 2 + 2, which", reasoning="long " * 20, finish_reason="length")
+
+
+def eval_config(base_url: str, tasks: Path, **overrides: Any) -> EvalConfig:
+    endpoint = {"base_url": base_url, "model": "student", "backoff_base_s": 0.01, **overrides.pop("endpoint", {})}
+    return EvalConfig.model_validate({"tasks": str(tasks), "endpoint": endpoint, **overrides})
+
+
+def test_eval_reports_accuracy_and_finish_reason_per_question(tmp_path: Path) -> None:
+    tasks = write_tasks(tmp_path / "tasks.jsonl", 3)
+    with FakeServer(answer_by_question) as server:
+        result = tracegen(
+            "eval", "--tasks", str(tasks), "--base-url", server.base_url, "--model", "student", "-q",
+            "--out", str(tmp_path / "eval"),
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        body = server.requests[0]
+    # Thinking-on eval defaults, as the agentic card measured.
+    assert (body["temperature"], body["top_p"], body["max_tokens"]) == (0.6, 0.95, 32768)
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    totals = report["totals"]
+    assert (totals["answers"], totals["scored"], totals["correct"]) == (3, 3, 1)
+    assert totals["accuracy"] == pytest.approx(1 / 3, abs=1e-3)
+    assert totals["converged"] == pytest.approx(2 / 3, abs=1e-3)
+    assert totals["hit_length"] == pytest.approx(1 / 3, abs=1e-3)
+    rows = {r["task_id"]: r for r in report["answers"]}
+    assert [rows[t]["finish_reason"] for t in ("t0", "t1", "t2")] == ["stop", "stop", "length"]
+    assert [rows[t]["correct"] for t in ("t0", "t1", "t2")] == [True, False, False]
+    assert rows["t1"]["checks"]["reference"].startswith("numeric")
+    assert rows["t2"]["stop_reason"] == "length"
+    # The table names each question's finish_reason, and the totals line the two shares.
+    assert re.search(r"t2 .* length", result.stdout)
+    assert "accuracy 33.3% (1/3)" in result.stdout
+    assert "hit the token wall (length) 33.3%" in result.stdout
+    assert (tmp_path / "eval" / "trajectories.jsonl").is_file()
+
+
+def test_eval_wraps_prompts_in_a_training_template_without_system_turn_or_tools(tmp_path: Path) -> None:
+    tasks = write_tasks(tmp_path / "tasks.jsonl", 1)
+    with FakeServer(answer_by_question) as server:
+        config = eval_config(server.base_url, tasks, prompt_template="proof", system_prompt="", tools=[])
+        summary = run_eval(config, tmp_path / "eval", show_progress=False)
+        body = server.requests[0]
+    assert [m["role"] for m in body["messages"]] == ["user"]
+    assert body["messages"][0]["content"] == PROOF_HEAD + "What is 0 + 0?" + PROOF_MID
+    assert "tools" not in body
+    assert summary.totals()["correct"] == 1
+
+
+def test_eval_resumes_without_asking_again_and_refuses_changed_settings(tmp_path: Path) -> None:
+    tasks = write_tasks(tmp_path / "tasks.jsonl", 3)
+    out = tmp_path / "eval"
+    with FakeServer(answer_by_question) as server:
+        run_eval(eval_config(server.base_url, tasks), out, show_progress=False)
+        asked = len(server.requests)
+        again = run_eval(eval_config(server.base_url, tasks), out, show_progress=False)
+        assert len(server.requests) == asked  # every answer reused
+        assert again.totals()["correct"] == 1
+        before = (out / "eval.json").read_text()
+        result = tracegen(
+            "eval", "--tasks", str(tasks), "--base-url", server.base_url, "--model", "student", "-q",
+            "--prompt-template", "proof", "--out", str(out),
+        )  # fmt: skip
+    assert result.returncode == 2
+    assert "evaluated with different settings" in result.stderr
+    assert (out / "eval.json").read_text() == before
+
+
+def test_eval_tasks_without_reference_are_not_scored(tmp_path: Path) -> None:
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps({"id": "open", "prompt": "What is 0 + 0? Explain."}) + "\n")
+    with FakeServer(answer_by_question) as server:
+        summary = run_eval(eval_config(server.base_url, tasks), tmp_path / "eval", show_progress=False)
+    totals = summary.totals()
+    assert (totals["scored"], totals["accuracy"], totals["converged"]) == (0, None, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--base-url", "http://127.0.0.1:9/v1"], "no model to evaluate"),
+        (["--model", "m", "--base-url", "http://127.0.0.1:9/v1", "--samples", "0"], "eval.samples"),
+    ],
+)
+def test_eval_bad_input_exits_2_and_writes_nothing(tmp_path: Path, args: list[str], message: str) -> None:
+    tasks = write_tasks(tmp_path / "tasks.jsonl", 1)
+    result = tracegen("eval", "--tasks", str(tasks), "--out", str(tmp_path / "eval"), *args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert not (tmp_path / "eval").exists()
