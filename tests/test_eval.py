@@ -114,3 +114,23 @@ def test_eval_bad_input_exits_2_and_writes_nothing(tmp_path: Path, args: list[st
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.slow
+def test_eval_of_the_quickstart_section_against_a_served_smollm2(tmp_path: Path) -> None:
+    """The quickstart recipe's eval section, offline, on a real model behind `transformers serve`."""
+    from tracegen.testing.local_teacher import prepare_smollm2, serve
+
+    recipe = Path(__file__).parent.parent / "recipes" / "quickstart.yaml"
+    with serve(prepare_smollm2()) as served:
+        result = tracegen(
+            "eval", "--recipe", str(recipe), "--base-url", served.base_url, "--model", served.model, "-q",
+            "--out", str(tmp_path / "eval"),
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["totals"]["answers"] == report["totals"]["scored"] == 4
+    assert sum(report["totals"]["by_finish_reason"].values()) == 4
+    assert set(report["totals"]["by_finish_reason"]) <= {"stop", "length"}
+    assert all(r["answer"] or r["finish_reason"] == "length" for r in report["answers"])
+    assert "eval-1" in result.stdout and "converged (finish_reason=stop)" in result.stdout

@@ -99,6 +99,9 @@ CARDS: dict[str, dict[str, Any]] = {
         "distill.lora.target_modules": "all-linear",
         "distill.warmup_ratio": 0.03,
         "distill.epochs": 1,
+        "eval.endpoint.temperature": 0.6,
+        "eval.endpoint.top_p": 0.95,
+        "eval.endpoint.max_tokens": 32768,
     },
     "qwen3.6-27b-agentic-react-lora-simulated.yaml": {
         "collect.runtime": "simulated",
