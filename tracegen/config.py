@@ -279,7 +279,7 @@ class DistillConfig(Strict):
     log_every: int = Field(1, ge=1, description="Progress line every N optimizer steps.")
     optimizer: Literal["adamw_torch", "paged_adamw_8bit"] = Field(
         "adamw_torch",
-        description="adamw_torch, or paged_adamw_8bit (bitsandbytes PagedAdamW8bit; needs a CUDA GPU and bitsandbytes).",
+        description="adamw_torch, or paged_adamw_8bit (bitsandbytes' PagedAdamW8bit: a CUDA GPU and bitsandbytes).",
     )
     kd_alpha_ramp: tuple[float, float] | None = Field(
         None,

@@ -176,20 +176,24 @@ class TeacherCache:
     def rows(self) -> int:
         return int(self.meta["rows"])
 
-    def entries(self, row: int, count: int) -> dict[str, np.ndarray[Any, Any]]:
-        """The first ``count`` entries of ``row`` (a row cut shorter than at cache time keeps a prefix)."""
+    def entries(self, row: int, count: int, skip: int = 0) -> dict[str, np.ndarray[Any, Any]]:
+        """Entries ``skip`` to ``skip + count`` of ``row`` (a row cut shorter than at cache time keeps a
+        prefix; a window of a row starts further in)."""
         start, end = int(self.offsets[row]), int(self.offsets[row + 1])
-        if count > end - start:
+        if skip + count > end - start:
             raise BadInputError(
-                f"{self.path}: row {row} has {end - start} cached tokens, the batch needs {count}",
+                f"{self.path}: row {row} has {end - start} cached tokens, the batch needs {skip + count}",
                 hint="rebuild the cache with the same dataset and a --max-length at least the training one",
             )
         shard = self._row_shard[row]
-        lo = start - self._shard_token_start[shard]
+        lo = start + skip - self._shard_token_start[shard]
         return {name: arr[lo : lo + count] for name, arr in self._shards[shard].items()}
 
-    def batch(self, rows: list[int], counts: list[int], device: torch.device) -> TeacherTopK:
-        parts = [self.entries(r, c) for r, c in zip(rows, counts, strict=True)]
+    def batch(
+        self, rows: list[int], counts: list[int], device: torch.device, skips: list[int] | None = None
+    ) -> TeacherTopK:
+        skips = skips or [0] * len(rows)
+        parts = [self.entries(r, c, s) for r, c, s in zip(rows, counts, skips, strict=True)]
 
         def cat(name: str, dtype: torch.dtype) -> torch.Tensor:
             return torch.from_numpy(np.concatenate([p[name] for p in parts])).to(device=device, dtype=dtype)

@@ -7,6 +7,17 @@ with ``train`` are used when there are any (the Hub layout); otherwise every par
 Supervised positions: position ``t`` of a row is supervised when ``labels[t + 1] != -100`` (the hidden
 state at ``t`` predicts token ``t + 1``). The teacher cache stores one entry per supervised position in
 exactly this row-major order, so a row cut to ``max_length`` keeps a prefix of its cache entries.
+
+Windows (the ``topology`` option): a row longer than the window is trained as overlapping windows.
+Window k covers tokens ``[start, end)`` and *owns* the targets ``u`` (token indices, ``labels[u]``)
+in ``[own_from, end)``, where ``own_from`` is the previous window's ``end`` (0 for the first): the
+overlap ``[start, own_from)`` is context only, so every target is trained exactly once. The owned
+targets are a contiguous run of the row's supervised positions, so a window reads the contiguous
+slice of its row's cache entries that starts at :func:`cache_start`.
+
+Curriculum (the ``topology`` option): :func:`curriculum_phases` sorts the samples by difficulty,
+and :func:`curriculum_batches` shuffles within each phase; the order stays a pure function of
+(seed, epoch), so resume is exact.
 """
 
 from __future__ import annotations
@@ -150,8 +161,83 @@ def split_indices(n: int, eval_fraction: float, seed: int = 42) -> Split:
     return Split(sorted(order[n_eval:]), sorted(order[:n_eval]))
 
 
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
 def micro_batches(train: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """The micro-batches of one epoch: a shuffle seeded by ``(seed, epoch)``, so resume is exact."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    g = _epoch_generator(seed, epoch)
     order = [train[i] for i in torch.randperm(len(train), generator=g).tolist()]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+class Window(NamedTuple):
+    """Part ``[start, end)`` of dataset row ``row``; it trains the targets in ``[own_from, end)``."""
+
+    row: int
+    start: int
+    end: int
+    own_from: int
+
+
+def adaptive_windows(
+    row: int, length: int, density: list[float], window: int, min_overlap: int, max_overlap: int
+) -> list[Window]:
+    """Cut a row of ``length`` tokens into windows of at most ``window`` tokens.
+
+    The next window starts at the position of lowest ``density`` (per token) among those leaving an
+    overlap of ``min_overlap`` to ``max_overlap`` tokens with the previous window (the latest such
+    position on a tie: the least recomputation). Needs ``1 <= min_overlap <= max_overlap < window``.
+    """
+    windows = [Window(row, 0, min(length, window), 0)]
+    while windows[-1].end < length:
+        end = windows[-1].end
+        candidates = range(end - max_overlap, end - min_overlap + 1)
+        start = min(candidates, key=lambda s: (density[s], -s))
+        windows.append(Window(row, start, min(start + window, length), end))
+    return windows
+
+
+def window_row(row: Row, w: Window) -> Row:
+    """The window as a row of its own: targets before ``own_from`` masked (the previous window trains them)."""
+    labels = [label if u >= w.own_from else -100 for u, label in enumerate(row.labels[: w.end])]
+    return Row(row.input_ids[w.start : w.end], labels[w.start :], row.proof_mask[w.start : w.end])
+
+
+def cache_start(row: Row, w: Window) -> int:
+    """Index of the window's first cache entry among its row's: the supervised targets before ``own_from``."""
+    return sum(1 for label in row.labels[1 : w.own_from] if label != -100)
+
+
+def curriculum_phases(difficulty: list[float], phases: int, easiest_fraction: float) -> list[list[int]]:
+    """Sample indices grouped into ``phases`` phases of rising difficulty.
+
+    Samples are sorted by difficulty (ties by index). The first phase is the easiest
+    ``round(easiest_fraction * n)`` samples (at least one); the rest are split into ``phases - 1``
+    consecutive bands whose sizes differ by at most one (the earlier bands the larger). One phase
+    holds every sample.
+    """
+    ranked = sorted(range(len(difficulty)), key=lambda i: (difficulty[i], i))
+    if phases == 1 or not ranked:
+        return [ranked]
+    n_easy = min(len(ranked), max(1, round(easiest_fraction * len(ranked))))
+    rest = ranked[n_easy:]
+    size, extra = divmod(len(rest), phases - 1)
+    bands, at = [ranked[:n_easy]], 0
+    for k in range(phases - 1):
+        step = size + (1 if k < extra else 0)
+        bands.append(rest[at : at + step])
+        at += step
+    return bands
+
+
+def curriculum_batches(phases: list[list[int]], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch in phase order: each phase shuffled, then all phases concatenated and cut into batches.
+
+    One generator seeded by ``(seed, epoch)`` (as :func:`micro_batches`) shuffles phase 1, then
+    phase 2, and so on; a micro-batch may span the boundary of two phases.
+    """
+    g = _epoch_generator(seed, epoch)
+    order = [phase[i] for phase in phases for i in torch.randperm(len(phase), generator=g).tolist()]
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]

@@ -4,12 +4,14 @@ Every function here takes *already selected* rows: one row per supervised token 
 next-token label is not -100), so the output layer and the losses never touch masked positions.
 
 - :func:`proof_weight` -- the per-token weight of proof tokens, decaying linearly over optimizer steps.
+- :func:`kd_alpha` -- alpha_kd of an optimizer step, with the optional ramp (0, then linear, then alpha_kd).
 - :func:`weighted_ce_sum` -- the *sum* of per-token weighted cross-entropy. The trainer divides it by
   the number of supervised tokens in the whole gradient-accumulation window (never by the sum of the
   weights, which would cancel the weighting): a weight of 2.5 means 2.5 times the gradient.
 - :func:`sparse_kd_sum` -- KL(teacher || student) at temperature T, scaled by T^2, computed exactly on
   the teacher's top-k ids with the remaining probability mass in one tail bucket. With k equal to the
-  vocabulary the tail is empty and the value equals :func:`dense_kd_sum`.
+  vocabulary the tail is empty and the value equals :func:`dense_kd_sum`. :func:`sparse_kd_per_token`
+  is the same per token (the discrepancy operators and the per-token KD weights need it).
 
 Not guaranteed: the tail bucket is a lower bound on the full KL (merging the tail ids into one bucket
 can only lose divergence, by the log-sum inequality); it is exact only when k covers the vocabulary.
@@ -32,6 +34,20 @@ def proof_weight(step: int, total_steps: int, start: float, end: float) -> float
         return start
     progress = min(max(step, 0), total_steps - 1) / (total_steps - 1)
     return start + (end - start) * progress
+
+
+def kd_alpha(step: int, total_steps: int, alpha: float, ramp: tuple[float, float] | None) -> float:
+    """alpha_kd at optimizer step ``step`` (0-based) of ``total_steps``.
+
+    Without a ramp, ``alpha``. With ``ramp = (start, end)``: 0 while the run's progress is at most
+    ``start``, linear up to ``alpha`` at ``end``, then ``alpha``. Progress is measured as for
+    :func:`proof_weight`: step / (total_steps - 1), so the first step is 0% and the last 100%.
+    """
+    if ramp is None:
+        return alpha
+    progress = min(max(step, 0), total_steps - 1) / (total_steps - 1) if total_steps > 1 else 1.0
+    start, end = ramp
+    return alpha * min(max((progress - start) / (end - start), 0.0), 1.0)
 
 
 def token_weights(proof_mask: torch.Tensor, weight: float) -> torch.Tensor:
@@ -75,6 +91,11 @@ def _xlogy_diff(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> to
 
 def sparse_kd_sum(student_logits: torch.Tensor, topk: TeacherTopK, temperature: float) -> torch.Tensor:
     """T^2 * sum over rows of KL(teacher_T || student_T) on top-k ids plus one tail bucket."""
+    return sparse_kd_per_token(student_logits, topk, temperature).sum()
+
+
+def sparse_kd_per_token(student_logits: torch.Tensor, topk: TeacherTopK, temperature: float) -> torch.Tensor:
+    """``[N]``: T^2 * KL(teacher_T || student_T) of each row, on top-k ids plus one tail bucket."""
     t = temperature
     s = student_logits.float() / t
     log_q_all = s - torch.logsumexp(s, dim=-1, keepdim=True)
@@ -88,7 +109,7 @@ def sparse_kd_sum(student_logits: torch.Tensor, topk: TeacherTopK, temperature: 
     masked = log_q_all.scatter(-1, topk.ids, float("-inf"))
     log_q_tail = torch.logsumexp(masked, dim=-1)  # -inf when k == V: the term is then masked off
     tail = torch.where(p_tail > 1e-6, p_tail * (log_p_tail - log_q_tail), torch.zeros_like(p_tail))
-    return (head + tail).sum() * (t * t)
+    return (head + tail) * (t * t)
 
 
 def dense_kd_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

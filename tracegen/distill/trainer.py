@@ -9,11 +9,23 @@ where t runs over the supervised tokens of the window, N_window counts them (not
 by the sum of weights would cancel the proof weighting), w_t is the proof weight on ``proof_mask``
 tokens (linear from ``proof_weight_start`` to ``proof_weight_end`` over the steps) and 1 elsewhere.
 
-Optimiser: AdamW on the LoRA weights only, cosine schedule with linear warmup down to
-``min_learning_rate``, gradient clipping. bf16 autocast on a GPU that supports it, fp32 otherwise.
+Options on the KD term (each off by default; each needs the teacher cache)::
+
+    L = (alpha_ce * sum_t w_t * CE_t  +  alpha_kd(step) * sum_t a_t * KD_t  +  lambda * 0.5 * sum_t D_t^2) / N_window
+
+- ``kd_alpha_ramp``: alpha_kd(step) is 0, then ramps linearly to ``alpha_kd`` (``losses.kd_alpha``).
+- ``discrepancy`` (DISC): a_t is ``jump_amplifier`` on jump tokens, KD_t is taken on smoothed logits
+  at high-entropy tokens, and the gap-energy term is on (``discrepancy``; lambda = ``gap_energy_weight``).
+- ``topology`` (TKD): a_t also carries ``jump_kd_weight`` on the teacher's jump tokens; rows are
+  trained as adaptive windows, in curriculum order (``discrepancy.plan_topology``).
+
+Optimiser: AdamW on the LoRA weights only (``optimizer: paged_adamw_8bit``: bitsandbytes'
+PagedAdamW8bit, CUDA only), cosine schedule with linear warmup down to ``min_learning_rate``, gradient
+clipping. bf16 autocast on a GPU that supports it, fp32 otherwise.
 
 Checkpoints (``OUT/checkpoint``, the latest only) hold the adapter, optimizer, scheduler, RNG state and
-step; the data order is a pure function of (seed, epoch), so ``resume=True`` continues exactly where the
+step; the data order is a pure function of (seed, epoch) (and, with ``topology``, of the dataset and the
+teacher cache, which the plan is recomputed from), so ``resume=True`` continues exactly where the
 checkpoint left off. Ctrl-C stops cleanly after writing a checkpoint of the last finished step.
 
 Not done here: padding-free packing (rows are right-padded; on CPU packing did not pay when most rows
@@ -39,21 +51,40 @@ from tracegen.distill.cache import TeacherCache
 from tracegen.distill.data import (
     Batch,
     collate,
+    curriculum_batches,
     dataset_vocab_hash,
     load_rows,
     micro_batches,
     rows_fingerprint,
     split_indices,
 )
+from tracegen.distill.discrepancy import TopologyPlan, disc_kd, plan_topology
 from tracegen.distill.forward import supervised_logits
 from tracegen.distill.lora import wrap_lora
-from tracegen.distill.losses import proof_weight, sparse_kd_sum, token_weights, weighted_ce_sum
+from tracegen.distill.losses import (
+    TeacherTopK,
+    kd_alpha,
+    proof_weight,
+    sparse_kd_per_token,
+    sparse_kd_sum,
+    token_weights,
+    weighted_ce_sum,
+)
 from tracegen.distill.vocab import vocab_hash
 from tracegen.errors import BadInputError
 from tracegen.store import write_json_atomic
 
 CHECKPOINT = "checkpoint"
 METRICS = "metrics.jsonl"
+TOPOLOGY = "topology.json"
+OPTIONAL_METRICS = (
+    "alpha_kd",
+    "gap_energy",
+    "jump_fraction",
+    "smoothed_fraction",
+    "topology_jump_fraction",
+    "curriculum_phase",
+)
 
 
 @dataclass
@@ -62,7 +93,7 @@ class StepMetrics:
     total_steps: int
     loss: float
     ce: float  # weighted CE per supervised token
-    kd: float  # KD per supervised token (0 without a cache)
+    kd: float  # KD per supervised token, with its token weights (0 without a cache)
     proof_weight: float
     lr: float
     grad_norm: float
@@ -71,6 +102,30 @@ class StepMetrics:
     tokens_per_s: float
     elapsed_s: float
     eval_loss: float | None = None
+    # Only written when their option is on (OPTIONAL_METRICS):
+    alpha_kd: float | None = None  # kd_alpha_ramp: this step's alpha_kd
+    gap_energy: float | None = None  # discrepancy: E_disc = 0.5 * mean(D^2) per supervised token
+    jump_fraction: float | None = None  # discrepancy: share of tokens with an amplified KD weight
+    smoothed_fraction: float | None = None  # discrepancy: share of tokens with smoothed logits
+    topology_jump_fraction: float | None = None  # topology: share of tokens on a teacher jump
+    curriculum_phase: int | None = None  # topology: phase (1-based) of the step's last sample
+
+    def record(self) -> dict[str, Any]:
+        """The metrics.jsonl line: options that are off leave no field."""
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in OPTIONAL_METRICS}
+
+
+@dataclass
+class WindowTotals:
+    """Sums over one gradient-accumulation window, per supervised token once divided by ``n``."""
+
+    n: int
+    ce: float = 0.0
+    kd: float = 0.0
+    energy: float = 0.0
+    jumps: int = 0
+    smoothed: int = 0
+    topology_jumps: int = 0
 
 
 @dataclass
@@ -107,6 +162,39 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _check_options(config: DistillConfig, has_cache: bool, device: torch.device) -> None:
+    """Refuse option combinations that cannot run, before any model is loaded."""
+    on = [name for name in ("discrepancy", "topology", "kd_alpha_ramp") if getattr(config, name) is not None]
+    if on and not has_cache:
+        raise BadInputError(
+            f"distill.{on[0]} works on the KD term and needs a teacher cache",
+            hint=f"set teacher_cache (or run the cache_teacher stage), or remove distill.{on[0]}",
+        )
+    if config.optimizer == "paged_adamw_8bit" and (device.type != "cuda" or _bitsandbytes() is None):
+        raise BadInputError(
+            "optimizer paged_adamw_8bit needs a CUDA GPU and bitsandbytes",
+            hint="use optimizer: adamw_torch (the smoke block does)",
+        )
+
+
+def _bitsandbytes() -> Any:
+    try:
+        import bitsandbytes  # not a dependency: only the paged 8-bit optimizer needs it
+    except ImportError:
+        return None
+    return bitsandbytes
+
+
+def _optimizer(config: DistillConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if config.optimizer == "paged_adamw_8bit":
+        bnb = _bitsandbytes()
+        optimizer: torch.optim.Optimizer = bnb.optim.PagedAdamW8bit(
+            params, lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        return optimizer
+    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
 def train(
     config: DistillConfig,
     dataset_dir: Path,
@@ -131,6 +219,7 @@ def train(
     student = str(Path(config.student).resolve()) if Path(config.student).exists() else config.student
     torch.manual_seed(config.seed)
     device, use_bf16 = _device_and_precision(config)
+    _check_options(config, bool(config.teacher_cache), device)
     tokenizer = AutoTokenizer.from_pretrained(student)
     student_hash = vocab_hash(tokenizer)
 
@@ -171,14 +260,26 @@ def train(
                 f"temperature {config.temperature} differs from the cache's {cache.temperature}",
                 hint="rebuild the cache with --temperature, or set temperature to the cache's",
             )
+        ramped = f" (ramped over {list(config.kd_alpha_ramp)} of the steps)" if config.kd_alpha_ramp else ""
+        energy_term = f" + {config.discrepancy.gap_energy_weight} * E_disc" if config.discrepancy else ""
         _say(
             f"KD on: teacher cache {config.teacher_cache} (top-{cache.meta['top_k']}, T={cache.temperature}); "
-            f"L = {config.alpha_ce} * CE_weighted + {config.alpha_kd} * KD"
+            f"L = {config.alpha_ce} * CE_weighted + {config.alpha_kd}{ramped} * KD{energy_term}"
         )
     else:
         _say("No teacher cache: sequence-level distillation (CE on the teacher's tokens only, no KD).")
     mode: Literal["kd", "ce"] = "kd" if cache else "ce"
-    micro_per_epoch = math.ceil(len(split.train) / config.batch_size)
+    # What is trained: the training rows, or (topology) their windows in curriculum phases.
+    plan: TopologyPlan | None = None
+    pieces, train_items = rows, split.train
+    if cache is not None and config.topology is not None:
+        plan = plan_topology(rows, split.train, cache, config.topology, config.max_length)
+        pieces, train_items = plan.pieces, list(range(len(plan.pieces)))
+        _say(
+            f"topology: {len(split.train)} rows -> {len(pieces)} windows of <= {config.topology.window} tokens, "
+            f"{plan.jumps} teacher jump tokens, curriculum phases of {[len(p) for p in plan.phases]} samples"
+        )
+    micro_per_epoch = math.ceil(len(train_items) / config.batch_size)
     total = config.max_steps or max(1, math.ceil(config.epochs * micro_per_epoch / config.grad_accum))
     warmup = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_ratio * total)
 
@@ -192,7 +293,7 @@ def train(
     model: Any = wrap_lora(base, config.lora)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = _optimizer(config, params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: lr_at(s, total, warmup, config.learning_rate, config.min_learning_rate) / config.learning_rate,
@@ -230,8 +331,11 @@ def train(
             "train_rows": len(split.train),
             "eval_rows": len(split.eval),
             "vocab_hash": student_hash,
+            **({"train_windows": len(plan.pieces)} if plan is not None else {}),
         },
     )
+    if plan is not None:
+        write_json_atomic(out / TOPOLOGY, plan.summary())
     _say(
         f"distill: {len(split.train)} train / {len(split.eval)} eval rows, {total} steps of "
         f"{config.grad_accum} x {config.batch_size} sequences, {'bf16' if use_bf16 else 'fp32'} on {device}"
@@ -241,32 +345,59 @@ def train(
     def stream() -> Iterator[list[int]]:
         epoch = 0
         while True:
-            yield from micro_batches(split.train, config.batch_size, config.seed, epoch)
+            if plan is not None:
+                yield from curriculum_batches(plan.phases, config.batch_size, config.seed, epoch)
+            else:
+                yield from micro_batches(train_items, config.batch_size, config.seed, epoch)
             epoch += 1
 
     batches = stream()
     for _ in range(start_step * config.grad_accum):  # the data position of the checkpoint
         next(batches)
 
-    def window_loss(window: list[Batch], weight: float) -> tuple[float, float, int]:
-        n_window = max(1, sum(b.n_supervised() for b in window))
-        ce_total = kd_total = 0.0
+    phase_of = {i: k + 1 for k, phase in enumerate(plan.phases) for i in phase} if plan is not None else {}
+
+    def teacher(batch: Batch, counts: list[int]) -> TeacherTopK:
+        assert cache is not None
+        if plan is None:
+            return cache.batch(batch.rows, counts, device)
+        rows_of = [plan.windows[i].row for i in batch.rows]
+        return cache.batch(rows_of, counts, device, [plan.cache_skip[i] for i in batch.rows])
+
+    def window_loss(window: list[Batch], weight: float, alpha_kd: float) -> WindowTotals:
+        totals = WindowTotals(n=max(1, sum(b.n_supervised() for b in window)))
+        disc = config.discrepancy
         for batch in window:
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits, targets = supervised_logits(model, batch, device)
             sel = batch.supervised()
             weights = token_weights(batch.proof_mask[:, 1:][sel].to(device), weight)
             ce = weighted_ce_sum(logits, targets, weights)
+            loss = ce if cache is None else config.alpha_ce * ce
             if cache is not None:
                 counts = sel.sum(dim=1).tolist()
-                kd = sparse_kd_sum(logits, cache.batch(batch.rows, counts, device), config.temperature)
-                loss = (config.alpha_ce * ce + config.alpha_kd * kd) / n_window
-                kd_total += float(kd.detach())
-            else:
-                loss = ce / n_window
-            torch.autograd.backward(loss)
-            ce_total += float(ce.detach())
-        return ce_total / n_window, kd_total / n_window, n_window
+                topk = teacher(batch, counts)
+                kd_weights = None
+                if plan is not None:
+                    kd_weights = torch.cat([plan.kd_weight[i][:c] for i, c in zip(batch.rows, counts, strict=True)])
+                    kd_weights = kd_weights.to(device)
+                    totals.topology_jumps += int((kd_weights != 1.0).sum())
+                if disc is not None:
+                    terms = disc_kd(logits, topk, counts, config.temperature, disc, kd_weights)
+                    kd = terms.kd_sum
+                    loss = loss + disc.gap_energy_weight * terms.energy_sum
+                    totals.energy += float(terms.energy_sum.detach())
+                    totals.jumps += terms.jumps
+                    totals.smoothed += terms.smoothed
+                elif kd_weights is not None:
+                    kd = (sparse_kd_per_token(logits, topk, config.temperature) * kd_weights).sum()
+                else:
+                    kd = sparse_kd_sum(logits, topk, config.temperature)
+                loss = loss + alpha_kd * kd
+                totals.kd += float(kd.detach())
+            torch.autograd.backward(loss / totals.n)
+            totals.ce += float(ce.detach())
+        return totals
 
     model.train()
     last_loss = float("nan")
@@ -277,10 +408,13 @@ def train(
     try:
         for step in range(start_step, total):
             t0 = time.perf_counter()
-            window = [collate(rows, next(batches), config.max_length, pad_id) for _ in range(config.grad_accum)]
+            window = [collate(pieces, next(batches), config.max_length, pad_id) for _ in range(config.grad_accum)]
             weight = proof_weight(step, total, config.proof_weight_start, config.proof_weight_end)
+            alpha_kd = kd_alpha(step, total, config.alpha_kd, config.kd_alpha_ramp)
             lr = float(scheduler.get_last_lr()[0])
-            ce, kd, n_sup = window_loss(window, weight)
+            sums = window_loss(window, weight, alpha_kd)
+            n_sup = sums.n
+            ce, kd, energy = sums.ce / n_sup, sums.kd / n_sup, sums.energy / n_sup
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
             optimizer.step()
             scheduler.step()
@@ -290,7 +424,10 @@ def train(
             tokens = sum(int(b.attention_mask.sum()) for b in window)
             tokens_total += tokens
             dt = time.perf_counter() - t0
-            last_loss = config.alpha_ce * ce + config.alpha_kd * kd if cache is not None else ce
+            last_loss = ce
+            if cache is not None:
+                gap = config.discrepancy.gap_energy_weight * energy if config.discrepancy is not None else 0.0
+                last_loss = config.alpha_ce * ce + alpha_kd * kd + gap
             metrics = StepMetrics(
                 step=step + 1,
                 total_steps=total,
@@ -305,13 +442,22 @@ def train(
                 tokens_per_s=tokens / dt if dt > 0 else 0.0,
                 elapsed_s=time.perf_counter() - started,
             )
+            if config.kd_alpha_ramp is not None:
+                metrics.alpha_kd = alpha_kd
+            if config.discrepancy is not None:
+                metrics.gap_energy = energy
+                metrics.jump_fraction = sums.jumps / n_sup
+                metrics.smoothed_fraction = sums.smoothed / n_sup
+            if plan is not None:
+                metrics.topology_jump_fraction = sums.topology_jumps / n_sup
+                metrics.curriculum_phase = phase_of[window[-1].rows[-1]]
             if split.eval and ((step + 1) % config.eval_every == 0 or step + 1 == total):
                 metrics.eval_loss = evaluate(model, rows, split.eval, config, device, pad_id)
                 if best_eval is None or metrics.eval_loss < best_eval:
                     best_eval = metrics.eval_loss
                     model.save_pretrained(str(out / "best"))
             with metrics_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(asdict(metrics)) + "\n")
+                f.write(json.dumps(metrics.record()) + "\n")
             if (step + 1) % config.log_every == 0 or step + 1 == total:
                 _progress(metrics, cache is not None)
             if (step + 1) % config.save_every == 0 and step + 1 < total:
@@ -399,6 +545,9 @@ def _progress(m: StepMetrics, kd: bool) -> None:
         f"loss {m.loss:.4f}",
         f"ce {m.ce:.4f}",
         *([f"kd {m.kd:.4f}"] if kd else []),
+        *([f"a_kd {m.alpha_kd:.3f}"] if m.alpha_kd is not None else []),
+        *([f"gap {m.gap_energy:.4f}"] if m.gap_energy is not None else []),
+        *([f"phase {m.curriculum_phase}"] if m.curriculum_phase is not None else []),
         f"pw {m.proof_weight:.2f}",
         f"lr {m.lr:.2e}",
         f"{m.tokens_per_s:.0f} tok/s",

@@ -1,0 +1,98 @@
+"""The DISC, TKD and paged-optimizer recipes: their cards' settings, and smoke runs that log the new metrics."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tracegen.config import load_recipe
+
+ROOT = Path(__file__).parent.parent
+RECIPES = ROOT / "recipes"
+
+CARDS: dict[str, dict[str, Any]] = {
+    "qwen3-1.7b-stem-proof-disc.yaml": {
+        "distill.alpha_ce": 0.55,
+        "distill.alpha_kd": 0.45,
+        "distill.discrepancy.jump_sigma": 2.0,
+        "distill.discrepancy.jump_amplifier": 3.0,
+        "distill.discrepancy.smoothing_window": 3,
+        "distill.discrepancy.smoothing_sigma": 1.0,
+        "distill.discrepancy.gap_energy_weight": 0.02,
+    },
+    "topological-qwen-dualmind.yaml": {
+        "distill.alpha_kd": 0.45,
+        "distill.kd_alpha_ramp": (0.15, 0.45),
+        "distill.proof_weight_start": 2.25,
+        "distill.proof_weight_end": 1.1,
+        "distill.temperature": 2.0,
+        "distill.topology.jump_sigma": 3.0,
+        "distill.topology.jump_kd_weight": 1.25,
+        "distill.topology.energy_window": 64,
+        "distill.topology.window": 512,
+        "distill.topology.min_overlap": 32,
+        "distill.topology.max_overlap": 128,
+        "distill.topology.curriculum_phases": 4,
+        "distill.topology.easiest_fraction": 0.3,
+    },
+    "qwen3.6-27b-agentic-react-lora.yaml": {"distill.optimizer": "paged_adamw_8bit"},
+}
+
+
+def dotted(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@pytest.mark.parametrize("name", sorted(CARDS))
+def test_recipe_has_the_cards_settings(name: str) -> None:
+    recipe = load_recipe(RECIPES / name)
+    wrong = {key: dotted(recipe, key) for key, want in CARDS[name].items() if dotted(recipe, key) != want}
+    assert not wrong, f"{name} differs from its card: {wrong}"
+
+
+def test_smoke_blocks_run_on_cpu() -> None:
+    assert load_recipe(RECIPES / "qwen3.6-27b-agentic-react-lora.yaml", "smoke").distill.optimizer == "adamw_torch"
+    topology = load_recipe(RECIPES / "topological-qwen-dualmind.yaml", "smoke").distill.topology
+    assert topology is not None and topology.window < 120  # the smoke rows are ~120-170 tokens long
+
+
+def run_smoke(recipe: str, work: Path) -> list[dict[str, Any]]:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), "run", str(RECIPES / recipe), "--out", str(work), "--scale", "smoke"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (work / "adapter" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+@pytest.mark.slow
+def test_disc_recipe_smoke_logs_the_discrepancy_terms(tmp_path: Path) -> None:
+    steps = run_smoke("qwen3-1.7b-stem-proof-disc.yaml", tmp_path / "work")
+    assert len(steps) == 3
+    for m in steps:
+        assert m["gap_energy"] >= 0 and 0 <= m["jump_fraction"] <= 1 and 0 <= m["smoothed_fraction"] <= 1
+        assert m["loss"] == pytest.approx(0.55 * m["ce"] + 0.45 * m["kd"] + 0.02 * m["gap_energy"], rel=1e-6)
+    assert any(m["smoothed_fraction"] > 0 for m in steps)
+
+
+@pytest.mark.slow
+def test_tkd_recipe_smoke_trains_windows_with_the_ramp_and_curriculum(tmp_path: Path) -> None:
+    steps = run_smoke("topological-qwen-dualmind.yaml", tmp_path / "work")
+    # 4 steps at 0, 1/3, 2/3 and 3/3 of the run: alpha_kd 0 until 15%, 0.45 from 45%
+    assert [m["alpha_kd"] for m in steps] == pytest.approx([0.0, 0.45 * (1 / 3 - 0.15) / 0.3, 0.45, 0.45])
+    phases = [m["curriculum_phase"] for m in steps]
+    assert phases[0] == 1 and phases == sorted(phases)
+    assert all(0 <= m["topology_jump_fraction"] <= 1 for m in steps)
+    plan = json.loads((tmp_path / "work" / "adapter" / "topology.json").read_text())
+    assert plan["pieces"] > plan["rows"]  # the smoke rows were cut into windows
+    assert all(w[2] - w[1] <= 96 for w in plan["windows"])
