@@ -12,7 +12,7 @@ import torch
 
 from tracegen.config import DistillConfig, LoraSettings
 from tracegen.distill.cache import TeacherCache, build_cache
-from tracegen.distill.data import collate, load_rows
+from tracegen.distill.data import collate, collate_packed, load_rows
 from tracegen.distill.forward import supervised_logits
 from tracegen.distill.losses import token_weights, topk_from_logits, weighted_ce_sum
 from tracegen.distill.trainer import StepMetrics, train
@@ -199,3 +199,59 @@ def test_merge_reproduces_base_plus_adapter_logits(assets: dict[str, Path], tmp_
         want, got, plain = peft_model(ids).logits, merged(ids).logits, base(ids).logits
     assert torch.allclose(want, got, atol=1e-4)
     assert not torch.allclose(plain, got, atol=1e-3)  # the adapter did something
+
+
+def test_packed_and_unpacked_batches_give_the_same_logits_counts_and_loss(assets: dict[str, Path]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(assets["student"])).eval()
+    rows = load_rows(assets["dataset"])
+    indices = [3, 0, 5, 1]  # rows of different lengths
+    assert len({len(rows[i].input_ids) for i in indices}) > 1
+    padded, packed = collate(rows, indices, 512), collate_packed(rows, indices, 512)
+    assert packed.input_ids.shape[0] == 1 and packed.input_ids.shape[1] == sum(len(rows[i].input_ids) for i in indices)
+    assert packed.counts() == padded.counts() and sum(packed.counts()) == packed.n_supervised()
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        a, b = supervised_logits(model, padded, cpu), supervised_logits(model, packed, cpu)
+    assert torch.equal(a.targets, b.targets)
+    assert torch.allclose(a.logits, b.logits, atol=1e-4)
+    # Without restarting positions the rows would attend to each other: the check above can fail.
+    crossed = packed._replace(position_ids=torch.arange(packed.input_ids.shape[1]).unsqueeze(0))
+    with torch.inference_mode():
+        assert not torch.allclose(supervised_logits(model, crossed, cpu).logits, a.logits, atol=1e-4)
+
+
+def test_training_packed_matches_unpacked(assets: dict[str, Path], tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    build_cache(assets["dataset"], str(assets["teacher"]), cache_dir, top_k=16, temperature=2.0, batch_size=4)
+    runs = {}
+    for packing in (False, True):
+        out = tmp_path / f"packing-{packing}"
+        train(
+            small(assets["student"], teacher_cache=str(cache_dir), packing=packing, max_steps=3), assets["dataset"], out
+        )
+        runs[packing] = metrics(out)
+    for unpacked, packed in zip(runs[False], runs[True], strict=True):
+        assert packed["ce"] == pytest.approx(unpacked["ce"], rel=1e-4)
+        assert packed["kd"] == pytest.approx(unpacked["kd"], rel=1e-4)
+        assert packed["supervised_tokens"] == unpacked["supervised_tokens"]
+        assert packed["tokens"] == unpacked["tokens"]  # no padding either way in the count
+
+
+def test_packing_is_refused_on_a_linear_attention_model(assets: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3NextConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(str(assets["student"]))
+    config = Qwen3NextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, layer_types=["linear_attention", "full_attention"], num_experts=2,
+        num_experts_per_tok=1, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+        linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+    )  # fmt: skip
+    hybrid = tmp_path / "hybrid"
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(hybrid))
+    tokenizer.save_pretrained(str(hybrid))
+    with pytest.raises(BadInputError, match=r"packing refused: .* linear-attention or recurrent layers"):
+        train(small(hybrid, packing=True), assets["dataset"], tmp_path / "out")
+    assert not (tmp_path / "out").exists(), "nothing written"

@@ -116,6 +116,7 @@ CARDS: dict[str, dict[str, Any]] = {
         "distill.warmup_ratio": 0.03,
         "distill.epochs": 1,
         "distill.optimizer": "paged_adamw_8bit",
+        "distill.packing": False,
         "eval.endpoint.temperature": 0.6,
         "eval.endpoint.top_p": 0.95,
         "eval.endpoint.max_tokens": 32768,
@@ -129,6 +130,8 @@ CARDS: dict[str, dict[str, Any]] = {
         "format.train_observations": "none",
         "distill.lora.target_modules": "all-linear",
         "distill.warmup_ratio": 0.03,
+        "distill.optimizer": "paged_adamw_8bit",
+        "distill.packing": False,
     },
 }
 

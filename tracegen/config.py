@@ -273,6 +273,11 @@ class DistillConfig(Strict):
         "auto", description="auto: bf16 autocast on a GPU that supports it, fp32 otherwise (CPU)."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    packing: bool = Field(
+        False,
+        description="Padding-free packing: each micro-batch's rows end to end in one sequence (restarting "
+        "position_ids, no attention across rows). Dense models only: refused on linear-attention/recurrent ones.",
+    )
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="Held-out fraction (split with seed 42).")
     eval_every: int = Field(50, ge=1, description="Evaluate every N optimizer steps (and at the end).")
     save_every: int = Field(100, ge=1, description="Write a resumable checkpoint every N optimizer steps.")

@@ -43,13 +43,19 @@ class Row(NamedTuple):
 
 
 class Batch(NamedTuple):
-    """A right-padded micro-batch; ``rows`` are dataset row indices (for the teacher cache)."""
+    """A micro-batch; ``rows`` are dataset row indices (for the teacher cache).
+
+    Right-padded (``collate``: one row per sequence), or padding-free (``collate_packed``: every
+    sequence end to end in one row, ``position_ids`` restarting at 0 for each, ``segments`` their lengths).
+    """
 
     rows: list[int]
     input_ids: torch.Tensor  # [B, L] int64
     attention_mask: torch.Tensor  # [B, L] int64
     labels: torch.Tensor  # [B, L] int64, -100 masked and padded
     proof_mask: torch.Tensor  # [B, L] int64
+    position_ids: torch.Tensor | None = None  # [1, L] int64 when packed
+    segments: list[int] | None = None  # when packed: each sequence's length, in ``rows`` order
 
     def supervised(self) -> torch.Tensor:
         """Boolean ``[B, L-1]``: the positions whose next-token label is trained."""
@@ -57,6 +63,19 @@ class Batch(NamedTuple):
 
     def n_supervised(self) -> int:
         return int(self.supervised().sum().item())
+
+    def counts(self) -> list[int]:
+        """Supervised positions per sequence (per entry of ``rows``), in order: the teacher cache's slices."""
+        sup = self.supervised()
+        if self.segments is None:
+            return [int(n) for n in sup.sum(dim=1).tolist()]
+        # A sequence's first token is never a target (collate_packed masks it), so every supervised
+        # position t of the sequence spanning [start, end) lies in [start, end - 1).
+        out, start = [], 0
+        for length in self.segments:
+            out.append(int(sup[0, start : start + length - 1].sum()))
+            start += length
+        return out
 
 
 def parquet_files(dataset_dir: Path) -> list[Path]:
@@ -147,6 +166,35 @@ def collate(rows: list[Row], indices: list[int], max_length: int, pad_id: int = 
         labels[b, :n] = torch.tensor(row.labels[:n], dtype=torch.long)
         proof[b, :n] = torch.tensor(row.proof_mask[:n], dtype=torch.long)
     return Batch(list(indices), ids, attn, labels, proof)
+
+
+def collate_packed(rows: list[Row], indices: list[int], max_length: int) -> Batch:
+    """Padding-free: rows ``indices`` (each cut to ``max_length``) end to end in one sequence.
+
+    ``position_ids`` restart at 0 for every row, which makes transformers build a block-diagonal causal
+    mask (no attention across rows; ``attention_mask`` must then be left out of the forward call). The
+    first token of each row gets label -100, so no row's last token is trained to predict the next
+    row's first: the supervised positions, and the loss, are exactly those of ``collate``.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    proof: list[int] = []
+    positions: list[int] = []
+    segments: list[int] = []
+    for i in indices:
+        row = rows[i]
+        n = min(len(row.input_ids), max_length)
+        ids += row.input_ids[:n]
+        labels += [-100, *row.labels[1:n]]
+        proof += row.proof_mask[:n]
+        positions += range(n)
+        segments.append(n)
+
+    def tensor(values: list[int]) -> torch.Tensor:
+        return torch.tensor([values], dtype=torch.long)
+
+    ones = torch.ones((1, len(ids)), dtype=torch.long)
+    return Batch(list(indices), tensor(ids), ones, tensor(labels), tensor(proof), tensor(positions), segments)
 
 
 class Split(NamedTuple):

@@ -28,8 +28,9 @@ step; the data order is a pure function of (seed, epoch) (and, with ``topology``
 teacher cache, which the plan is recomputed from), so ``resume=True`` continues exactly where the
 checkpoint left off. Ctrl-C stops cleanly after writing a checkpoint of the last finished step.
 
-Not done here: padding-free packing (rows are right-padded; on CPU packing did not pay when most rows
-fill the length), multi-GPU (runs on one device; ``accelerate launch`` is not wired in).
+Rows are right-padded, or with ``packing`` laid end to end in one sequence per micro-batch (same
+supervised tokens, same loss; dense models only). Not done here: multi-GPU (runs on one device;
+``accelerate launch`` is not wired in).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from tracegen.distill.cache import TeacherCache
 from tracegen.distill.data import (
     Batch,
     collate,
+    collate_packed,
     curriculum_batches,
     dataset_vocab_hash,
     load_rows,
@@ -60,7 +62,7 @@ from tracegen.distill.data import (
 )
 from tracegen.distill.discrepancy import TopologyPlan, disc_kd, plan_topology
 from tracegen.distill.forward import supervised_logits
-from tracegen.distill.lora import wrap_lora
+from tracegen.distill.lora import is_hybrid, wrap_lora
 from tracegen.distill.losses import (
     TeacherTopK,
     kd_alpha,
@@ -287,6 +289,12 @@ def train(
     base: Any = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
     if getattr(base.config, "quantization_config", None) is not None:
         raise BadInputError(f"{student} is quantized; train on a full-precision base")
+    if config.packing and is_hybrid(base.config):
+        raise BadInputError(
+            f"packing refused: {student} has linear-attention or recurrent layers, whose state would leak "
+            "from one packed row into the next",
+            hint="set distill.packing: false for this model",
+        )
     if config.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.config.use_cache = False
@@ -375,7 +383,7 @@ def train(
             ce = weighted_ce_sum(logits, targets, weights)
             loss = ce if cache is None else config.alpha_ce * ce
             if cache is not None:
-                counts = sel.sum(dim=1).tolist()
+                counts = batch.counts()
                 topk = teacher(batch, counts)
                 kd_weights = None
                 if plan is not None:
@@ -399,6 +407,11 @@ def train(
             totals.ce += float(ce.detach())
         return totals
 
+    def make_batch(indices: list[int]) -> Batch:
+        if config.packing:
+            return collate_packed(pieces, indices, config.max_length)
+        return collate(pieces, indices, config.max_length, pad_id)
+
     model.train()
     last_loss = float("nan")
     rng_after_step = torch.get_rng_state()
@@ -408,7 +421,7 @@ def train(
     try:
         for step in range(start_step, total):
             t0 = time.perf_counter()
-            window = [collate(pieces, next(batches), config.max_length, pad_id) for _ in range(config.grad_accum)]
+            window = [make_batch(next(batches)) for _ in range(config.grad_accum)]
             weight = proof_weight(step, total, config.proof_weight_start, config.proof_weight_end)
             alpha_kd = kd_alpha(step, total, config.alpha_kd, config.kd_alpha_ramp)
             lr = float(scheduler.get_last_lr()[0])
