@@ -15,7 +15,7 @@ from tracegen.config import FormatConfig
 from tracegen.format import format_dataset
 from tracegen.testing.synthetic import write_trajectories
 
-from .format_fixtures import tracegen
+from .conftest import tracegen
 
 
 @pytest.fixture

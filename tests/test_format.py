@@ -27,7 +27,7 @@ from tracegen.templates import (
 )
 from tracegen.testing.synthetic import HOSTILE, make_trajectory, write_trajectories
 
-from .format_fixtures import tracegen
+from .conftest import tracegen
 
 
 def _check_row(row: dict, tok_spec: str) -> None:

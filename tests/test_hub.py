@@ -13,7 +13,7 @@ from tracegen.format import format_dataset
 from tracegen.hub import push_dataset
 from tracegen.testing.synthetic import write_trajectories
 
-from .format_fixtures import tracegen
+from .conftest import tracegen
 
 TOKEN = "hf_SECRET_token_do_not_leak_123"
 
