@@ -101,3 +101,35 @@ def test_sparse_kd_gradient_matches_dense_at_full_k() -> None:
     sparse_kd_sum(b, topk_from_logits(teacher, 20, 2.0), 2.0).backward()
     assert a.grad is not None and b.grad is not None
     assert torch.allclose(a.grad, b.grad, atol=1e-6)
+
+
+def test_sparse_kd_tail_from_the_head_mass_equals_the_masked_logsumexp_with_gradients() -> None:
+    """The student's tail is 1 - head mass (no extra [N, V] copies); it must equal the exact masked sum."""
+    from tracegen.distill.losses import TIGHT_TAIL, sparse_kd_per_token
+
+    torch.manual_seed(0)
+    student = torch.randn(6, 500) * 3
+    teacher = torch.randn(6, 500) * 3
+    topk = topk_from_logits(teacher, 16, 2.0)
+    student[0, topk.ids[0, :4]] += 40.0  # peaked on the teacher's ids: a tail far below TIGHT_TAIL
+    q = torch.softmax(student / 2.0, -1)
+    assert 1 - q[0].gather(-1, topk.ids[0]).sum() < TIGHT_TAIL  # so the exact path runs for row 0
+    assert (1 - q[1:].gather(-1, topk.ids[1:]).sum(-1) > TIGHT_TAIL).all()  # and the cheap one for the rest
+
+    def reference(logits: torch.Tensor) -> torch.Tensor:
+        log_q_all = torch.log_softmax(logits / 2.0, -1)
+        log_q = log_q_all.gather(-1, topk.ids)
+        log_p = teacher_logprobs_at(topk, 2.0)
+        p = log_p.exp()
+        p_tail = (1 - p.sum(-1)).clamp(min=0)
+        log_q_tail = torch.logsumexp(log_q_all.scatter(-1, topk.ids, float("-inf")), -1)
+        return ((p * (log_p - log_q)).sum(-1) + p_tail * (torch.log(p_tail) - log_q_tail)) * 4.0
+
+    a = student.clone().requires_grad_(True)
+    b = student.clone().requires_grad_(True)
+    got, want = sparse_kd_per_token(a, topk, 2.0), reference(b)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    got.sum().backward()
+    want.sum().backward()
+    assert a.grad is not None and b.grad is not None and torch.isfinite(a.grad).all()
+    assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6)

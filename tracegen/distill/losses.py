@@ -97,8 +97,7 @@ def sparse_kd_sum(student_logits: torch.Tensor, topk: TeacherTopK, temperature: 
 def sparse_kd_per_token(student_logits: torch.Tensor, topk: TeacherTopK, temperature: float) -> torch.Tensor:
     """``[N]``: T^2 * KL(teacher_T || student_T) of each row, on top-k ids plus one tail bucket."""
     t = temperature
-    s = student_logits.float() / t
-    log_q_all = s - torch.logsumexp(s, dim=-1, keepdim=True)
+    log_q_all = F.log_softmax(student_logits.float() / t, dim=-1)
     log_q = log_q_all.gather(-1, topk.ids)
     log_p = teacher_logprobs_at(topk, t)
     p = log_p.exp()
@@ -106,10 +105,30 @@ def sparse_kd_per_token(student_logits: torch.Tensor, topk: TeacherTopK, tempera
     # Tail bucket: the mass outside the top-k ids, for teacher and student alike.
     p_tail = (1.0 - p.sum(-1)).clamp(min=0.0)
     log_p_tail = torch.log(p_tail.clamp(min=1e-30))
-    masked = log_q_all.scatter(-1, topk.ids, float("-inf"))
-    log_q_tail = torch.logsumexp(masked, dim=-1)  # -inf when k == V: the term is then masked off
+    log_q_tail = _student_tail(log_q_all, log_q, topk.ids)
     tail = torch.where(p_tail > 1e-6, p_tail * (log_p_tail - log_q_tail), torch.zeros_like(p_tail))
     return (head + tail) * (t * t)
+
+
+TIGHT_TAIL = 1e-3  # below this student tail mass, 1 - head loses too many digits in fp32
+
+
+def _student_tail(log_q_all: torch.Tensor, log_q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``[N]`` log of the student's mass outside ``ids``.
+
+    As 1 - (mass on the top-k ids), which needs no further [N, V] tensor (a masked copy of the
+    log-probs plus its logsumexp would be two more, the largest part of the loss's peak memory). Rows
+    whose tail is tiny, where that subtraction cancels, are recomputed exactly from the masked copy.
+    """
+    head_mass = log_q.exp().sum(-1)
+    # The clamp keeps log1p's gradient finite on rows that are then replaced (0 * inf would be NaN).
+    log_tail = torch.log1p(-head_mass.clamp(max=1.0 - 1e-6))
+    tight = (1.0 - head_mass) < TIGHT_TAIL
+    if bool(tight.any()):
+        rows = tight.nonzero(as_tuple=True)[0]
+        masked = log_q_all[rows].scatter(-1, ids[rows], float("-inf"))
+        log_tail = log_tail.index_put((rows,), torch.logsumexp(masked, dim=-1))  # -inf when k == V
+    return log_tail
 
 
 def dense_kd_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
