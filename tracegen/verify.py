@@ -89,12 +89,22 @@ def structural_verdict(t: Trajectory, config: StructuralCheckConfig, pattern: re
         problems.append(f"{t.usage.completion_tokens} completion tokens > {config.max_completion_tokens}")
     if problems:
         return _verdict("structural", False, "; ".join(problems))
-    return _verdict("structural", True, f"converged in {turns} turn(s)")
+    return _passing("structural", f"converged in {turns} turn(s)")
 
 
 def _verdict(check: str, passed: bool, reason: str, score: float | None = None) -> Verdict:
     """A verdict built without re-validation: the hot path of the cheap checks (types are right by construction)."""
     return Verdict.model_construct(check=check, passed=passed, score=score, reason=reason, judge_model=None, usage=None)
+
+
+@lru_cache(maxsize=128)
+def _passing(check: str, reason: str) -> Verdict:
+    """Passing verdicts repeat ("unique", "converged in 3 turn(s)"): one shared instance each.
+
+    Verdicts are never modified after they are made, so sharing is safe; it saves building two of the
+    three verdicts per sample on the cheap checks' hot path.
+    """
+    return _verdict(check, True, reason)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -147,7 +157,7 @@ class DuplicateIndex:
                         f"{self.config.near_threshold})",
                     )
             kept.append((t.id, signature))
-        return _verdict("duplicate", True, "unique")
+        return _passing("duplicate", "unique")
 
     def _minhash(self, text: str) -> np.ndarray[Any, Any]:
         import numpy as np
