@@ -95,7 +95,10 @@ def train_command(
     from tracegen.distill.trainer import train
 
     summary = train(config, dataset_dir, out, resume=resume)
-    _print(asdict(summary))
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # under `accelerate launch`, one summary, not one per process
+        _print(asdict(summary))
     if summary.interrupted:
         raise typer.Exit(130)
 

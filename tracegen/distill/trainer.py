@@ -29,8 +29,15 @@ teacher cache, which the plan is recomputed from), so ``resume=True`` continues 
 checkpoint left off. Ctrl-C stops cleanly after writing a checkpoint of the last finished step.
 
 Rows are right-padded, or with ``packing`` laid end to end in one sequence per micro-batch (same
-supervised tokens, same loss; dense models only). Not done here: multi-GPU (runs on one device;
-``accelerate launch`` is not wired in).
+supervised tokens, same loss; dense models only).
+
+Several processes (``accelerate launch``, DDP): every process reads the same window of ``grad_accum``
+micro-batches and trains micro-batches ``rank, rank + world, ...`` of it; N_window still counts the
+whole window, and the gradients are all-reduced once per step, so a step is the one-process step (up
+to float rounding) and the data order, hence resume, does not depend on the process count. Process 0
+alone prints and writes files. Needs ``grad_accum >= world``. Not supported: FSDP and DeepSpeed
+(refused); with lora dropout, a resumed multi-process run draws other dropout masks than an
+uninterrupted one (every process restarts from process 0's random state).
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -61,7 +69,7 @@ from tracegen.distill.data import (
     split_indices,
 )
 from tracegen.distill.discrepancy import TopologyPlan, disc_kd, plan_topology
-from tracegen.distill.forward import supervised_logits
+from tracegen.distill.forward import SupervisedLogits, supervised_logits
 from tracegen.distill.lora import is_hybrid, wrap_lora
 from tracegen.distill.losses import (
     TeacherTopK,
@@ -151,21 +159,71 @@ def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> floa
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _device_and_precision(config: DistillConfig) -> tuple[torch.device, bool]:
-    cuda = torch.cuda.is_available()
-    bf16_ok = cuda and torch.cuda.is_bf16_supported()
+def _accelerator() -> Any:
+    """This process's place in an ``accelerate launch`` run (a run of one, when started plainly).
+
+    Precision stays ``distill.precision`` (the bf16 autocast below), whatever the launcher's
+    ``--mixed_precision``. Without CUDA, ``cpu=True`` is what makes accelerate join the launched
+    processes into one CPU (gloo) group rather than let each train alone. FSDP and DeepSpeed are
+    refused: checkpoints and the adapter are saved from process 0's whole copy, which they shard.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise BadInputError(
+            f"distill runs under DDP only, not {accelerator.distributed_type.value}",
+            hint="launch without --use_fsdp / --use_deepspeed: each process then holds the whole model and "
+            "only the LoRA gradients are all-reduced",
+        )
+    return accelerator
+
+
+def _use_bf16(config: DistillConfig, device: torch.device) -> bool:
+    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
     if config.precision == "bf16" and not bf16_ok:
         raise BadInputError("precision bf16 needs a GPU with bf16 support", hint="use precision: auto or fp32")
-    use_bf16 = bf16_ok and config.precision != "fp32"
-    return torch.device("cuda" if cuda else "cpu"), use_bf16
+    return bf16_ok and config.precision != "fp32"
+
+
+class _SupervisedForward(torch.nn.Module):
+    """The PEFT model behind a forward that is ``supervised_logits``: the module DDP wraps.
+
+    DDP all-reduces gradients only for forward calls through its wrapper, and ``supervised_logits``
+    calls the decoder directly (to run the output layer on supervised positions only). Wrapping this
+    module rather than the PEFT model keeps both; on one process it is a plain call.
+    """
+
+    def __init__(self, lm: Any, device: torch.device) -> None:
+        super().__init__()
+        self.lm = lm
+        self._device = device
+
+    def forward(self, batch: Batch) -> SupervisedLogits:
+        return supervised_logits(self.lm, batch, self._device)
+
+
+def _sum_over_processes(accelerator: Any, *values: float) -> list[float]:
+    """Each value added up over the processes (as is, on one process)."""
+    if accelerator.num_processes == 1:
+        return list(values)
+    local = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    return [float(v) for v in accelerator.reduce(local, "sum").tolist()]
 
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _check_options(config: DistillConfig, has_cache: bool, device: torch.device) -> None:
+def _check_options(config: DistillConfig, has_cache: bool, device: torch.device, processes: int) -> None:
     """Refuse option combinations that cannot run, before any model is loaded."""
+    if config.grad_accum < processes:
+        raise BadInputError(
+            f"grad_accum {config.grad_accum} is less than the {processes} processes: each process trains whole "
+            "micro-batches of a step",
+            hint=f"set grad_accum to a multiple of {processes} (a step stays grad_accum x batch_size sequences)",
+        )
     on = [name for name in ("discrepancy", "topology", "kd_alpha_ramp") if getattr(config, name) is not None]
     if on and not has_cache:
         raise BadInputError(
@@ -220,8 +278,15 @@ def train(
         raise BadInputError("no student model", hint="pass --student MODEL (a local folder or Hub id)")
     student = str(Path(config.student).resolve()) if Path(config.student).exists() else config.student
     torch.manual_seed(config.seed)
-    device, use_bf16 = _device_and_precision(config)
-    _check_options(config, bool(config.teacher_cache), device)
+    accelerator = _accelerator()
+    device, world, main = accelerator.device, accelerator.num_processes, accelerator.is_main_process
+    use_bf16 = _use_bf16(config, device)
+    _check_options(config, bool(config.teacher_cache), device, world)
+
+    def say(message: str) -> None:
+        if main:
+            _say(message)
+
     tokenizer = AutoTokenizer.from_pretrained(student)
     student_hash = vocab_hash(tokenizer)
 
@@ -264,12 +329,12 @@ def train(
             )
         ramped = f" (ramped over {list(config.kd_alpha_ramp)} of the steps)" if config.kd_alpha_ramp else ""
         energy_term = f" + {config.discrepancy.gap_energy_weight} * E_disc" if config.discrepancy else ""
-        _say(
+        say(
             f"KD on: teacher cache {config.teacher_cache} (top-{cache.meta['top_k']}, T={cache.temperature}); "
             f"L = {config.alpha_ce} * CE_weighted + {config.alpha_kd}{ramped} * KD{energy_term}"
         )
     else:
-        _say("No teacher cache: sequence-level distillation (CE on the teacher's tokens only, no KD).")
+        say("No teacher cache: sequence-level distillation (CE on the teacher's tokens only, no KD).")
     mode: Literal["kd", "ce"] = "kd" if cache else "ce"
     # What is trained: the training rows, or (topology) their windows in curriculum phases.
     plan: TopologyPlan | None = None
@@ -277,7 +342,7 @@ def train(
     if cache is not None and config.topology is not None:
         plan = plan_topology(rows, split.train, cache, config.topology, config.max_length)
         pieces, train_items = plan.pieces, list(range(len(plan.pieces)))
-        _say(
+        say(
             f"topology: {len(split.train)} rows -> {len(pieces)} windows of <= {config.topology.window} tokens, "
             f"{plan.jumps} teacher jump tokens, curriculum phases of {[len(p) for p in plan.phases]} samples"
         )
@@ -298,7 +363,7 @@ def train(
     if config.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.config.use_cache = False
-    model: Any = wrap_lora(base, config.lora)
+    model: Any = wrap_lora(base, config.lora, announce=main)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(config, params)
@@ -306,9 +371,15 @@ def train(
         optimizer,
         lambda s: lr_at(s, total, warmup, config.learning_rate, config.min_learning_rate) / config.learning_rate,
     )
+    # DDP wraps in place: ``model`` stays the trained PEFT model (to load and save). The scheduler is not
+    # prepared: accelerate would step it once per process, as if each process ran its own steps.
+    trained, optimizer = accelerator.prepare(_SupervisedForward(model, device), optimizer)
+    if isinstance(trained, torch.nn.parallel.DistributedDataParallel):
+        # The buffers (rotary tables) are constants. Syncing them would put a collective in forward
+        # calls, which evaluation runs a different number of times on each process.
+        trained.broadcast_buffers = False
     pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 
-    out.mkdir(parents=True, exist_ok=True)
     start_step = 0
     best_eval: float | None = None
     ckpt = out / CHECKPOINT
@@ -321,32 +392,36 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         start_step, best_eval = int(state["step"]), state["best_eval"]
-        _say(f"Resuming from {ckpt} at step {start_step}/{total}")
+        say(f"Resuming from {ckpt} at step {start_step}/{total}")
     elif resume:
-        _say(f"No checkpoint in {out}: starting from step 0")
+        say(f"No checkpoint in {out}: starting from step 0")
     metrics_path = out / METRICS
-    kept = [ln for ln in _read_lines(metrics_path) if json.loads(ln)["step"] <= start_step] if start_step else []
-    metrics_path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
-    write_json_atomic(
-        out / "distill_config.json",
-        {
-            "config": config.model_dump(mode="json"),
-            "student": student,
-            "dataset": str(dataset_dir),
-            "mode": mode,
-            "total_steps": total,
-            "warmup_steps": warmup,
-            "train_rows": len(split.train),
-            "eval_rows": len(split.eval),
-            "vocab_hash": student_hash,
-            **({"train_windows": len(plan.pieces)} if plan is not None else {}),
-        },
-    )
-    if plan is not None:
-        write_json_atomic(out / TOPOLOGY, plan.summary())
-    _say(
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        kept = [ln for ln in _read_lines(metrics_path) if json.loads(ln)["step"] <= start_step] if start_step else []
+        metrics_path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+        write_json_atomic(
+            out / "distill_config.json",
+            {
+                "config": config.model_dump(mode="json"),
+                "student": student,
+                "dataset": str(dataset_dir),
+                "mode": mode,
+                "total_steps": total,
+                "warmup_steps": warmup,
+                "train_rows": len(split.train),
+                "eval_rows": len(split.eval),
+                "vocab_hash": student_hash,
+                **({"train_windows": len(plan.pieces)} if plan is not None else {}),
+            },
+        )
+        if plan is not None:
+            write_json_atomic(out / TOPOLOGY, plan.summary())
+    processes = f", {world} processes" if world > 1 else ""
+    say(
         f"distill: {len(split.train)} train / {len(split.eval)} eval rows, {total} steps of "
         f"{config.grad_accum} x {config.batch_size} sequences, {'bf16' if use_bf16 else 'fp32'} on {device}"
+        f"{processes}"
     )
 
     # --- loop ----------------------------------------------------------------------------------
@@ -373,46 +448,60 @@ def train(
         return cache.batch(rows_of, counts, device, [plan.cache_skip[i] for i in batch.rows])
 
     def window_loss(window: list[Batch], weight: float, alpha_kd: float) -> WindowTotals:
+        """This process's share of the window's sums; ``n`` counts the whole window (every process reads it all)."""
         totals = WindowTotals(n=max(1, sum(b.n_supervised() for b in window)))
         disc = config.discrepancy
-        for batch in window:
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits, targets = supervised_logits(model, batch, device)
-            sel = batch.supervised()
-            weights = token_weights(batch.proof_mask[:, 1:][sel].to(device), weight)
-            ce = weighted_ce_sum(logits, targets, weights)
-            loss = ce if cache is None else config.alpha_ce * ce
-            if cache is not None:
-                counts = batch.counts()
-                topk = teacher(batch, counts)
-                kd_weights = None
-                if plan is not None:
-                    kd_weights = torch.cat([plan.kd_weight[i][:c] for i, c in zip(batch.rows, counts, strict=True)])
-                    kd_weights = kd_weights.to(device)
-                    totals.topology_jumps += int((kd_weights != 1.0).sum())
-                if disc is not None:
-                    terms = disc_kd(logits, topk, counts, config.temperature, disc, kd_weights)
-                    kd = terms.kd_sum
-                    loss = loss + disc.gap_energy_weight * terms.energy_sum
-                    totals.energy += float(terms.energy_sum.detach())
-                    totals.jumps += terms.jumps
-                    totals.smoothed += terms.smoothed
-                elif kd_weights is not None:
-                    kd = (sparse_kd_per_token(logits, topk, config.temperature) * kd_weights).sum()
-                else:
-                    kd = sparse_kd_sum(logits, topk, config.temperature)
-                loss = loss + alpha_kd * kd
-                totals.kd += float(kd.detach())
-            torch.autograd.backward(loss / totals.n)
+        mine = window[accelerator.process_index :: world]
+        for k, batch in enumerate(mine):
+            # Gradients are all-reduced once per step: in the backward of this process's last micro-batch.
+            with nullcontext() if k == len(mine) - 1 else accelerator.no_sync(trained):
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    logits, targets = trained(batch)
+                sel = batch.supervised()
+                weights = token_weights(batch.proof_mask[:, 1:][sel].to(device), weight)
+                ce = weighted_ce_sum(logits, targets, weights)
+                loss = ce if cache is None else config.alpha_ce * ce
+                if cache is not None:
+                    counts = batch.counts()
+                    topk = teacher(batch, counts)
+                    kd_weights = None
+                    if plan is not None:
+                        kd_weights = torch.cat(
+                            [plan.kd_weight[i][:c] for i, c in zip(batch.rows, counts, strict=True)]
+                        ).to(device)
+                        totals.topology_jumps += int((kd_weights != 1.0).sum())
+                    if disc is not None:
+                        terms = disc_kd(logits, topk, counts, config.temperature, disc, kd_weights)
+                        kd = terms.kd_sum
+                        loss = loss + disc.gap_energy_weight * terms.energy_sum
+                        totals.energy += float(terms.energy_sum.detach())
+                        totals.jumps += terms.jumps
+                        totals.smoothed += terms.smoothed
+                    elif kd_weights is not None:
+                        kd = (sparse_kd_per_token(logits, topk, config.temperature) * kd_weights).sum()
+                    else:
+                        kd = sparse_kd_sum(logits, topk, config.temperature)
+                    loss = loss + alpha_kd * kd
+                    totals.kd += float(kd.detach())
+                # DDP averages the processes' gradients, and each process's loss is its share of the
+                # window's sum: scaling by the process count turns that average back into the sum.
+                accelerator.backward(loss / (totals.n / world))
             totals.ce += float(ce.detach())
         return totals
+
+    def all_processes(part: WindowTotals) -> WindowTotals:
+        """Every process's share of the window added up (for the metrics)."""
+        ce, kd, energy, jumps, smoothed, topology_jumps = _sum_over_processes(
+            accelerator, part.ce, part.kd, part.energy, part.jumps, part.smoothed, part.topology_jumps
+        )
+        return WindowTotals(part.n, ce, kd, energy, round(jumps), round(smoothed), round(topology_jumps))
 
     def make_batch(indices: list[int]) -> Batch:
         if config.packing:
             return collate_packed(pieces, indices, config.max_length)
         return collate(pieces, indices, config.max_length, pad_id)
 
-    model.train()
+    trained.train()
     last_loss = float("nan")
     rng_after_step = torch.get_rng_state()
     tokens_total = 0
@@ -425,10 +514,10 @@ def train(
             weight = proof_weight(step, total, config.proof_weight_start, config.proof_weight_end)
             alpha_kd = kd_alpha(step, total, config.alpha_kd, config.kd_alpha_ramp)
             lr = float(scheduler.get_last_lr()[0])
-            sums = window_loss(window, weight, alpha_kd)
+            sums = all_processes(window_loss(window, weight, alpha_kd))
             n_sup = sums.n
             ce, kd, energy = sums.ce / n_sup, sums.kd / n_sup, sums.energy / n_sup
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+            grad_norm = float(accelerator.clip_grad_norm_(params, config.max_grad_norm))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -465,29 +554,34 @@ def train(
                 metrics.topology_jump_fraction = sums.topology_jumps / n_sup
                 metrics.curriculum_phase = phase_of[window[-1].rows[-1]]
             if split.eval and ((step + 1) % config.eval_every == 0 or step + 1 == total):
-                metrics.eval_loss = evaluate(model, rows, split.eval, config, device, pad_id)
+                metrics.eval_loss = evaluate(trained, rows, split.eval, config, pad_id, accelerator)
                 if best_eval is None or metrics.eval_loss < best_eval:
                     best_eval = metrics.eval_loss
-                    model.save_pretrained(str(out / "best"))
-            with metrics_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(metrics.record()) + "\n")
-            if (step + 1) % config.log_every == 0 or step + 1 == total:
-                _progress(metrics, cache is not None)
-            if (step + 1) % config.save_every == 0 and step + 1 < total:
-                _save_checkpoint(model, optimizer, scheduler, rng_after_step, step + 1, total, best_eval, ckpt)
+                    if main:
+                        model.save_pretrained(str(out / "best"))
+            if main:
+                with metrics_path.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(metrics.record()) + "\n")
+                if (step + 1) % config.log_every == 0 or step + 1 == total:
+                    _progress(metrics, cache is not None)
+                if (step + 1) % config.save_every == 0 and step + 1 < total:
+                    _save_checkpoint(model, optimizer, scheduler, rng_after_step, step + 1, total, best_eval, ckpt)
             if on_step is not None:
                 on_step(metrics, model)
     except KeyboardInterrupt:
         interrupted = True
         optimizer.zero_grad(set_to_none=True)  # a half-accumulated window is dropped and redone on resume
-        _save_checkpoint(model, optimizer, scheduler, rng_after_step, completed, total, best_eval, ckpt)
-        _say(f"Interrupted after step {completed}/{total}: checkpoint in {ckpt}; re-run with --resume to continue.")
+        if main:  # no collective here: the processes may have been interrupted at different points
+            _save_checkpoint(model, optimizer, scheduler, rng_after_step, completed, total, best_eval, ckpt)
+        say(f"Interrupted after step {completed}/{total}: checkpoint in {ckpt}; re-run with --resume to continue.")
 
     # --- save ----------------------------------------------------------------------------------
     if not interrupted:
-        model.save_pretrained(str(out))
-        tokenizer.save_pretrained(str(out))
-        shutil.rmtree(ckpt, ignore_errors=True)
+        if main:
+            model.save_pretrained(str(out))
+            tokenizer.save_pretrained(str(out))
+            shutil.rmtree(ckpt, ignore_errors=True)
+        accelerator.wait_for_everyone()  # every process returns once the adapter is written
     return TrainSummary(
         out=out,
         mode=mode,
@@ -502,20 +596,26 @@ def train(
 
 
 def evaluate(
-    model: Any, rows: list[Any], indices: list[int], config: DistillConfig, device: torch.device, pad_id: int
+    trained: Any, rows: list[Any], indices: list[int], config: DistillConfig, pad_id: int, accelerator: Any
 ) -> float:
-    """Mean (unweighted) cross-entropy per supervised token over ``indices``."""
-    model.eval()
+    """Mean (unweighted) cross-entropy per supervised token over ``indices``, the batches shared by the processes.
+
+    ``trained`` is the (prepared) ``_SupervisedForward``: without gradients a DDP forward runs no
+    collective, so the processes may run different numbers of batches.
+    """
+    trained.eval()
     total = 0.0
     count = 0
+    starts = range(0, len(indices), config.batch_size)
     with torch.inference_mode():
-        for i in range(0, len(indices), config.batch_size):
+        for i in starts[accelerator.process_index :: accelerator.num_processes]:
             batch = collate(rows, indices[i : i + config.batch_size], config.max_length, pad_id)
-            logits, targets = supervised_logits(model, batch, device)
+            logits, targets = trained(batch)
             total += float(torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum"))
             count += int(targets.numel())
-    model.train()
-    return total / max(count, 1)
+    trained.train()
+    total, all_count = _sum_over_processes(accelerator, total, count)
+    return total / max(all_count, 1)
 
 
 def _save_checkpoint(
