@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -88,3 +89,26 @@ def write_dataset(path: Path, tokenizer_dir: Path, n: int = 12, seed: int = 0) -
     (path / "data").mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(records), path / "data" / "train-00000-of-00001.parquet")
     return path
+
+
+def small_config(student: Path, **overrides: Any) -> Any:
+    """A DistillConfig for tiny fixture models: rank-8 adapter, 4 steps of 2 x 2 rows, a high LR."""
+    from tracegen.config import DistillConfig, LoraSettings
+
+    base: dict[str, Any] = {
+        "student": str(student),
+        "lora": LoraSettings(r=8, alpha=16, dropout=0.0),
+        "batch_size": 2,
+        "grad_accum": 2,
+        "max_steps": 4,
+        "learning_rate": 1e-2,
+        "min_learning_rate": 1e-3,
+        "eval_fraction": 0.0,
+    }
+    base.update(overrides)
+    return DistillConfig(**base)
+
+
+def read_metrics(out: Path) -> list[dict[str, Any]]:
+    """The adapter folder's metrics.jsonl, one dict per optimizer step."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from tracegen.config import DiscrepancySettings, DistillConfig, LoraSettings, TopologySettings, load_recipe
+from tracegen.config import DiscrepancySettings, DistillConfig, TopologySettings, load_recipe
 from tracegen.distill.cache import TeacherCache, build_cache
 from tracegen.distill.data import (
     Row,
@@ -38,7 +38,7 @@ from tracegen.distill.losses import kd_alpha, sparse_kd_sum, topk_from_logits
 from tracegen.distill.trainer import StepMetrics, train
 from tracegen.errors import BadInputError
 
-from .distill_fixtures import save_model, write_dataset
+from .distill_fixtures import read_metrics, save_model, small_config, write_dataset
 
 torch.set_num_threads(1)  # tiny models: a second thread only waits, and badly so on a busy machine
 
@@ -218,23 +218,8 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def small(assets: dict[str, Path], **kw: Any) -> DistillConfig:
-    base: dict[str, Any] = {
-        "student": str(assets["student"]),
-        "teacher_cache": str(assets["cache"]),
-        "lora": LoraSettings(r=8, alpha=16, dropout=0.0),
-        "batch_size": 2,
-        "grad_accum": 2,
-        "max_steps": 4,
-        "learning_rate": 1e-2,
-        "min_learning_rate": 1e-3,
-        "eval_fraction": 0.0,
-    }
-    base.update(kw)
-    return DistillConfig(**base)
-
-
-def metrics(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    config: DistillConfig = small_config(assets["student"], **{"teacher_cache": str(assets["cache"]), **kw})
+    return config
 
 
 SMALL_WINDOWS = TopologySettings(window=16, min_overlap=2, max_overlap=6, energy_window=4)
@@ -277,7 +262,7 @@ def test_disc_run_logs_gap_energy_and_changes_the_loss(assets: dict[str, Path], 
     train(small(assets), assets["dataset"], tmp_path / "off")
     disc = DiscrepancySettings(jump_sigma=1.0)  # a low threshold, so a tiny batch has jumps too
     train(small(assets, discrepancy=disc), assets["dataset"], tmp_path / "on")
-    off, on = metrics(tmp_path / "off"), metrics(tmp_path / "on")
+    off, on = read_metrics(tmp_path / "off"), read_metrics(tmp_path / "on")
     assert all("gap_energy" not in m and "jump_fraction" not in m for m in off)  # off: the old metrics
     assert all(m["gap_energy"] > 0 for m in on)
     assert any(m["jump_fraction"] > 0 for m in on) and any(m["smoothed_fraction"] > 0 for m in on)
@@ -290,7 +275,7 @@ def test_disc_run_logs_gap_energy_and_changes_the_loss(assets: dict[str, Path], 
 
 def test_kd_ramp_is_logged_per_step(assets: dict[str, Path], tmp_path: Path) -> None:
     train(small(assets, max_steps=5, kd_alpha_ramp=(0.25, 0.75)), assets["dataset"], tmp_path / "o")
-    got = metrics(tmp_path / "o")
+    got = read_metrics(tmp_path / "o")
     assert [m["alpha_kd"] for m in got] == pytest.approx([0.0, 0.0, 0.225, 0.45, 0.45])
     assert got[0]["loss"] == pytest.approx(0.55 * got[0]["ce"], rel=1e-6)  # no KD in the loss yet
 
@@ -302,7 +287,7 @@ def test_topology_run_trains_windows_in_curriculum_order_and_resumes_exactly(
     train(config, assets["dataset"], tmp_path / "a")
     plan = json.loads((tmp_path / "a" / "topology.json").read_text())
     assert plan["pieces"] > plan["rows"] == 8 and sum(plan["phase_sizes"]) == plan["pieces"]
-    a = metrics(tmp_path / "a")
+    a = read_metrics(tmp_path / "a")
     assert all("topology_jump_fraction" in m for m in a)
     phases = [m["curriculum_phase"] for m in a]
     assert phases == sorted(phases) and phases[0] == 1  # easiest first
@@ -313,7 +298,7 @@ def test_topology_run_trains_windows_in_curriculum_order_and_resumes_exactly(
 
     assert train(config, assets["dataset"], tmp_path / "b", on_step=stop).interrupted
     train(config, assets["dataset"], tmp_path / "b", resume=True)
-    b = metrics(tmp_path / "b")
+    b = read_metrics(tmp_path / "b")
     assert [m["loss"] for m in b] == pytest.approx([m["loss"] for m in a], rel=1e-5)
     assert [m["curriculum_phase"] for m in b] == phases
 

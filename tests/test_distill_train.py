@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tracegen.config import DistillConfig, LoraSettings
+from tracegen.config import LoraSettings
 from tracegen.distill.cache import TeacherCache, build_cache
 from tracegen.distill.data import collate, collate_packed, load_rows
 from tracegen.distill.forward import supervised_logits
@@ -18,7 +17,8 @@ from tracegen.distill.losses import token_weights, topk_from_logits, weighted_ce
 from tracegen.distill.trainer import StepMetrics, train
 from tracegen.errors import BadInputError
 
-from .distill_fixtures import save_model, write_dataset
+from .distill_fixtures import read_metrics, save_model, write_dataset
+from .distill_fixtures import small_config as small
 
 torch.set_num_threads(2)
 OTHER_CORPUS = ["zebra quartz jumps over lazy vexing fog", "completely different words here 123"]
@@ -32,25 +32,6 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     alien = save_model(root / "alien", vocab_size=300, seed=2, corpus=OTHER_CORPUS)  # other vocabulary
     dataset = write_dataset(root / "dataset", student, n=8)
     return {"root": root, "student": student, "teacher": teacher, "alien": alien, "dataset": dataset}
-
-
-def small(student: Path, **kw: Any) -> DistillConfig:
-    base: dict[str, Any] = {
-        "student": str(student),
-        "lora": LoraSettings(r=8, alpha=16, dropout=0.0),
-        "batch_size": 2,
-        "grad_accum": 2,
-        "max_steps": 4,
-        "learning_rate": 1e-2,
-        "min_learning_rate": 1e-3,
-        "eval_fraction": 0.0,
-    }
-    base.update(kw)
-    return DistillConfig(**base)
-
-
-def metrics(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_adapter_weights_change_and_base_weights_do_not(assets: dict[str, Path], tmp_path: Path) -> None:
@@ -82,13 +63,13 @@ def test_loss_falls_when_overfitting(assets: dict[str, Path], tmp_path: Path) ->
         assets["student"], max_steps=20, grad_accum=1, warmup_steps=0, proof_weight_start=1.0, proof_weight_end=1.0
     )
     train(config, two_rows, tmp_path / "out")
-    losses = [m["loss"] for m in metrics(tmp_path / "out")]
+    losses = [m["loss"] for m in read_metrics(tmp_path / "out")]
     assert losses[-1] < 0.6 * losses[0], losses
 
 
 def test_proof_weight_decays_over_the_run(assets: dict[str, Path], tmp_path: Path) -> None:
     train(small(assets["student"], max_steps=3), assets["dataset"], tmp_path / "out")
-    assert [m["proof_weight"] for m in metrics(tmp_path / "out")] == pytest.approx([2.5, 2.0, 1.5])
+    assert [m["proof_weight"] for m in read_metrics(tmp_path / "out")] == pytest.approx([2.5, 2.0, 1.5])
 
 
 def test_masked_tokens_change_nothing(assets: dict[str, Path]) -> None:
@@ -129,7 +110,7 @@ def test_resume_reproduces_the_uninterrupted_run(assets: dict[str, Path], tmp_pa
     assert not (tmp_path / "b" / "adapter_model.safetensors").exists()
     second = train(config, assets["dataset"], tmp_path / "b", resume=True)
     assert not second.interrupted and second.steps == 4
-    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     assert [m["step"] for m in b] == [1, 2, 3, 4]
     assert [m["loss"] for m in a] == pytest.approx([m["loss"] for m in b], rel=1e-5)
     wa, wb = (
@@ -163,7 +144,7 @@ def test_cache_round_trip_and_kd_training(assets: dict[str, Path], tmp_path: Pat
     out = tmp_path / "kd"
     result = train(small(assets["student"], teacher_cache=str(cache_dir)), assets["dataset"], out)
     assert result.mode == "kd"
-    assert all(m["kd"] > 0 for m in metrics(out))
+    assert all(m["kd"] > 0 for m in read_metrics(out))
 
 
 def test_kd_refused_when_vocabularies_differ(assets: dict[str, Path], tmp_path: Path) -> None:
@@ -231,7 +212,7 @@ def test_training_packed_matches_unpacked(assets: dict[str, Path], tmp_path: Pat
         train(
             small(assets["student"], teacher_cache=str(cache_dir), packing=packing, max_steps=3), assets["dataset"], out
         )
-        runs[packing] = metrics(out)
+        runs[packing] = read_metrics(out)
     for unpacked, packed in zip(runs[False], runs[True], strict=True):
         assert packed["ce"] == pytest.approx(unpacked["ce"], rel=1e-4)
         assert packed["kd"] == pytest.approx(unpacked["kd"], rel=1e-4)
