@@ -81,6 +81,14 @@ class TeacherConfig(EndpointConfig):
         "<tool_call>{...}</tool_call> (hermes) or <function=NAME>... (function_tag). Pin one for servers "
         "without function calling: the tools are then described in the system prompt.",
     )
+    # Not in CollectConfig.fingerprint(): asking for log-probs does not change what is sampled.
+    top_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=20,
+        description="Store the teacher's top-k log-probs of every generated token (for KD): requests carry "
+        "logprobs: true, top_logprobs: k (OpenAI allows k <= 20).",
+    )
 
 
 class Prices(Strict):
@@ -494,8 +502,13 @@ STAGE_ORDER: tuple[str, ...] = StageName.__args__  # type: ignore[attr-defined]
 
 
 class CacheTeacherConfig(Strict):
-    """The ``cache_teacher`` stage: one forward pass of a local teacher over the formatted dataset."""
+    """The ``cache_teacher`` stage: teacher top-k log-probs per supervised token of the formatted dataset."""
 
+    source: Literal["model", "collect"] = Field(
+        "model",
+        description="model: one forward pass of `teacher`; collect: the top log-probs the API teacher returned "
+        "during collect (collect.teacher.top_logprobs), for the trajectories format read.",
+    )
     teacher: str | None = Field(
         None, description="Local teacher model (folder, Hub id, smollm2 or tiny:TOKENIZER[:SEED]); student's tokenizer."
     )

@@ -4,6 +4,7 @@ Command shape (a group whose default command is ``train``)::
 
     tracegen distill DATASET_DIR --student MODEL --out ADAPTER_DIR [--recipe R]   (same as `distill train ...`)
     tracegen distill cache-teacher DATASET_DIR --teacher MODEL --out CACHE_DIR [--top-k 64]
+    tracegen distill cache-teacher DATASET_DIR --from-logprobs TRAJECTORIES.jsonl --tokenizer TOK --out CACHE_DIR
     tracegen distill merge ADAPTER_DIR --out MODEL_DIR
 
 Any first argument that is not a subcommand name is routed to ``train`` (a dataset folder literally
@@ -106,18 +107,44 @@ def train_command(
 @distill_app.command("cache-teacher")
 def cache_teacher_command(
     dataset_dir: Annotated[Path, typer.Argument(help="The formatted dataset the student will train on.")],
-    teacher: Annotated[
-        str, typer.Option(help="Local teacher model (folder or Hub id), same tokenizer as the student.")
-    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Cache folder (memory-mappable .npy shards).")],
-    top_k: Annotated[int, typer.Option(help="Log-probs kept per supervised token.")] = 64,
+    teacher: Annotated[
+        str | None, typer.Option(help="Local teacher model (folder or Hub id), same tokenizer as the student.")
+    ] = None,
+    from_logprobs: Annotated[
+        Path | None,
+        typer.Option(
+            help="Instead of a local teacher: the trajectories (.jsonl) whose API teacher returned top log-probs "
+            "(collect with teacher.top_logprobs)."
+        ),
+    ] = None,
+    tokenizer: Annotated[
+        str | None, typer.Option(help="With --from-logprobs: the dataset's tokenizer (qwen3, smollm2 or a folder).")
+    ] = None,
+    top_k: Annotated[int, typer.Option(help="Log-probs kept per supervised token (local teacher).")] = 64,
     temperature: Annotated[float, typer.Option(help="KD temperature the logsumexp is stored for.")] = 2.0,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 4,
     max_length: Annotated[int, typer.Option(help="Cut sequences to this many tokens (>= training's).")] = 4096,
 ) -> None:
-    """One forward pass of a local teacher: per supervised token, top-k ids + fp16 log-probs + logsumexp."""
+    """Per supervised token, top-k ids + fp16 log-probs + logsumexp: from one forward pass of a local
+    teacher, or from the top log-probs an API teacher returned during collect."""
+    from tracegen.errors import BadInputError
+
+    if (teacher is None) == (from_logprobs is None):
+        raise BadInputError("pass exactly one of --teacher MODEL and --from-logprobs TRAJECTORIES.jsonl")
+    if from_logprobs is not None:
+        from tracegen.distill.api_cache import build_cache_from_logprobs
+
+        if tokenizer is None:
+            raise BadInputError("--from-logprobs needs --tokenizer (the dataset's tokenizer, shared by the teacher)")
+        api = build_cache_from_logprobs(
+            dataset_dir, from_logprobs, out, tokenizer=tokenizer, temperature=temperature, max_length=max_length
+        )
+        _print(asdict(api))
+        return
     from tracegen.distill.cache import build_cache
 
+    assert teacher is not None
     summary = build_cache(
         dataset_dir, teacher, out, top_k=top_k, temperature=temperature, batch_size=batch_size, max_length=max_length
     )

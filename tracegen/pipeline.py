@@ -265,6 +265,8 @@ class Pipeline:
         from tracegen.models import resolve_model
 
         c, d = self.recipe.cache_teacher, self.recipe.distill
+        if c.source == "collect":
+            return self._cache_from_logprobs(out)
         if not c.teacher:
             raise BadInputError(
                 "cache_teacher.teacher is not set", hint="name a local teacher with the student's tokenizer"
@@ -279,6 +281,23 @@ class Pipeline:
             max_length=d.max_length,
         )
         return {"tokens": summary.tokens, "top_k": summary.top_k, "mean_topk_mass_t": summary.mean_topk_mass_t}
+
+    def _cache_from_logprobs(self, out: Path) -> dict[str, Any]:
+        from tracegen.distill.api_cache import build_cache_from_logprobs
+        from tracegen.models import local_tokenizer
+
+        tokenizer = self.recipe.format.tokenizer or self.recipe.distill.student
+        assert tokenizer  # the format stage needed it too
+        d = self.recipe.distill
+        summary = build_cache_from_logprobs(
+            self.work / STAGE_DIRS["format"],
+            self._format_input(),
+            out,
+            tokenizer=local_tokenizer(tokenizer),
+            temperature=d.temperature,
+            max_length=d.max_length,
+        )
+        return {"tokens": summary.tokens, "top_k": summary.top_k, "coverage": round(summary.coverage, 4)}
 
     def _train(
         self, config: DistillConfig, dataset: Path, out: Path, student: str, cache: Path | None

@@ -14,7 +14,11 @@ What a reply may look like, all handled:
   opening tag in the prompt);
 - native tool calls as deltas split across chunks, several per turn, or calls written as text
   (see :mod:`tracegen.tools`);
-- ``finish_reason`` and usage (with ``completion_tokens_details.reasoning_tokens`` when reported).
+- ``finish_reason`` and usage (with ``completion_tokens_details.reasoning_tokens`` when reported);
+- per-token top log-probs (``TeacherConfig.top_logprobs``), kept per channel: the entries of a chunk
+  whose delta carries reasoning text are reasoning tokens, all others (content, native tool calls)
+  content tokens. A non-streamed reply has one list for both, all kept as content tokens. Malformed
+  entries are dropped, never failing the turn.
 
 Retries: 408/409/429/5xx, connection errors, read timeouts and streams that end before a finish
 reason are retried with exponential backoff and jitter, honouring ``Retry-After``, up to
@@ -27,16 +31,19 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import math
 import random
 import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from tracegen.config import EndpointConfig, ToolProtocolSetting
+from pydantic import ValidationError
+
+from tracegen.config import EndpointConfig, TeacherConfig, ToolProtocolSetting
 from tracegen.errors import RetryableTeacherError, TeacherError
 from tracegen.http import Response, open_pool
 from tracegen.tools import parse_arguments, parse_text_calls
-from tracegen.types import AssistantMessage, ReasoningFormat, ToolCall, Usage
+from tracegen.types import AssistantMessage, ReasoningFormat, TokenLogprob, ToolCall, TopLogprob, Usage
 
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 520, 522, 524, 529}
 
@@ -130,6 +137,9 @@ class ChatClient:
             body["seed"] = cfg.seed + seed_offset
         if tools:
             body["tools"] = tools
+        if isinstance(cfg, TeacherConfig) and cfg.top_logprobs is not None:
+            body["logprobs"] = True
+            body["top_logprobs"] = cfg.top_logprobs
         body.update(cfg.extra_body)
         return body
 
@@ -202,7 +212,7 @@ class ChatClient:
             self._sdk = openai.AsyncOpenAI(
                 api_key=self._key, base_url=self.base_url, max_retries=0, timeout=self.config.timeout_s
             )
-        known = {"model", "messages", "temperature", "top_p", "max_tokens", "seed", "tools"}
+        known = {"model", "messages", "temperature", "top_p", "max_tokens", "seed", "tools", "logprobs", "top_logprobs"}
         try:
             completion = await self._sdk.chat.completions.create(
                 **{k: v for k, v in body.items() if k in known},
@@ -219,6 +229,7 @@ class ChatClient:
         choice = (data.get("choices") or [{}])[0]
         message = choice.get("message") or {}
         reply.apply_delta(message)  # a whole message folds in like one big delta
+        reply.add_logprobs(choice.get("logprobs"), None)  # reasoning and content tokens in one list
         reply.finish_reason = choice.get("finish_reason")
         reply.set_usage(data.get("usage"))
         reply.latency_s = reply.ttft_s = time.monotonic() - started
@@ -243,11 +254,24 @@ class ChatClient:
 class RawReply:
     """A reply being assembled, from stream deltas or a whole message."""
 
-    __slots__ = ("content", "finish_reason", "latency_s", "reasoning", "reasoning_format", "tools", "ttft_s", "usage")
+    __slots__ = (
+        "content",
+        "content_logprobs",
+        "finish_reason",
+        "latency_s",
+        "reasoning",
+        "reasoning_format",
+        "reasoning_logprobs",
+        "tools",
+        "ttft_s",
+        "usage",
+    )
 
     def __init__(self) -> None:
         self.content: list[str] = []
         self.reasoning: list[str] = []
+        self.content_logprobs: list[Any] = []  # the server's raw entries, checked in assemble()
+        self.reasoning_logprobs: list[Any] = []
         self.reasoning_format: ReasoningFormat | None = None
         self.tools: dict[int, dict[str, Any]] = {}
         self.finish_reason: str | None = None
@@ -276,6 +300,16 @@ class RawReply:
                 self.add_tool_delta(call)
             got = True
         return got
+
+    def add_logprobs(self, logprobs: Any, delta: dict[str, Any] | None) -> None:
+        """Keep a choice's ``logprobs.content`` entries, as reasoning tokens when ``delta`` carries reasoning."""
+        entries = logprobs.get("content") if isinstance(logprobs, dict) else None
+        if not isinstance(entries, list):
+            return
+        if delta and (delta.get("reasoning_content") or delta.get("reasoning")):
+            self.reasoning_logprobs += entries
+        else:
+            self.content_logprobs += entries
 
     def add_tool_delta(self, call: dict[str, Any]) -> None:
         slot = self.tools.setdefault(call.get("index", len(self.tools)), {"id": None, "name": "", "arguments": ""})
@@ -331,6 +365,9 @@ async def _read_sse(resp: Response, reply: RawReply, started: float) -> bool:
                 delta = choice.get("delta")
                 if delta and reply.apply_delta(delta) and reply.ttft_s is None:
                     reply.ttft_s = time.monotonic() - started
+                logprobs = choice.get("logprobs")  # the only cost when log-probs were not asked for
+                if logprobs:
+                    reply.add_logprobs(logprobs, delta)
                 if choice.get("finish_reason"):
                     reply.finish_reason = choice["finish_reason"]
             if event.get("usage"):
@@ -381,7 +418,30 @@ def assemble(
         latency_s=raw.latency_s,
         ttft_s=raw.ttft_s,
         attempts=attempts,
+        reasoning_logprobs=_token_logprobs(raw.reasoning_logprobs),
+        content_logprobs=_token_logprobs(raw.content_logprobs),
     )
+
+
+def _token_logprobs(entries: list[Any]) -> list[TokenLogprob] | None:
+    """The server's ``logprobs.content`` entries as records (None when there are none).
+
+    An entry that is not the OpenAI shape, or holds a non-finite log-prob (which JSON records could not
+    hold), is dropped.
+    """
+    tokens = []
+    for entry in entries:
+        try:
+            top = [
+                TopLogprob(token=t["token"], logprob=t["logprob"], bytes=t.get("bytes"))
+                for t in entry.get("top_logprobs") or ()
+            ]
+            token = TokenLogprob(token=entry["token"], logprob=entry["logprob"], bytes=entry.get("bytes"), top=top)
+        except (KeyError, TypeError, AttributeError, ValidationError):
+            continue
+        if math.isfinite(token.logprob) and all(math.isfinite(t.logprob) for t in top):
+            tokens.append(token)
+    return tokens or None
 
 
 def _split_inline_think(content: str) -> tuple[str, str | None]:

@@ -66,6 +66,21 @@ class ToolCall(Record):
     parse_error: str | None = None
 
 
+class TopLogprob(Record):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(Record):
+    """One generated token and the server's top alternatives (OpenAI ``logprobs.content[i]``)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top: list[TopLogprob] = Field(default_factory=list)
+
+
 class SystemMessage(Record):
     role: Literal["system"] = "system"
     content: str
@@ -90,6 +105,15 @@ class AssistantMessage(Record):
     latency_s: float = 0.0
     ttft_s: float | None = None
     attempts: int = 1
+    reasoning_logprobs: list[TokenLogprob] | None = None
+    """Per-token top log-probs of the tokens that arrived on reasoning deltas (``reasoning_content`` /
+    ``reasoning``), in order; None when the server sent none (not requested, or e.g. SGLang, which
+    sends ``logprobs: null`` on reasoning chunks)."""
+    content_logprobs: list[TokenLogprob] | None = None
+    """Per-token top log-probs of the tokens that arrived on content deltas, in order: the raw content,
+    before inline ``<think>`` splitting and text-protocol call parsing, so the tokens' bytes join to the
+    content the server sent. Tokens of deltas carrying only native tool calls are here too. A
+    non-streamed reply's single list (reasoning and content tokens together) is all here."""
 
 
 class Observation(Record):

@@ -74,27 +74,8 @@ def build_cache(
     vocab = int(model.get_output_embeddings().weight.shape[0])
     if top_k > vocab:
         raise BadInputError(f"--top-k {top_k} is larger than the teacher's vocabulary ({vocab})")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cache.json").unlink(missing_ok=True)  # unfinished until rewritten at the end
-
-    offsets = [0]
-    shards: list[dict[str, int]] = []
-    pending: dict[str, list[np.ndarray[Any, Any]]] = {name: [] for name in ARRAYS}
-    pending_rows = 0
-    pending_tokens = 0
+    writer = CacheWriter(out, shard_tokens)
     mass_sum = 0.0
-
-    def flush() -> None:
-        nonlocal pending_rows, pending_tokens
-        if pending_rows == 0:
-            return
-        index = len(shards)
-        for name in ARRAYS:
-            np.save(out / f"shard-{index:05d}.{name}.npy", np.concatenate(pending[name]))
-            pending[name] = []
-        shards.append({"rows": pending_rows, "tokens": pending_tokens})
-        pending_rows = pending_tokens = 0
-
     with torch.inference_mode():
         for start in range(0, len(rows), batch_size):
             indices = list(range(start, min(start + batch_size, len(rows))))
@@ -109,24 +90,16 @@ def build_cache(
                 .sum()
                 .item()
             )
-            pending["ids"].append(topk.ids.to(torch.int32).cpu().numpy())
-            pending["logprobs"].append(topk.logprobs.to(torch.float16).cpu().numpy())
-            pending["lse1"].append(topk.lse1.float().cpu().numpy())
-            pending["lset"].append(topk.lse_t.float().cpu().numpy())
-            per_row = batch.supervised().sum(dim=1).tolist()
-            for n in per_row:
-                offsets.append(offsets[-1] + int(n))
-            pending_rows += len(indices)
-            pending_tokens += int(sum(per_row))
-            if pending_tokens >= shard_tokens:
-                flush()
-            print(f"cache-teacher: {start + len(indices)}/{len(rows)} rows, {offsets[-1]} tokens", file=sys.stderr)
-        flush()
-
-    np.save(out / "offsets.npy", np.asarray(offsets, dtype=np.int64))
-    tokens = offsets[-1]
+            writer.add(
+                topk.ids.to(torch.int32).cpu().numpy(),
+                topk.logprobs.to(torch.float16).cpu().numpy(),
+                topk.lse1.float().cpu().numpy(),
+                topk.lse_t.float().cpu().numpy(),
+                [int(n) for n in batch.supervised().sum(dim=1).tolist()],
+            )
+            print(f"cache-teacher: {start + len(indices)}/{len(rows)} rows, {writer.tokens} tokens", file=sys.stderr)
+    tokens = writer.tokens
     meta = {
-        "format": CACHE_FORMAT,
         "teacher": teacher,
         "vocab_hash": vocab_hash(tokenizer),
         "vocab_size": vocab,
@@ -136,14 +109,66 @@ def build_cache(
         "dataset": str(dataset_dir),
         "dataset_fingerprint": rows_fingerprint(rows),
         "rows": len(rows),
-        "tokens": tokens,
-        "shards": shards,
         "mean_topk_mass_t": mass_sum / max(tokens, 1),
     }
-    write_json_atomic(out / "cache.json", meta)
-    return CacheSummary(
-        out, len(rows), tokens, top_k, len(shards), time.perf_counter() - started, mass_sum / max(tokens, 1)
-    )
+    shards = writer.finish(meta)
+    return CacheSummary(out, len(rows), tokens, top_k, shards, time.perf_counter() - started, mass_sum / max(tokens, 1))
+
+
+class CacheWriter:
+    """Writes a cache folder: entries arrive row by row, in dataset order; ``cache.json`` goes last."""
+
+    def __init__(self, out: Path, shard_tokens: int = 1 << 20) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "cache.json").unlink(missing_ok=True)  # unfinished until rewritten at the end
+        self.out = out
+        self.shard_tokens = shard_tokens
+        self.offsets = [0]
+        self.shards: list[dict[str, int]] = []
+        self._pending: dict[str, list[np.ndarray[Any, Any]]] = {name: [] for name in ARRAYS}
+        self._rows = 0
+        self._tokens = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.offsets[-1]
+
+    def add(
+        self,
+        ids: np.ndarray[Any, Any],
+        logprobs: np.ndarray[Any, Any],
+        lse1: np.ndarray[Any, Any],
+        lset: np.ndarray[Any, Any],
+        per_row: list[int],
+    ) -> None:
+        """The entries of consecutive rows (``per_row`` of them each), as int32 / fp16 / fp32 / fp32 arrays."""
+        for name, arr in zip(ARRAYS, (ids, logprobs, lse1, lset), strict=True):
+            self._pending[name].append(arr)
+        for n in per_row:
+            self.offsets.append(self.offsets[-1] + n)
+        self._rows += len(per_row)
+        self._tokens += sum(per_row)
+        if self._tokens >= self.shard_tokens:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._rows == 0:
+            return
+        index = len(self.shards)
+        for name in ARRAYS:
+            np.save(self.out / f"shard-{index:05d}.{name}.npy", np.concatenate(self._pending[name]))
+            self._pending[name] = []
+        self.shards.append({"rows": self._rows, "tokens": self._tokens})
+        self._rows = self._tokens = 0
+
+    def finish(self, meta: dict[str, Any]) -> int:
+        """Write the last shard, the offsets and ``cache.json`` (``meta`` plus format, tokens, shards)."""
+        self._flush()
+        np.save(self.out / "offsets.npy", np.asarray(self.offsets, dtype=np.int64))
+        write_json_atomic(
+            self.out / "cache.json", {**meta, "format": CACHE_FORMAT, "tokens": self.tokens, "shards": self.shards}
+        )
+        return len(self.shards)
 
 
 class TeacherCache:

@@ -105,7 +105,9 @@ def sparse_kd_per_token(student_logits: torch.Tensor, topk: TeacherTopK, tempera
     # Tail bucket: the mass outside the top-k ids, for teacher and student alike.
     p_tail = (1.0 - p.sum(-1)).clamp(min=0.0)
     log_p_tail = torch.log(p_tail.clamp(min=1e-30))
-    log_q_tail = _student_tail(log_q_all, log_q, topk.ids)
+    # Only ids with teacher mass count as listed: a cache built from API log-probs pads its rows with
+    # -inf entries (an entry with none listed is a token with no teacher signal: its KD is exactly 0).
+    log_q_tail = _student_tail(log_q_all, log_q, topk.ids, torch.isfinite(log_p))
     tail = torch.where(p_tail > 1e-6, p_tail * (log_p_tail - log_q_tail), torch.zeros_like(p_tail))
     return (head + tail) * (t * t)
 
@@ -113,20 +115,25 @@ def sparse_kd_per_token(student_logits: torch.Tensor, topk: TeacherTopK, tempera
 TIGHT_TAIL = 1e-3  # below this student tail mass, 1 - head loses too many digits in fp32
 
 
-def _student_tail(log_q_all: torch.Tensor, log_q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """``[N]`` log of the student's mass outside ``ids``.
+def _student_tail(
+    log_q_all: torch.Tensor, log_q: torch.Tensor, ids: torch.Tensor, listed: torch.Tensor
+) -> torch.Tensor:
+    """``[N]`` log of the student's mass outside the ``listed`` entries of ``ids``.
+
+    Unlisted (padding) entries repeat a listed id of their row, or the row lists none.
 
     As 1 - (mass on the top-k ids), which needs no further [N, V] tensor (a masked copy of the
     log-probs plus its logsumexp would be two more, the largest part of the loss's peak memory). Rows
     whose tail is tiny, where that subtraction cancels, are recomputed exactly from the masked copy.
     """
-    head_mass = log_q.exp().sum(-1)
+    head_mass = log_q.exp().masked_fill(~listed, 0.0).sum(-1)
     # The clamp keeps log1p's gradient finite on rows that are then replaced (0 * inf would be NaN).
     log_tail = torch.log1p(-head_mass.clamp(max=1.0 - 1e-6))
     tight = (1.0 - head_mass) < TIGHT_TAIL
     if bool(tight.any()):
         rows = tight.nonzero(as_tuple=True)[0]
-        masked = log_q_all[rows].scatter(-1, ids[rows], float("-inf"))
+        listed_ids = torch.where(listed[rows], ids[rows], ids[rows][:, :1])  # padding -> the row's first id
+        masked = log_q_all[rows].scatter(-1, listed_ids, float("-inf"))
         log_tail = log_tail.index_put((rows,), torch.logsumexp(masked, dim=-1))  # -inf when k == V
     return log_tail
 

@@ -9,8 +9,9 @@ production code path end to end. A *script* decides each reply from the request 
 
 Reply builders cover what real servers do: reasoning as ``reasoning_content``, as ``reasoning`` or
 inline ``<think>`` (with or without the opening tag), tool-call deltas split across chunks, parallel
-calls, 429 with ``Retry-After``, 500, a connection dropped mid-stream, ``finish_reason=length`` and
-slow responses. Users can test their own recipes against it::
+calls, per-token top log-probs (sent only when the request asks for them), 429 with ``Retry-After``,
+500, a connection dropped mid-stream, ``finish_reason=length`` and slow responses. Users can test
+their own recipes against it::
 
     python -m tracegen.testing.fake_server --turns 4 --latency 0.2
 """
@@ -34,8 +35,9 @@ Request = dict[str, Any]
 class Reply:
     status: int = 200
     events: list[dict[str, Any]] = field(default_factory=list)
-    """Stream deltas: each a ``choices[0]`` object (``delta`` and/or ``finish_reason``), or
-    ``{"raw": "..."}`` to send that text as the ``data:`` payload verbatim (garbage, errors)."""
+    """Stream deltas: each a ``choices[0]`` object (``delta`` and/or ``finish_reason``, optionally
+    ``logprobs``, dropped unless the request has ``logprobs: true``), or ``{"raw": "..."}`` to send that
+    text as the ``data:`` payload verbatim (garbage, errors)."""
     usage: dict[str, Any] | None = None
     headers: dict[str, str] = field(default_factory=dict)
     error: str | None = None
@@ -66,23 +68,47 @@ def _usage(prompt: int, completion: int, reasoning: int = 0) -> dict[str, Any]:
     }
 
 
+def token_logprob(token: str, top: int, logprob: float = -0.25) -> dict[str, Any]:
+    """One ``logprobs.content`` entry: the token and ``top`` alternatives, the token itself first."""
+    alternatives = [(token, logprob)] + [(f"<alt{j}>", -1.0 - j) for j in range(1, top)]
+    return {
+        "token": token,
+        "logprob": logprob,
+        "bytes": list(token.encode()),
+        "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in alternatives[:top]],
+    }
+
+
+def _event(delta: dict[str, Any], token: str, logprobs: int | None) -> dict[str, Any]:
+    """A delta event; with ``logprobs``, ``token`` is its one token, with that many alternatives."""
+    event: dict[str, Any] = {"delta": delta}
+    if logprobs is not None:
+        event["logprobs"] = {"content": [token_logprob(token, logprobs)]}
+    return event
+
+
 def text_reply(
     content: str,
     reasoning: str | None = None,
     shape: str = "reasoning_content",
     finish_reason: str = "stop",
     pieces: int = 3,
+    logprobs: int | None = None,
     **kwargs: Any,
 ) -> Reply:
-    """A streamed answer. ``shape``: reasoning_content | reasoning | inline | inline_open (no opening tag)."""
+    """A streamed answer. ``shape``: reasoning_content | reasoning | inline | inline_open (no opening tag).
+
+    ``logprobs``: give every streamed piece (reasoning and content) a log-prob entry with that many
+    top alternatives, sent when the request asks for log-probs.
+    """
     events: list[dict[str, Any]] = [{"delta": {"role": "assistant"}}]
     if reasoning and shape in ("reasoning_content", "reasoning"):
-        events += [{"delta": {shape: part}} for part in _split(reasoning, pieces)]
+        events += [_event({shape: part}, part, logprobs) for part in _split(reasoning, pieces)]
     elif reasoning and shape == "inline":
         content = f"<think>\n{reasoning}\n</think>\n\n{content}"
     elif reasoning and shape == "inline_open":
         content = f"{reasoning}\n</think>\n\n{content}"
-    events += [{"delta": {"content": part}} for part in _split(content, pieces)]
+    events += [_event({"content": part}, part, logprobs) for part in _split(content, pieces)]
     events.append({"delta": {}, "finish_reason": finish_reason})
     n = len((reasoning or "").split()) + len(content.split())
     return Reply(events=events, usage=_usage(50, n, len((reasoning or "").split())), **kwargs)
@@ -93,19 +119,24 @@ def tool_call_reply(
     reasoning: str | None = None,
     content: str = "",
     pieces: int = 3,
+    logprobs: int | None = None,
     **kwargs: Any,
 ) -> Reply:
-    """Native tool calls (name, raw arguments JSON), each split into ``pieces`` argument deltas."""
+    """Native tool calls (name, raw arguments JSON), each split into ``pieces`` argument deltas.
+
+    ``logprobs`` as for :func:`text_reply`; each argument delta counts as one token.
+    """
     events: list[dict[str, Any]] = [{"delta": {"role": "assistant"}}]
     if reasoning:
-        events += [{"delta": {"reasoning_content": part}} for part in _split(reasoning, pieces)]
+        events += [_event({"reasoning_content": part}, part, logprobs) for part in _split(reasoning, pieces)]
     if content:
-        events.append({"delta": {"content": content}})
+        events.append(_event({"content": content}, content, logprobs))
     for index, (name, arguments) in enumerate(calls):
         head = {"index": index, "id": f"srv-call-{index}", "type": "function", "function": {"name": name}}
         events.append({"delta": {"tool_calls": [head]}})
         for part in _split(arguments, pieces):
-            events.append({"delta": {"tool_calls": [{"index": index, "function": {"arguments": part}}]}})
+            delta = {"tool_calls": [{"index": index, "function": {"arguments": part}}]}
+            events.append(_event(delta, part, logprobs))
     events.append({"delta": {}, "finish_reason": "tool_calls"})
     return Reply(events=events, usage=_usage(60, 20 + len((reasoning or "").split())), **kwargs)
 
@@ -275,8 +306,9 @@ async def _handle_one(
         _write_json(writer, reply.status, {"error": {"message": reply.error, "type": "fake"}}, reply.headers)
         return True
     model = request.get("model", "fake")
+    events = reply.events if request.get("logprobs") else [_without_logprobs(e) for e in reply.events]
     if not request.get("stream"):
-        _write_json(writer, 200, _completion(reply, model))
+        _write_json(writer, 200, _completion(events, reply.usage, model))
         return True
     writer.write(
         b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
@@ -291,7 +323,7 @@ async def _handle_one(
             "model": model,
             "choices": [{"index": 0, **event}],
         }
-        for event in reply.events
+        for event in events
     ]
     include_usage = (request.get("stream_options") or {}).get("include_usage")
     if include_usage and reply.usage:
@@ -352,12 +384,18 @@ def _write_json(
     writer.write(head.encode() + body)
 
 
-def _completion(reply: Reply, model: str) -> dict[str, Any]:
-    """A non-streamed completion equivalent to the reply's events."""
+def _without_logprobs(event: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in event.items() if k != "logprobs"} if "logprobs" in event else event
+
+
+def _completion(events: list[dict[str, Any]], usage: dict[str, Any] | None, model: str) -> dict[str, Any]:
+    """A non-streamed completion equivalent to the events: one log-prob list for all of them."""
     message: dict[str, Any] = {"role": "assistant", "content": ""}
     calls: dict[int, dict[str, Any]] = {}
+    logprobs: list[Any] = []
     finish = None
-    for event in reply.events:
+    for event in events:
+        logprobs += (event.get("logprobs") or {}).get("content") or []
         delta = event.get("delta", {})
         for key in ("content", "reasoning_content", "reasoning"):
             if delta.get(key):
@@ -378,8 +416,15 @@ def _completion(reply: Reply, model: str) -> dict[str, Any]:
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-        "usage": reply.usage,
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "finish_reason": finish,
+                "logprobs": {"content": logprobs, "refusal": None} if logprobs else None,
+            }
+        ],
+        "usage": usage,
     }
 
 
