@@ -168,6 +168,24 @@ def test_stage_without_its_input_is_refused_with_exit_2(tmp_path: Path) -> None:
     assert not (tmp_path / "w").exists(), "nothing is written for a run refused up front"
 
 
+@pytest.mark.parametrize(
+    ("stages", "top_logprobs"), [("[format, cache_teacher]", "20"), ("[collect, format, cache_teacher]", "null")]
+)
+def test_cache_from_api_logprobs_needs_collect_with_top_logprobs(
+    tmp_path: Path, stages: str, top_logprobs: str
+) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"run: {{stages: {stages}, data: d.jsonl}}\n"
+        f"collect: {{tasks: t.jsonl, teacher: {{top_logprobs: {top_logprobs}}}}}\n"
+        "cache_teacher: {source: collect}\n"
+    )
+    proc = tracegen("run", str(recipe), "--out", str(tmp_path / "w"))
+    assert proc.returncode == 2, proc.stderr
+    assert "cache_teacher.source collect reads the top log-probs collect stored" in proc.stderr
+    assert not (tmp_path / "w").exists()
+
+
 def test_smoke_without_a_smoke_block_is_refused(tmp_path: Path) -> None:
     proc = tracegen("run", str(RECIPES / "quickstart.yaml"), "--out", str(tmp_path / "w"), "--scale", "smoke")
     assert proc.returncode == 2 and "no smoke: block" in proc.stderr

@@ -116,12 +116,20 @@ class Pipeline:
         for stage, before in needs.items():
             if stage in stages and before not in stages:
                 raise BadInputError(f"the {stage} stage needs the {before} stage", hint=f"add {before} to run.stages")
+        from_logprobs = "cache_teacher" in stages and r.cache_teacher.source == "collect"
+        if from_logprobs and ("collect" not in stages or not r.collect.teacher.top_logprobs):
+            raise BadInputError(
+                "cache_teacher.source collect reads the top log-probs collect stored",
+                hint="add collect to run.stages and set collect.teacher.top_logprobs (e.g. 20)",
+            )
         if any(s.startswith("stage2") for s in stages) and r.stage2 is None:
             raise BadInputError("stage2 stages declared but the recipe has no stage2: section")
         if "stage2_distill" in stages and "merge" not in stages:
             raise BadInputError("stage 2 trains the merged stage-1 model", hint="add merge to run.stages")
         if "eval" in stages and not {"merge", "stage2_merge"} & set(stages) and not self._eval_base_url():
-            raise BadInputError("the eval stage needs a merged model or eval.base_url", hint="add merge to run.stages")
+            raise BadInputError(
+                "the eval stage needs a merged model or eval.endpoint.base_url", hint="add merge to run.stages"
+            )
 
     def _stage(self, stage: str) -> StageOutcome:
         out = self.work / STAGE_DIRS[stage]
