@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from tracegen.collect import run_collect
 from tracegen.config import TeacherConfig
 from tracegen.store import read_trajectories
-from tracegen.teacher import ChatClient
+from tracegen.teacher import LOGPROB_FLOOR, ChatClient
 from tracegen.testing.fake_server import FakeServer, Reply, Scripted, text_reply, token_logprob, tool_call_reply
 from tracegen.types import AssistantMessage, TokenLogprob, Trajectory
 
@@ -111,7 +111,6 @@ def test_malformed_entries_are_skipped_and_the_turn_survives(fake_server: Start)
         {"token": "x", "logprob": "very likely", "top_logprobs": []},
         {**good, "top_logprobs": [{"token": "y"}]},  # an alternative without a logprob
         {**good, "top_logprobs": "garbage"},
-        {**good, "logprob": float("-inf")},  # sent as -Infinity: no JSON record could hold it
         {**good, "bytes": "not a list"},
         "garbage",
         None,
@@ -128,6 +127,21 @@ def test_malformed_entries_are_skipped_and_the_turn_survives(fake_server: Start)
     [kept] = msg.content_logprobs or []
     assert text([kept]) == "ok" and [t.token for t in kept.top] == ["ok", "<alt1>"]
     assert msg.reasoning_logprobs is None
+
+
+def test_non_finite_log_probs_keep_the_token_and_drop_the_alternative(fake_server: Start) -> None:
+    """-Infinity cannot live in a JSON record; the sampled token must stay, or the tokens no longer join
+    back into the text (and the API-logprob cache could not align that message)."""
+    entry = {**token_logprob("ok", 2), "logprob": float("-inf")}
+    entry["top_logprobs"] = [*entry["top_logprobs"], {"token": "z", "logprob": float("-inf"), "bytes": [122]}]
+    events: list[dict[str, Any]] = [
+        {"delta": {"content": "ok"}, "logprobs": {"content": [entry]}},
+        {"delta": {}, "finish_reason": "stop"},
+    ]
+    msg = ask(fake_server(Scripted([Reply(events=events)])), top_logprobs=2)
+    [kept] = msg.content_logprobs or []
+    assert kept.logprob == LOGPROB_FLOOR and [t.token for t in kept.top] == ["ok", "<alt1>"]
+    assert AssistantMessage.model_validate_json(msg.model_dump_json()) == msg
 
 
 def test_non_streaming_reply_keeps_one_list_as_content_tokens(fake_server: Start) -> None:

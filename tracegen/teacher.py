@@ -426,8 +426,9 @@ def assemble(
 def _token_logprobs(entries: list[Any]) -> list[TokenLogprob] | None:
     """The server's ``logprobs.content`` entries as records (None when there are none).
 
-    An entry that is not the OpenAI shape, or holds a non-finite log-prob (which JSON records could not
-    hold), is dropped.
+    An entry that is not the OpenAI shape is dropped. Non-finite log-probs (JSON records cannot hold
+    them): an alternative is dropped, a sampled token's is floored at ``LOGPROB_FLOOR`` so the token
+    stays (the tokens must join back into the text the server sent).
     """
     tokens = []
     for entry in entries:
@@ -436,12 +437,20 @@ def _token_logprobs(entries: list[Any]) -> list[TokenLogprob] | None:
                 TopLogprob(token=t["token"], logprob=t["logprob"], bytes=t.get("bytes"))
                 for t in entry.get("top_logprobs") or ()
             ]
-            token = TokenLogprob(token=entry["token"], logprob=entry["logprob"], bytes=entry.get("bytes"), top=top)
-        except (KeyError, TypeError, AttributeError, ValidationError):
+            logprob = float(entry["logprob"])
+            token = TokenLogprob(
+                token=entry["token"],
+                logprob=logprob if math.isfinite(logprob) else LOGPROB_FLOOR,
+                bytes=entry.get("bytes"),
+                top=[t for t in top if math.isfinite(t.logprob)],
+            )
+        except (KeyError, TypeError, AttributeError, ValueError, ValidationError):
             continue
-        if math.isfinite(token.logprob) and all(math.isfinite(t.logprob) for t in top):
-            tokens.append(token)
+        tokens.append(token)
     return tokens or None
+
+
+LOGPROB_FLOOR = -1e4  # stands for a non-finite log-prob: probability 0 in float32
 
 
 def _split_inline_think(content: str) -> tuple[str, str | None]:
