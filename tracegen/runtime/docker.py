@@ -374,10 +374,11 @@ class WorkerChannel:
         if self._reader_task is not None:
             self._reader_task.cancel()
         if self._writer is not None:
-            self._writer.close()
-        else:
-            with contextlib.suppress(OSError):
-                self._raw.close()
+            self._writer.transport.abort()  # unregisters the socket from the loop at once
+        # Close the socket now rather than in the transport's deferred callback: the loop may be closed
+        # before that runs, and the socket would then be left open until garbage collection.
+        with contextlib.suppress(OSError):
+            self._raw.close()
 
 
 # ---------------------------------------------------------------------------------------------
