@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -14,31 +13,16 @@ from pydantic import ValidationError
 from tracegen.collect import run_collect
 from tracegen.config import TeacherConfig
 from tracegen.store import read_trajectories
-from tracegen.teacher import LOGPROB_FLOOR, ChatClient
+from tracegen.teacher import LOGPROB_FLOOR
 from tracegen.testing.fake_server import FakeServer, Reply, Scripted, text_reply, token_logprob, tool_call_reply
 from tracegen.types import AssistantMessage, TokenLogprob, Trajectory
 
 from .conftest import make_config, write_tasks
+from .test_teacher import ask
 
 Start = Callable[[Any], FakeServer]
-MESSAGES = [{"role": "user", "content": "hi"}]
 REASONING = "deux plus deux, ça fait quatre"  # non-ASCII: the bytes must join back too
 CONTENT = "The answer is 4 ✓."
-
-
-def ask(server: FakeServer, tool_protocol: Any = "auto", **cfg: Any) -> AssistantMessage:
-    config = TeacherConfig.model_validate(
-        {"base_url": server.base_url, "model": "m", "backoff_base_s": 0.01, "backoff_max_s": 0.05, **cfg}
-    )
-
-    async def go() -> AssistantMessage:
-        client = ChatClient(config)
-        try:
-            return await client.complete(MESSAGES, tools=None, tool_protocol=tool_protocol)
-        finally:
-            await client.aclose()
-
-    return asyncio.run(go())
 
 
 def text(tokens: list[TokenLogprob] | None) -> str:
