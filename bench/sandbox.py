@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -146,6 +147,31 @@ async def pool_throughput(config: DockerRuntimeConfig, trajectories: int, calls:
         await runtime.aclose()
 
 
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (every process, engine included), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+async def fresh_container_cpu(config: DockerRuntimeConfig, n: int) -> float:
+    """Machine CPU seconds per trajectory's fresh container (create, start, attach, one call, remove), in sequence.
+
+    What a run that gives every trajectory its own container must pay per trajectory, whatever the pool
+    does: on C cores it caps such a run at C / this many trajectories per second.
+    """
+    runtime = DockerRuntime(DockerRuntimeConfig(**{**config.model_dump(), "pool_size": 0, "prefill": False}))
+    await runtime.start()
+    busy = machine_busy_s()
+    for i in range(n):
+        ep = await runtime.open_episode(f"fresh-{i}")
+        assert (await run(ep, "bash", "true")).observation.exit_code == 0
+        await ep.close()
+    await runtime.aclose()
+    await asyncio.sleep(2)  # the removals finish in the engine
+    return (machine_busy_s() - busy) / n
+
+
 def exec_throughput(client: Any, config: DockerRuntimeConfig, trajectories: int, calls: int) -> float:
     def one(_: int) -> None:
         cid = start_container(client, config)
@@ -214,6 +240,13 @@ def main() -> None:
     print(f"  warm pool            {pool_wall:6.2f} s  {total / pool_wall:7.1f} calls/s")
     print(f"  docker exec per call {exec_wall:6.2f} s  {total / exec_wall:7.1f} calls/s")
     print(f"  warm pool / exec speed-up: {exec_wall / pool_wall:.1f}x")
+
+    per_container = asyncio.run(fresh_container_cpu(config, 16))
+    cores = os.cpu_count() or 1
+    print(
+        f"\nfresh container per trajectory: {per_container:.3f} CPU-s of machine CPU each (16 in sequence, all "
+        f"processes counted); {cores} cores sustain at most {cores / per_container:.1f} such trajectories/s"
+    )
     client.close()
 
 
