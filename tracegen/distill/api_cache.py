@@ -28,6 +28,7 @@ an error.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -204,7 +205,7 @@ def build_cache_from_logprobs(
     for path in parquet_files(dataset_dir):
         table = pq.read_table(path, columns=["id", "text", "spans"])
         for rid, text, spans in zip(*(table.column(c).to_pylist() for c in ("id", "text", "spans")), strict=True):
-            meta_rows.append((rid, text, spans if isinstance(spans, list) else []))
+            meta_rows.append((rid, text, json.loads(spans) if isinstance(spans, str) else spans or []))
     k = 1 + max(
         (len(tok.top) for t in by_id.values() for m in t.messages if isinstance(m, AssistantMessage)
          for toks in (m.reasoning_logprobs, m.content_logprobs) if toks for tok in toks),
