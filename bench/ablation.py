@@ -57,7 +57,7 @@ from tests.distill_fixtures import build_model, save_model, write_dataset  # noq
 from tracegen.config import DiscrepancySettings, DistillConfig, LoraSettings  # noqa: E402
 from tracegen.distill.cache import build_cache  # noqa: E402
 from tracegen.distill.data import Row, collate, load_rows, split_indices  # noqa: E402
-from tracegen.distill.discrepancy import discrepancy  # noqa: E402
+from tracegen.distill.discrepancy import discrepancy, gap_energy  # noqa: E402
 from tracegen.distill.forward import supervised_logits  # noqa: E402
 from tracegen.distill.lora import peft_warnings_silenced  # noqa: E402
 from tracegen.distill.trainer import train  # noqa: E402
@@ -126,7 +126,7 @@ def held_out(student: Any, teacher: Any, rows: list[Row], indices: list[int]) ->
         float(all_ce.mean()),
         float(all_ce[is_proof].mean()),
         float(torch.cat(kl).mean()),
-        float(0.5 * all_d.pow(2).mean()),
+        float(gap_energy(all_d)),
     )
 
 

@@ -103,7 +103,12 @@ def exceeds_mean_sigma(x: torch.Tensor, counts: list[int], sigma: float) -> torc
 
 def jump_weights(d: torch.Tensor, counts: list[int], sigma: float, amplifier: float) -> torch.Tensor:
     """``[N]`` float32: ``amplifier`` where D exceeds mean + sigma * std of its sequence, else 1."""
-    return torch.where(exceeds_mean_sigma(d, counts, sigma), amplifier, 1.0).float()
+    return weight_where(exceeds_mean_sigma(d, counts, sigma), amplifier)
+
+
+def weight_where(jumps: torch.Tensor, weight: float) -> torch.Tensor:
+    """``[N]`` float32 KD weights: ``weight`` on the ``jumps`` tokens, 1 elsewhere."""
+    return torch.where(jumps, weight, 1.0).float()
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -156,7 +161,7 @@ def disc_kd(
     kd = sparse_kd_per_token(logits, topk, temperature)
     d = discrepancy(kd, counts, settings.horizon)
     jumps = exceeds_mean_sigma(d, counts, settings.jump_sigma)  # detaches: weights carry no gradient
-    weights = torch.where(jumps, settings.jump_amplifier, 1.0).float()
+    weights = weight_where(jumps, settings.jump_amplifier)
     if kd_weights is not None:
         weights = weights * kd_weights
     return DiscKD((kd * weights).sum(), 0.5 * (d * d).sum(), int(jumps.sum()), int(smoothed.sum()))
@@ -252,7 +257,7 @@ def plan_topology(
             plan.pieces.append(piece)
             plan.windows.append(w)
             plan.cache_skip.append(skip)
-            plan.kd_weight.append(torch.where(jumps, settings.jump_kd_weight, 1.0).float())
+            plan.kd_weight.append(weight_where(jumps, settings.jump_kd_weight))
             plan.difficulty.append(float(topo.density[[w.start + t for t in owned]].mean()))
             plan.jumps += int(jumps.sum())
     plan.phases = curriculum_phases(plan.difficulty, settings.curriculum_phases, settings.easiest_fraction)

@@ -31,16 +31,13 @@ def _causal_lm(model: Any) -> Any:
 def supervised_logits(model: Any, batch: Batch, device: torch.device) -> SupervisedLogits:
     """``(logits [N, V], targets [N])`` for the N supervised positions of ``batch``, in row-major order."""
     lm = _causal_lm(model)
-    if batch.position_ids is not None:  # packed: restarting positions give the block-diagonal mask
-        out = lm.get_decoder()(
-            input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device), use_cache=False
-        )
-    else:
-        out = lm.get_decoder()(
-            input_ids=batch.input_ids.to(device),
-            attention_mask=batch.attention_mask.to(device),
-            use_cache=False,
-        )
+    # Packed: restarting positions give the block-diagonal mask (an attention mask would override it).
+    masking = (
+        {"position_ids": batch.position_ids.to(device)}
+        if batch.position_ids is not None
+        else {"attention_mask": batch.attention_mask.to(device)}
+    )
+    out = lm.get_decoder()(input_ids=batch.input_ids.to(device), use_cache=False, **masking)
     hidden: torch.Tensor = out.last_hidden_state[:, :-1]
     sel = batch.supervised().to(device)
     logits: torch.Tensor = lm.get_output_embeddings()(hidden[sel])

@@ -32,8 +32,12 @@ def proof_weight(step: int, total_steps: int, start: float, end: float) -> float
     """
     if total_steps <= 1:
         return start
-    progress = min(max(step, 0), total_steps - 1) / (total_steps - 1)
-    return start + (end - start) * progress
+    return start + (end - start) * _progress(step, total_steps)
+
+
+def _progress(step: int, total_steps: int) -> float:
+    """How far into the run optimizer step ``step`` is: 0 at the first step, 1 at the last (total_steps > 1)."""
+    return min(max(step, 0), total_steps - 1) / (total_steps - 1)
 
 
 def kd_alpha(step: int, total_steps: int, alpha: float, ramp: tuple[float, float] | None) -> float:
@@ -45,7 +49,7 @@ def kd_alpha(step: int, total_steps: int, alpha: float, ramp: tuple[float, float
     """
     if ramp is None:
         return alpha
-    progress = min(max(step, 0), total_steps - 1) / (total_steps - 1) if total_steps > 1 else 1.0
+    progress = _progress(step, total_steps) if total_steps > 1 else 1.0
     start, end = ramp
     return alpha * min(max((progress - start) / (end - start), 0.0), 1.0)
 

@@ -76,7 +76,6 @@ from tracegen.distill.losses import (
     kd_alpha,
     proof_weight,
     sparse_kd_per_token,
-    sparse_kd_sum,
     token_weights,
     weighted_ce_sum,
 )
@@ -477,10 +476,9 @@ def train(
                         totals.energy += float(terms.energy_sum.detach())
                         totals.jumps += terms.jumps
                         totals.smoothed += terms.smoothed
-                    elif kd_weights is not None:
-                        kd = (sparse_kd_per_token(logits, topk, config.temperature) * kd_weights).sum()
                     else:
-                        kd = sparse_kd_sum(logits, topk, config.temperature)
+                        per_token = sparse_kd_per_token(logits, topk, config.temperature)
+                        kd = (per_token if kd_weights is None else per_token * kd_weights).sum()
                     loss = loss + alpha_kd * kd
                     totals.kd += float(kd.detach())
                 # DDP averages the processes' gradients, and each process's loss is its share of the
