@@ -134,3 +134,15 @@ def test_eval_of_the_quickstart_section_against_a_served_smollm2(tmp_path: Path)
     assert set(report["totals"]["by_finish_reason"]) <= {"stop", "length"}
     assert all(r["answer"] or r["finish_reason"] == "length" for r in report["answers"])
     assert "eval-1" in result.stdout and "converged (finish_reason=stop)" in result.stdout
+
+
+def test_eval_fails_past_its_error_limit_before_writing_a_report(tmp_path: Path) -> None:
+    from tracegen.errors import TracegenError
+    from tracegen.testing.fake_server import Scripted, error_reply
+
+    tasks = write_tasks(tmp_path / "tasks.jsonl", 2)
+    with FakeServer(Scripted([], default=error_reply(500))) as server:
+        config = eval_config(server.base_url, tasks, fail_on_error=0.5, endpoint={"max_attempts": 1})
+        with pytest.raises(TracegenError, match=r"2 of 2 trajectories ended in error .* eval.fail_on_error 50%"):
+            run_eval(config, tmp_path / "eval", show_progress=False)
+    assert not (tmp_path / "eval" / "eval.json").exists()

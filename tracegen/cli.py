@@ -132,12 +132,7 @@ def collect(
     if summary.interrupted:
         typer.echo(f"Interrupted: {summary.completed} trajectories saved; re-run the same command to resume.", err=True)
         raise typer.Exit(130)
-    if summary.completed and summary.error_rate > config.fail_on_error:
-        raise TracegenError(
-            f"{summary.by_stop_reason['error']} of {summary.completed} trajectories ended in error "
-            f"({summary.error_rate:.0%} > --fail-on-error {config.fail_on_error:.0%})",
-            hint=f"read the `errors` field of the records in {out / 'trajectories.jsonl'}",
-        )
+    summary.check_errors(config.fail_on_error, "--fail-on-error")
 
 
 @app.command("filter")

@@ -26,7 +26,7 @@ from typing import Any
 from tracegen import __version__
 from tracegen.agent import Agent, trajectory_id
 from tracegen.config import CollectConfig
-from tracegen.errors import BadInputError
+from tracegen.errors import BadInputError, TracegenError
 from tracegen.progress import CollectProgress
 from tracegen.runtime.base import Runtime
 from tracegen.signals import cancel_on_sigterm
@@ -58,6 +58,16 @@ class CollectSummary:
     @property
     def error_rate(self) -> float:
         return self.by_stop_reason["error"] / self.completed if self.completed else 0.0
+
+    def check_errors(self, limit: float, setting: str) -> None:
+        """TracegenError when more than ``limit`` of this run's trajectories ended in error (``setting``
+        names the option that sets the limit, for the message)."""
+        if self.completed and self.error_rate > limit:
+            raise TracegenError(
+                f"{self.by_stop_reason['error']} of {self.completed} trajectories ended in error "
+                f"({self.error_rate:.0%} > {setting} {limit:.0%})",
+                hint=f"read the `errors` field of the records in {self.run_dir / TRAJECTORIES}",
+            )
 
     def add(self, trajectory: Trajectory) -> None:
         self.completed += 1

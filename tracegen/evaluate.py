@@ -29,7 +29,7 @@ from typing import Any
 from tracegen.collect import TRAJECTORIES, run_collect
 from tracegen.config import EvalConfig
 from tracegen.errors import BadInputError
-from tracegen.store import write_json_atomic
+from tracegen.store import read_trajectories, write_json_atomic
 from tracegen.templates import prompt_part
 from tracegen.types import AssistantMessage, Task, Trajectory, Verdict
 from tracegen.verify import reference_verdict
@@ -101,6 +101,7 @@ def run_eval(config: EvalConfig, out: Path, show_progress: bool = True) -> EvalS
     if collected.interrupted:
         summary.interrupted = True
         return summary
+    collected.check_errors(config.fail_on_error, "eval.fail_on_error")
     trajectories = _read(out / TRAJECTORIES, collect.fingerprint())
     tests = asyncio.run(_run_tests(trajectories, config)) if config.tests else {}
     for t in trajectories:
@@ -140,8 +141,7 @@ def _read(path: Path, fingerprint: str) -> list[Trajectory]:
     """The answers of this run (the file may hold only these: collect refuses a changed fingerprint)."""
     if not path.is_file():
         return []
-    rows = [Trajectory.model_validate_json(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    return [t for t in rows if t.recipe_fingerprint == fingerprint]
+    return [t for t in read_trajectories(path) if t.recipe_fingerprint == fingerprint]
 
 
 async def _run_tests(trajectories: list[Trajectory], config: EvalConfig) -> dict[str, Verdict]:

@@ -35,7 +35,6 @@ from typing import Any, Literal
 
 from tracegen.config import (
     STAGE_ORDER,
-    CollectConfig,
     DistillConfig,
     EndpointConfig,
     EvalConfig,
@@ -212,7 +211,7 @@ class Pipeline:
         summary = run_collect(config, out, show_progress=self.show_progress)
         if summary.interrupted:
             raise RunInterrupted(f"collect interrupted: {summary.completed} trajectories saved in {out}")
-        _check_errors(config, summary.completed, summary.by_stop_reason["error"], out)
+        summary.check_errors(config.fail_on_error, "fail_on_error")
         return {
             "trajectories": summary.already_done + summary.completed,
             "stop_reasons": dict(summary.by_stop_reason),
@@ -252,13 +251,9 @@ class Pipeline:
 
     def _format(self, source: Path, out: Path, config: FormatConfig, student: str | None) -> dict[str, Any]:
         from tracegen.format import format_dataset
-        from tracegen.models import local_tokenizer
 
         config = config.model_copy(deep=True)
-        tokenizer = config.tokenizer or student  # the student's own tokenizer by default
-        if not tokenizer:
-            raise BadInputError("format has no tokenizer", hint="set format.tokenizer or distill.student")
-        config.tokenizer = local_tokenizer(tokenizer)
+        config.tokenizer = _format_tokenizer(config, student)
         if config.examine == "teacher":
             self._fill(config.teacher, "format.teacher")
         result = format_dataset(source, out, config)
@@ -292,16 +287,13 @@ class Pipeline:
 
     def _cache_from_logprobs(self, out: Path) -> dict[str, Any]:
         from tracegen.distill.api_cache import build_cache_from_logprobs
-        from tracegen.models import local_tokenizer
 
-        tokenizer = self.recipe.format.tokenizer or self.recipe.distill.student
-        assert tokenizer  # the format stage needed it too
         d = self.recipe.distill
         summary = build_cache_from_logprobs(
             self.work / STAGE_DIRS["format"],
             self._format_input(),
             out,
-            tokenizer=local_tokenizer(tokenizer),
+            tokenizer=_format_tokenizer(self.recipe.format, d.student),
             temperature=d.temperature,
             max_length=d.max_length,
         )
@@ -362,7 +354,7 @@ class Pipeline:
         return self._merge(self.work / STAGE_DIRS["stage2_distill"], out)
 
     def _measure(self, evaluation: EvalConfig, model: Path | None, out: Path) -> dict[str, Any]:
-        """``tracegen eval`` on the recipe's tasks: against eval.base_url, or the final model served here."""
+        """``tracegen eval`` on the recipe's tasks: against eval.endpoint.base_url, or the final model served here."""
         from tracegen.evaluate import run_eval
         from tracegen.testing.local_teacher import serve
 
@@ -409,13 +401,14 @@ class Pipeline:
         return facts
 
 
-def _check_errors(config: CollectConfig, completed: int, errors: int, out: Path) -> None:
-    if completed and errors / completed > config.fail_on_error:
-        raise TracegenError(
-            f"{errors} of {completed} trajectories ended in error ({errors / completed:.0%} > "
-            f"fail_on_error {config.fail_on_error:.0%})",
-            hint=f"read the `errors` field of the records in {out / 'trajectories.jsonl'}",
-        )
+def _format_tokenizer(config: FormatConfig, student: str | None) -> str:
+    """The tokenizer format uses (the student's own by default), as a local name or folder."""
+    from tracegen.models import local_tokenizer
+
+    tokenizer = config.tokenizer or student
+    if not tokenizer:
+        raise BadInputError("format has no tokenizer", hint="set format.tokenizer or distill.student")
+    return local_tokenizer(tokenizer)
 
 
 def _dump(value: Any) -> Any:
