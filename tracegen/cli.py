@@ -256,6 +256,9 @@ def format_(
         str | None,
         typer.Option(help="Column mapping for --import cot, e.g. question=problem,reasoning=cot,answer=answer."),
     ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Processes that render and tokenize (default 0: one per CPU core).")
+    ] = None,
 ) -> None:
     """Render trajectories with a training template, tokenize them with masks, and write a Hub-ready dataset.
 
@@ -275,8 +278,9 @@ def format_(
         "export": export,
         "import_format": import_format,
         "import_columns": parse_columns(import_columns),
+        "workers": workers,
     }
-    result = format_dataset(input_path, out, format_config(recipe, overrides))
+    result = format_dataset(input_path, out, format_config(recipe, overrides), show_progress=sys.stderr.isatty())
     for line in summary_lines(result):
         typer.echo(line)
 

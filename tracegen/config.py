@@ -371,6 +371,9 @@ class FormatConfig(Strict):
     license: str = Field("other", description="License in the dataset card's metadata.")
     batch_size: int = Field(256, ge=1, description="Samples tokenized per batched tokenizer call.")
     shard_rows: int = Field(50_000, ge=1, description="Rows per parquet shard.")
+    workers: int = Field(
+        0, ge=0, description="Processes that render and tokenize (0: one per CPU core). The output does not depend on it."
+    )
 
     @field_validator("train_observations")
     @classmethod

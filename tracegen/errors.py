@@ -16,6 +16,8 @@ that builds them has only the base URL host and model name, never the key.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class TracegenError(Exception):
     exit_code = 1
@@ -24,6 +26,17 @@ class TracegenError(Exception):
         super().__init__(message)
         self.message = message
         self.hint = hint
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # an error raised in a worker process (format's) reaches the parent with its hint and fields
+        return (_restore, (type(self), self.message, dict(self.__dict__)))
+
+
+def _restore(cls: type[TracegenError], message: str, state: dict[str, Any]) -> TracegenError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
 
 
 class BadInputError(TracegenError):

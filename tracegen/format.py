@@ -1,16 +1,22 @@
 """``tracegen format``: trajectories (or an imported CoT dataset) to a tokenized, Hub-ready dataset folder.
 
 Reads top to bottom: load and validate the input (a bad line stops the run before any work, naming
-file:line) → the tokenizer → critiques for ``dualmind`` (``--examine``) → render every sample to
-text + spans (:mod:`tracegen.templates`) → tokenize in batches (:mod:`tracegen.render`) → rows,
-metadata, card → one atomic write of the folder (:mod:`tracegen.hub`).
+file:line) → the tokenizer → critiques for ``dualmind`` (``--examine``) → per batch of samples, on
+``workers`` forked processes: render to text + spans (:mod:`tracegen.templates`), tokenize
+(:mod:`tracegen.render`), rows as an Arrow table → metadata, card → one atomic write of the folder
+(:mod:`tracegen.hub`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import multiprocessing
+import os
+import signal
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +28,7 @@ from tracegen.render import Stats, Tok, Tokenized, load_tokenizer, tokenize_batc
 from tracegen.store import read_trajectories
 from tracegen.templates import (
     TEMPLATE_TEXTS,
+    ChatTemplate,
     MaskPolicy,
     NoAnswer,
     Rendered,
@@ -276,58 +283,182 @@ def provenance(trajs: list[Trajectory], input_path: Path, config: FormatConfig) 
     return prov
 
 
-def render_all(
-    trajs: list[Trajectory], config: FormatConfig, tok: Tok, critiques: list[str | None] | None
-) -> tuple[list[tuple[int, Rendered]], int]:
-    """Every sample rendered (index into ``trajs``, sample); and the number skipped for lack of an answer."""
+def chat_template_for(config: FormatConfig, tok: Tok) -> ChatTemplate:
+    """The compiled chat template for ``--template chat``: ``--chat-template FILE`` or the tokenizer's own."""
+    if config.chat_template:
+        try:
+            source = Path(config.chat_template).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise BadInputError(f"--chat-template {config.chat_template}: {exc.strerror}") from exc
+    elif tok.chat_template:
+        source = tok.chat_template
+    else:
+        raise BadInputError(f"tokenizer {tok.source} has no chat template", hint="pass --chat-template FILE")
+    return compile_chat_template(source, tok.special_map, config.end_of_turn or tok.eos)
+
+
+@dataclass
+class _Job:
+    """What every worker needs. Set before the workers fork, so they inherit it instead of unpickling it."""
+
+    trajs: list[Trajectory]
+    render: Callable[[int, Trajectory], Rendered]
+    tok: Tok
+    max_length: int | None
+
+
+_JOB: _Job | None = None
+
+
+@dataclass
+class Chunk:
+    """One batch of samples, formatted: the Arrow table of its kept rows and what happened to the rest."""
+
+    table: Any | None
+    kept: list[int]
+    stats: Stats
+
+
+def _format_chunk(bounds: tuple[int, int]) -> Chunk:
+    """Render, tokenize and build the rows of ``trajs[lo:hi]`` (in a worker, or in-process)."""
+    from tracegen.hub import rows_table
+
+    job = _JOB
+    assert job is not None
+    stats = Stats()
+    rendered: list[tuple[int, Rendered]] = []
+    for i in range(*bounds):
+        try:
+            rendered.append((i, job.render(i, job.trajs[i])))
+        except NoAnswer:
+            stats.dropped_no_answer += 1
+    tokenized = tokenize_batch([r for _, r in rendered], job.tok, job.max_length, stats)
+    rows: list[dict[str, Any]] = []
+    kept: list[int] = []
+    for (i, _), tok_row in zip(rendered, tokenized, strict=True):
+        if tok_row is not None:
+            rows.append(build_row(job.trajs[i], tok_row))
+            kept.append(i)
+    return Chunk(rows_table(rows) if rows else None, kept, stats)
+
+
+def _quiet_worker() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
+
+
+def resolve_workers(workers: int) -> int:
+    """``0`` means one per CPU core this process may use; without ``fork`` (Windows) there is one."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    if workers:
+        return workers
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def format_rows(
+    trajs: list[Trajectory], config: FormatConfig, tok: Tok, critiques: list[str | None] | None, show_progress: bool
+) -> tuple[Any | None, list[int], Stats]:
+    """Every sample rendered, tokenized and turned into rows, in batches of ``batch_size``, on ``workers`` processes.
+
+    Returns the Arrow table of the kept rows (in input order), their indices into ``trajs``, and the stats.
+    Workers are forked from this process after the tokenizer and template are ready, and the result is
+    the same for any number of them.
+    """
+    global _JOB
     policy = MaskPolicy(train_observations="executed" if config.train_observations == "executed" else "none")
-    chat = None
-    if config.template == "chat":
-        if config.chat_template:
-            try:
-                source = Path(config.chat_template).read_text(encoding="utf-8")
-            except OSError as exc:
-                raise BadInputError(f"--chat-template {config.chat_template}: {exc.strerror}") from exc
-        elif tok.chat_template:
-            source = tok.chat_template
-        else:
-            raise BadInputError(f"tokenizer {tok.source} has no chat template", hint="pass --chat-template FILE")
-        chat = compile_chat_template(source, tok.special_map, config.end_of_turn or tok.eos)
+    chat = chat_template_for(config, tok) if config.template == "chat" else None
     render = renderer_for(config.template, policy, tok.eos, chat, critiques)
-    out: list[tuple[int, Rendered]] = []
-    no_answer = 0
+    bounds = [(lo, min(lo + config.batch_size, len(trajs))) for lo in range(0, len(trajs), config.batch_size)]
+    workers = min(resolve_workers(config.workers), len(bounds))
+    _JOB = _Job(trajs, render, tok, config.max_length)
+    tables: list[Any] = []
+    kept: list[int] = []
+    stats = Stats()
+    try:
+        with contextlib.ExitStack() as stack:
+            chunks: Iterator[Chunk]
+            if workers > 1:
+                if chat is not None:  # check the template once here, not once per worker
+                    _first_render(render, trajs)
+                pool = stack.enter_context(_worker_pool(workers))
+                chunks = pool.imap(_format_chunk, bounds)
+            else:
+                chunks = map(_format_chunk, bounds)
+            progress = stack.enter_context(_progress(len(trajs), show_progress))
+            for (lo, hi), chunk in zip(bounds, chunks, strict=True):
+                if chunk.table is not None:
+                    tables.append(chunk.table)
+                kept += chunk.kept
+                stats.add(chunk.stats)
+                progress(hi - lo)
+    finally:
+        _JOB = None
+    import pyarrow as pa
+
+    return (pa.concat_tables(tables) if tables else None), kept, stats
+
+
+def _first_render(render: Callable[[int, Trajectory], Rendered], trajs: list[Trajectory]) -> None:
     for i, t in enumerate(trajs):
         try:
-            out.append((i, render(i, t)))
+            render(i, t)
+            return
         except NoAnswer:
-            no_answer += 1
-    return out, no_answer
+            continue
 
 
-def format_dataset(input_path: Path, out: Path, config: FormatConfig) -> FormatResult:
+@contextlib.contextmanager
+def _worker_pool(workers: int) -> Iterator[Any]:
+    # each worker is one core's worth of work: the tokenizer's own thread pool would only oversubscribe
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        pool = multiprocessing.get_context("fork").Pool(workers, initializer=_quiet_worker)
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+    try:
+        yield pool
+        pool.close()
+        pool.join()
+    finally:
+        pool.terminate()
+
+
+@contextlib.contextmanager
+def _progress(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("format"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+    )
+    task = bar.add_task("format", total=total)
+    with bar:
+        yield lambda n: bar.advance(task, n)
+
+
+def format_dataset(input_path: Path, out: Path, config: FormatConfig, show_progress: bool = False) -> FormatResult:
     if not config.tokenizer:
         raise BadInputError("no tokenizer given", hint="pass --tokenizer qwen3|smollm2|PATH")
     trajs = load_input(input_path, config)
     tok = load_tokenizer(config.tokenizer)
     critiques = critiques_for(trajs, config) if config.template == "dualmind" else None
-    rendered, no_answer = render_all(trajs, config, tok, critiques)
-    stats = Stats(dropped_no_answer=no_answer)
-    rows: list[dict[str, Any]] = []
-    kept: list[Trajectory] = []
-    for b in range(0, len(rendered), config.batch_size):
-        batch = rendered[b : b + config.batch_size]
-        for (i, _), tok_row in zip(
-            batch, tokenize_batch([r for _, r in batch], tok, config.max_length, stats), strict=True
-        ):
-            if tok_row is not None:
-                rows.append(build_row(trajs[i], tok_row))
-                kept.append(trajs[i])
-    if not rows:
+    table, kept_idx, stats = format_rows(trajs, config, tok, critiques, show_progress)
+    kept = [trajs[i] for i in kept_idx]
+    if table is None:
         raise TracegenError(
-            f"no sample left to write ({len(trajs)} read: {no_answer} without a final answer, "
+            f"no sample left to write ({len(trajs)} read: {stats.dropped_no_answer} without a final answer, "
             f"{stats.dropped_too_long} too long, {stats.dropped_no_trained} with nothing to train)"
         )
-    from tracegen.hub import dataset_card, rows_table, save_dataset
+    from tracegen.hub import dataset_card, save_dataset
 
     metadata: dict[str, Any] = {
         "tracegen_version": __version__,
@@ -348,10 +479,10 @@ def format_dataset(input_path: Path, out: Path, config: FormatConfig) -> FormatR
         "stats": stats.as_dict(),
         "provenance": provenance(trajs, input_path, config),
         "exports": list(config.export),
-        "config": config.model_dump(mode="json", exclude={"teacher"}),
+        "config": config.model_dump(mode="json", exclude={"teacher", "workers"}),
     }
     extra = {"sharegpt": _sharegpt_table(kept)} if "sharegpt" in config.export else None
-    save_dataset(out, rows_table(rows), metadata, dataset_card(metadata), config.shard_rows, extra)
+    save_dataset(out, table, metadata, dataset_card(metadata), config.shard_rows, extra)
     return FormatResult(out=out, stats=stats, metadata=metadata)
 
 

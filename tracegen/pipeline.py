@@ -161,11 +161,11 @@ class Pipeline:
         section: Any = {
             "collect": r.collect,
             "filter": r.filter,
-            "format": [r.format, r.run.data],
+            "format": [_format_settings(r.format), r.run.data],
             "cache_teacher": [r.cache_teacher, r.distill.top_k, r.distill.temperature, r.distill.max_length],
             "distill": r.distill,
             "merge": r.run.merge_best,
-            "stage2_format": r.stage2 and [r.stage2.format, r.stage2.data],
+            "stage2_format": r.stage2 and [_format_settings(r.stage2.format), r.stage2.data],
             "stage2_distill": r.stage2 and r.stage2.distill,
             "stage2_merge": r.run.merge_best,
             "eval": [r.eval, r.run.probes, r.run.probe_max_new_tokens],
@@ -409,6 +409,10 @@ def _format_tokenizer(config: FormatConfig, student: str | None) -> str:
     if not tokenizer:
         raise BadInputError("format has no tokenizer", hint="set format.tokenizer or distill.student")
     return local_tokenizer(tokenizer)
+
+
+def _format_settings(config: FormatConfig) -> dict[str, Any]:
+    return config.model_dump(mode="json", exclude={"workers"})  # any number of workers writes the same rows
 
 
 def _dump(value: Any) -> Any:

@@ -180,6 +180,16 @@ class Stats:
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
+    def add(self, other: Stats) -> None:
+        """Fold another batch's counts into these (format's workers each count their own batches)."""
+        for name, value in other.__dict__.items():
+            mine = getattr(self, name)
+            if isinstance(value, dict):
+                for key, n in value.items():
+                    mine[key] = mine.get(key, 0) + n
+            else:
+                setattr(self, name, mine + value)
+
 
 def _segments(sample: Rendered, tok: Tok) -> tuple[list[str], list[int], list[tuple[int, int, int]]]:
     """Plain-text runs (with their start offsets) and control tokens (id, start, end), by position."""

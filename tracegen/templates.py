@@ -479,9 +479,9 @@ def _verify_chat(out: Rendered, messages: list[dict[str, Any]], tools: Any, chat
 
 def compile_chat_template(source: str, special: dict[str, str], end_of_turn: str) -> ChatTemplate:
     """Compile a Jinja chat template exactly as transformers' ``apply_chat_template`` runs it."""
-    from transformers.utils.chat_template_utils import _compile_jinja_template
+    from tracegen.jinja_sandbox import compile_template
 
-    compiled = _compile_jinja_template(source)
+    compiled = compile_template(source)
 
     def render(**kwargs: Any) -> str:
         return str(compiled.render(**special, **kwargs))
