@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -329,6 +329,9 @@ class ImportColumns(Strict):
 class FormatConfig(Strict):
     """``tracegen format``: trajectories to a Hub-ready, tokenized dataset folder."""
 
+    HOW_NOT_WHAT: ClassVar[set[str]] = {"workers", "batch_size"}
+    """Settings of how the work runs, not of what it writes: left out of the card and of fingerprints."""
+
     template: Literal["proof", "dualmind", "chat", "instruct"] = Field(
         "chat",
         description="Training text layout: proof, dualmind, instruct (fixed texts) or chat (tokenizer's template).",
@@ -372,7 +375,9 @@ class FormatConfig(Strict):
     batch_size: int = Field(256, ge=1, description="Samples tokenized per batched tokenizer call.")
     shard_rows: int = Field(50_000, ge=1, description="Rows per parquet shard.")
     workers: int = Field(
-        0, ge=0, description="Processes that render and tokenize (0: one per CPU core). The output does not depend on it."
+        0,
+        ge=0,
+        description="Processes that render and tokenize (0: one per two CPU cores). The output does not depend on it.",
     )
 
     @field_validator("train_observations")

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import multiprocessing
 import os
 import signal
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,7 @@ from typing import Any
 from tracegen import __version__
 from tracegen.config import FormatConfig
 from tracegen.errors import BadInputError, TracegenError
-from tracegen.render import Stats, Tok, Tokenized, load_tokenizer, tokenize_batch
+from tracegen.render import Stats, Tok, TokenBatch, Tokenized, assemble, encode, lay_out, load_tokenizer
 from tracegen.store import read_trajectories
 from tracegen.templates import (
     TEMPLATE_TEXTS,
@@ -305,6 +308,9 @@ class _Job:
     render: Callable[[int, Trajectory], Rendered]
     tok: Tok
     max_length: int | None
+    batch_size: int
+    progress: Callable[[int], None] | None
+    """Samples done, reported per batch (in-process only; workers report whole ranges)."""
 
 
 _JOB: _Job | None = None
@@ -312,33 +318,56 @@ _JOB: _Job | None = None
 
 @dataclass
 class Chunk:
-    """One batch of samples, formatted: the Arrow table of its kept rows and what happened to the rest."""
+    """A range of samples, formatted: the Arrow table of its kept rows and what happened to the rest."""
 
     table: Any | None
     kept: list[int]
     stats: Stats
 
 
-def _format_chunk(bounds: tuple[int, int]) -> Chunk:
-    """Render, tokenize and build the rows of ``trajs[lo:hi]`` (in a worker, or in-process)."""
-    from tracegen.hub import rows_table
+def _format_range(bounds: tuple[int, int]) -> Chunk:
+    """Render, tokenize and build the rows of ``trajs[lo:hi]`` (in a worker, or in-process).
 
+    Batch by batch, pipelined: the tokenizer encodes one batch on a helper thread (it releases the
+    GIL) while this thread renders the next and assembles the one before, so Python and the
+    tokenizer each keep a core busy.
+    """
     job = _JOB
     assert job is not None
+    lo, hi = bounds
     stats = Stats()
-    rendered: list[tuple[int, Rendered]] = []
-    for i in range(*bounds):
-        try:
-            rendered.append((i, job.render(i, job.trajs[i])))
-        except NoAnswer:
-            stats.dropped_no_answer += 1
-    tokenized = tokenize_batch([r for _, r in rendered], job.tok, job.max_length, stats)
     rows: list[dict[str, Any]] = []
     kept: list[int] = []
-    for (i, _), tok_row in zip(rendered, tokenized, strict=True):
-        if tok_row is not None:
-            rows.append(build_row(job.trajs[i], tok_row))
-            kept.append(i)
+
+    def finish(indices: list[int], batch: TokenBatch, encoded: Future[None]) -> None:
+        encoded.result()
+        for i, tok_row in zip(indices, assemble(batch, job.tok, job.max_length, stats), strict=True):
+            if tok_row is not None:
+                rows.append(build_row(job.trajs[i], tok_row))
+                kept.append(i)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="tracegen-encode") as encoder:
+        pending: tuple[list[int], TokenBatch, Future[None]] | None = None
+        for start in range(lo, hi, job.batch_size):
+            indices: list[int] = []
+            rendered: list[Rendered] = []
+            for i in range(start, min(start + job.batch_size, hi)):
+                try:
+                    rendered.append(job.render(i, job.trajs[i]))
+                    indices.append(i)
+                except NoAnswer:
+                    stats.dropped_no_answer += 1
+            batch = lay_out(rendered, job.tok)
+            encoded = encoder.submit(encode, batch)
+            if pending is not None:
+                finish(*pending)
+            pending = (indices, batch, encoded)
+            if job.progress is not None:
+                job.progress(min(start + job.batch_size, hi) - start)
+        if pending is not None:
+            finish(*pending)
+    from tracegen.hub import rows_table
+
     return Chunk(rows_table(rows) if rows else None, kept, stats)
 
 
@@ -347,12 +376,14 @@ def _quiet_worker() -> None:
 
 
 def resolve_workers(workers: int) -> int:
-    """``0`` means one per CPU core this process may use; without ``fork`` (Windows) there is one."""
+    """``0`` means one per two CPU cores this process may use (a worker keeps two busy: Python and the
+    tokenizer); without ``fork`` (Windows) there is one process."""
     if "fork" not in multiprocessing.get_all_start_methods():
         return 1
     if workers:
         return workers
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // 2)
 
 
 def format_rows(
@@ -368,31 +399,42 @@ def format_rows(
     policy = MaskPolicy(train_observations="executed" if config.train_observations == "executed" else "none")
     chat = chat_template_for(config, tok) if config.template == "chat" else None
     render = renderer_for(config.template, policy, tok.eos, chat, critiques)
-    bounds = [(lo, min(lo + config.batch_size, len(trajs))) for lo in range(0, len(trajs), config.batch_size)]
-    workers = min(resolve_workers(config.workers), len(bounds))
-    _JOB = _Job(trajs, render, tok, config.max_length)
+    workers = resolve_workers(config.workers)
+    n = len(trajs)
+    if workers == 1:
+        bounds = [(0, n)] if n else []  # one pipelined range; progress reported per batch
+    else:  # ranges of at most 8 batches, at least 4 per worker, so the last ones finish close together
+        size = max(1, min(8 * config.batch_size, -(-n // (4 * workers))))
+        bounds = [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+    workers = min(workers, len(bounds))
     tables: list[Any] = []
     kept: list[int] = []
     stats = Stats()
+    # the loaded records live until the end: keep the collector from re-scanning them on every full
+    # collection (a third of the time spent otherwise), and forked workers from touching their pages
+    gc.freeze()
     try:
         with contextlib.ExitStack() as stack:
+            progress = stack.enter_context(_progress(n, show_progress))
+            _JOB = _Job(trajs, render, tok, config.max_length, config.batch_size, progress if workers == 1 else None)
             chunks: Iterator[Chunk]
             if workers > 1:
                 if chat is not None:  # check the template once here, not once per worker
                     _first_render(render, trajs)
                 pool = stack.enter_context(_worker_pool(workers))
-                chunks = pool.imap(_format_chunk, bounds)
+                chunks = pool.map(_format_range, bounds)
             else:
-                chunks = map(_format_chunk, bounds)
-            progress = stack.enter_context(_progress(len(trajs), show_progress))
+                chunks = map(_format_range, bounds)
             for (lo, hi), chunk in zip(bounds, chunks, strict=True):
                 if chunk.table is not None:
                     tables.append(chunk.table)
                 kept += chunk.kept
                 stats.add(chunk.stats)
-                progress(hi - lo)
+                if workers > 1:
+                    progress(hi - lo)
     finally:
         _JOB = None
+        gc.unfreeze()
     import pyarrow as pa
 
     return (pa.concat_tables(tables) if tables else None), kept, stats
@@ -408,12 +450,14 @@ def _first_render(render: Callable[[int, Trajectory], Rendered], trajs: list[Tra
 
 
 @contextlib.contextmanager
-def _worker_pool(workers: int) -> Iterator[Any]:
+def _worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
+    """Forked workers; one that dies (out of memory, killed) fails the run instead of hanging it."""
     # each worker is one core's worth of work: the tokenizer's own thread pool would only oversubscribe
     saved = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
-        pool = multiprocessing.get_context("fork").Pool(workers, initializer=_quiet_worker)
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_quiet_worker)
+        pool.submit(int).result()  # start the workers now, while the variable is set
     finally:
         if saved is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
@@ -421,10 +465,13 @@ def _worker_pool(workers: int) -> Iterator[Any]:
             os.environ["TOKENIZERS_PARALLELISM"] = saved
     try:
         yield pool
-        pool.close()
-        pool.join()
+    except BrokenProcessPool as exc:
+        raise TracegenError(
+            "a format worker process died (out of memory, or killed); nothing was written",
+            hint="run again with fewer --workers (each holds a batch of rows in memory)",
+        ) from exc
     finally:
-        pool.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @contextlib.contextmanager
@@ -479,7 +526,7 @@ def format_dataset(input_path: Path, out: Path, config: FormatConfig, show_progr
         "stats": stats.as_dict(),
         "provenance": provenance(trajs, input_path, config),
         "exports": list(config.export),
-        "config": config.model_dump(mode="json", exclude={"teacher", "workers"}),
+        "config": config.model_dump(mode="json", exclude={"teacher", *FormatConfig.HOW_NOT_WHAT}),
     }
     extra = {"sharegpt": _sharegpt_table(kept)} if "sharegpt" in config.export else None
     save_dataset(out, table, metadata, dataset_card(metadata), config.shard_rows, extra)

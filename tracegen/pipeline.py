@@ -412,7 +412,7 @@ def _format_tokenizer(config: FormatConfig, student: str | None) -> str:
 
 
 def _format_settings(config: FormatConfig) -> dict[str, Any]:
-    return config.model_dump(mode="json", exclude={"workers"})  # any number of workers writes the same rows
+    return config.model_dump(mode="json", exclude=FormatConfig.HOW_NOT_WHAT)
 
 
 def _dump(value: Any) -> Any:

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import itertools
 import json
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,14 +62,25 @@ class Tok:
     special_map: dict[str, str]
     vocab_hash: str
     path: Path
+    normaliser: str | None = None
+    """The type of the tokenizer's normaliser (``NFC`` for Qwen), or None."""
+    unnormalised: Any = None
+    """``plain`` without its NFC normaliser, for runs already in NFC (NFC of those is the identity)."""
+    byte_lengths: I64 | None = None
+    """Byte-level BPE only: each token's length in bytes, which is its length in characters in ASCII text."""
     control_re: re.Pattern[str] | None = field(default=None)
     run_cache: dict[str, tuple[I64, I64]] = field(default_factory=dict)
     """Encodings of runs already seen: a dataset repeats its system prompt, tools block and template text."""
+
+    control_arrays: dict[int, tuple[I64, I64]] = field(default_factory=dict)
+    """Each control token's id and its offsets relative to where it starts, as the run cache holds runs."""
 
     def __post_init__(self) -> None:
         if self.added:
             alternatives = sorted(self.added, key=len, reverse=True)
             self.control_re = re.compile("|".join(re.escape(a) for a in alternatives))
+        for text, token_id in self.added.items():
+            self.control_arrays[token_id] = (np.array([token_id], np.int64), np.array([[0, len(text)]], np.int64))
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.full.decode(list(ids), skip_special_tokens=False))
@@ -113,6 +126,8 @@ def load_tokenizer(spec: str) -> Tok:
     added = {t["content"]: int(t["id"]) for t in data.get("added_tokens", [])}
     plain_data = dict(data, added_tokens=[], post_processor=None)
     plain = Tokenizer.from_str(json.dumps(plain_data))
+    normaliser = (plain_data.get("normalizer") or {}).get("type")
+    unnormalised = Tokenizer.from_str(json.dumps(dict(plain_data, normalizer=None))) if normaliser == "NFC" else None
     config: dict[str, Any] = {}
     if (path / "tokenizer_config.json").is_file():
         config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
@@ -142,6 +157,9 @@ def load_tokenizer(spec: str) -> Tok:
         source=spec,
         full=full,
         plain=plain,
+        unnormalised=unnormalised,
+        normaliser=normaliser,
+        byte_lengths=_byte_lengths(data, plain),
         added=added,
         eos=eos,
         eos_id=added[eos],
@@ -150,6 +168,22 @@ def load_tokenizer(spec: str) -> Tok:
         vocab_hash=vocab_hash,
         path=path,
     )
+
+
+def _byte_lengths(data: dict[str, Any], plain: Any) -> I64 | None:
+    """Per-token byte lengths when the tokenizer is byte-level BPE (one vocabulary character per byte)."""
+    pre = data.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    normalizer = (data.get("normalizer") or {}).get("type")
+    if data.get("model", {}).get("type") != "BPE" or normalizer not in (None, "NFC"):
+        return None
+    if not any(p.get("type") == "ByteLevel" for p in parts):
+        return None
+    vocab = plain.get_vocab(with_added_tokens=False)
+    lengths = np.zeros(max(vocab.values(), default=-1) + 1, dtype=np.int64)
+    for token, token_id in vocab.items():
+        lengths[token_id] = len(token)
+    return lengths
 
 
 def _token_str(value: Any) -> str | None:
@@ -191,90 +225,163 @@ class Stats:
                 setattr(self, name, mine + value)
 
 
-def _segments(sample: Rendered, tok: Tok) -> tuple[list[str], list[int], list[tuple[int, int, int]]]:
-    """Plain-text runs (with their start offsets) and control tokens (id, start, end), by position."""
-    runs: list[str] = []
-    starts: list[int] = []
+def _controls(sample: Rendered, tok: Tok) -> list[tuple[int, int, int]]:
+    """The sample's control tokens (id, start, end) in text order: EOS pieces and added tokens in template text."""
     controls: list[tuple[int, int, int]] = []
-    buf: list[str] = []
-    buf_start = 0
+    pattern = tok.control_re
+    added = tok.added
     pos = 0
-
-    def flush(at: int) -> None:
-        nonlocal buf_start
-        if buf:
-            runs.append("".join(buf))
-            starts.append(buf_start)
-            buf.clear()
-        buf_start = at
-
     for p in sample.pieces:
         text = p.text
         if p.eos:
-            flush(pos)
             controls.append((tok.eos_id, pos, pos + len(text)))
-            pos += len(text)
-            buf_start = pos
-            continue
-        if p.control_ok and tok.control_re is not None:
-            last = 0
-            for m in tok.control_re.finditer(text):
-                if m.start() > last:
-                    if not buf:
-                        buf_start = pos + last
-                    buf.append(text[last : m.start()])
-                flush(pos + m.start())
-                controls.append((tok.added[m.group()], pos + m.start(), pos + m.end()))
-                last = m.end()
-                buf_start = pos + last
-            if last < len(text):
-                if not buf:
-                    buf_start = pos + last
-                buf.append(text[last:])
-        elif text:
-            if not buf:
-                buf_start = pos
-            buf.append(text)
+        elif p.control_ok and pattern is not None:
+            controls += [(added[m.group()], pos + m.start(), pos + m.end()) for m in pattern.finditer(text)]
         pos += len(text)
-    flush(pos)
-    return runs, starts, controls
+    return controls
+
+
+def _layout(text: str, controls: list[tuple[int, int, int]]) -> list[tuple[int, str | None, int]]:
+    """The text as (start, plain run, -1) and (start, None, control id) items, in order."""
+    items: list[tuple[int, str | None, int]] = []
+    prev = 0
+    for cid, start, end in controls:
+        if start > prev:
+            items.append((prev, text[prev:start], -1))
+        items.append((start, None, cid))
+        prev = end
+    if prev < len(text):
+        items.append((prev, text[prev:], -1))
+    return items
+
+
+@dataclass
+class TokenBatch:
+    """A batch of samples between the three steps of tokenization.
+
+    :func:`lay_out` (Python) cuts the samples into runs and control tokens; :func:`encode` runs the
+    tokenizer on the runs not cached yet (Rust, which releases the GIL, so it can run on a helper
+    thread while Python lays out the next batch); :func:`assemble` (numpy) builds ids, labels and
+    masks. :func:`tokenize_batch` does all three in turn.
+    """
+
+    samples: Sequence[Rendered]
+    texts: list[str]
+    layouts: list[list[tuple[int, str | None, int]]]
+    known: dict[str, tuple[I64, I64]]
+    """The runs already encoded when the batch was laid out (a later cache reset cannot lose them)."""
+    groups: list[tuple[Any, list[str], bool]]
+    """Runs to encode, each group with its encoder and whether no normaliser touches its text."""
+    encodings: list[list[Any]] = field(default_factory=list)
+
+
+def lay_out(samples: Sequence[Rendered], tok: Tok) -> TokenBatch:
+    texts = [s.text for s in samples]
+    layouts = [_layout(text, _controls(s, tok)) for s, text in zip(samples, texts, strict=True)]
+    cache = tok.run_cache
+    if len(cache) > RUN_CACHE_MAX:
+        cache.clear()
+    runs = dict.fromkeys(r for items in layouts for _, r, _ in items if r is not None)
+    known = {r: cache[r] for r in runs if r in cache}
+    todo = [r for r in runs if r not in known]
+    if tok.unnormalised is None:
+        groups = [(tok.plain, todo, tok.normaliser is None)]
+    else:
+        # a run already in NFC skips the NFC normaliser: NFC of it is the identity
+        nfc = [unicodedata.is_normalized("NFC", r) for r in todo]
+        groups = [
+            (tok.unnormalised, [r for r, ok in zip(todo, nfc, strict=True) if ok], True),
+            (tok.plain, [r for r, ok in zip(todo, nfc, strict=True) if not ok], False),
+        ]
+    return TokenBatch(samples, texts, layouts, known, groups)
+
+
+def encode(batch: TokenBatch) -> None:
+    """The tokenizer's part: safe to run on another thread (no Python object of the batch changes)."""
+    batch.encodings = [
+        encoder.encode_batch(runs, add_special_tokens=False) if runs else [] for encoder, runs, _ in batch.groups
+    ]
+
+
+def assemble(batch: TokenBatch, tok: Tok, max_length: int | None, stats: Stats) -> list[Tokenized | None]:
+    """ids, labels and proof_mask of every sample of an encoded batch; ``None`` for a dropped sample."""
+    fresh: dict[str, tuple[I64, I64]] = {}
+    for (_, group, untouched), encodings in zip(batch.groups, batch.encodings, strict=True):
+        if group:
+            _runs_from_encodings(group, encodings, untouched, tok, fresh)
+    tok.run_cache.update(fresh)
+    runs = batch.known
+    runs.update(fresh)
+    # every item of every sample in order: its ids and offsets relative to its own start, joined and
+    # shifted once for the whole batch (a Python loop per item costs more than the tokenizer)
+    controls = tok.control_arrays
+    layouts = batch.layouts
+    parts = [runs[run] if run is not None else controls[cid] for items in layouts for _, run, cid in items]
+    starts = np.fromiter((start for items in layouts for start, _, _ in items), dtype=np.int64, count=len(parts))
+    counts = np.fromiter((len(ids) for ids, _ in parts), dtype=np.int64, count=len(parts))
+    if parts:
+        all_ids = np.concatenate([ids for ids, _ in parts])
+        all_offs = np.concatenate([offs for _, offs in parts]) + np.repeat(starts, counts)[:, None]
+    else:
+        all_ids, all_offs = np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
+    item_bounds = np.cumsum([0] + [len(items) for items in layouts])
+    token_bounds = np.concatenate(([0], np.cumsum(counts)))[item_bounds].tolist()
+    out: list[Tokenized | None] = []
+    for k, (sample, text) in enumerate(zip(batch.samples, batch.texts, strict=True)):
+        a, b = token_bounds[k], token_bounds[k + 1]
+        out.append(_finish(sample, text, all_ids[a:b], all_offs[a:b], max_length, stats))
+    return out
 
 
 def tokenize_batch(
     samples: Sequence[Rendered], tok: Tok, max_length: int | None, stats: Stats
 ) -> list[Tokenized | None]:
-    """Tokenize a batch: one batched tokenizer call for every run of every sample, masks with numpy.
+    """Tokenize a batch: one batched tokenizer call for every new run of every sample, masks with numpy.
 
     Returns one entry per sample, ``None`` for a dropped one (reason counted in ``stats``).
     """
-    seg = [_segments(s, tok) for s in samples]
-    cache = tok.run_cache
-    if len(cache) > RUN_CACHE_MAX:
-        cache.clear()
-    todo = list(dict.fromkeys(r for runs, _, _ in seg for r in runs if r not in cache))
-    for text, enc in zip(todo, tok.plain.encode_batch(todo, add_special_tokens=False) if todo else [], strict=True):
-        cache[text] = (np.asarray(enc.ids, dtype=np.int64), np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2))
-    out: list[Tokenized | None] = []
-    for sample, (runs, starts, controls) in zip(samples, seg, strict=True):
-        # runs and control tokens, in text order
-        items: list[tuple[int, int, Any]] = [(st, 0, r) for st, r in zip(starts, runs, strict=True)]
-        items += [(c[1], 1, c) for c in controls]
-        items.sort(key=lambda x: (x[0], x[1]))
-        parts_ids: list[Any] = []
-        parts_off: list[Any] = []
-        for start, is_control, obj in items:
-            if is_control:
-                parts_ids.append(np.array([obj[0]], dtype=np.int64))
-                parts_off.append(np.array([[obj[1], obj[2]]], dtype=np.int64))
-            else:
-                ids, offs = cache[obj]
-                if len(ids):
-                    parts_ids.append(ids)
-                    parts_off.append(offs + start)
-        ids_arr = np.concatenate(parts_ids) if parts_ids else np.zeros(0, np.int64)
-        offs = np.concatenate(parts_off) if parts_off else np.zeros((0, 2), np.int64)
-        out.append(_finish(sample, ids_arr, offs, max_length, stats))
-    return out
+    batch = lay_out(samples, tok)
+    encode(batch)
+    return assemble(batch, tok, max_length, stats)
+
+
+def _runs_from_encodings(
+    runs: list[str], encodings: list[Any], untouched: bool, tok: Tok, out: dict[str, tuple[I64, I64]]
+) -> None:
+    """(ids, offsets relative to the run's start) per run.
+
+    For a byte-level BPE, the offsets of text no normaliser touched come from the tokens' byte
+    lengths, mapped from bytes to characters for the whole batch at once, instead of from the
+    tokenizer's per-token Python tuples; exact, and checked by tests against the tokenizer's own.
+    """
+    if untouched and tok.byte_lengths is not None and _runs_from_bytes(runs, encodings, tok.byte_lengths, out):
+        return
+    for run, enc in zip(runs, encodings, strict=True):
+        out[run] = (np.asarray(enc.ids, dtype=np.int64), np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2))
+
+
+def _runs_from_bytes(runs: list[str], encodings: list[Any], byte_lengths: I64, out: dict[str, Any]) -> bool:
+    """The runs' ids and character offsets computed from token byte lengths; False if they do not add up.
+
+    A token holding part of a multi-byte character covers the whole character, as the tokenizer's
+    own offsets do (so two tokens can share it).
+    """
+    counts = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
+    ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int64, count=int(counts.sum()))
+    raw = np.frombuffer("".join(runs).encode("utf-8"), dtype=np.uint8)
+    token_bytes = byte_lengths[ids]
+    ends = np.cumsum(token_bytes)
+    if (ends[-1] if len(ends) else 0) != len(raw):
+        return False  # not byte-level after all: use the tokenizer's offsets
+    starts = ends - token_bytes
+    char_of_byte = np.cumsum((raw & 0xC0) != 0x80) - 1
+    run_chars = np.fromiter((len(r) for r in runs), dtype=np.int64, count=len(runs))
+    char_base = np.repeat(np.cumsum(run_chars) - run_chars, counts)
+    offsets = np.stack((char_of_byte[starts] - char_base, char_of_byte[ends - 1] + 1 - char_base), axis=1)
+    bounds = np.concatenate(([0], np.cumsum(counts))).tolist()
+    for k, run in enumerate(runs):
+        out[run] = (ids[bounds[k] : bounds[k + 1]], offsets[bounds[k] : bounds[k + 1]])
+    return True
 
 
 def _char_arrays(spans: list[Span], n: int, pieces_derivation: list[tuple[int, int]]) -> tuple[I64, I64, I64]:
@@ -290,8 +397,7 @@ def _char_arrays(spans: list[Span], n: int, pieces_derivation: list[tuple[int, i
     return masked, kind, deriv
 
 
-def _finish(sample: Rendered, ids: I64, offs: I64, max_length: int | None, stats: Stats) -> Tokenized | None:
-    text = sample.text
+def _finish(sample: Rendered, text: str, ids: I64, offs: I64, max_length: int | None, stats: Stats) -> Tokenized | None:
     n = len(text)
     spans = sample.spans()
     deriv_ranges: list[tuple[int, int]] = []

@@ -1,0 +1,119 @@
+"""How format runs: pipelined batches, worker processes, and the exact shortcuts of the tokenization hot path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tracegen.config import FormatConfig
+from tracegen.errors import BadInputError, TracegenError
+from tracegen.format import format_dataset
+from tracegen.jinja_sandbox import compile_template
+from tracegen.render import Stats, assemble, encode, lay_out, load_tokenizer
+from tracegen.templates import Piece, Rendered
+from tracegen.testing.synthetic import HOSTILE, make_trajectory, write_trajectories
+
+from .conftest import tracegen
+
+TEXTS = [
+    "  leading\n\n\ttabs  and   spaces  ",
+    "x = 1;\r\n  y=2\n",
+    "café naïve résumé",
+    "e\u0301 decomposed accent (not NFC)",
+    "\u212b angstrom sign (NFC changes it)",
+    "emoji 🙂 mixed ünïcode 𝔘𝔫𝔦",
+    "数学数学∑∑ 漢字かな",
+    "\U0001f468\u200d\U0001f469 family",
+    "   ",
+    "\n",
+    HOSTILE,
+]
+
+
+@pytest.mark.parametrize("tok_spec", ["qwen3", "smollm2"])
+def test_run_offsets_equal_the_tokenizers_own(tok_spec: str) -> None:
+    """Byte-length offsets and the NFC shortcut give exactly the tokenizer's ids and character offsets."""
+    tok = load_tokenizer(tok_spec)
+    texts = list(TEXTS)
+    for i in range(40):
+        t = make_trajectory(i, turns=3, words=30)
+        texts += [m.content for m in t.messages if m.content]
+    texts = list(dict.fromkeys(texts))
+    tok.run_cache.clear()
+    batch = lay_out([Rendered(str(k), "chat", [Piece(t, "prompt", False)]) for k, t in enumerate(texts)], tok)
+    encode(batch)
+    assemble(batch, tok, None, Stats())
+    for text in texts:
+        expected = tok.plain.encode(text, add_special_tokens=False)
+        ids, offsets = tok.run_cache[text]
+        assert ids.tolist() == expected.ids, text
+        assert offsets.tolist() == [list(o) for o in expected.offsets], text
+
+
+def _dataset_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_any_number_of_workers_writes_the_same_bytes(tmp_path: Path) -> None:
+    """Several worker processes and small pipelined batches change nothing in the dataset folder."""
+    src = tmp_path / "t.jsonl"
+    write_trajectories(str(src), 30, source="mixed", hostile=True)
+    folders = []
+    for workers, batch_size in ((1, 256), (1, 4), (3, 4)):
+        out = tmp_path / f"w{workers}-b{batch_size}"
+        config = FormatConfig(template="chat", tokenizer="qwen3", workers=workers, batch_size=batch_size)
+        result = format_dataset(src, out, config)
+        assert result.stats.samples == 30
+        folders.append(_dataset_bytes(out))
+    assert folders[0] == folders[1] == folders[2]
+
+
+def _die(bounds: tuple[int, int]) -> None:
+    os._exit(9)  # a worker killed mid-range (the OOM killer, kill -9)
+
+
+def test_a_dead_worker_fails_the_run_instead_of_hanging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tracegen.format as format_module
+
+    src = tmp_path / "t.jsonl"
+    write_trajectories(str(src), 8)
+    monkeypatch.setattr(format_module, "_format_range", _die)
+    out = tmp_path / "ds"
+    with pytest.raises(TracegenError, match="worker process died"):
+        format_dataset(src, out, FormatConfig(template="chat", tokenizer="qwen3", workers=2, batch_size=2))
+    assert not out.exists()
+
+
+def test_bad_input_in_a_worker_keeps_its_message_and_exit_code(tmp_path: Path) -> None:
+    """An error raised inside a worker reaches the user as if raised in-process: one line, exit 2."""
+    src = tmp_path / "t.jsonl"
+    trajs = [make_trajectory(i) for i in range(6)]
+    trajs[5].messages[1].content += "\ue000"  # the private-use sentinel render_chat refuses
+    src.write_text("".join(t.model_dump_json() + "\n" for t in trajs))
+    out = tmp_path / "ds"
+    with pytest.raises(BadInputError, match="U\\+E000"):
+        format_dataset(src, out, FormatConfig(template="chat", tokenizer="qwen3", workers=2, batch_size=2))
+    r = tracegen("format", str(src), "--out", str(out), "--tokenizer", "qwen3", "--workers", "2")
+    assert r.returncode == 2 and "U+E000" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+def test_memoised_sandbox_still_refuses_what_the_sandbox_refuses() -> None:
+    """Memoising the attribute checks never hands out what Jinja's sandbox would not."""
+    from jinja2.exceptions import SecurityError
+
+    template = compile_template(
+        "{{ message.content.upper() }}|{{ message.items() | list | length }}|{{ ''.__class__ }}|{{ message.mro }}"
+    )
+    out = template.render(message={"content": "hi", "mro": "key"})
+    assert out.startswith("HI|2||")  # the dunder is refused (empty), a dict key named like a type method works
+    assert out.endswith("key")
+    for source in ("{{ ''.__class__.__mro__ }}", "{{ [].append(1) }}", "{{ message.clear() }}"):
+        with pytest.raises(SecurityError):
+            for _ in range(2):  # twice: the second call goes through the memoised path
+                compile_template(source).render(message={"a": 1})
+    # a string attribute approved once stays a fresh value per object
+    values = compile_template("{% for s in xs %}{{ s.upper() }}{% endfor %}").render(xs=["a", "b"])
+    assert values == "AB"
