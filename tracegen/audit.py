@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from tracegen.errors import BadInputError
 from tracegen.hub import load_metadata, read_rows
 from tracegen.render import IGNORE, KIND_INDEX, Tok, load_tokenizer
 from tracegen.templates import KINDS, SpanKind
+from tracegen.token_bytes import ByteTable, byte_table, token_char_extents
 
 FORBIDDEN = ("system", "prompt", "observation")
 MAX_REPORTED = 50
@@ -87,68 +87,6 @@ class AuditReport:
         self.violation_count += 1
         if len(self.violations) < MAX_REPORTED:
             self.violations.append(message)
-
-
-# ---------------------------------------------------------------------------------------------------
-# token extents from ids alone
-
-
-def _bytes_to_unicode() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, inverted: printable char -> byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
-
-
-@dataclass
-class ByteTable:
-    """The bytes every token id decodes to (byte-level BPE), as one length array for numpy."""
-
-    lengths: npt.NDArray[np.int64]
-    pieces: list[bytes]
-
-
-def byte_table(tok: Tok) -> ByteTable:
-    size = int(tok.full.get_vocab_size(with_added_tokens=True))
-    vocab = tok.full.get_vocab(with_added_tokens=True)
-    size = max(size, max(vocab.values()) + 1)
-    pieces = [b""] * size
-    decoder = json.loads(tok.full.to_str()).get("decoder") or {}
-    byte_level = decoder.get("type") == "ByteLevel" or any(
-        d.get("type") == "ByteLevel" for d in decoder.get("decoders", []) if isinstance(d, dict)
-    )
-    inv = _bytes_to_unicode()
-    for token, i in vocab.items():
-        if token in tok.added:
-            pieces[i] = token.encode()
-        elif byte_level and all(c in inv for c in token):
-            pieces[i] = bytes(inv[c] for c in token)
-        else:
-            pieces[i] = str(tok.full.decode([i], skip_special_tokens=False)).encode()
-    lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=size)
-    return ByteTable(lengths=lengths, pieces=pieces)
-
-
-def token_char_extents(text: str, ids: npt.NDArray[np.int64], table: ByteTable) -> tuple[Any, Any] | None:
-    """(char_start, char_end) per token, from byte lengths; None if the bytes do not add up to ``text``."""
-    raw = text.encode("utf-8")
-    lens = table.lengths[ids]
-    ends_b = np.cumsum(lens)
-    if (ends_b[-1] if len(ends_b) else 0) != len(raw):
-        return None
-    starts_b = ends_b - lens
-    arr = np.frombuffer(raw, dtype=np.uint8)
-    char_of_byte = np.concatenate((np.cumsum((arr & 0xC0) != 0x80) - 1, [len(text)]))
-    cs = char_of_byte[starts_b]
-    last_b = np.maximum(ends_b - 1, starts_b)
-    ce = np.where(lens > 0, char_of_byte[last_b] + 1, cs)
-    return cs, ce
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -231,7 +169,7 @@ def check_sample(
         )
         report.violate(f"{where}: decode(input_ids) differs from text at character {at}")
         return None
-    ext = token_char_extents(text, ids, table)
+    ext = token_char_extents(text, ids, table.lengths)
     if ext is None:
         report.violate(f"{where}: token bytes do not add up to the text")
         return None

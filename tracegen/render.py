@@ -37,6 +37,7 @@ import numpy.typing as npt
 
 from tracegen.errors import BadInputError
 from tracegen.templates import KINDS, Rendered, Span
+from tracegen.token_bytes import byte_level_lengths, token_char_extents
 
 IGNORE = -100
 RUN_CACHE_MAX = 200_000
@@ -159,7 +160,7 @@ def load_tokenizer(spec: str) -> Tok:
         plain=plain,
         unnormalised=unnormalised,
         normaliser=normaliser,
-        byte_lengths=_byte_lengths(data, plain),
+        byte_lengths=byte_level_lengths(data, plain),
         added=added,
         eos=eos,
         eos_id=added[eos],
@@ -168,22 +169,6 @@ def load_tokenizer(spec: str) -> Tok:
         vocab_hash=vocab_hash,
         path=path,
     )
-
-
-def _byte_lengths(data: dict[str, Any], plain: Any) -> I64 | None:
-    """Per-token byte lengths when the tokenizer is byte-level BPE (one vocabulary character per byte)."""
-    pre = data.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    normalizer = (data.get("normalizer") or {}).get("type")
-    if data.get("model", {}).get("type") != "BPE" or normalizer not in (None, "NFC"):
-        return None
-    if not any(p.get("type") == "ByteLevel" for p in parts):
-        return None
-    vocab = plain.get_vocab(with_added_tokens=False)
-    lengths = np.zeros(max(vocab.values(), default=-1) + 1, dtype=np.int64)
-    for token, token_id in vocab.items():
-        lengths[token_id] = len(token)
-    return lengths
 
 
 def _token_str(value: Any) -> str | None:
@@ -361,23 +346,15 @@ def _runs_from_encodings(
 
 
 def _runs_from_bytes(runs: list[str], encodings: list[Any], byte_lengths: I64, out: dict[str, Any]) -> bool:
-    """The runs' ids and character offsets computed from token byte lengths; False if they do not add up.
-
-    A token holding part of a multi-byte character covers the whole character, as the tokenizer's
-    own offsets do (so two tokens can share it).
-    """
+    """The runs' ids and character offsets computed from token byte lengths; False if they do not add up."""
     counts = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
     ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int64, count=int(counts.sum()))
-    raw = np.frombuffer("".join(runs).encode("utf-8"), dtype=np.uint8)
-    token_bytes = byte_lengths[ids]
-    ends = np.cumsum(token_bytes)
-    if (ends[-1] if len(ends) else 0) != len(raw):
+    extents = token_char_extents("".join(runs), ids, byte_lengths)
+    if extents is None:
         return False  # not byte-level after all: use the tokenizer's offsets
-    starts = ends - token_bytes
-    char_of_byte = np.cumsum((raw & 0xC0) != 0x80) - 1
     run_chars = np.fromiter((len(r) for r in runs), dtype=np.int64, count=len(runs))
     char_base = np.repeat(np.cumsum(run_chars) - run_chars, counts)
-    offsets = np.stack((char_of_byte[starts] - char_base, char_of_byte[ends - 1] + 1 - char_base), axis=1)
+    offsets = np.stack((extents[0] - char_base, extents[1] - char_base), axis=1)
     bounds = np.concatenate(([0], np.cumsum(counts))).tolist()
     for k, run in enumerate(runs):
         out[run] = (ids[bounds[k] : bounds[k + 1]], offsets[bounds[k] : bounds[k + 1]])
