@@ -214,7 +214,7 @@ def build_row(traj: Trajectory, tok_row: Tokenized) -> dict[str, Any]:
         "id": traj.id,
         "template": tok_row["template"],
         "text": tok_row["text"],
-        "spans": [s.as_dict() for s in tok_row["spans"]],
+        "spans": tok_row["spans"],  # Span objects: rows_table lays them out column by column
         "input_ids": ids,
         "labels": tok_row["labels"],
         "proof_mask": tok_row["proof_mask"],

@@ -52,6 +52,19 @@ SPAN_FIELDS = [
 ]
 
 
+def _spans_array(per_row: Sequence[Sequence[Any]], span_type: Any) -> Any:
+    """The spans column built field by field (rows hold ``Span`` objects): no dict per span."""
+    import pyarrow as pa
+
+    flat = [sp for spans in per_row for sp in spans]
+    fields = pa.StructArray.from_arrays(
+        [pa.array([getattr(sp, name) for sp in flat], getattr(pa, t)()) for name, t in SPAN_FIELDS],
+        fields=list(span_type.value_type),
+    )
+    offsets = np.concatenate(([0], np.cumsum([len(spans) for spans in per_row]))).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), fields, type=span_type)
+
+
 def rows_table(rows: Sequence[dict[str, Any]]) -> Any:
     """Rows (from :func:`tracegen.format.build_rows`) as one Arrow table with a fixed schema."""
     import pyarrow as pa
@@ -87,7 +100,7 @@ def rows_table(rows: Sequence[dict[str, Any]]) -> Any:
         "truncated": pa.bool_(),
     }
     columns: dict[str, Any] = {name: pa.array([r[name] for r in rows], t) for name, t in scalar_cols.items()}
-    columns["spans"] = pa.array([r["spans"] for r in rows], span_type)
+    columns["spans"] = _spans_array([r["spans"] for r in rows], span_type)
     columns["messages"] = pa.array([r["messages"] for r in rows], message_type)
     columns["input_ids"] = _list_array([r["input_ids"] for r in rows], pa.int32())
     columns["labels"] = _list_array([r["labels"] for r in rows], pa.int32())

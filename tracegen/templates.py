@@ -146,16 +146,6 @@ class Span:
     source: str | None
     weight_class: str
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "start": self.start,
-            "end": self.end,
-            "kind": self.kind,
-            "train": self.train,
-            "source": self.source,
-            "weight_class": self.weight_class,
-        }
-
 
 @dataclass(slots=True)
 class Rendered:
