@@ -1,13 +1,16 @@
-"""`tracegen distill` under `accelerate launch`: two CPU processes (DDP over gloo) against one, step for step.
+"""`tracegen distill` under `accelerate launch`: two CPU processes (DDP, then FSDP, over gloo) against one.
 
-The launcher reads the config file written here (never ~/.cache). ``MULTI_GPU`` is accelerate's
+The launcher reads the config files written here (never ~/.cache). ``MULTI_GPU`` is accelerate's
 torchrun-style launch of N processes; without CUDA the trainer joins them into one CPU (gloo) group.
+``FSDP`` is the same launch with ``ACCELERATE_USE_FSDP`` set, which the trainer answers by sharding
+the student with PyTorch's FSDP2 (real sharding over gloo: each process holds half of every weight).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tracegen.config import load_recipe
 from tracegen.distill.cache import build_cache
@@ -52,6 +56,13 @@ mixed_precision: 'no'
 dynamo_backend: 'NO'
 use_cpu: false
 """
+FSDP_CONFIG = (
+    ACCELERATE_CONFIG.replace("distributed_type: MULTI_GPU", "distributed_type: FSDP")
+    + """\
+fsdp_config:
+  fsdp_version: 2
+"""
+)
 # Interrupted at step 2 on every process (process 0 writes the checkpoint), then resumed: under DDP both.
 INTERRUPT_AND_RESUME = """\
 import sys
@@ -84,19 +95,20 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     teacher = save_model(root / "teacher", seed=1)
     dataset = write_dataset(root / "dataset", student, n=12)
     build_cache(dataset, str(teacher), root / "cache", top_k=8, temperature=2.0)
-    for grad_accum in (3, 1):
+    for grad_accum in (3, 2, 1):
         recipe = RECIPE.format(student=student, cache=root / "cache", grad_accum=grad_accum, steps=STEPS)
         (root / f"recipe-{grad_accum}.yaml").write_text(recipe)
     (root / "accelerate.yaml").write_text(ACCELERATE_CONFIG)
+    (root / "fsdp.yaml").write_text(FSDP_CONFIG)
     reference = root / "one-process"
     train(load_recipe(root / "recipe-3.yaml").distill, dataset, reference)
     return {"root": root, "dataset": dataset, "recipe": root / "recipe-3.yaml", "reference": reference}
 
 
-def launch(assets: dict[str, Path], *command: str) -> subprocess.CompletedProcess[str]:
+def launch(assets: dict[str, Path], *command: str, config: str = "accelerate.yaml") -> subprocess.CompletedProcess[str]:
     """``accelerate launch`` two processes; the port is a free one, the threads one per process (2 cores)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(assets["root"] / "hf")}
-    args = ["--config_file", str(assets["root"] / "accelerate.yaml"), "--main_process_port", "0"]
+    args = ["--config_file", str(assets["root"] / config), "--main_process_port", "0"]
     return subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", *args, *command],
         capture_output=True,
@@ -112,8 +124,6 @@ def metrics(out: Path) -> list[dict[str, Any]]:
 
 
 def assert_same_run(reference: Path, out: Path) -> None:
-    from safetensors.torch import load_file
-
     one, two = metrics(reference), metrics(out)
     assert [m["step"] for m in two] == list(range(1, STEPS + 1))
     assert [m["eval_loss"] is not None for m in two] == [False, True, False, True]
@@ -163,4 +173,55 @@ def test_fewer_micro_batches_than_processes_is_refused(assets: dict[str, Path]) 
     )
     assert result.returncode != 0
     assert "Error: grad_accum 1 is less than the 2 processes" in result.stderr
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def fsdp_reference(assets: dict[str, Path]) -> Path:
+    """One process with grad_accum 2 (FSDP needs a multiple of the process count)."""
+    reference = assets["root"] / "one-process-accum-2"
+    train(load_recipe(assets["root"] / "recipe-2.yaml").distill, assets["dataset"], reference)
+    return reference
+
+
+def test_fsdp_shards_the_student_and_trains_the_steps_of_one(assets: dict[str, Path], fsdp_reference: Path) -> None:
+    out = assets["root"] / "fsdp"
+    result = launch(
+        assets,
+        *("-m", "tracegen.cli", "distill", str(assets["dataset"])),
+        *("--out", str(out), "--recipe", str(assets["root"] / "recipe-2.yaml")),
+        config="fsdp.yaml",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "2 processes (FSDP)" in result.stderr and result.stderr.count(f"step {STEPS}/{STEPS}") == 1
+    # each process holds about half of the weights
+    whole = sum(t.numel() for t in load_file(str(assets["root"] / "student" / "model.safetensors")).values())
+    here = int(re.search(r"sharded over 2 processes \(([\d,]+) weights here\)", result.stderr)[1].replace(",", ""))
+    assert 0.4 * whole < here < 0.65 * whole
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in fsdp_reference.iterdir())
+    assert_same_run(fsdp_reference, out)
+
+
+def test_fsdp_resumes_from_its_periodic_checkpoint(assets: dict[str, Path], fsdp_reference: Path) -> None:
+    out = assets["root"] / "fsdp-resumed"
+    script = assets["root"] / "interrupt_and_resume.py"
+    script.write_text(INTERRUPT_AND_RESUME)
+    result = launch(
+        assets, str(script), str(assets["root"] / "recipe-2.yaml"), str(assets["dataset"]), str(out), config="fsdp.yaml"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("the last periodic checkpoint") == 1 and result.stderr.count("Resuming from") == 1
+    assert_same_run(fsdp_reference, out)
+
+
+def test_fsdp_refuses_a_window_the_processes_cannot_share_evenly(assets: dict[str, Path]) -> None:
+    out = assets["root"] / "fsdp-refused"
+    result = launch(
+        assets,
+        *("-m", "tracegen.cli", "distill", str(assets["dataset"])),
+        *("--out", str(out), "--recipe", str(assets["recipe"])),
+        config="fsdp.yaml",
+    )
+    assert result.returncode != 0
+    assert "under FSDP, grad_accum 3 must be a multiple of the 2 processes" in result.stderr
     assert not out.exists()

@@ -35,9 +35,15 @@ Several processes (``accelerate launch``, DDP): every process reads the same win
 micro-batches and trains micro-batches ``rank, rank + world, ...`` of it; N_window still counts the
 whole window, and the gradients are all-reduced once per step, so a step is the one-process step (up
 to float rounding) and the data order, hence resume, does not depend on the process count. Process 0
-alone prints and writes files. Needs ``grad_accum >= world``. Not supported: FSDP and DeepSpeed
-(refused); with lora dropout, a resumed multi-process run draws other dropout masks than an
-uninterrupted one (every process restarts from process 0's random state).
+alone prints and writes files. Needs ``grad_accum >= world``. With lora dropout, a resumed
+multi-process run draws other dropout masks than an uninterrupted one (every process restarts from
+process 0's random state).
+
+FSDP (``accelerate launch --use_fsdp``): the same, with the student's weights sharded over the
+processes (:mod:`tracegen.distill.sharding`); needs ``grad_accum`` a multiple of the process count
+(every process must run the same number of forward passes, which gather the shards), and Ctrl-C
+keeps the last periodic checkpoint (writing one gathers from every process, which an interrupt
+cannot coordinate). DeepSpeed is refused.
 """
 
 from __future__ import annotations
@@ -78,6 +84,14 @@ from tracegen.distill.losses import (
     sparse_kd_per_token,
     token_weights,
     weighted_ce_sum,
+)
+from tracegen.distill.sharding import (
+    fsdp_requested,
+    full_optimizer_state,
+    full_trainable_state,
+    load_optimizer_state,
+    shard,
+    total_grad_norm,
 )
 from tracegen.distill.vocab import vocab_hash
 from tracegen.errors import BadInputError
@@ -163,18 +177,17 @@ def _accelerator() -> Any:
 
     Precision stays ``distill.precision`` (the bf16 autocast below), whatever the launcher's
     ``--mixed_precision``. Without CUDA, ``cpu=True`` is what makes accelerate join the launched
-    processes into one CPU (gloo) group rather than let each train alone. FSDP and DeepSpeed are
-    refused: checkpoints and the adapter are saved from process 0's whole copy, which they shard.
+    processes into one CPU (gloo) group rather than let each train alone. DeepSpeed is refused: it
+    would shard the optimizer and weights through its own engine, which the loop does not drive.
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise BadInputError(
-            f"distill runs under DDP only, not {accelerator.distributed_type.value}",
-            hint="launch without --use_fsdp / --use_deepspeed: each process then holds the whole model and "
-            "only the LoRA gradients are all-reduced",
+            "distill runs under DDP or FSDP, not DeepSpeed",
+            hint="launch with --use_fsdp to shard the model, or without it for DDP",
         )
     return accelerator
 
@@ -215,13 +228,19 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _check_options(config: DistillConfig, has_cache: bool, device: torch.device, processes: int) -> None:
+def _check_options(config: DistillConfig, has_cache: bool, device: torch.device, processes: int, sharded: bool) -> None:
     """Refuse option combinations that cannot run, before any model is loaded."""
     if config.grad_accum < processes:
         raise BadInputError(
             f"grad_accum {config.grad_accum} is less than the {processes} processes: each process trains whole "
             "micro-batches of a step",
             hint=f"set grad_accum to a multiple of {processes} (a step stays grad_accum x batch_size sequences)",
+        )
+    if sharded and config.grad_accum % processes:
+        raise BadInputError(
+            f"under FSDP, grad_accum {config.grad_accum} must be a multiple of the {processes} processes: every "
+            "process runs the same number of forward passes",
+            hint=f"set grad_accum to a multiple of {processes}",
         )
     on = [name for name in ("discrepancy", "topology", "kd_alpha_ramp") if getattr(config, name) is not None]
     if on and not has_cache:
@@ -279,8 +298,9 @@ def train(
     torch.manual_seed(config.seed)
     accelerator = _accelerator()
     device, world, main = accelerator.device, accelerator.num_processes, accelerator.is_main_process
+    sharded = fsdp_requested(accelerator)
     use_bf16 = _use_bf16(config, device)
-    _check_options(config, bool(config.teacher_cache), device, world)
+    _check_options(config, bool(config.teacher_cache), device, world, sharded)
 
     def say(message: str) -> None:
         if main:
@@ -364,36 +384,65 @@ def train(
     base.config.use_cache = False
     model: Any = wrap_lora(base, config.lora, announce=main)
     model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(config, params)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: lr_at(s, total, warmup, config.learning_rate, config.min_learning_rate) / config.learning_rate,
-    )
-    # DDP wraps in place: ``model`` stays the trained PEFT model (to load and save). The scheduler is not
-    # prepared: accelerate would step it once per process, as if each process ran its own steps.
-    trained, optimizer = accelerator.prepare(_SupervisedForward(model, device), optimizer)
-    if isinstance(trained, torch.nn.parallel.DistributedDataParallel):
-        # The buffers (rotary tables) are constants. Syncing them would put a collective in forward
-        # calls, which evaluation runs a different number of times on each process.
-        trained.broadcast_buffers = False
-    pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 
     start_step = 0
     best_eval: float | None = None
     ckpt = out / CHECKPOINT
+    state: dict[str, Any] | None = None
     if resume and (ckpt / "trainer_state.pt").is_file():
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
         if state["total_steps"] != total:
             raise BadInputError(f"{ckpt}: checkpoint was for {state['total_steps']} steps, this run has {total}")
-        set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
-        optimizer.load_state_dict(state["optimizer"])
+        if bool(state.get("sharded")) != sharded:
+            raise BadInputError(
+                f"{ckpt}: checkpoint was written by a{'n FSDP' if state.get('sharded') else ' non-FSDP'} run",
+                hint="resume with the same kind of launch (with or without --use_fsdp)",
+            )
+        set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))  # before sharding
+    if sharded:
+        trained, units = shard(_SupervisedForward(model, device), model)
+        local = sum(p.to_local().numel() for p in trained.parameters())
+        say(f"FSDP: {units} decoder layers and the root sharded over {world} processes ({local:,} weights here)")
+        params = [p for p in trained.parameters() if p.requires_grad]
+        optimizer = _optimizer(config, params)
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        # DDP wraps in place: ``model`` stays the trained PEFT model (to load and save).
+        trained, optimizer = accelerator.prepare(_SupervisedForward(model, device), _optimizer(config, params))
+        if isinstance(trained, torch.nn.parallel.DistributedDataParallel):
+            # The buffers (rotary tables) are constants. Syncing them would put a collective in forward
+            # calls, which evaluation runs a different number of times on each process.
+            trained.broadcast_buffers = False
+    # Not prepared: accelerate would step it once per process, as if each process ran its own steps.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_at(s, total, warmup, config.learning_rate, config.min_learning_rate) / config.learning_rate,
+    )
+    pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    if state is not None:
+        if sharded:
+            load_optimizer_state(trained, optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         start_step, best_eval = int(state["step"]), state["best_eval"]
         say(f"Resuming from {ckpt} at step {start_step}/{total}")
     elif resume:
         say(f"No checkpoint in {out}: starting from step 0")
+
+    def save_adapter(folder: Path) -> None:
+        """The adapter as PEFT saves it, from process 0 (every process takes part under FSDP)."""
+        whole = full_trainable_state(trained) if sharded else None
+        if main:
+            model.save_pretrained(str(folder), **({"state_dict": whole} if whole is not None else {}))
+
+    def checkpoint(step: int, rng: torch.Tensor) -> None:
+        optimizer_state = full_optimizer_state(trained, optimizer) if sharded else optimizer.state_dict()
+        adapter = full_trainable_state(trained) if sharded else None
+        if main:
+            _save_checkpoint(model, adapter, optimizer_state, scheduler, rng, step, total, best_eval, sharded, ckpt)
+
     metrics_path = out / METRICS
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -416,7 +465,7 @@ def train(
         )
         if plan is not None:
             write_json_atomic(out / TOPOLOGY, plan.summary())
-    processes = f", {world} processes" if world > 1 else ""
+    processes = f", {world} processes{' (FSDP)' if sharded else ''}" if world > 1 else ""
     say(
         f"distill: {len(split.train)} train / {len(split.eval)} eval rows, {total} steps of "
         f"{config.grad_accum} x {config.batch_size} sequences, {'bf16' if use_bf16 else 'fp32'} on {device}"
@@ -452,8 +501,9 @@ def train(
         disc = config.discrepancy
         mine = window[accelerator.process_index :: world]
         for k, batch in enumerate(mine):
-            # Gradients are all-reduced once per step: in the backward of this process's last micro-batch.
-            with nullcontext() if k == len(mine) - 1 else accelerator.no_sync(trained):
+            # DDP all-reduces once per step, in the backward of this process's last micro-batch; FSDP
+            # reduce-scatters every backward into the sharded gradients.
+            with nullcontext() if sharded or k == len(mine) - 1 else accelerator.no_sync(trained):
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     logits, targets = trained(batch)
                 sel = batch.supervised()
@@ -515,7 +565,10 @@ def train(
             sums = all_processes(window_loss(window, weight, alpha_kd))
             n_sup = sums.n
             ce, kd, energy = sums.ce / n_sup, sums.kd / n_sup, sums.energy / n_sup
-            grad_norm = float(accelerator.clip_grad_norm_(params, config.max_grad_norm))
+            if sharded:
+                grad_norm = total_grad_norm(params, config.max_grad_norm)
+            else:
+                grad_norm = float(accelerator.clip_grad_norm_(params, config.max_grad_norm))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -555,28 +608,41 @@ def train(
                 metrics.eval_loss = evaluate(trained, rows, split.eval, config, pad_id, accelerator)
                 if best_eval is None or metrics.eval_loss < best_eval:
                     best_eval = metrics.eval_loss
-                    if main:
-                        model.save_pretrained(str(out / "best"))
+                    save_adapter(out / "best")
             if main:
                 with metrics_path.open("a", encoding="utf-8") as f:
                     f.write(json.dumps(metrics.record()) + "\n")
                 if (step + 1) % config.log_every == 0 or step + 1 == total:
                     _progress(metrics, cache is not None)
-                if (step + 1) % config.save_every == 0 and step + 1 < total:
-                    _save_checkpoint(model, optimizer, scheduler, rng_after_step, step + 1, total, best_eval, ckpt)
+            if (step + 1) % config.save_every == 0 and step + 1 < total:
+                checkpoint(step + 1, rng_after_step)
             if on_step is not None:
                 on_step(metrics, model)
     except KeyboardInterrupt:
         interrupted = True
         optimizer.zero_grad(set_to_none=True)  # a half-accumulated window is dropped and redone on resume
-        if main:  # no collective here: the processes may have been interrupted at different points
-            _save_checkpoint(model, optimizer, scheduler, rng_after_step, completed, total, best_eval, ckpt)
-        say(f"Interrupted after step {completed}/{total}: checkpoint in {ckpt}; re-run with --resume to continue.")
+        if sharded:  # writing one gathers from every process, which may have stopped at other points
+            say(f"Interrupted after step {completed}/{total}: the last periodic checkpoint in {ckpt} is kept.")
+        else:
+            if main:  # no collective here: the processes may have been interrupted at different points
+                _save_checkpoint(
+                    model,
+                    None,
+                    optimizer.state_dict(),
+                    scheduler,
+                    rng_after_step,
+                    completed,
+                    total,
+                    best_eval,
+                    False,
+                    ckpt,
+                )
+            say(f"Interrupted after step {completed}/{total}: checkpoint in {ckpt}; re-run with --resume to continue.")
 
     # --- save ----------------------------------------------------------------------------------
     if not interrupted:
+        save_adapter(out)
         if main:
-            model.save_pretrained(str(out))
             tokenizer.save_pretrained(str(out))
             shutil.rmtree(ckpt, ignore_errors=True)
         accelerator.wait_for_everyone()  # every process returns once the adapter is written
@@ -598,19 +664,25 @@ def evaluate(
 ) -> float:
     """Mean (unweighted) cross-entropy per supervised token over ``indices``, the batches shared by the processes.
 
-    ``trained`` is the (prepared) ``_SupervisedForward``: without gradients a DDP forward runs no
-    collective, so the processes may run different numbers of batches.
+    ``trained`` is the (prepared or sharded) ``_SupervisedForward``. Every process runs the same number
+    of forward passes (an FSDP forward gathers shards from all of them): one short of batches repeats
+    its first and does not count it.
     """
     trained.eval()
     total = 0.0
     count = 0
-    starts = range(0, len(indices), config.batch_size)
-    with torch.inference_mode():
-        for i in starts[accelerator.process_index :: accelerator.num_processes]:
+    starts = list(range(0, len(indices), config.batch_size))
+    world = accelerator.num_processes
+    mine = starts[accelerator.process_index :: world]
+    rounds = -(-len(starts) // world)
+    with torch.no_grad():  # not inference_mode: FSDP keeps the gathered root weights for training
+        for k in range(rounds):
+            i = mine[k] if k < len(mine) else starts[0]
             batch = collate(rows, indices[i : i + config.batch_size], config.max_length, pad_id)
             logits, targets = trained(batch)
-            total += float(torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum"))
-            count += int(targets.numel())
+            if k < len(mine):
+                total += float(torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum"))
+                count += int(targets.numel())
     trained.train()
     total, all_count = _sum_over_processes(accelerator, total, count)
     return total / max(all_count, 1)
@@ -618,25 +690,32 @@ def evaluate(
 
 def _save_checkpoint(
     model: Any,
-    optimizer: torch.optim.Optimizer,
+    adapter: dict[str, torch.Tensor] | None,
+    optimizer_state: dict[str, Any],
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     rng: torch.Tensor,
     step: int,
     total: int,
     best_eval: float | None,
+    sharded: bool,
     path: Path,
 ) -> None:
-    """Write to a temporary folder, then swap it in: a crash leaves the old checkpoint or the new one."""
+    """Write to a temporary folder, then swap it in: a crash leaves the old checkpoint or the new one.
+
+    ``adapter`` is the gathered LoRA state under FSDP (None: the model's own), ``optimizer_state`` the
+    optimizer's (gathered and keyed by names under FSDP).
+    """
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
+    model.save_pretrained(str(tmp), **({"state_dict": adapter} if adapter is not None else {}))
     state = {
         "step": step,
         "total_steps": total,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "rng": rng,
         "best_eval": best_eval,
+        "sharded": sharded,
     }
     torch.save(state, tmp / "trainer_state.pt")
     shutil.rmtree(path, ignore_errors=True)
