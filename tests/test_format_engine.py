@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,7 @@ from tracegen.render import Stats, assemble, encode, lay_out, load_tokenizer
 from tracegen.templates import Piece, Rendered
 from tracegen.testing.synthetic import HOSTILE, make_trajectory, write_trajectories
 
-from .conftest import tracegen
+from .conftest import start_tracegen, tracegen
 
 TEXTS = [
     "  leading\n\n\ttabs  and   spaces  ",
@@ -117,3 +120,18 @@ def test_memoised_sandbox_still_refuses_what_the_sandbox_refuses() -> None:
     # a string attribute approved once stays a fresh value per object
     values = compile_template("{% for s in xs %}{{ s.upper() }}{% endfor %}").render(xs=["a", "b"])
     assert values == "AB"
+
+
+def test_ctrl_c_stops_the_workers_and_writes_nothing(tmp_path: Path) -> None:
+    src = tmp_path / "t.jsonl"
+    write_trajectories(str(src), 10_000, turns=4, words=60)
+    out = tmp_path / "ds"
+    proc = start_tracegen("format", str(src), "--out", str(out), "--tokenizer", "qwen3", "--workers", "2")
+    time.sleep(5)  # loading takes about 2 s, formatting 10,000 conversations several more
+    assert proc.poll() is None, "format finished before the interrupt: make the input larger"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".ds")]
+    # no worker left behind (forked workers carry the parent's command line)
+    assert subprocess.run(["pgrep", "-f", str(src)], capture_output=True, text=True).stdout.split() == []

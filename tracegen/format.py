@@ -413,7 +413,7 @@ def format_rows(
     kept: list[int] = []
     stats = Stats()
     # the loaded records live until the end: keep the collector from re-scanning them on every full
-    # collection (a third of the time spent otherwise), and forked workers from touching their pages
+    # collection (about a quarter of the time otherwise), and forked workers from touching their pages
     gc.freeze()
     try:
         with contextlib.ExitStack() as stack:
