@@ -324,11 +324,15 @@ def assemble(batch: TokenBatch, tok: Tok, max_length: int | None, stats: Stats) 
     else:
         all_ids, all_offs = np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
     item_bounds = np.cumsum([0] + [len(items) for items in layouts])
-    token_bounds = np.concatenate(([0], np.cumsum(counts)))[item_bounds].tolist()
+    token_bounds = np.concatenate(([0], np.cumsum(counts)))[item_bounds]
+    spans = [s.spans() for s in batch.samples]
+    states = _token_states(batch.samples, batch.texts, spans, all_offs, np.diff(token_bounds))
+    bounds = token_bounds.tolist()
     out: list[Tokenized | None] = []
     for k, (sample, text) in enumerate(zip(batch.samples, batch.texts, strict=True)):
-        a, b = token_bounds[k], token_bounds[k + 1]
-        out.append(_finish(sample, text, all_ids[a:b], all_offs[a:b], max_length, stats))
+        a, b = bounds[k], bounds[k + 1]
+        mine = states.part(a, b)
+        out.append(_finish(sample, text, spans[k], all_ids[a:b], all_offs[a:b, 0], mine, max_length, stats))
     return out
 
 
@@ -375,41 +379,69 @@ def _runs_from_bytes(runs: list[str], encodings: list[Any], byte_lengths: I64, o
     return True
 
 
-def _char_arrays(spans: list[Span], n: int, pieces_derivation: list[tuple[int, int]]) -> tuple[I64, I64, I64]:
-    masked = np.ones(n, dtype=np.int64)
-    kind = np.zeros(n, dtype=np.int64)
-    deriv = np.zeros(n + 1, dtype=np.int64)
-    for sp in spans:
-        if sp.train:
-            masked[sp.start : sp.end] = 0
-        kind[sp.start : sp.end] = KIND_INDEX[sp.kind]
-    for a, b in pieces_derivation:
-        deriv[a:b] = 1
-    return masked, kind, deriv
+@dataclass
+class _TokenStates:
+    """Per token: trained, straddling a trained and a masked span, kind index, in the derivation."""
+
+    trained: npt.NDArray[np.bool_]
+    straddle: npt.NDArray[np.bool_]
+    kind: I64
+    proof: I64
+
+    def part(self, a: int, b: int) -> _TokenStates:
+        return _TokenStates(self.trained[a:b], self.straddle[a:b], self.kind[a:b], self.proof[a:b])
 
 
-def _finish(sample: Rendered, text: str, ids: I64, offs: I64, max_length: int | None, stats: Stats) -> Tokenized | None:
-    n = len(text)
-    spans = sample.spans()
-    deriv_ranges: list[tuple[int, int]] = []
-    pos = 0
-    for p in sample.pieces:
-        if p.derivation:
-            deriv_ranges.append((pos, pos + len(p.text)))
-        pos += len(p.text)
-    masked, kind, deriv = _char_arrays(spans, n, deriv_ranges)
+def _token_states(
+    samples: Sequence[Rendered], texts: list[str], spans: list[list[Span]], offsets: I64, token_counts: I64
+) -> _TokenStates:
+    """The states of every token of a batch, from character arrays of the whole batch at once.
+
+    A token is trained when every character it covers lies in a trained span; one that covers both
+    is masked and straddles. Its kind is that of its first character; it is in the derivation
+    (``proof_mask``) when its first character is.
+    """
+    flat = [sp for row in spans for sp in row]
+    span_chars = np.fromiter((sp.end - sp.start for sp in flat), dtype=np.int64, count=len(flat))
+    masked = np.repeat(np.fromiter((not sp.train for sp in flat), dtype=np.int64, count=len(flat)), span_chars)
+    kind = np.repeat(np.fromiter((KIND_INDEX[sp.kind] for sp in flat), dtype=np.int64, count=len(flat)), span_chars)
+    pieces = [p for s in samples for p in s.pieces]
+    piece_chars = np.fromiter((len(p.text) for p in pieces), dtype=np.int64, count=len(pieces))
+    deriv = np.repeat(np.fromiter((p.derivation for p in pieces), dtype=np.int64, count=len(pieces)), piece_chars)
+    text_chars = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+    base = np.repeat(np.cumsum(text_chars) - text_chars, token_counts)  # where each token's text starts
+    text_end = np.repeat(np.cumsum(text_chars), token_counts)
+    starts, ends = offsets[:, 0] + base, offsets[:, 1] + base
     cum = np.concatenate(([0], np.cumsum(masked)))
-    starts = offs[:, 0]
-    ends = offs[:, 1]
     n_masked = cum[ends] - cum[starts]
     width = ends - starts
-    trained = (n_masked == 0) & (width > 0)
-    straddle = (n_masked > 0) & (n_masked < width)
-    # a straddling token is masked; it is "straddled" only if it touches trained text
-    tok_kind = kind[np.minimum(starts, max(n - 1, 0))] if n else np.zeros(len(ids), np.int64)
+    if not len(kind):
+        zeros = np.zeros(len(starts), np.int64)
+        return _TokenStates(np.zeros(len(starts), bool), np.zeros(len(starts), bool), zeros, zeros)
+    first = np.minimum(starts, np.maximum(text_end - 1, 0))  # a token starting at the very end: the last char
+    return _TokenStates(
+        trained=(n_masked == 0) & (width > 0),
+        straddle=(n_masked > 0) & (n_masked < width),
+        kind=kind[first],
+        proof=np.where(starts < text_end, deriv[first], 0),
+    )
+
+
+def _finish(
+    sample: Rendered,
+    text: str,
+    spans: list[Span],
+    ids: I64,
+    starts: I64,
+    states: _TokenStates,
+    max_length: int | None,
+    stats: Stats,
+) -> Tokenized | None:
+    """One sample's columns from its token states; truncation and the dataset counts."""
+    trained, straddle, tok_kind, proof = states.trained, states.straddle, states.kind, states.proof
     truncated = False
     if max_length is not None and len(ids) > max_length:
-        in_call = np.zeros(n + 1, dtype=np.int64)
+        in_call = np.zeros(len(text) + 1, dtype=np.int64)
         answer_end = 0
         for sp in spans:
             if sp.kind == "tool_call":
@@ -418,17 +450,11 @@ def _finish(sample: Rendered, text: str, ids: I64, offs: I64, max_length: int | 
                 answer_end = max(answer_end, sp.end)
         ok = np.flatnonzero(in_call[starts[: max_length + 1]] == 0)
         cut = int(ok[-1]) if len(ok) else 0
-        cut_char = int(starts[cut]) if cut < len(starts) else n
+        cut_char = int(starts[cut]) if cut < len(starts) else len(text)
         if answer_end and cut_char < answer_end:
             stats.dropped_too_long += 1
             return None
-        ids, trained, straddle, tok_kind, starts = (
-            ids[:cut],
-            trained[:cut],
-            straddle[:cut],
-            tok_kind[:cut],
-            starts[:cut],
-        )
+        ids, trained, straddle, tok_kind, proof = ids[:cut], trained[:cut], straddle[:cut], tok_kind[:cut], proof[:cut]
         text = text[:cut_char]
         spans = _clip_spans(spans, cut_char)
         truncated = True
@@ -437,18 +463,18 @@ def _finish(sample: Rendered, text: str, ids: I64, offs: I64, max_length: int | 
         stats.dropped_no_trained += 1
         return None
     labels = np.where(trained, ids, IGNORE)
-    proof_mask = deriv[starts].astype(np.int8) if len(starts) else np.zeros(0, np.int8)
+    n_straddled = int(straddle.sum())
     stats.samples += 1
     stats.tokens += len(ids)
     stats.trained += n_trained
-    stats.straddled += int(straddle.sum())
+    stats.straddled += n_straddled
     stats.truncated += int(truncated)
     stats.reasoning_dropped_by_template += sample.reasoning_dropped
-    counts = np.bincount(tok_kind, minlength=len(KINDS))
-    tcounts = np.bincount(tok_kind[trained], minlength=len(KINDS))
+    counts = np.bincount(tok_kind, minlength=len(KINDS)).tolist()
+    tcounts = np.bincount(tok_kind[trained], minlength=len(KINDS)).tolist()
     for i, kname in enumerate(KINDS):
-        stats.kind_tokens[kname] += int(counts[i])
-        stats.kind_trained[kname] += int(tcounts[i])
+        stats.kind_tokens[kname] += counts[i]
+        stats.kind_trained[kname] += tcounts[i]
     for sp in spans:
         if sp.kind == "observation" and sp.source:
             stats.observations[sp.source] = stats.observations.get(sp.source, 0) + 1
@@ -459,9 +485,9 @@ def _finish(sample: Rendered, text: str, ids: I64, offs: I64, max_length: int | 
         spans=spans,
         input_ids=ids.astype(np.int32),
         labels=labels.astype(np.int32),
-        proof_mask=proof_mask,
+        proof_mask=proof.astype(np.int8),
         truncated=truncated,
-        straddled=int(straddle.sum()),
+        straddled=n_straddled,
     )
 
 
