@@ -378,8 +378,8 @@ def _quiet_worker() -> None:
 def resolve_workers(workers: int) -> int:
     """``0`` means one per CPU core this process may use; without ``fork`` (Windows) there is one process.
 
-    One per core although each worker also runs the tokenizer on a helper thread: the two take turns
-    often enough that this measured about 8% faster than one worker per two cores (bench/format.py).
+    One per core although each worker also runs the tokenizer on a helper thread: on 2 cores this
+    measured as fast as one process or faster (bench/format.py), and more cores take more workers.
     """
     if "fork" not in multiprocessing.get_all_start_methods():
         return 1
