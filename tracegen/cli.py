@@ -280,7 +280,11 @@ def format_(
         "import_columns": parse_columns(import_columns),
         "workers": workers,
     }
-    result = format_dataset(input_path, out, format_config(recipe, overrides), show_progress=sys.stderr.isatty())
+    try:
+        result = format_dataset(input_path, out, format_config(recipe, overrides), show_progress=sys.stderr.isatty())
+    except KeyboardInterrupt:
+        typer.echo(f"Interrupted: nothing written ({out} is as it was).", err=True)
+        raise typer.Exit(130) from None
     for line in summary_lines(result):
         typer.echo(line)
 
