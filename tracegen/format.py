@@ -27,6 +27,7 @@ from typing import Any
 from tracegen import __version__
 from tracegen.config import FormatConfig
 from tracegen.errors import BadInputError, TracegenError
+from tracegen.hub import dataset_card, rows_table, save_dataset
 from tracegen.render import Stats, Tok, TokenBatch, Tokenized, assemble, encode, lay_out, load_tokenizer
 from tracegen.store import read_trajectories
 from tracegen.templates import (
@@ -366,8 +367,6 @@ def _format_range(bounds: tuple[int, int]) -> Chunk:
                 job.progress(min(start + job.batch_size, hi) - start)
         if pending is not None:
             finish(*pending)
-    from tracegen.hub import rows_table
-
     return Chunk(rows_table(rows) if rows else None, kept, stats)
 
 
@@ -398,6 +397,8 @@ def format_rows(
     the same for any number of them.
     """
     global _JOB
+    import pyarrow as pa  # here, once: not in every forked worker
+
     policy = MaskPolicy(train_observations="executed" if config.train_observations == "executed" else "none")
     chat = chat_template_for(config, tok) if config.template == "chat" else None
     render = renderer_for(config.template, policy, tok.eos, chat, critiques)
@@ -437,8 +438,6 @@ def format_rows(
     finally:
         _JOB = None
         gc.unfreeze()
-    import pyarrow as pa
-
     return (pa.concat_tables(tables) if tables else None), kept, stats
 
 
@@ -507,8 +506,6 @@ def format_dataset(input_path: Path, out: Path, config: FormatConfig, show_progr
             f"no sample left to write ({len(trajs)} read: {stats.dropped_no_answer} without a final answer, "
             f"{stats.dropped_too_long} too long, {stats.dropped_no_trained} with nothing to train)"
         )
-    from tracegen.hub import dataset_card, save_dataset
-
     metadata: dict[str, Any] = {
         "tracegen_version": __version__,
         "template": config.template,
