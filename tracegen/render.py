@@ -1,6 +1,7 @@
-"""Tokenization: rendered samples to ``input_ids``, ``labels`` and ``proof_mask`` in one function.
+"""Tokenization: rendered samples to ``input_ids``, ``labels`` and ``proof_mask``, a batch at a time.
 
-:func:`tokenize_batch` is the hot path. It cuts each sample's text into runs of plain text separated
+:func:`tokenize_batch` (or its three steps :func:`lay_out`, :func:`encode`, :func:`assemble`, which
+format pipelines) is the hot path. It cuts each sample's text into runs of plain text separated
 by control tokens, where a control token (``<|im_end|>``, ``<think>``, EOS, any added token) is
 recognised **only inside text the template wrote**; every run then goes through one batched call of
 the tokenizer's model with no added-token matching at all, so a ``<|im_end|>`` inside a tool output,
