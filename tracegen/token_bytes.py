@@ -20,17 +20,17 @@ if TYPE_CHECKING:
 I64 = npt.NDArray[np.int64]
 
 
-def _bytes_to_unicode() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, inverted: printable char -> byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
+def byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: the printable character standing for each byte -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
     for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
 
 
 @dataclass
@@ -51,7 +51,7 @@ def byte_table(tok: Tok) -> ByteTable:
     byte_level = decoder.get("type") == "ByteLevel" or any(
         d.get("type") == "ByteLevel" for d in decoder.get("decoders", []) if isinstance(d, dict)
     )
-    inv = _bytes_to_unicode()
+    inv = byte_alphabet()
     for token, i in vocab.items():
         if token in tok.added:
             pieces[i] = token.encode()

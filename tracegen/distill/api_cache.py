@@ -43,6 +43,7 @@ from tracegen.distill.data import dataset_vocab_hash, load_rows, parquet_files, 
 from tracegen.distill.vocab import vocab_hash
 from tracegen.errors import BadInputError
 from tracegen.store import read_trajectories
+from tracegen.token_bytes import byte_alphabet
 from tracegen.types import AssistantMessage, TokenLogprob, Trajectory
 
 ALIGNED_KINDS = ("reasoning", "answer")
@@ -58,19 +59,6 @@ class ApiCacheSummary:
     top_k: int
     shards: int
     seconds: float
-
-
-def byte_alphabet() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, reversed: the printable character standing for each byte -> the byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
 
 
 def byte_vocabulary(tokenizer: Any) -> list[bytes]:
