@@ -623,20 +623,8 @@ def train(
         optimizer.zero_grad(set_to_none=True)  # a half-accumulated window is dropped and redone on resume
         if sharded:  # writing one gathers from every process, which may have stopped at other points
             say(f"Interrupted after step {completed}/{total}: the last periodic checkpoint in {ckpt} is kept.")
-        else:
-            if main:  # no collective here: the processes may have been interrupted at different points
-                _save_checkpoint(
-                    model,
-                    None,
-                    optimizer.state_dict(),
-                    scheduler,
-                    rng_after_step,
-                    completed,
-                    total,
-                    best_eval,
-                    False,
-                    ckpt,
-                )
+        else:  # no collective in checkpoint() here: the processes may have been interrupted at different points
+            checkpoint(completed, rng_after_step)
             say(f"Interrupted after step {completed}/{total}: checkpoint in {ckpt}; re-run with --resume to continue.")
 
     # --- save ----------------------------------------------------------------------------------
