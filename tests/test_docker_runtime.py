@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import gc
 import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -174,6 +178,39 @@ def test_close_and_aclose_remove_every_container(docker_client: Any) -> None:
     asyncio.run(body())
 
 
+def test_aclose_during_an_attach_closes_the_stream_it_returns(docker_client: Any) -> None:
+    """aclose() cancels the pool's fill tasks; a worker stream that arrives after that is closed.
+
+    Before, the attach's socket was dropped open and the garbage collector warned about it later,
+    in whatever test was running then.
+    """
+    attaching, release = threading.Event(), threading.Event()
+    streams: list[Any] = []
+    real_attach = DockerRuntime._attach_worker
+
+    def slow_attach(runtime: DockerRuntime, engine: Any, cid: str) -> Any:
+        if streams:  # the first container, made by start(), attaches at once; the pool's next one waits
+            attaching.set()
+            release.wait(30)
+        streams.append(real_attach(runtime, engine, cid))
+        return streams[-1]
+
+    async def body() -> None:
+        runtime = DockerRuntime(fast_config(pool_size=2, prefill=False))
+        runtime._attach_worker = functools.partial(slow_attach, runtime)  # type: ignore[method-assign]
+        await runtime.start()
+        assert await asyncio.to_thread(attaching.wait, 30), "the pool never started its second container"
+        closing = asyncio.create_task(runtime.aclose())
+        await asyncio.sleep(0.3)  # aclose() has cancelled the fill task; the attach still runs
+        release.set()
+        await closing
+
+    asyncio.run(body())
+    assert len(streams) == 2
+    assert [stream.fileno() for stream in streams] == [-1, -1], "a worker stream was left open"
+    assert own_containers(docker_client) == []
+
+
 def test_worker_that_stops_answering_gets_its_container_killed(docker_client: Any) -> None:
     async def body() -> None:
         async with started(timeout_s=1.0, kill_grace_s=1.0) as rt:
@@ -230,6 +267,24 @@ def test_unreachable_engine_is_a_runtime_error(docker_client: Any) -> None:
             await rt.aclose()
 
     asyncio.run(body())
+
+
+def test_one_unreachable_engine_of_two_fails_the_start_and_closes_the_other(docker_client: Any) -> None:
+    answering = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+    async def body() -> None:
+        rt = DockerRuntime(fast_config(engines=[answering, "unix:///nonexistent/docker.sock"]))
+        try:
+            with pytest.raises(RuntimeToolError, match="no Docker engine answers at unix:///nonexistent"):
+                await rt.start()
+        finally:
+            await rt.aclose()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        asyncio.run(body())
+        gc.collect()
+    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
 
 
 def test_sweep_removes_dead_owners_and_expired_containers(docker_client: Any) -> None:

@@ -49,7 +49,6 @@ import asyncio
 import atexit
 import collections
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -59,7 +58,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
@@ -443,8 +442,15 @@ class DockerRuntime:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         urls: list[str | None] = list(self.config.engines) or [None]
-        clients = await asyncio.gather(*(self._api(connect, url, self.config.api_threads) for url in urls))
-        for url, client in zip(urls, clients, strict=True):
+        connected = await asyncio.gather(
+            *(self._api(connect, url, self.config.api_threads) for url in urls), return_exceptions=True
+        )
+        if failed := [c for c in connected if isinstance(c, BaseException)]:
+            for client in connected:  # the engines that did answer: their sockets are not left to the GC
+                if not isinstance(client, BaseException):
+                    client.close()
+            raise failed[0]
+        for url, client in zip(urls, connected, strict=True):
             capacity = self.config.max_containers_per_engine
             if capacity is None:
                 capacity = await self._api(self._capacity, client)
@@ -501,12 +507,28 @@ class DockerRuntime:
 
     async def _api(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run one blocking docker-py call on the bounded thread pool; engine failures become RuntimeToolError."""
+        return await self._result_of(self._executor.submit(fn, *args, **kwargs))
+
+    async def _api_resource(self, fn: Callable[..., T], *args: Any, close: Callable[[T], Any]) -> T:
+        """``_api`` for a call that returns something to close (a socket).
+
+        A caller cancelled while the call runs (aclose() cancels the pool's fill tasks) would drop
+        the result unclosed, to be found by the garbage collector; ``close`` gets it instead.
+        """
+        call = self._executor.submit(fn, *args)
+        try:
+            return await self._result_of(call)
+        except asyncio.CancelledError:
+            call.add_done_callback(lambda done: _close_result(done, close))
+            raise
+
+    @staticmethod
+    async def _result_of(call: Future[T]) -> T:
         import docker.errors
         import requests.exceptions
 
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+            return await asyncio.wrap_future(call)
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             raise RuntimeToolError(f"Docker engine call failed: {_short(exc)}") from exc
 
@@ -620,7 +642,7 @@ class DockerRuntime:
         channel: WorkerChannel | None = None
         try:
             cid = await self._api(self._create_container, engine, name)
-            raw = await self._api(self._attach_worker, engine, cid)
+            raw = await self._api_resource(self._attach_worker, engine, cid, close=_close_quietly)
             assert self._loop is not None
             channel = WorkerChannel(raw, self._loop)
             await channel.start()
@@ -908,6 +930,16 @@ def _output(content: str, max_chars: int, observation: Observation) -> ToolOutpu
     if cut:
         observation = observation.model_copy(update={"truncated": True})
     return ToolOutput(shown, observation)
+
+
+def _close_result(call: Future[T], close: Callable[[T], Any]) -> None:
+    if not call.cancelled() and call.exception() is None:
+        close(call.result())
+
+
+def _close_quietly(resource: Any) -> None:
+    with contextlib.suppress(OSError):
+        resource.close()
 
 
 def _short(exc: BaseException) -> str:
