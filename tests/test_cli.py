@@ -191,3 +191,26 @@ def test_kill_9_at_several_points_loses_nothing_completed(tmp_path: Path) -> Non
     records = [json.loads(line) for line in lines]  # every line is valid JSON
     pairs = sorted((r["task"]["id"], r["sample_index"]) for r in records)
     assert pairs == sorted((f"t{i}", k) for i in range(30) for k in range(2))
+
+
+def test_unknown_option_is_bad_usage_exit_2_without_a_traceback() -> None:
+    result = tracegen("collect", "--bogus")
+    assert result.returncode == 2
+    assert "No such option: --bogus" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ctrl_c_in_a_command_without_its_own_stop_says_interrupted(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Typer would turn the KeyboardInterrupt into a silent exit 130; the user gets one line."""
+    from tracegen import audit, cli
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(audit, "run_audit", interrupted)
+    monkeypatch.setattr(sys, "argv", ["tracegen", "audit", str(tmp_path)])
+    with pytest.raises(SystemExit) as stopped:
+        cli.main()
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err.strip() == "Interrupted."

@@ -13,14 +13,35 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import click
 import typer
+from typer.core import TyperGroup
 
 from tracegen.distill_cli import distill_app
 from tracegen.errors import TracegenError
 from tracegen.sandbox_cli import sandbox_app
 
+# Typer's own copy of click (newer Typer vendors it) raises these, not the click package's classes.
+_USAGE_ERRORS: tuple[type[Exception], ...] = tuple(
+    c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"
+)
+
+
+class _Interrupted(Exception):  # a signal, not an error
+    """Ctrl-C that reached the top of a command which has no clean stop of its own."""
+
+
+class _InterruptibleGroup(TyperGroup):
+    """Carries a Ctrl-C out of Typer, which would turn it into a silent exit code 130."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            raise _Interrupted from exc
+
+
 app = typer.Typer(
+    cls=_InterruptibleGroup,
     name="tracegen",
     help="Turn a strong teacher model into training data, and then into a small student.\n\n"
     "tasks --collect--> trajectories.jsonl --filter--> kept.jsonl --format--> dataset/ --distill--> adapter/",
@@ -460,10 +481,11 @@ def main() -> None:
         if exc.hint:
             typer.echo(f"hint: {exc.hint}", err=True)
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:  # bad usage: click's own message, exit 2
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:  # Ctrl-C outside a command's own clean stop
+    except _USAGE_ERRORS as exc:  # bad usage: click's own message, exit 2
+        usage: Any = exc
+        usage.show()
+        sys.exit(usage.exit_code)
+    except (_Interrupted, typer.Abort):  # Ctrl-C outside a command's own clean stop
         typer.echo("Interrupted.", err=True)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
