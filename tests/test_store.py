@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from tracegen.errors import BadInputError
-from tracegen.store import JsonlStore, repair_and_index, write_json_atomic
+from tracegen.store import JsonlStore, repair_and_index, staged_dir, write_json_atomic
 
 
 def test_torn_tail_is_cut_and_appends_continue(tmp_path: Path) -> None:
@@ -40,3 +40,20 @@ def test_atomic_json_leaves_no_temp_files(tmp_path: Path) -> None:
     write_json_atomic(tmp_path / "m.json", {"a": 2})
     assert json.loads((tmp_path / "m.json").read_text()) == {"a": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_staged_dir_replaces_the_folder_whole_or_not_at_all(tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "old.bin").write_text("old")
+    with pytest.raises(KeyboardInterrupt), staged_dir(out) as tmp:  # interrupted half-way: nothing changes
+        (tmp / "new.bin").write_text("half")
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert [p.name for p in out.iterdir()] == ["old.bin"]
+    with staged_dir(out) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "new.bin").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary or old folder left
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["sub", "sub/new.bin"]
+    assert out.stat().st_mode & 0o777 == 0o755

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from tracegen.errors import BadInputError, TracegenError
+from tracegen.store import staged_dir
 
 METADATA_FILE = "tracegen.json"
 
@@ -131,33 +130,13 @@ def save_dataset(
     shard_rows: int,
     extra_tables: dict[str, Any] | None = None,
 ) -> None:
-    """Write the whole folder in a temporary sibling, fsync, then rename it into place."""
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    """Write the whole folder in a temporary sibling, then swap it into place (``store.staged_dir``)."""
+    with staged_dir(out.resolve()) as tmp:
         write_shards(table, tmp / "data", shard_rows)
         for name, extra in (extra_tables or {}).items():
             write_shards(extra, tmp / name, shard_rows)
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(card, encoding="utf-8")
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                fd = os.open(path, os.O_RDONLY)
-                os.fsync(fd)
-                os.close(fd)
-        tmp.chmod(0o755)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_metadata(dataset_dir: Path) -> dict[str, Any]:

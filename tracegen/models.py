@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
 
 from tracegen.errors import BadInputError
+from tracegen.store import staged_dir
 
 TINY_PREFIX = "tiny:"
 TINY_FAMILIES = ("qwen3", "smollm2")
@@ -76,13 +76,10 @@ def build_tiny(family: str, seed: int) -> Path:
     config = Qwen3Config(**sizes) if family == "qwen3" else LlamaConfig(**sizes)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
-    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / _COMPLETE).write_text(f"tiny {family} seed {seed}\n", encoding="utf-8")
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)  # a crash leaves no half-built folder under the final name
+    with staged_dir(dest) as tmp:  # a crash leaves no half-built folder under the final name
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / _COMPLETE).write_text(f"tiny {family} seed {seed}\n", encoding="utf-8")
     return dest
 
 

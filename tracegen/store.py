@@ -9,8 +9,10 @@ safety with two processes appending to one file at once (one run directory, one 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -104,6 +106,37 @@ def read_trajectory_lines(path: Path) -> Iterator[tuple[int, str, Trajectory]]:
                 first = exc.errors()[0]
                 where = ".".join(str(p) for p in first["loc"]) or "line"
                 raise BadInputError(f"{path}:{line_no}: not a trajectory record ({where}: {first['msg']})") from exc
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; when the block succeeds it is fsynced and replaces ``out``.
+
+    On any failure (Ctrl-C included) the temporary folder is removed. A crash leaves the old folder or
+    the new one under ``out``, never half of one; a kill between the two renames leaves the old one as
+    ``.NAME.old`` beside it.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                fd = os.open(path, os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
+        tmp.chmod(0o755)  # mkdtemp makes it 0700; the result should be readable like any other folder
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_lines_atomic(path: Path, lines: Iterable[str]) -> None:

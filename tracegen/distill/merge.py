@@ -15,6 +15,7 @@ from typing import Any
 
 from tracegen.distill.lora import peft_warnings_silenced
 from tracegen.errors import BadInputError
+from tracegen.store import staged_dir
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,8 @@ def merge_adapter(adapter_dir: Path, out: Path, base: str | None = None) -> Merg
     model: Any = AutoModelForCausalLM.from_pretrained(base_name, dtype=torch.float32)
     with peft_warnings_silenced():
         merged: Any = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(str(out))
     tok_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else Path(base_name)
-    AutoTokenizer.from_pretrained(str(tok_source)).save_pretrained(str(out))
+    with staged_dir(out) as tmp:  # an interrupted merge leaves no half-written model under OUT
+        merged.save_pretrained(str(tmp))
+        AutoTokenizer.from_pretrained(str(tok_source)).save_pretrained(str(tmp))
     return MergeSummary(adapter_dir, str(base_name), out)

@@ -95,7 +95,7 @@ from tracegen.distill.sharding import (
 )
 from tracegen.distill.vocab import vocab_hash
 from tracegen.errors import BadInputError
-from tracegen.store import write_json_atomic
+from tracegen.store import staged_dir, write_json_atomic
 
 CHECKPOINT = "checkpoint"
 METRICS = "metrics.jsonl"
@@ -434,8 +434,14 @@ def train(
     def save_adapter(folder: Path) -> None:
         """The adapter as PEFT saves it, from process 0 (every process takes part under FSDP)."""
         whole = full_trainable_state(trained) if sharded else None
-        if main:
-            model.save_pretrained(str(folder), **({"state_dict": whole} if whole is not None else {}))
+        if not main:
+            return
+        kwargs = {"state_dict": whole} if whole is not None else {}
+        if folder == out:  # beside the metrics and config; the checkpoint is removed only after this
+            model.save_pretrained(str(out), **kwargs)
+        else:
+            with staged_dir(folder) as tmp:  # replaced whole: an interrupted save keeps the previous best
+                model.save_pretrained(str(tmp), **kwargs)
 
     def checkpoint(step: int, rng: torch.Tensor) -> None:
         optimizer_state = full_optimizer_state(trained, optimizer) if sharded else optimizer.state_dict()
@@ -693,21 +699,18 @@ def _save_checkpoint(
     ``adapter`` is the gathered LoRA state under FSDP (None: the model's own), ``optimizer_state`` the
     optimizer's (gathered and keyed by names under FSDP).
     """
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), **({"state_dict": adapter} if adapter is not None else {}))
-    state = {
-        "step": step,
-        "total_steps": total,
-        "optimizer": optimizer_state,
-        "scheduler": scheduler.state_dict(),
-        "rng": rng,
-        "best_eval": best_eval,
-        "sharded": sharded,
-    }
-    torch.save(state, tmp / "trainer_state.pt")
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    with staged_dir(path) as tmp:
+        model.save_pretrained(str(tmp), **({"state_dict": adapter} if adapter is not None else {}))
+        state = {
+            "step": step,
+            "total_steps": total,
+            "optimizer": optimizer_state,
+            "scheduler": scheduler.state_dict(),
+            "rng": rng,
+            "best_eval": best_eval,
+            "sharded": sharded,
+        }
+        torch.save(state, tmp / "trainer_state.pt")
 
 
 def _read_lines(path: Path) -> list[str]:
