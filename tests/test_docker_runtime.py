@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import gc
 import os
 import shutil
 import socket
 import subprocess
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -267,24 +265,6 @@ def test_unreachable_engine_is_a_runtime_error(docker_client: Any) -> None:
             await rt.aclose()
 
     asyncio.run(body())
-
-
-def test_one_unreachable_engine_of_two_fails_the_start_and_closes_the_other(docker_client: Any) -> None:
-    answering = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
-
-    async def body() -> None:
-        rt = DockerRuntime(fast_config(engines=[answering, "unix:///nonexistent/docker.sock"]))
-        try:
-            with pytest.raises(RuntimeToolError, match="no Docker engine answers at unix:///nonexistent"):
-                await rt.start()
-        finally:
-            await rt.aclose()
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        asyncio.run(body())
-        gc.collect()
-    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
 
 
 def test_sweep_removes_dead_owners_and_expired_containers(docker_client: Any) -> None:

@@ -442,15 +442,8 @@ class DockerRuntime:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         urls: list[str | None] = list(self.config.engines) or [None]
-        connected = await asyncio.gather(
-            *(self._api(connect, url, self.config.api_threads) for url in urls), return_exceptions=True
-        )
-        if failed := [c for c in connected if isinstance(c, BaseException)]:
-            for client in connected:  # the engines that did answer: their sockets are not left to the GC
-                if not isinstance(client, BaseException):
-                    client.close()
-            raise failed[0]
-        for url, client in zip(urls, connected, strict=True):
+        clients = await asyncio.gather(*(self._api(connect, url, self.config.api_threads) for url in urls))
+        for url, client in zip(urls, clients, strict=True):
             capacity = self.config.max_containers_per_engine
             if capacity is None:
                 capacity = await self._api(self._capacity, client)
