@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import tracegen
-from tracegen.distill.api_cache import byte_vocabulary, entry
+from tracegen.distill.api_cache import entry
 from tracegen.distill.cache import TeacherCache
 from tracegen.distill.data import load_rows
 from tracegen.distill.losses import TeacherTopK, sparse_kd_per_token
@@ -59,10 +59,11 @@ def with_logprobs(t: Trajectory, tokenizer: object, vocab: list[bytes]) -> Traje
 def qwen3() -> tuple[object, list[bytes]]:
     from transformers import AutoTokenizer
 
-    from tracegen.render import resolve_tokenizer_dir
+    from tracegen.render import load_tokenizer, resolve_tokenizer_dir
+    from tracegen.token_bytes import byte_table
 
     tok = AutoTokenizer.from_pretrained(str(resolve_tokenizer_dir("qwen3")))
-    return tok, byte_vocabulary(tok)
+    return tok, byte_table(load_tokenizer("qwen3")).pieces
 
 
 def test_entry_lists_the_sampled_token_and_tempers_the_tail_as_one_bucket() -> None:
@@ -162,3 +163,19 @@ def test_api_cache_refuses_a_foreign_tokenizer_and_trajectories_without_logprobs
     foreign = tracegen(*args, "--tokenizer", str(save_model(tmp_path / "other")))
     assert foreign.returncode == 2 and "is not the one" in foreign.stderr
     assert not (tmp_path / "c" / "cache.json").exists()
+
+
+def test_only_a_byte_level_vocabulary_gives_exact_token_bytes(tmp_path: Path) -> None:
+    """API log-probs are aligned in bytes; a vocabulary without GPT-2's byte alphabet is refused (exit 2)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from tracegen.render import load_tokenizer
+    from tracegen.token_bytes import byte_table
+
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "héllo": 1, "</s>": 2}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    assert not byte_table(load_tokenizer(str(tmp_path))).byte_level
+    qwen3 = byte_table(load_tokenizer("qwen3"))
+    assert qwen3.byte_level and qwen3.pieces[load_tokenizer("qwen3").full.token_to_id("Ġhello")] == b" hello"

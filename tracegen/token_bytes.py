@@ -39,6 +39,8 @@ class ByteTable:
 
     lengths: I64
     pieces: list[bytes]
+    byte_level: bool
+    """A GPT-2 style byte alphabet (Qwen, Llama 3, SmolLM): every piece's bytes are exact, not decoded text."""
 
 
 def byte_table(tok: Tok) -> ByteTable:
@@ -60,7 +62,7 @@ def byte_table(tok: Tok) -> ByteTable:
         else:
             pieces[i] = str(tok.full.decode([i], skip_special_tokens=False)).encode()
     lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=size)
-    return ByteTable(lengths=lengths, pieces=pieces)
+    return ByteTable(lengths=lengths, pieces=pieces, byte_level=byte_level)
 
 
 def byte_level_lengths(data: dict[str, Any]) -> I64 | None:

@@ -40,10 +40,9 @@ import numpy as np
 
 from tracegen.distill.cache import CacheWriter
 from tracegen.distill.data import dataset_vocab_hash, load_rows, parquet_files, rows_fingerprint
-from tracegen.distill.vocab import vocab_hash
 from tracegen.errors import BadInputError
 from tracegen.store import read_trajectories
-from tracegen.token_bytes import byte_alphabet
+from tracegen.token_bytes import byte_table
 from tracegen.types import AssistantMessage, TokenLogprob, Trajectory
 
 ALIGNED_KINDS = ("reasoning", "answer")
@@ -59,27 +58,6 @@ class ApiCacheSummary:
     top_k: int
     shards: int
     seconds: float
-
-
-def byte_vocabulary(tokenizer: Any) -> list[bytes]:
-    """Each id's bytes, for a byte-level BPE tokenizer (GPT-2's byte-to-unicode alphabet)."""
-    decoder = byte_alphabet()
-    special = {str(t) for t in tokenizer.all_special_tokens} | set(tokenizer.get_added_vocab())
-    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    out: list[bytes] = []
-    for piece in pieces:
-        piece = piece or ""
-        if piece in special or any(c not in decoder for c in piece):
-            out.append(piece.encode("utf-8"))  # added/special tokens are their text
-        else:
-            out.append(bytes(decoder[c] for c in piece))
-    plain = [p for p in pieces[:1000] if p and p not in special]
-    if plain and sum(all(c in decoder for c in p) for p in plain) < 0.99 * len(plain):
-        raise BadInputError(
-            "KD from API log-probs needs a byte-level BPE tokenizer (Qwen, Llama 3, SmolLM, GPT-2 style)",
-            hint="use a local teacher: `tracegen distill cache-teacher DATASET --teacher MODEL`",
-        )
-    return out
 
 
 def _token_bytes(t: Any) -> bytes:
@@ -174,19 +152,25 @@ def build_cache_from_logprobs(
 ) -> ApiCacheSummary:
     """Write a teacher cache for ``dataset_dir`` from the log-probs stored in ``trajectories``."""
     import pyarrow.parquet as pq
-    from transformers import AutoTokenizer
 
-    from tracegen.render import resolve_tokenizer_dir
+    from tracegen.render import load_tokenizer
 
     started = time.perf_counter()
     rows = load_rows(dataset_dir)
-    hf = AutoTokenizer.from_pretrained(str(resolve_tokenizer_dir(tokenizer)))
+    tok = load_tokenizer(tokenizer)
     expected = dataset_vocab_hash(dataset_dir)
-    if expected is not None and vocab_hash(hf) != expected:
+    if expected is not None and tok.vocab_hash != expected:
         raise BadInputError(
-            f"--tokenizer {tokenizer} (vocabulary {vocab_hash(hf)}) is not the one {dataset_dir} was tokenized with "
+            f"--tokenizer {tokenizer} (vocabulary {tok.vocab_hash}) is not the one {dataset_dir} was tokenized with "
             f"({expected})",
             hint="pass the dataset's (the student's) tokenizer; the API teacher must share it",
+        )
+    vocab_bytes = byte_table(tok)
+    if not vocab_bytes.byte_level:  # decoded text is not the bytes a server reports: nothing would align
+        raise BadInputError(
+            f"--tokenizer {tokenizer}: KD from API log-probs needs a byte-level BPE tokenizer "
+            "(Qwen, Llama 3, SmolLM, GPT-2 style)",
+            hint="use a local teacher: `tracegen distill cache-teacher DATASET --teacher MODEL`",
         )
     by_id = {t.id: t for t in read_trajectories(trajectories)}
     meta_rows: list[tuple[str, str, list[dict[str, Any]]]] = []
@@ -199,7 +183,7 @@ def build_cache_from_logprobs(
          for toks in (m.reasoning_logprobs, m.content_logprobs) if toks for tok in toks),
         default=0,
     )  # fmt: skip
-    vocab = byte_vocabulary(hf)
+    vocab = vocab_bytes.pieces
     vocab_ids: dict[bytes, int] = {}
     for i, b in enumerate(vocab):
         vocab_ids.setdefault(b, i)
@@ -247,7 +231,7 @@ def build_cache_from_logprobs(
     meta = {
         "teacher": ", ".join(teachers),
         "source": "api-logprobs",
-        "vocab_hash": vocab_hash(hf),
+        "vocab_hash": tok.vocab_hash,
         "vocab_size": len(vocab),
         "top_k": k,
         "temperature": temperature,
