@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -35,9 +36,20 @@ TEXTS = [
 ]
 
 
-@pytest.mark.parametrize("tok_spec", ["qwen3", "smollm2"])
-def test_run_offsets_equal_the_tokenizers_own(tok_spec: str) -> None:
-    """Byte-length offsets and the NFC shortcut give exactly the tokenizer's ids and character offsets."""
+@pytest.mark.parametrize(
+    ("tok_spec", "byte_path"),
+    [("qwen3", True), ("smollm2", True), ("qwen3", False)],
+    ids=["qwen3", "smollm2", "fallback"],
+)
+def test_run_offsets_equal_the_tokenizers_own(tok_spec: str, byte_path: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Byte-length offsets and the NFC shortcut give exactly the tokenizer's ids and character offsets.
+
+    ``fallback``: when byte lengths do not add up, the runs are encoded again with offsets.
+    """
+    if not byte_path:
+        import tracegen.render
+
+        monkeypatch.setattr(tracegen.render, "_runs_from_bytes", lambda *args: False)
     tok = load_tokenizer(tok_spec)
     texts = list(TEXTS)
     for i in range(40):
@@ -98,6 +110,7 @@ def test_bad_input_in_a_worker_keeps_its_message_and_exit_code(tmp_path: Path) -
     out = tmp_path / "ds"
     with pytest.raises(BadInputError, match="U\\+E000"):
         format_dataset(src, out, FormatConfig(template="chat", tokenizer="qwen3", workers=2, batch_size=2))
+    assert gc.isenabled(), "format pauses the cycle collector while it runs, and must turn it back on"
     r = tracegen("format", str(src), "--out", str(out), "--tokenizer", "qwen3", "--workers", "2")
     assert r.returncode == 2 and "U+E000" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
