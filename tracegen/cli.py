@@ -278,7 +278,7 @@ def format_(
         typer.Option(help="Column mapping for --import cot, e.g. question=problem,reasoning=cot,answer=answer."),
     ] = None,
     workers: Annotated[
-        int | None, typer.Option(help="Processes that render and tokenize (default 0: one per CPU core).")
+        int | None, typer.Option(help="Processes that render and tokenize (default 0: one per two CPU cores).")
     ] = None,
 ) -> None:
     """Render trajectories with a training template, tokenize them with masks, and write a Hub-ready dataset.

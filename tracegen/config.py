@@ -377,7 +377,7 @@ class FormatConfig(Strict):
     workers: int = Field(
         0,
         ge=0,
-        description="Processes that render and tokenize (0: one per CPU core). The output does not depend on it.",
+        description="Processes that render and tokenize (0: one per two CPU cores). The output does not depend on it.",
     )
 
     @field_validator("train_observations")

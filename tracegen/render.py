@@ -272,7 +272,8 @@ class TokenBatch:
     known: dict[str, tuple[I64, I64]]
     """The runs already encoded when the batch was laid out (a later cache reset cannot lose them)."""
     groups: list[tuple[Any, list[str], bool]]
-    """Runs to encode, each group with its encoder and whether no normaliser touches its text."""
+    """Runs to encode, each group with its encoder and whether its offsets come from byte lengths
+    (a byte-level vocabulary and no normaliser touching the text): then the tokenizer's are not needed."""
     encodings: list[list[Any]] = field(default_factory=list)
 
 
@@ -285,12 +286,13 @@ def lay_out(samples: Sequence[Rendered], tok: Tok) -> TokenBatch:
     runs = dict.fromkeys(r for items in layouts for _, r, _ in items if r is not None)
     known = {r: cache[r] for r in runs if r in cache}
     todo = [r for r in runs if r not in known]
+    byte_level = tok.byte_lengths is not None
     if tok.unnormalised is None:
-        groups = [(tok.plain, todo, tok.normaliser is None)]
+        groups = [(tok.plain, todo, byte_level and tok.normaliser is None)]
     else:
         # a run already in NFC skips the NFC normaliser: NFC of it is the identity
         nfc = [unicodedata.is_normalized("NFC", r) for r in todo]
-        groups = [(tok.unnormalised, [r for r, ok in zip(todo, nfc, strict=True) if ok], True)]
+        groups = [(tok.unnormalised, [r for r, ok in zip(todo, nfc, strict=True) if ok], byte_level)]
         if not all(nfc):
             groups.append((tok.plain, [r for r, ok in zip(todo, nfc, strict=True) if not ok], False))
     return TokenBatch(samples, texts, layouts, known, groups)
@@ -298,17 +300,20 @@ def lay_out(samples: Sequence[Rendered], tok: Tok) -> TokenBatch:
 
 def encode(batch: TokenBatch) -> None:
     """The tokenizer's part: safe to run on another thread (no Python object of the batch changes)."""
-    batch.encodings = [
-        encoder.encode_batch(runs, add_special_tokens=False) if runs else [] for encoder, runs, _ in batch.groups
+    # the fast call skips the offsets: less to compute, and less to free on the Python thread
+    calls = [
+        (encoder.encode_batch_fast if by_bytes else encoder.encode_batch, runs)
+        for encoder, runs, by_bytes in batch.groups
     ]
+    batch.encodings = [call(runs, add_special_tokens=False) if runs else [] for call, runs in calls]
 
 
 def assemble(batch: TokenBatch, tok: Tok, max_length: int | None, stats: Stats) -> list[Tokenized | None]:
     """ids, labels and proof_mask of every sample of an encoded batch; ``None`` for a dropped sample."""
     fresh: dict[str, tuple[I64, I64]] = {}
-    for (_, group, untouched), encodings in zip(batch.groups, batch.encodings, strict=True):
+    for (encoder, group, by_bytes), encodings in zip(batch.groups, batch.encodings, strict=True):
         if group:
-            _runs_from_encodings(group, encodings, untouched, tok, fresh)
+            _runs_from_encodings(group, encodings, encoder, by_bytes, tok, fresh)
     tok.run_cache.update(fresh)
     runs = batch.known
     runs.update(fresh)
@@ -350,7 +355,7 @@ def tokenize_batch(
 
 
 def _runs_from_encodings(
-    runs: list[str], encodings: list[Any], untouched: bool, tok: Tok, out: dict[str, tuple[I64, I64]]
+    runs: list[str], encodings: list[Any], encoder: Any, by_bytes: bool, tok: Tok, out: dict[str, tuple[I64, I64]]
 ) -> None:
     """(ids, offsets relative to the run's start) per run.
 
@@ -358,16 +363,20 @@ def _runs_from_encodings(
     lengths, mapped from bytes to characters for the whole batch at once, instead of from the
     tokenizer's per-token Python tuples; exact, and checked by tests against the tokenizer's own.
     """
-    if untouched and tok.byte_lengths is not None and _runs_from_bytes(runs, encodings, tok.byte_lengths, out):
-        return
+    if by_bytes:
+        assert tok.byte_lengths is not None
+        if _runs_from_bytes(runs, encodings, tok.byte_lengths, out):
+            return
+        encodings = encoder.encode_batch(runs, add_special_tokens=False)  # the fast call kept no offsets
     for run, enc in zip(runs, encodings, strict=True):
         out[run] = (np.asarray(enc.ids, dtype=np.int64), np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2))
 
 
 def _runs_from_bytes(runs: list[str], encodings: list[Any], byte_lengths: I64, out: dict[str, Any]) -> bool:
     """The runs' ids and character offsets computed from token byte lengths; False if they do not add up."""
-    counts = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
-    ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int64, count=int(counts.sum()))
+    id_lists = [e.ids for e in encodings]  # each .ids builds a fresh Python list: once per encoding
+    counts = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
+    ids = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int64, count=int(counts.sum()))
     extents = token_char_extents("".join(runs), ids, byte_lengths)
     if extents is None:
         return False  # not byte-level after all: use the tokenizer's offsets
