@@ -378,7 +378,7 @@ def resolve_workers(workers: int) -> int:
     """``0`` means one per two CPU cores this process may use; without ``fork`` (Windows) there is one process.
 
     Each worker keeps two cores busy: Python renders on one while the tokenizer encodes on the
-    other. On 2 cores one process measured 2.11-2.20x TRL against 2.00-2.04x for two (bench/format.py).
+    other. On 2 cores one process measured 2.20-2.47x TRL against 2.03-2.32x for two (bench/format.py).
     """
     if "fork" not in multiprocessing.get_all_start_methods():
         return 1
