@@ -166,7 +166,8 @@ def test_api_cache_refuses_a_foreign_tokenizer_and_trajectories_without_logprobs
 
 
 def test_only_a_byte_level_vocabulary_gives_exact_token_bytes(tmp_path: Path) -> None:
-    """API log-probs are aligned in bytes; a vocabulary without GPT-2's byte alphabet is refused (exit 2)."""
+    """API log-probs are aligned in bytes: only a GPT-2 style byte alphabet counts as byte-level (the API cache
+    refuses any other vocabulary with exit 2), and its pieces are the exact bytes."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     from tracegen.render import load_tokenizer

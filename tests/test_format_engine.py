@@ -47,9 +47,9 @@ def test_run_offsets_equal_the_tokenizers_own(tok_spec: str, byte_path: bool, mo
     ``fallback``: when byte lengths do not add up, the runs are encoded again with offsets.
     """
     if not byte_path:
-        import tracegen.render
+        from tracegen import render as render_module
 
-        monkeypatch.setattr(tracegen.render, "_runs_from_bytes", lambda *args: False)
+        monkeypatch.setattr(render_module, "_runs_from_bytes", lambda *args: False)
     tok = load_tokenizer(tok_spec)
     texts = list(TEXTS)
     for i in range(40):
