@@ -7,7 +7,6 @@ tokenizer's per-token Python tuples (the same numbers, for a fraction of the cos
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +48,7 @@ def byte_table(tok: Tok) -> ByteTable:
     vocab = tok.full.get_vocab(with_added_tokens=True)
     size = max(size, max(vocab.values()) + 1)
     pieces = [b""] * size
-    decoder = json.loads(tok.full.to_str()).get("decoder") or {}
+    decoder = tok.plain_data.get("decoder") or {}  # parsed once, by load_tokenizer
     byte_level = decoder.get("type") == "ByteLevel" or any(
         d.get("type") == "ByteLevel" for d in decoder.get("decoders", []) if isinstance(d, dict)
     )
