@@ -1,48 +1,69 @@
 """tracegen sandbox worker: runs tool commands inside the container, one JSON line at a time.
 
 The host starts this once per container over a single attached ``docker exec`` stream and keeps
-it for the whole trajectory, so a tool call costs one fork+exec here instead of a new
-``docker exec`` (tens of milliseconds) or a new container (hundreds).
+it for the container's life, so a tool call costs one fork here instead of a new ``docker exec``
+(tens of milliseconds) or a new container (hundreds).
 
-Protocol (one JSON object per line; requests on stdin, replies on stdout; stderr is diagnostics):
+Two users. The worker (and the container's PID 1) run as root with exactly three capabilities
+(SETUID, SETGID, KILL); every command runs as the sandbox user (``--uid``/``--gid``, default
+1000), with no capabilities and no supplementary groups. So no tool process can open the worker's
+streams (``/proc/<pid>/fd``), trace it, signal it, or write to PID 1's output: what the host reads
+on this stream is written by this program alone.
 
-    host -> {"op": "hello"}                         worker -> {"op": "hello", "version": 1, "pid": N}
-    host -> {"op": "ping"}                          worker -> {"op": "pong"}
-    host -> {"op": "run", "id": ID, "argv": [...], "script": TEXT | null, "file_argv": [...],
-             "timeout_s": T, "keep_bytes": K, "kill_bytes": B, "cwd": DIR, "env": {...} | null}
+Protocol (one JSON object per line; requests on stdin, replies on stdout; stderr is diagnostics).
+Every request carries an ``id`` and a ``nonce`` that its reply echoes; the host treats anything
+else as a protocol error.
 
-``script`` is appended to ``argv`` (``python3 -c SCRIPT``); one too long for a single argument is
-written to a temporary file whose path is appended to ``file_argv`` instead (``python3 FILE``).
-    worker -> {"op": "result", "id": ID, "exit_code": int | null, "signal": int | null,
+    host -> {"op": "hello", ...}                    worker -> {"op": "hello", "version": 2, "pid": N, ...}
+    host -> {"op": "ping", ...}                     worker -> {"op": "pong", ...}
+    host -> {"op": "run", "argv": [...], "script": TEXT | null, "python": bool,
+             "timeout_s": T, "keep_bytes": K, "kill_bytes": B, "cwd": DIR, "env": {...} | null, ...}
+    worker -> {"op": "result", "exit_code": int | null, "signal": int | null,
                "timed_out": bool, "output_capped": bool, "stdout": str, "stderr": str,
                "stdout_bytes": int, "stderr_bytes": int, "truncated": bool, "duration_s": float,
-               "oom_kills": int | null, "error": str | null}
+               "oom_kills": int | null, "error": str | null, ...}
+    host -> {"op": "reset", "mounts": {PATH: MODE, ...}, ...}
+    worker -> {"op": "reset", "ok": bool, "problems": [str], "duration_s": float, ...}
 
-Nothing is printed before the host's ``hello``: bytes that arrive together with the HTTP upgrade
-response could be swallowed by the host's HTTP parser.
+``script`` is the program text. With ``python`` true it runs in a child forked from this worker
+(a warm interpreter: about a millisecond instead of ten for ``python3 -c``) that drops to the
+sandbox user before it reads the script; otherwise it is passed to ``argv`` as one more argument
+(``bash -c SCRIPT``), or, when too long for one argument, as the path of an in-memory file
+(``bash /dev/fd/3``).
 
-Per call: the command runs in its own session (so its own process group) with stdin from
-/dev/null. At the deadline, or when it has written more than ``kill_bytes``, the whole group is
-SIGKILLed. When the call ends for any reason, every process it left behind is killed too (the
-group, then any process that escaped it with setsid): files persist across calls, processes do
+Per call: the command runs in its own session with stdin from /dev/null. At the deadline, or when
+it has written more than ``kill_bytes``, every process of the sandbox user is SIGKILLed; when the
+call ends for any reason, so is anything it left behind: files persist across calls, processes do
 not. Of each stream at most ``keep_bytes`` are kept, half from the head and half from the tail.
 
-Standard library only; runs on any Python >= 3.8 so any image with ``python3`` can host it.
+``reset`` makes a used container equal, for the next trajectory, to a fresh one in everything the
+sandbox user could change: it kills every process of that user, empties each writable mount (and
+restores its mode), removes the user's System V IPC objects, then verifies all of it and reports
+what it found instead of handing out a container it could not clean.
+
+Standard library only; any image with python3 (>= 3.9) and bash can host it.
 """
 
+import atexit
 import contextlib
+import ctypes
+import io
 import json
 import os
 import selectors
 import signal
-import subprocess
+import stat
 import sys
 import time
+import traceback
 
-VERSION = 1
+VERSION = 2
 READ_CHUNK = 1 << 16
 DRAIN_AFTER_EXIT_S = 1.0  # bounded: survivors are killed first, so the pipes close almost at once
-ARGV_SCRIPT_LIMIT = 64 * 1024  # longer scripts go through a file (the kernel caps one argv string)
+ARGV_SCRIPT_LIMIT = 64 * 1024  # longer scripts go through a memfd (the kernel caps one argv string)
+PR_SET_DUMPABLE = 4
+IPC_RMID = 0
+SYSV_IPC = (("shm", "shmctl"), ("msg", "msgctl"), ("sem", "semctl"))
 
 
 class Capture:
@@ -96,108 +117,268 @@ def oom_kill_count():
     return None
 
 
-def live_pids():
-    """Pids of processes that are not zombies (a zombie is already dead; killing it again is moot)."""
-    pids = set()
+def pids_of(uid):
+    """Live (non-zombie) processes whose real uid is ``uid``."""
+    pids = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                state = f.read().rpartition(b")")[2].split(None, 1)[0]
-        except (OSError, IndexError):
+            with open(f"/proc/{name}/status", "rb") as f:
+                status = f.read()
+        except OSError:
             continue
-        if state != b"Z":
-            pids.add(int(name))
+        fields = dict(line.split(b":", 1) for line in status.splitlines() if b":" in line)
+        try:
+            real_uid = int(fields.get(b"Uid", b"-1").split()[0])
+        except (ValueError, IndexError):
+            continue
+        if real_uid == uid and not fields.get(b"State", b"").strip().startswith(b"Z"):
+            pids.append(int(name))
     return pids
 
 
-class Worker:
-    def __init__(self, out):
-        self.out = out
-        # Everything alive before the first call (init, the keepalive sleep, us) is never killed.
-        self.protected = live_pids() | {os.getpid(), os.getppid()}
+def kill_user(uid):
+    """SIGKILL every process of ``uid`` until none is left; True when none is."""
+    for _ in range(200):
+        pids = pids_of(uid)
+        if not pids:
+            return True
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.002)  # let a fork bomb's last children appear, then kill them too
+    return not pids_of(uid)
 
-    def send(self, obj):
+
+def sysv_ipc_of(uid):
+    """(kind, id) of every System V IPC object whose owner or creator is ``uid``."""
+    found = []
+    for kind, _ in SYSV_IPC:
+        try:
+            with open(f"/proc/sysvipc/{kind}") as f:
+                header = f.readline().split()
+                for line in f:
+                    row = dict(zip(header, line.split()))  # noqa: B905  # runs on Python 3.9
+                    if str(uid) in (row.get("uid"), row.get("cuid")):
+                        found.append((kind, int(row[{"shm": "shmid", "msg": "msqid", "sem": "semid"}[kind]])))
+        except (OSError, KeyError, ValueError):
+            continue
+    return found
+
+
+class SandboxUser:
+    """The uid/gid commands run as, and the one-way switch to it (a forked child, never the worker)."""
+
+    def __init__(self, uid, gid):
+        self.uid = uid
+        self.gid = gid
+
+    def become(self):
+        """Drop to the sandbox user for good: no groups, no capabilities; checked, not assumed."""
+        os.setgroups([])
+        os.setresgid(self.gid, self.gid, self.gid)
+        os.setresuid(self.uid, self.uid, self.uid)
+        if os.getresuid() != (self.uid,) * 3 or os.getresgid() != (self.gid,) * 3:
+            raise OSError("could not drop to the sandbox user")
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"CapEff:") and int(line.split()[1], 16) != 0:
+                    raise OSError("capabilities survived the switch to the sandbox user")
+        # A process that changed uid without exec is not dumpable, which would hide its own
+        # /proc/self/fd from itself; the sandbox user may see its own process, as after an exec.
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
+        # Make the command, not the worker, the kernel's first choice when memory runs out.
+        with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+
+    def fork_as(self, child, stdout_fd, stderr_fd, keep_fds=()):
+        """Fork; the child runs ``child()`` as the sandbox user in a new session and exits with its code."""
+        pid = os.fork()
+        if pid:
+            return pid
+        code = 127
+        try:
+            os.setsid()
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.dup2(stdout_fd, 1)
+            os.dup2(stderr_fd, 2)
+            # Nothing of the worker's may reach the command: not the host stream, not a pipe end.
+            _close_all_but(keep_fds)
+            self.become()
+            code = child()
+        except BaseException:  # noqa: BLE001 - the child must exit here, whatever happened
+            with contextlib.suppress(BaseException):
+                traceback.print_exc()
+            code = 126
+        finally:
+            with contextlib.suppress(BaseException):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
+
+
+def _close_all_but(keep):
+    """Close every descriptor from 3 up except those in ``keep``."""
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+
+
+def run_python(script, env, cwd):
+    """Body of a warm-interpreter child: behave like ``python3 -c SCRIPT`` and return the exit code."""
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True, errors="backslashreplace")
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True, errors="backslashreplace")
+    sys.argv = ["-c"]
+    sys.path[0] = ""
+    main = type(sys)("__main__")
+    sys.modules["__main__"] = main
+    try:
+        exec(compile(script, "<string>", "exec"), main.__dict__)
+    except SystemExit as exc:
+        if exc.code is None:
+            return 0
+        if isinstance(exc.code, int):
+            return exc.code & 0xFF
+        print(exc.code, file=sys.stderr)
+        return 1
+    except BaseException as exc:  # noqa: BLE001 - print it as the interpreter would
+        tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None  # skip this frame
+        traceback.print_exception(type(exc), exc, tb)
+        return 1
+    finally:
+        with contextlib.suppress(BaseException):
+            atexit._run_exitfuncs()  # as the interpreter would at exit
+            sys.stdout.flush()
+    return 0
+
+
+def empty_tree(path):
+    """Remove everything under ``path`` (not ``path``), mending permissions the owner can mend."""
+    for name in os.listdir(path):
+        full = os.path.join(path, name)
+        st = os.lstat(full)
+        if stat.S_ISDIR(st.st_mode):
+            with contextlib.suppress(OSError):
+                os.chmod(full, 0o700)
+            empty_tree(full)
+            os.rmdir(full)
+        else:
+            os.unlink(full)
+
+
+def clean_as_sandbox_user(mounts):
+    """Body of the reset's child: empty and re-mode each mount, remove the user's SysV IPC objects."""
+    problems = []
+    for path, mode in mounts.items():
+        try:
+            if os.lstat(path).st_uid == os.getuid():
+                os.chmod(path, mode)
+                for attr in os.listxattr(path):
+                    with contextlib.suppress(OSError):
+                        os.removexattr(path, attr)
+            empty_tree(path)
+        except OSError as exc:
+            problems.append(f"{path}: {exc.strerror or exc}")
+    libc = ctypes.CDLL(None, use_errno=True)
+    for kind, ident in sysv_ipc_of(os.getuid()):
+        ctl = getattr(libc, dict(SYSV_IPC)[kind])
+        args = (ident, 0, IPC_RMID, None) if kind == "sem" else (ident, IPC_RMID, None)
+        if ctl(*args) != 0:
+            problems.append(f"could not remove SysV {kind} {ident}")
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        return 1
+    return 0
+
+
+class Worker:
+    def __init__(self, out, user):
+        self.out = out
+        self.user = user
+
+    def send(self, obj, req):
+        obj["id"] = req.get("id")
+        obj["nonce"] = req.get("nonce")
         self.out.write(json.dumps(obj).encode() + b"\n")
         self.out.flush()
-
-    def kill_leftovers(self, pgid):
-        """SIGKILL the call's process group, then anything that escaped it, until none is left."""
-        for _ in range(50):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, signal.SIGKILL)
-            killed = 0
-            for pid in live_pids() - self.protected:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    killed += 1
-                except (ProcessLookupError, PermissionError):
-                    pass  # gone already, or not ours (another user's exec): nothing we can do
-            if not killed:
-                return
-            time.sleep(0.005)  # let a fork bomb's last children appear, then kill them too
 
     def run(self, req):
         started = time.monotonic()
         keep = int(req.get("keep_bytes", 65536))
         kill_bytes = int(req.get("kill_bytes", 64 << 20))
         timeout = float(req.get("timeout_s", 60.0))
-        argv = list(req["argv"])
-        script = req.get("script")
-        script_path = None
-        if script is not None:
-            if len(script.encode()) <= ARGV_SCRIPT_LIMIT:
-                argv.append(script)  # e.g. python3 -c SCRIPT: tracebacks read "<string>", not a temp path
-            else:
-                script_path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f".tracegen-script-{os.getpid()}")
-                with open(script_path, "w") as f:
-                    f.write(script)
-                argv = [*list(req.get("file_argv") or argv), script_path]
-        oom_before = oom_kill_count()
         captures = {"stdout": Capture(keep), "stderr": Capture(keep)}
-        result = {
-            "op": "result",
-            "id": req.get("id"),
-            "exit_code": None,
-            "signal": None,
-            "timed_out": False,
-            "output_capped": False,
-            "error": None,
-        }
+        result = {"op": "result", "exit_code": None, "signal": None, "timed_out": False, "output_capped": False}
+        result["error"] = None
+        oom_before = oom_kill_count()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        memfd = None
         try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=req.get("cwd") or None,
-                env=req.get("env") or None,
-                start_new_session=True,  # its own process group, so one killpg reaches every child
-            )
-        except OSError as exc:
-            result["error"] = f"could not start {argv[0]}: {exc.strerror or exc}"
-            result["exit_code"] = 127 if isinstance(exc, FileNotFoundError) else 126
-            return self.finish(result, captures, started, oom_before, script_path)
-        try:
-            # Make the command, not the worker, the kernel's first choice when memory runs out.
-            with open(f"/proc/{proc.pid}/oom_score_adj", "w") as f:
-                f.write("1000")
-        except OSError:
-            pass
-        self.pump(proc, captures, started + timeout, kill_bytes, result)
-        return self.finish(result, captures, started, oom_before, script_path)
+            script = req.get("script")
+            env = req.get("env") or {k: v for k, v in os.environ.items()}
+            cwd = req.get("cwd") or "/"
+            if req.get("python") and script is not None:
+                pid = self.user.fork_as(lambda: run_python(script, env, cwd), out_w, err_w)
+            else:
+                argv = [str(a) for a in req["argv"]]
+                if script is not None and len(script.encode()) <= ARGV_SCRIPT_LIMIT:
+                    argv.append(script)  # e.g. bash -c SCRIPT
+                elif script is not None:
+                    # An in-memory file the command opens as /dev/fd/3 (bash FILE): nothing on disk to race for.
+                    memfd = os.memfd_create("tracegen-script")
+                    os.write(memfd, script.encode())
+                    os.lseek(memfd, 0, os.SEEK_SET)
+                    argv = [*[str(a) for a in req.get("file_argv") or argv], "/dev/fd/3"]
 
-    def pump(self, proc, captures, deadline, kill_bytes, result):
+                def exec_command():
+                    if memfd is not None:
+                        os.dup2(memfd, 3)
+                        os.set_inheritable(3, True)  # dup2 onto itself would leave close-on-exec set
+                    os.environ.clear()
+                    os.environ.update(env)
+                    os.chdir(cwd)
+                    try:
+                        os.execvp(argv[0], argv)
+                    except OSError as exc:
+                        print(f"could not start {argv[0]}: {exc.strerror or exc}", file=sys.stderr)
+                        return 127 if isinstance(exc, FileNotFoundError) else 126
+                    return 126
+
+                pid = self.user.fork_as(exec_command, out_w, err_w, () if memfd is None else (memfd,))
+        except (OSError, ValueError, UnicodeError) as exc:
+            result["error"] = f"could not start the command: {exc}"
+            result["exit_code"] = 126
+            for fd in (out_r, out_w, err_r, err_w):
+                os.close(fd)
+            return self.finish(result, captures, started, oom_before)
+        finally:
+            if memfd is not None:
+                os.close(memfd)
+        os.close(out_w)
+        os.close(err_w)
+        self.pump(pid, out_r, err_r, captures, started + timeout, kill_bytes, result)
+        return self.finish(result, captures, started, oom_before)
+
+    def pump(self, pid, out_r, err_r, captures, deadline, kill_bytes, result):
         sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
-        sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
+        sel.register(out_r, selectors.EVENT_READ, "stdout")
+        sel.register(err_r, selectors.EVENT_READ, "stderr")
         open_streams = [2]
         # A pidfd turns "the process exited" into one more readable fd, so one select waits for
-        # output and exit alike; without one (Python < 3.9, old kernels) we poll every 10 ms.
+        # output and exit alike; without one (old kernels) we poll every 10 ms.
         pidfd = None
         try:
-            pidfd = os.pidfd_open(proc.pid)
+            pidfd = os.pidfd_open(pid)
             sel.register(pidfd, selectors.EVENT_READ, "exit")
         except (AttributeError, OSError):
             pass
@@ -216,37 +397,39 @@ class Worker:
                     if captures["stdout"].total + captures["stderr"].total > kill_bytes:
                         result["output_capped"] = True
 
+        status, reaped = 0, False
         # Until the main process exits, the deadline passes or the output cap is hit. End of output
         # is not the end of the call: programs close stdout before they exit (and children may
         # keep it open after).
-        while proc.poll() is None and not result["output_capped"]:
+        while not result["output_capped"]:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                reaped = True
+                break
             left = deadline - time.monotonic()
             if left <= 0:
                 result["timed_out"] = True
                 break
             read_ready(left if pidfd is not None else min(0.01, left))
         # Nothing a call started may outlive it; with every writer dead the pipes drain at once.
-        self.kill_leftovers(proc.pid)
+        kill_user(self.user.uid)
         drain_until = time.monotonic() + DRAIN_AFTER_EXIT_S
         while open_streams[0] and time.monotonic() < drain_until:
             read_ready(0.05)
         sel.close()
-        if pidfd is not None:
-            os.close(pidfd)
-        proc.stdout.close()
-        proc.stderr.close()
-        code = proc.wait()
-        if code < 0:
+        for fd in (out_r, err_r, pidfd):
+            if fd is not None:
+                os.close(fd)
+        if not reaped:
+            _, status = os.waitpid(pid, 0)
+        if os.WIFSIGNALED(status):
             # Shell convention, so a model reads the familiar 137 for a SIGKILL.
-            result["signal"] = -code
-            result["exit_code"] = 128 - code
+            result["signal"] = os.WTERMSIG(status)
+            result["exit_code"] = 128 + result["signal"]
         else:
-            result["exit_code"] = code
+            result["exit_code"] = os.WEXITSTATUS(status)
 
-    def finish(self, result, captures, started, oom_before, script_path):
-        if script_path:
-            with contextlib.suppress(OSError):
-                os.unlink(script_path)
+    def finish(self, result, captures, started, oom_before):
         oom_after = oom_kill_count()
         result["oom_kills"] = None if oom_before is None or oom_after is None else oom_after - oom_before
         for name, cap in captures.items():
@@ -256,27 +439,80 @@ class Worker:
         result["duration_s"] = time.monotonic() - started
         return result
 
+    def reset(self, req):
+        """Kill, empty, remove, then verify; ``ok`` only when every check holds."""
+        started = time.monotonic()
+        mounts = {str(path): int(mode) for path, mode in (req.get("mounts") or {}).items()}
+        problems = []
+        if not kill_user(self.user.uid):
+            problems.append(f"processes of uid {self.user.uid} survived SIGKILL")
+        err_r, err_w = os.pipe()
+        pid = self.user.fork_as(lambda: clean_as_sandbox_user(mounts), err_w, err_w)
+        os.close(err_w)
+        with os.fdopen(err_r, "rb") as f:
+            told = f.read(8192).decode("utf-8", "replace").strip()
+        _, status = os.waitpid(pid, 0)
+        if status != 0:
+            problems.append(f"cleaning failed: {told or status}")
+        # Verification, by the worker itself (the mounts are readable again at their restored mode).
+        if pids_of(self.user.uid):
+            problems.append(f"a process of uid {self.user.uid} is still running")
+        for path, mode in mounts.items():
+            try:
+                st = os.lstat(path)
+                left = os.listdir(path)
+            except OSError as exc:
+                problems.append(f"{path}: cannot verify ({exc.strerror or exc})")
+                continue
+            if left:
+                problems.append(f"{path} is not empty: {sorted(left)[:5]}")
+            if st.st_uid == self.user.uid and stat.S_IMODE(st.st_mode) != mode:
+                problems.append(f"{path} has mode {stat.S_IMODE(st.st_mode):o}, not {mode:o}")
+        if sysv_ipc_of(self.user.uid):
+            problems.append(f"System V IPC objects of uid {self.user.uid} remain")
+        return {"op": "reset", "ok": not problems, "problems": problems, "duration_s": time.monotonic() - started}
+
+    def handle(self, req):
+        op = req.get("op")
+        if op == "hello":
+            return {"op": "hello", "version": VERSION, "pid": os.getpid(), "uid": os.getuid(), "user": self.user.uid}
+        if op == "ping":
+            return {"op": "pong"}
+        if op == "run":
+            return self.run(req)
+        if op == "reset":
+            return self.reset(req)
+        return {"op": "error", "error": f"unknown op {op!r}"}
+
     def serve(self, inp):
         for line in iter(inp.readline, b""):
             try:
                 req = json.loads(line)
+                if not isinstance(req, dict):
+                    raise ValueError("not an object")
             except ValueError:
-                self.send({"op": "error", "error": "bad request line"})
+                self.send({"op": "error", "error": "bad request line"}, {})
                 continue
-            op = req.get("op")
-            if op == "hello":
-                self.send({"op": "hello", "version": VERSION, "pid": os.getpid()})
-            elif op == "ping":
-                self.send({"op": "pong"})
-            elif op == "run":
-                self.send(self.run(req))
-            else:
-                self.send({"op": "error", "error": f"unknown op {op!r}"})
+            try:
+                reply = self.handle(req)
+            except Exception as exc:  # noqa: BLE001 - one bad request must not end the worker
+                reply = {"op": "error", "error": f"{type(exc).__name__}: {exc}"}
+            self.send(reply, req)
 
 
 def main():
+    uid = gid = 1000
+    args = sys.argv[1:]
+    while args:
+        flag, value, args = args[0], int(args[1]), args[2:]
+        if flag == "--uid":
+            uid = value
+        elif flag == "--gid":
+            gid = value
+    if uid == 0:
+        sys.exit("the sandbox user must not be root")
     # A host that goes away closes our stdin, which ends ``serve`` and so the worker.
-    Worker(sys.stdout.buffer).serve(sys.stdin.buffer)
+    Worker(sys.stdout.buffer, SandboxUser(uid, gid)).serve(sys.stdin.buffer)
 
 
 if __name__ == "__main__":

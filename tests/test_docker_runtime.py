@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import os
 import shutil
 import socket
@@ -138,6 +139,9 @@ def test_containers_are_hardened_and_labelled(docker_client: Any) -> None:
             assert host["NetworkMode"] == "none"
             assert host["ReadonlyRootfs"] is True
             assert host["CapDrop"] == ["ALL"]
+            # The worker's three capabilities; commands run as another uid with none (selfcheck: privileges).
+            assert sorted(host["CapAdd"]) == ["KILL", "SETGID", "SETUID"]
+            assert host["LogConfig"]["Type"] == "none"  # nothing inside can grow a log on the host's disk
             assert "no-new-privileges" in host["SecurityOpt"]
             assert host["PidsLimit"] == rt.config.pids_limit
             assert host["Memory"] == host["MemorySwap"] == 256 * 1024**2
@@ -145,7 +149,9 @@ def test_containers_are_hardened_and_labelled(docker_client: Any) -> None:
             assert host["Init"] is True and host["AutoRemove"] is True
             assert set(host["Tmpfs"]) == {"/work", "/tmp"} and "size=" in host["Tmpfs"]["/work"]
             assert {u["Name"] for u in host["Ulimits"]} == {"nofile", "fsize"}
-            assert cfg["User"] == "1000:1000"
+            assert cfg["User"] == "0:0"  # the worker and PID 1; commands run as 1000:1000
+            whoami = await run(ep, "bash", "id -u; id -g; id -G")
+            assert whoami.content.split() == ["1000", "1000", "1000"]
             assert cfg["Cmd"] == ["sleep", str(rt.config.ttl_s)]  # the backstop after kill -9
             assert not any(e.startswith("TRACEGEN_") for e in cfg["Env"])
             labels = cfg["Labels"]
@@ -159,7 +165,7 @@ def test_containers_are_hardened_and_labelled(docker_client: Any) -> None:
 
 def test_close_and_aclose_remove_every_container(docker_client: Any) -> None:
     async def body() -> None:
-        async with started(pool_size=3) as rt:
+        async with started(pool_size=3, recycle=False) as rt:  # recycled containers are kept: tested below
             ep = await rt.open_episode("t")
             await run(ep, "bash", "true")
             cid = ep.container_id
@@ -215,8 +221,12 @@ def test_worker_that_stops_answering_gets_its_container_killed(docker_client: An
             ep = await rt.open_episode("t")
             await run(ep, "bash", "echo x > f")
             first = ep.container_id
-            # A frozen worker never replies: the host's own deadline has to act.
-            frozen = await run(ep, "bash", "kill -STOP $PPID")
+            # A frozen worker never replies: the host's own deadline has to act. Commands cannot
+            # signal the worker, so the test stops it from outside, as root in the container.
+            assert ep.sandbox is not None
+            stop = docker_client.api.exec_create(first, ["bash", "-c", f"kill -STOP {ep.sandbox.worker_pid}"], user="0:0")
+            docker_client.api.exec_start(stop["Id"])
+            frozen = await run(ep, "bash", "echo never-read")
             assert frozen.observation.timed_out and 1.9 <= frozen.observation.duration_s < 5
             after = await run(ep, "bash", "ls; echo alive")
             assert "alive" in after.content and "restarted" in after.content
@@ -288,13 +298,26 @@ def test_sweep_removes_dead_owners_and_expired_containers(docker_client: Any) ->
     gone_owner = leftover(f"{host}:{dead.pid}:1", now, 3600)
     expired = leftover("other-host:1:1", now - 7200, 3600)
     alive = leftover(f"{host}:{os.getpid()}:0", now, 3600)
+    # A live run's container between create and start: another process's sweep must not take it.
+    starting = docker_client.api.create_container(
+        DEFAULT_IMAGE,
+        ["sleep", "120"],
+        labels={
+            LABEL_MANAGED: "tracegen",
+            LABEL_RUN: "sweeptest",
+            LABEL_OWNER: f"{host}:{os.getpid()}:0",
+            LABEL_CREATED: str(now),
+            LABEL_TTL: "3600",
+        },
+    )["Id"]
     try:
         report = sweep_engine(docker_client)
         ids = {c["Id"] for c in docker_client.api.containers(all=True, filters={"label": f"{LABEL_RUN}=sweeptest"})}
         assert gone_owner not in ids and expired not in ids and alive in ids
+        assert starting in ids, "a created container of a live owner was swept"
         assert report.removed >= 2
     finally:
-        for cid in (gone_owner, expired, alive):
+        for cid in (gone_owner, expired, alive, starting):
             subprocess.run(["docker", "rm", "-f", cid], capture_output=True, check=False)
 
 
@@ -421,3 +444,86 @@ def test_cli_check_prints_every_case_passing(docker_client: Any) -> None:
     for name, _, _ in CASES:
         assert name in result.stdout
     assert "NO" not in result.stdout
+
+
+# -- recycling ---------------------------------------------------------------------------------
+
+
+def test_a_recycled_container_shows_nothing_of_the_last_trajectory(docker_client: Any) -> None:
+    """One container, two trajectories: a file, a process, a /dev/shm segment, SysV objects are gone."""
+    from tracegen.runtime.selfcheck import LEAVE_STATE, LOCK_WORK_DIR, SHOW_STATE, leftovers
+
+    async def body() -> None:
+        async with started(pool_size=0, max_containers_per_engine=1) as rt:
+            first = await rt.open_episode("first")
+            await run(first, "bash", LEAVE_STATE)
+            dirty = leftovers(json.loads((await run(first, "python", SHOW_STATE)).content))
+            await run(first, "bash", LOCK_WORK_DIR)
+            assert any("left.txt" in x for x in dirty) and any("SysV" in x for x in dirty), dirty
+            used = first.container_id
+            await first.close()
+            second = await rt.open_episode("second")
+            seen = await run(second, "python", SHOW_STATE)
+            assert second.container_id == used, "capacity 1: the same container must come back"
+            assert leftovers(json.loads(seen.content)) == []
+            assert len(rt.reset_seconds) == 1
+            await second.close()
+
+    asyncio.run(body())
+
+
+def test_recycle_off_and_tainted_containers_are_replaced(docker_client: Any) -> None:
+    async def body() -> None:
+        async with started(pool_size=0, max_containers_per_engine=1, recycle=False) as rt:
+            a = await rt.open_episode("a")
+            await run(a, "bash", "true")
+            first = a.container_id
+            await a.close()
+            b = await rt.open_episode("b")
+            await run(b, "bash", "true")
+            assert b.container_id != first
+            await b.close()
+        async with started(pool_size=0, max_containers_per_engine=1, timeout_s=1.0) as rt:
+            a = await rt.open_episode("a")
+            assert (await run(a, "bash", "sleep 10")).observation.timed_out
+            first = a.container_id
+            await a.close()
+            b = await rt.open_episode("b")
+            await run(b, "bash", "true")
+            assert b.container_id != first, "a container whose call timed out is replaced, not reset"
+            await b.close()
+        async with started(pool_size=0, max_containers_per_engine=1, recycle_max_uses=2) as rt:
+            ids = []
+            for name in "abc":
+                ep = await rt.open_episode(name)
+                await run(ep, "bash", "true")
+                ids.append(ep.container_id)
+                await ep.close()
+            assert ids[0] == ids[1] != ids[2], "recycle_max_uses bounds the trajectories per container"
+
+    asyncio.run(body())
+
+
+def test_python_calls_fork_from_a_warm_interpreter_as_the_sandbox_user(docker_client: Any) -> None:
+    async def body() -> None:
+        async with started() as rt:
+            ep = await rt.open_episode("t")
+            script = (
+                "import os, sys, atexit\n"
+                "atexit.register(lambda: print('at exit'))\n"
+                "print(os.getuid(), os.getgid(), os.getgroups(), sys.argv, repr(sys.path[0]), __name__)\n"
+                "print(sorted(os.listdir('/proc/self/fd')), open('/proc/self/status').read().count('CapEff:\t0000000000000000'))"
+            )
+            out = await run(ep, "python", script)
+            assert out.content.splitlines() == [
+                "1000 1000 [] ['-c'] '' __main__",
+                "['0', '1', '2', '3'] 1",  # 3 is listdir's own descriptor: nothing of the worker's
+                "at exit",
+            ]
+            cold = rt.config.model_copy(update={"python_zygote": False})
+            rt.config = cold
+            same = await run(ep, "python", script)
+            assert same.content.splitlines()[0] == "1000 1000 [] ['-c'] '' __main__"
+            await ep.close()
+
+    asyncio.run(body())

@@ -52,6 +52,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import socket
 import struct
 import threading
@@ -63,7 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tracegen.errors import RuntimeToolError
 from tracegen.runtime.base import ToolOutput
@@ -86,6 +87,11 @@ MANAGED_FILTER = {"label": f"{LABEL_MANAGED}=tracegen"}
 
 DEFAULT_IMAGE = "tracegen-sandbox:latest"
 WORKER_PATH = "/opt/tracegen/worker.py"
+WORKER_VERSION = 2
+# The worker and PID 1 run as root with only these: start each command as the sandbox user, and
+# kill what it leaves. Commands run as another uid, with none.
+WORKER_USER = "0:0"
+WORKER_CAPABILITIES = ("SETUID", "SETGID", "KILL")
 RESTART_NOTE = "[note: the sandbox was restarted before this call; files from earlier calls are gone]\n"
 # Fixed container environment: never derived from the host's, so no host secret can reach it.
 SANDBOX_ENV = {
@@ -140,7 +146,11 @@ class DockerRuntimeConfig(BaseModel):
     worker_command: list[str] = Field(
         default_factory=lambda: ["python3", WORKER_PATH], description="How to start the worker in the container."
     )
-    user: str = Field("1000:1000", description="uid:gid the container and its commands run as (never root).")
+    user: str = Field(
+        "1000:1000",
+        description="uid:gid every command runs as (never root). The worker and the container's first "
+        "process run as root with only the SETUID, SETGID and KILL capabilities, so no command can reach them.",
+    )
     work_dir: str = Field("/work", description="Working directory of every call (a tmpfs).")
     tmpfs: dict[str, str] = Field(
         default_factory=lambda: {
@@ -160,6 +170,52 @@ class DockerRuntimeConfig(BaseModel):
     fsize_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="Largest file a command may write (ulimit).")
     docker_runtime: str | None = Field(None, description="OCI runtime, e.g. `runsc` for gVisor; default: the engine's.")
     labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on every container.")
+    recycle: bool = Field(
+        True,
+        description="Hand a container to the next trajectory after a verified reset (every process of the "
+        "sandbox user killed, every writable mount emptied, its IPC objects removed, all of it checked) "
+        "instead of replacing it. False: a fresh container per trajectory.",
+    )
+    recycle_max_uses: int = Field(50, ge=1, description="Trajectories one container serves before it is replaced.")
+    reset_timeout_s: float = Field(
+        10.0, gt=0, description="Longest wait for a reset; past it the container is replaced."
+    )
+    python_zygote: bool = Field(
+        True,
+        description="Run `python` calls in a child forked from the worker's warm interpreter (about 1 ms "
+        "instead of 10), with the same isolation per call; only when `python` is the worker's interpreter.",
+    )
+
+    @field_validator("user")
+    @classmethod
+    def _not_root(cls, value: str) -> str:
+        uid, _, gid = value.partition(":")
+        if not uid.isdigit() or not (gid or "0").isdigit():
+            raise ValueError(f"user must be numeric uid:gid (e.g. 1000:1000), got {value!r}")
+        if int(uid) == 0 or (gid and int(gid) == 0):
+            raise ValueError("user must not be root (uid or gid 0): commands would reach the worker")
+        return value
+
+    def uid_gid(self) -> tuple[int, int]:
+        uid, _, gid = self.user.partition(":")
+        return int(uid), int(gid or uid)
+
+    def reset_mounts(self) -> dict[str, int]:
+        """Every place the sandbox user can write, with the mode a fresh container has there."""
+        mounts = {path: _tmpfs_mode(options) for path, options in self.tmpfs.items()}
+        return {**mounts, "/dev/shm": 0o1777, "/dev/mqueue": 0o1777}
+
+    def max_reply_bytes(self) -> int:
+        """Largest reply line a worker may send: two captured streams, JSON-escaped (<= 6 bytes a byte)."""
+        return 2 * 6 * self.keep_bytes + (64 << 10)
+
+
+def _tmpfs_mode(options: str) -> int:
+    for option in options.split(","):
+        key, _, value = option.partition("=")
+        if key.strip() == "mode":
+            return int(value, 8)
+    return 0o1777  # tmpfs's own default
 
 
 class SweepReport(NamedTuple):
@@ -205,13 +261,16 @@ def _owner_alive(owner: str) -> bool | None:
 
 
 def _is_stale(labels: dict[str, str], status: str, now: float) -> bool:
-    if status in ("exited", "dead", "created"):
+    """A container whose owner lives is never stale, whatever its state (it may be starting)."""
+    alive = _owner_alive(labels.get(LABEL_OWNER, ""))
+    if alive is not None:
+        return not alive
+    if status in ("exited", "dead"):
         return True
     try:
-        expired = int(labels.get(LABEL_CREATED, "0")) + int(labels.get(LABEL_TTL, "0")) < now
+        return int(labels.get(LABEL_CREATED, "0")) + int(labels.get(LABEL_TTL, "0")) < now
     except ValueError:
-        expired = True
-    return expired or _owner_alive(labels.get(LABEL_OWNER, "")) is False
+        return True
 
 
 def sweep_engine(client: docker.DockerClient, only_stale: bool = True, run_id: str | None = None) -> SweepReport:
@@ -277,18 +336,31 @@ def connect(url: str | None, threads: int = 4, timeout: float = 60.0) -> docker.
 class WorkerChannel:
     """One attached exec stream to the worker: JSON lines in, docker-multiplexed JSON lines out.
 
+    One request at a time. Every request carries a fresh ``id`` and random ``nonce``; the reply must
+    echo both. Anything else (a reply to another request, a line nobody asked for, a line longer
+    than ``max_line`` bytes, a frame larger than that) is a protocol violation: the channel is
+    lost, so the container is replaced, and nothing of it is returned as a call's output. What the
+    host holds per channel is bounded: one line of at most ``max_line`` bytes and a short stderr
+    tail; input is scanned once, in time linear in the bytes received.
+
     Plain (unix or tcp) sockets are driven by asyncio directly; other transports (TLS, ssh) by a
     reader thread of their own, so a waiting call never holds one of the bounded API threads.
     """
 
-    def __init__(self, raw: Any, loop: asyncio.AbstractEventLoop) -> None:
+    STDERR_KEEP = 4096
+
+    def __init__(self, raw: Any, loop: asyncio.AbstractEventLoop, max_line: int = 1 << 24) -> None:
         self._raw = raw
         self._loop = loop
-        self._messages: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self.max_line = max_line
+        self._pending: asyncio.Future[dict[str, Any]] | None = None
         self._buffer = bytearray()
         self._line = bytearray()
-        self._stderr: collections.deque[bytes] = collections.deque(maxlen=32)
+        self._stderr: collections.deque[bytes] = collections.deque(maxlen=8)
+        self._sent = 0
         self.lost = False
+        self.violation: str | None = None
+        """Why the channel was declared lost by the host (a protocol violation), if it was."""
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._thread: threading.Thread | None = None
@@ -297,9 +369,9 @@ class WorkerChannel:
         if type(self._raw) is socket.socket:
             self._raw.setblocking(False)
             if self._raw.family == socket.AF_UNIX:
-                reader, self._writer = await asyncio.open_unix_connection(sock=self._raw, limit=1 << 20)
+                reader, self._writer = await asyncio.open_unix_connection(sock=self._raw, limit=1 << 16)
             else:
-                reader, self._writer = await asyncio.open_connection(sock=self._raw, limit=1 << 20)
+                reader, self._writer = await asyncio.open_connection(sock=self._raw, limit=1 << 16)
             self._reader_task = asyncio.create_task(self._pump_async(reader))
         else:
             self._thread = threading.Thread(target=self._pump_thread, name="tracegen-worker-stream", daemon=True)
@@ -307,69 +379,121 @@ class WorkerChannel:
 
     async def _pump_async(self, reader: asyncio.StreamReader) -> None:
         with contextlib.suppress(OSError):
-            while data := await reader.read(1 << 16):
+            while not self.lost and (data := await reader.read(1 << 16)):
                 self._feed(data)
         self._feed_eof()
 
     def _pump_thread(self) -> None:
         recv = getattr(self._raw, "recv", None) or self._raw.read
         with contextlib.suppress(OSError, ValueError, EOFError):
-            while data := recv(1 << 16):
+            while not self.lost and (data := recv(1 << 16)):
                 self._loop.call_soon_threadsafe(self._feed, data)
         with contextlib.suppress(RuntimeError):  # the loop may be closed already
             self._loop.call_soon_threadsafe(self._feed_eof)
 
     def _feed(self, data: bytes) -> None:
+        if self.lost:
+            return
         # Docker multiplexes a non-tty exec: 8-byte header (stream, 0, 0, 0, big-endian length).
         self._buffer += data
-        while len(self._buffer) >= 8:
-            kind = self._buffer[0]
-            (size,) = struct.unpack(">I", self._buffer[4:8])
-            if len(self._buffer) < 8 + size:
-                return
-            payload = bytes(self._buffer[8 : 8 + size])
-            del self._buffer[: 8 + size]
+        offset = 0
+        while len(self._buffer) - offset >= 8:
+            kind = self._buffer[offset]
+            (size,) = struct.unpack_from(">I", self._buffer, offset + 4)
+            if size > self.max_line + 8:
+                return self._violate(f"a {size}-byte frame from the worker")
+            if len(self._buffer) - offset < 8 + size:
+                break
+            payload = bytes(self._buffer[offset + 8 : offset + 8 + size])
+            offset += 8 + size
             if kind == 2:
-                self._stderr.append(payload)
-                continue
-            self._line += payload
-            while (end := self._line.find(b"\n")) >= 0:
-                line = bytes(self._line[:end])
-                del self._line[: end + 1]
-                try:
-                    self._messages.put_nowait(json.loads(line))
-                except ValueError:
-                    self._stderr.append(line)
+                self._stderr.append(payload[-self.STDERR_KEEP :])
+            elif not self._feed_stdout(payload):
+                return
+        del self._buffer[:offset]
+
+    def _feed_stdout(self, payload: bytes) -> bool:
+        """Add one frame's bytes to the current line; hand out each complete line. False once lost."""
+        scan_from = len(self._line)  # only the new bytes can hold the newline: linear, not quadratic
+        self._line += payload
+        while (end := self._line.find(b"\n", scan_from)) >= 0:
+            line = bytes(self._line[:end])
+            del self._line[: end + 1]
+            scan_from = 0
+            if not self._deliver(line):
+                return False
+        if len(self._line) > self.max_line:
+            self._violate(f"a reply line over {self.max_line} bytes from the worker")
+            return False
+        return True
+
+    def _deliver(self, line: bytes) -> bool:
+        pending = self._pending
+        if pending is None or pending.done():
+            self._violate("a line from the worker that answers no request")
+            return False
+        try:
+            message = json.loads(line)
+        except ValueError:
+            message = None
+        if not isinstance(message, dict):
+            self._violate("a reply from the worker that is not a JSON object")
+            return False
+        pending.set_result(message)
+        return True
+
+    def _violate(self, why: str) -> None:
+        self.violation = why
+        log.warning("sandbox worker protocol violation: %s", why)
+        self._feed_eof()
 
     def _feed_eof(self) -> None:
+        if self._pending is not None and not self._pending.done():
+            self._pending.set_exception(WorkerLost(self.violation or "the worker stream ended"))
         self.lost = True
-        self._messages.put_nowait(None)
+        self._buffer.clear()
+        self._line.clear()
 
     def stderr_tail(self) -> str:
         return b"".join(self._stderr).decode("utf-8", "replace")[-2000:]
 
     async def request(self, message: dict[str, Any], timeout: float) -> dict[str, Any]:
-        """Send one message, return the worker's reply; WorkerLost on EOF, TimeoutError past ``timeout``."""
+        """Send one message, return the worker's reply to it.
+
+        Raises WorkerLost when the stream ends or breaks the protocol (a reply whose id or nonce is
+        not this request's included), TimeoutError past ``timeout``.
+        """
         if self.lost:
-            raise WorkerLost("the worker stream is closed")
-        data = json.dumps(message).encode() + b"\n"
+            raise WorkerLost(self.violation or "the worker stream is closed")
+        if self._pending is not None:
+            raise RuntimeError("one request at a time on a worker channel")
+        self._sent += 1
+        ident, nonce = self._sent, secrets.token_hex(16)
+        data = json.dumps({**message, "id": ident, "nonce": nonce}).encode() + b"\n"
+        assert self._loop is not None
+        self._pending = self._loop.create_future()
         try:
-            if self._writer is not None:
-                self._writer.write(data)
-                await self._writer.drain()
-            else:
-                await asyncio.to_thread(self._raw.sendall, data)
-        except (OSError, RuntimeError) as exc:
-            self.lost = True
-            raise WorkerLost(f"cannot write to the worker: {exc}") from exc
-        reply = await asyncio.wait_for(self._messages.get(), timeout)
-        if reply is None:
-            self._messages.put_nowait(None)  # stay lost for later callers
-            raise WorkerLost("the worker stream ended")
+            try:
+                if self._writer is not None:
+                    self._writer.write(data)
+                    await self._writer.drain()
+                else:
+                    await asyncio.to_thread(self._raw.sendall, data)
+            except (OSError, RuntimeError) as exc:
+                self.lost = True
+                raise WorkerLost(f"cannot write to the worker: {exc}") from exc
+            reply = await asyncio.wait_for(asyncio.shield(self._pending), timeout)
+        finally:
+            self._pending = None
+        if reply.get("id") != ident or reply.get("nonce") != nonce:
+            self._violate(f"a reply whose id or nonce is not its request's (op {str(reply.get('op'))[:20]!r})")
+            raise WorkerLost(self.violation or "protocol violation")
         return reply
 
     def close(self) -> None:
         self.lost = True
+        if self._pending is not None and not self._pending.done():
+            self._pending.set_exception(WorkerLost("the worker stream was closed"))
         if self._reader_task is not None:
             self._reader_task.cancel()
         if self._writer is not None:
@@ -403,8 +527,14 @@ class Sandbox:
     container_id: str
     channel: WorkerChannel
     created: float = field(default_factory=time.monotonic)
+    worker_pid: int = 0
+    """The worker's pid inside the container."""
     dead: bool = False
     """Killed or lost: the trajectory's next call needs a fresh container."""
+    tainted: bool = False
+    """A call timed out or was OOM-killed here: replace it rather than reset it."""
+    uses: int = 0
+    """Trajectories this container has served (recycling)."""
     released: bool = False
     """Handed back: its engine slot is free and its removal is under way."""
 
@@ -428,6 +558,10 @@ class DockerRuntime:
         self._filler: asyncio.Task[None] | None = None
         self._fill_tasks: set[asyncio.Task[None]] = set()
         self._removals: set[asyncio.Task[None]] = set()
+        self._resetting: set[Sandbox] = set()
+        self._recycles: set[asyncio.Future[None]] = set()
+        self.reset_seconds: collections.deque[float] = collections.deque(maxlen=100_000)
+        """Duration of each verified reset, as the worker measured it (for benchmarks)."""
         self._closed = False
         self._counter = 0
         self._atexit_registered = False
@@ -472,17 +606,22 @@ class DockerRuntime:
         if self._closed:
             return
         self._closed = True
-        tasks: list[asyncio.Task[Any]] = [*self._fill_tasks, *([self._filler] if self._filler else [])]
+        tasks: list[asyncio.Future[Any]] = [
+            *self._fill_tasks,
+            *self._recycles,
+            *([self._filler] if self._filler else []),
+        ]
         for task in tasks:
             task.cancel()
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_exception(RuntimeToolError("the Docker runtime is shutting down"))
         self._waiters.clear()
-        for sandbox in [*self._ready, *self._in_use]:
+        for sandbox in [*self._ready, *self._in_use, *self._resetting]:
             sandbox.channel.close()
         self._ready.clear()
         self._in_use.clear()
+        self._resetting.clear()
         await asyncio.gather(*tasks, *self._removals, return_exceptions=True)
         # Let docker-py calls already running finish, so no container gets created after the sweep.
         with contextlib.suppress(Exception):
@@ -545,7 +684,7 @@ class DockerRuntime:
     # -- containers --------------------------------------------------------------------------
 
     def _container_spec(self) -> tuple[dict[str, str], dict[str, Any]]:
-        from docker.types import Ulimit
+        from docker.types import LogConfig, Ulimit
         from docker.utils import parse_bytes
 
         c = self.config
@@ -572,9 +711,12 @@ class DockerRuntime:
                 Ulimit(name="nofile", soft=c.nofile, hard=c.nofile),
                 Ulimit(name="fsize", soft=c.fsize_bytes, hard=c.fsize_bytes),
             ],
+            # No container log on the host: nothing inside can grow the host's disk through it.
+            "log_config": LogConfig(type=LogConfig.types.NONE),
         }
         if c.drop_capabilities:
             host["cap_drop"] = ["ALL"]
+            host["cap_add"] = list(WORKER_CAPABILITIES)
         if c.no_new_privileges:
             host["security_opt"] = ["no-new-privileges"]
         if c.docker_runtime:
@@ -588,7 +730,7 @@ class DockerRuntime:
             self.config.image,
             command=["sleep", str(self.config.ttl_s)],
             name=name,
-            user=self.config.user,
+            user=WORKER_USER,
             working_dir=self.config.work_dir,
             environment=SANDBOX_ENV,
             labels=labels,
@@ -605,13 +747,14 @@ class DockerRuntime:
 
     def _attach_worker(self, engine: Engine, cid: str) -> Any:
         api = engine.client.api
+        uid, gid = self.config.uid_gid()
         exec_id = api.exec_create(
             cid,
-            self.config.worker_command,
+            [*self.config.worker_command, "--uid", str(uid), "--gid", str(gid)],
             stdin=True,
             stdout=True,
             stderr=True,
-            user=self.config.user,
+            user=WORKER_USER,
             workdir=self.config.work_dir,
             environment=SANDBOX_ENV,
         )["Id"]
@@ -637,7 +780,7 @@ class DockerRuntime:
             cid = await self._api(self._create_container, engine, name)
             raw = await self._api_resource(self._attach_worker, engine, cid, close=_close_quietly)
             assert self._loop is not None
-            channel = WorkerChannel(raw, self._loop)
+            channel = WorkerChannel(raw, self._loop, self.config.max_reply_bytes())
             await channel.start()
             try:
                 hello = await channel.request({"op": "hello"}, self.config.start_timeout_s)
@@ -647,9 +790,13 @@ class DockerRuntime:
                     hint=f"the image needs python3 and the worker at {WORKER_PATH}: "
                     "build it with `tracegen sandbox build`",
                 ) from exc
-            if hello.get("op") != "hello":
-                raise RuntimeToolError(f"unexpected greeting from the sandbox worker: {str(hello)[:200]}")
-            return Sandbox(engine, cid, channel)
+            if hello.get("op") != "hello" or hello.get("version") != WORKER_VERSION:
+                raise RuntimeToolError(
+                    f"the sandbox worker in {self.config.image!r} speaks protocol {hello.get('version')!r}, "
+                    f"not {WORKER_VERSION}",
+                    hint="rebuild the image with `tracegen sandbox build`",
+                )
+            return Sandbox(engine, cid, channel, worker_pid=int(hello.get("pid") or 0))
         except BaseException:  # cancellation included: nothing half-made may linger
             engine.live -= 1
             if channel is not None:
@@ -697,7 +844,7 @@ class DockerRuntime:
     async def _fill(self) -> None:
         """Keep ``pool_size`` idle containers plus one per waiting trajectory, ``max_starting`` at a time."""
         while not self._closed:
-            want = self.config.pool_size + len(self._waiters) - len(self._ready) - self._starting
+            want = self.config.pool_size + len(self._waiters) - len(self._ready) - self._starting - len(self._resetting)
             engine = self._pick_engine()
             if want <= 0 or self._starting >= self.config.max_starting or engine is None:
                 self._wake.clear()
@@ -726,6 +873,10 @@ class DockerRuntime:
             self._starting -= 1
             self._wake.set()
         self._failures = 0
+        self._hand_out(sandbox)
+
+    def _hand_out(self, sandbox: Sandbox) -> None:
+        """A healthy container (new, or reset) goes to the first waiting trajectory, else the pool."""
         if self._closed:
             self._discard(sandbox)
             return
@@ -760,6 +911,7 @@ class DockerRuntime:
             try:
                 pong = await sandbox.channel.request({"op": "ping"}, self.config.start_timeout_s)
                 if pong.get("op") == "pong":
+                    sandbox.uses += 1
                     return sandbox
             except (WorkerLost, TimeoutError):
                 pass
@@ -767,8 +919,46 @@ class DockerRuntime:
             self._discard(sandbox)
 
     def release(self, sandbox: Sandbox) -> None:
-        """A trajectory is done with its container: it is removed, never reused."""
-        self._discard(sandbox)
+        """A trajectory is done with its container: reset for the next one when it may be, else removed."""
+        c = self.config
+        if (
+            not c.recycle
+            or self._closed
+            or sandbox.dead
+            or sandbox.tainted
+            or sandbox.channel.lost
+            or sandbox.uses >= c.recycle_max_uses
+        ):
+            self._discard(sandbox)
+            return
+        self._in_use.discard(sandbox)
+        self._resetting.add(sandbox)
+        task = asyncio.ensure_future(self._recycle(sandbox))
+        self._recycles.add(task)
+        task.add_done_callback(self._recycles.discard)
+
+    async def _recycle(self, sandbox: Sandbox) -> None:
+        """Reset a used container and verify it; a reset that fails or is not verified replaces it."""
+        ok = False
+        try:
+            reply = await sandbox.channel.request(
+                {"op": "reset", "mounts": self.config.reset_mounts()}, self.config.reset_timeout_s
+            )
+            ok = reply.get("op") == "reset" and reply.get("ok") is True
+            if ok:
+                self.reset_seconds.append(float(reply.get("duration_s") or 0.0))
+            else:
+                problems = "; ".join(str(p) for p in reply.get("problems") or [reply.get("error")])
+                log.warning("sandbox %s failed its reset, replacing it: %s", sandbox.container_id[:12], problems[:500])
+        except (WorkerLost, TimeoutError) as exc:
+            log.warning("sandbox %s did not reset, replacing it: %s", sandbox.container_id[:12], exc or "timed out")
+        finally:
+            self._resetting.discard(sandbox)
+        if ok:
+            self._hand_out(sandbox)
+        else:
+            self._discard(sandbox)
+        self._wake.set()
 
     async def kill(self, sandbox: Sandbox) -> None:
         """Kill a container whose worker stopped answering (the host-side deadline)."""
@@ -810,6 +1000,8 @@ class DockerEpisode:
         rt = self.runtime
         cfg = rt.config
         request = self._request(spec.name, arguments)
+        if isinstance(request, str):  # the call cannot run as written: the teacher is told why
+            return _output(f"[error: {request}]", rt.max_chars, Observation(source="error"))
         started = time.monotonic()
         note = ""
         if self.sandbox is not None and (self.sandbox.dead or self.sandbox.channel.lost):
@@ -830,6 +1022,15 @@ class DockerEpisode:
                 Observation(source="executed", timed_out=True, duration_s=time.monotonic() - started),
             )
         except WorkerLost:
+            if sandbox.channel.violation is not None:
+                # Nothing from a channel that broke the protocol is trusted: not even that it failed.
+                await rt.kill(sandbox)
+                return _output(
+                    note + "[the sandbox broke its protocol during this call and was replaced; "
+                    "the next call runs in a fresh sandbox without files from earlier calls]",
+                    rt.max_chars,
+                    Observation(source="error", duration_s=time.monotonic() - started),
+                )
             sandbox.dead = True
             oom = await rt.was_oom_killed(sandbox)
             why = "ran out of memory" if oom else "stopped"
@@ -850,6 +1051,8 @@ class DockerEpisode:
         oom = bool(oom_kills) if oom_kills is not None else False
         if oom_kills is None and reply.get("signal") == 9 and not reply.get("timed_out"):
             oom = await rt.was_oom_killed(sandbox)  # no cgroup counter inside: ask the engine
+        if oom or reply.get("timed_out"):
+            sandbox.tainted = True  # replaced, not reset, when the trajectory ends
         content = note + render(reply, cfg.timeout_s, oom)
         return _output(
             content,
@@ -864,28 +1067,37 @@ class DockerEpisode:
             ),
         )
 
-    def _request(self, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    def _request(self, tool: str, arguments: dict[str, Any]) -> dict[str, Any] | str:
+        """The worker request for one call, or why it cannot run (shown to the teacher, never raised)."""
         cfg = self.runtime.config
         if tool == "python":
-            source, argv, file_argv = arguments.get("code"), [cfg.python, "-c"], [cfg.python]
+            key, argv, file_argv = "code", [cfg.python, "-c"], [cfg.python]
         elif tool == "bash":
-            source, argv, file_argv = arguments.get("command"), [cfg.shell, "-c"], [cfg.shell]
+            key, argv, file_argv = "command", [cfg.shell, "-c"], [cfg.shell]
         else:
-            raise RuntimeToolError(f"the Docker runtime has no tool named {tool!r}", hint="use python or bash")
+            return f"the Docker runtime has no tool named {tool!r}; use python or bash"
+        source = arguments.get(key)
         if not isinstance(source, str):
-            key = "code" if tool == "python" else "command"
-            raise RuntimeToolError(f"tool {tool!r} needs a string argument {key!r}")
+            got = "nothing" if source is None else f"a JSON {type(source).__name__}"
+            return f"tool {tool!r} needs a string argument {key!r}, got {got}"
+        if "\x00" in source:
+            return f"the {key} contains a NUL character, which no program text can hold"
+        try:
+            source.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"the {key} contains a lone surrogate (invalid Unicode); send valid UTF-8 text"
         self._calls += 1
         return {
             "op": "run",
-            "id": self._calls,
             "argv": argv,
             "file_argv": file_argv,
             "script": source,
+            "python": tool == "python" and cfg.python_zygote and cfg.python == cfg.worker_command[0],
             "timeout_s": cfg.timeout_s,
             "keep_bytes": cfg.keep_bytes,
             "kill_bytes": cfg.kill_bytes,
             "cwd": cfg.work_dir,
+            "env": SANDBOX_ENV,
         }
 
     async def close(self) -> None:

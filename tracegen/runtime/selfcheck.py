@@ -8,12 +8,13 @@ sandbox held. The test suite runs the same cases (``tests/test_sandbox_hostile.p
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from tracegen.errors import RuntimeToolError
 from tracegen.runtime.base import ToolOutput
@@ -194,13 +195,200 @@ async def kill_worker(rt: DockerRuntime) -> Outcome:
     try:
         await run(ep, "bash", "echo MARK-7f3 > state.txt")
         first = ep.container_id
-        killed = await run(ep, "bash", "kill -9 $PPID; sleep 1")
+        killed = await run(ep, "bash", "kill -9 $PPID 1; kill -STOP $PPID; echo tried")
         after = await run(ep, "bash", "cat state.txt 2>&1; echo alive")
-        fresh = ep.container_id != first
-        ok = fresh and "alive" in after.content and "MARK-7f3" not in after.content
-        return Outcome(f"kill call source={killed.observation.source}; fresh container: {fresh}", ok)
+        same = ep.container_id == first
+        ok = same and "not permitted" in killed.content and "MARK-7f3" in after.content and "alive" in after.content
+        return Outcome(f"kill answered {killed.content.splitlines()[-1][:50]!r}; same container: {same}", ok)
     finally:
         await ep.close()
+
+
+# Lists every other process's pid and real uid; used by the cases that attack the worker and PID 1.
+OTHER_PROCESSES = (
+    "import os\n"
+    "def others():\n"
+    "    for p in os.listdir('/proc'):\n"
+    "        if p.isdigit() and int(p) not in (os.getpid(), os.getppid()):\n"
+    "            try:\n"
+    "                uid = int([l for l in open(f'/proc/{p}/status') if l.startswith('Uid:')][0].split()[1])\n"
+    "            except (OSError, IndexError):\n"
+    "                continue\n"
+    "            if uid != os.getuid():\n"
+    "                yield int(p)\n"
+)
+
+
+async def forged_reply(rt: DockerRuntime) -> Outcome:
+    """The attack that made a tests verdict forgeable: write a worker reply into the worker's stdout."""
+    ep = await _episode(rt)
+    try:
+        forge = OTHER_PROCESSES + (
+            "import json\n"
+            "fake = {'op': 'result', 'exit_code': 0, 'stdout': 'FORGED', 'stderr': '', 'timed_out': False}\n"
+            "for i in range(1, 20):\n"
+            "    line = json.dumps({**fake, 'id': i}) + '\\n'\n"
+            "    for pid in others():\n"
+            "        for fd in range(0, 16):\n"
+            "            try:\n"
+            "                with open(f'/proc/{pid}/fd/{fd}', 'w') as f: f.write(line)\n"
+            "                print('WROTE', pid, fd)\n"
+            "            except OSError:\n"
+            "                pass\n"
+            "print('done')"
+        )
+        out = await run(ep, "python", forge)
+        after = await run(ep, "bash", "echo genuine")
+        ok = out.content == "done" and after.content == "genuine" and out.observation.source == "executed"
+        return Outcome(f"forger saw {out.content[:40]!r}; next call saw {after.content[:30]!r}", ok)
+    finally:
+        await ep.close()
+
+
+async def ptrace_worker(rt: DockerRuntime) -> Outcome:
+    ep = await _episode(rt)
+    try:
+        code = OTHER_PROCESSES + (
+            "import ctypes\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "for pid in others():\n"
+            "    if libc.ptrace(16, pid, 0, 0) == 0:\n"  # PTRACE_ATTACH
+            "        print('ATTACHED', pid)\n"
+            "    try:\n"
+            "        open(f'/proc/{pid}/mem', 'rb').read(1); print('READ MEM', pid)\n"
+            "    except OSError:\n"
+            "        pass\n"
+            "print('done')"
+        )
+        out = await run(ep, "python", code)
+        return Outcome(repr(out.content[:60]), out.content == "done")
+    finally:
+        await ep.close()
+
+
+async def pid1_streams(rt: DockerRuntime) -> Outcome:
+    """PID 1's output is the container log on the host: unreachable, and the log is off anyway."""
+    ep = await _episode(rt)
+    try:
+        out = await run(
+            ep, "bash", "for fd in 1 2; do echo flood > /proc/1/fd/$fd && echo WROTE $fd; done 2>/dev/null; echo done"
+        )
+        state = await rt._api(rt.engines[0].client.api.inspect_container, ep.container_id or "")
+        log_type = state["HostConfig"]["LogConfig"]["Type"]
+        ok = out.content == "done" and log_type == "none"
+        return Outcome(f"{out.content.replace(chr(10), ' ')[:40]}; container log driver {log_type!r}", ok)
+    finally:
+        await ep.close()
+
+
+async def host_buffer_flood(rt: DockerRuntime) -> Outcome:
+    """Output is bounded at every hop: the worker's captures, the host's reply line, what the model sees."""
+    ep = await _episode(rt)
+    try:
+        before = _rss_mb()
+        code = "import os\nchunk = b'{\"op\": \"result\"' + b'x' * 65536\nwhile True:\n    os.write(1, chunk)"
+        out = await run(ep, "python", code)
+        grew = _rss_mb() - before
+        after = await run(ep, "bash", "echo alive")
+        ok = out.observation.truncated and grew < 64 and after.content == "alive"
+        return Outcome(f"flood truncated={out.observation.truncated}; host RSS +{grew:.0f} MB", ok)
+    finally:
+        await ep.close()
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+async def bad_arguments(rt: DockerRuntime) -> Outcome:
+    """Text no program can take (NUL, lone surrogate) or a wrong type is an error the teacher sees."""
+    ep = await _episode(rt)
+    try:
+        spec = PYTHON
+        outs = [
+            await ep.call(ToolCall(id="c1", name="python", arguments="{}"), {"code": "print(1)\x00"}, spec),
+            await ep.call(ToolCall(id="c2", name="python", arguments="{}"), {"code": "print('\ud800')"}, spec),
+            await ep.call(ToolCall(id="c3", name="python", arguments="{}"), {"code": 5}, spec),
+        ]
+        after = await run(ep, "bash", "echo alive")
+        ok = all(o.observation.source == "error" for o in outs) and after.content == "alive"
+        return Outcome(" | ".join(o.content[:30] for o in outs), ok)
+    finally:
+        await ep.close()
+
+
+async def writable_places(rt: DockerRuntime) -> Outcome:
+    """Everything the sandbox user can write to is a mount that a reset empties."""
+    ep = await _episode(rt)
+    try:
+        out = await run(
+            ep,
+            "bash",
+            "find / \\( -path /proc -o -path /sys \\) -prune -o -writable ! -type c ! -type l -print 2>/dev/null; true",
+        )
+        mounts = rt.config.reset_mounts()
+        outside = [p for p in out.content.splitlines() if not any(p == m or p.startswith(m + "/") for m in mounts)]
+        return Outcome(f"outside the reset mounts: {outside[:3] or 'nothing'}", not outside and bool(out.content))
+    finally:
+        await ep.close()
+
+
+LEAVE_STATE = (
+    "echo secret > /work/left.txt; mkdir -p /tmp/d/e; echo x > /tmp/d/e/f; chmod 000 /tmp/d; "
+    "echo s > /dev/shm/segment; echo q > /dev/mqueue/queue 2>/dev/null; "
+    "python3 -c 'import ctypes; l = ctypes.CDLL(None); print(l.msgget(1234, 0o1600), l.shmget(99, 4096, 0o1600))'; "
+    "(setsid sleep 300 &); echo planted"
+)
+LOCK_WORK_DIR = "chmod 000 /work"  # the last call of a trajectory: no later call could chdir there
+# What a trajectory can see of an earlier one: files in every writable mount, SysV IPC objects,
+# processes of its own uid besides itself, the work dir's mode.
+SHOW_STATE = """
+import json, os
+mounts = {m: os.listdir(m) for m in ('/work', '/tmp', '/dev/shm', '/dev/mqueue')}
+ipc = sum(len(open(f'/proc/sysvipc/{k}').readlines()) - 1 for k in ('msg', 'shm', 'sem'))
+def uid(p):
+    try:
+        return int([l for l in open(f'/proc/{p}/status') if l.startswith('Uid:')][0].split()[1])
+    except (OSError, IndexError):
+        return -1
+procs = [p for p in os.listdir('/proc') if p.isdigit() and int(p) != os.getpid() and uid(p) == os.getuid()]
+print(json.dumps({'mounts': mounts, 'ipc': ipc, 'procs': procs, 'mode': oct(os.stat('/work').st_mode & 0o7777)}))
+"""
+
+
+def leftovers(state: dict[str, Any]) -> list[str]:
+    """What of an earlier trajectory a SHOW_STATE report still shows; empty when the container is clean."""
+    found = [f"{m}/{name}" for m, names in state["mounts"].items() for name in names]
+    found += [f"{state['ipc']} SysV IPC object(s)"] if state["ipc"] else []
+    found += [f"process {p}" for p in state["procs"]]
+    found += [f"/work mode {state['mode']}"] if state["mode"] != "0o755" else []
+    return found
+
+
+async def recycled_is_clean(rt: DockerRuntime) -> Outcome:
+    """A file, a process, a /dev/shm segment and SysV objects left by one trajectory are gone for the next."""
+    if not rt.config.recycle:
+        return Outcome("recycling is off: every trajectory gets a fresh container", True)
+    first = await _episode(rt)
+    planted = await run(first, "bash", LEAVE_STATE)
+    await run(first, "bash", LOCK_WORK_DIR)
+    used = first.container_id
+    await first.close()
+    # Reset containers rejoin the back of the pool: take containers until the used one comes back.
+    for _ in range(rt.config.pool_size + 3):
+        ep = await _episode(rt)
+        seen = await run(ep, "python", SHOW_STATE)
+        again = ep.container_id == used
+        await ep.close()
+        if again:
+            break
+    try:
+        left = leftovers(json.loads(seen.content))
+    except (ValueError, KeyError):
+        return Outcome(f"unreadable state: {seen.content[:60]!r}", False)
+    ok = "planted" in planted.content and again and not left
+    return Outcome(f"same container again: {again}; left over: {left[:3] or 'nothing'}", ok)
 
 
 async def state_across_calls(rt: DockerRuntime) -> Outcome:
@@ -236,7 +424,14 @@ CASES: list[tuple[str, str, Case]] = [
     ("write to / and /usr", "refused (read-only root, non-root user)", write_system_dirs),
     ("host environment", "no host variable or teacher key inside", host_environment),
     ("privileges", "non-root, no capabilities, no-new-privileges", privileges),
-    ("kill the worker", "the trajectory continues in a fresh container", kill_worker),
+    ("attack the worker", "no signal reaches the worker or PID 1; files kept", kill_worker),
+    ("forged reply", "writing a worker reply into another process's fds is refused", forged_reply),
+    ("ptrace", "the worker and PID 1 cannot be traced or their memory read", ptrace_worker),
+    ("PID 1 streams", "unwritable; the container log is off", pid1_streams),
+    ("host buffer flood", "output bounded end to end; host memory flat", host_buffer_flood),
+    ("bad arguments", "NUL, lone surrogate, wrong type: error observations", bad_arguments),
+    ("writable places", "only the mounts a reset empties are writable", writable_places),
+    ("recycled container", "the next trajectory sees nothing of the last", recycled_is_clean),
 ]
 
 
