@@ -224,7 +224,9 @@ def test_worker_that_stops_answering_gets_its_container_killed(docker_client: An
             # A frozen worker never replies: the host's own deadline has to act. Commands cannot
             # signal the worker, so the test stops it from outside, as root in the container.
             assert ep.sandbox is not None
-            stop = docker_client.api.exec_create(first, ["bash", "-c", f"kill -STOP {ep.sandbox.worker_pid}"], user="0:0")
+            stop = docker_client.api.exec_create(
+                first, ["bash", "-c", f"kill -STOP {ep.sandbox.worker_pid}"], user="0:0"
+            )
             docker_client.api.exec_start(stop["Id"])
             frozen = await run(ep, "bash", "echo never-read")
             assert frozen.observation.timed_out and 1.9 <= frozen.observation.duration_s < 5
@@ -512,7 +514,8 @@ def test_python_calls_fork_from_a_warm_interpreter_as_the_sandbox_user(docker_cl
                 "import os, sys, atexit\n"
                 "atexit.register(lambda: print('at exit'))\n"
                 "print(os.getuid(), os.getgid(), os.getgroups(), sys.argv, repr(sys.path[0]), __name__)\n"
-                "print(sorted(os.listdir('/proc/self/fd')), open('/proc/self/status').read().count('CapEff:\t0000000000000000'))"
+                "caps = open('/proc/self/status').read().count('CapEff:\t0000000000000000')\n"
+                "print(sorted(os.listdir('/proc/self/fd')), caps)"
             )
             out = await run(ep, "python", script)
             assert out.content.splitlines() == [
