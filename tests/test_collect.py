@@ -226,3 +226,25 @@ def test_simulator_sees_this_trajectorys_earlier_calls_only(fake_server: Start, 
     assert first[0]["role"] == "system" and "EXIT_CODE" in first[0]["content"]
     assert len(first) == 2 and len(second) == 4  # the second call carries the first call and its output
     assert "print(0 * 7)" in second[1]["content"] and "print(1 * 7)" in second[3]["content"]
+
+
+def test_badly_typed_calls_and_calls_past_the_caps_are_error_observations(fake_server: Start, tmp_path: Path) -> None:
+    """The teacher is told what was wrong and the trajectory goes on; nothing past a cap runs."""
+    calls = [
+        ("python", '{"code": 5}'),
+        ("python", "{}"),
+        ("python", '{"code": "print(1)"}'),
+        ("bash", '{"command": "ls"}'),
+    ]
+    script = Scripted([tool_call_reply(calls), text_reply("1"), text_reply("The answer is 1.")])
+    server = fake_server(script)
+    cfg = make_config(server.base_url, write_tasks(tmp_path / "one.jsonl", 1), max_tool_calls_per_reply=3)
+    summary = run_collect(cfg, tmp_path / "run", show_progress=False)
+    assert summary.by_stop_reason == {"answer": 1}
+    (t,) = records(tmp_path / "run")
+    observations = [m for m in t.messages if isinstance(m, ToolMessage)]
+    assert [m.observation.source for m in observations] == ["error", "error", "simulated", "error"]
+    assert "'code' of tool 'python' must be a JSON string, got integer" in observations[0].content
+    assert "missing required argument(s) 'code'" in observations[1].content
+    assert "at most 3 tool calls" in observations[3].content
+    assert [m.tool_call_id for m in observations] == [c.id for c in t.messages[2].tool_calls]  # type: ignore[union-attr]

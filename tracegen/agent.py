@@ -19,7 +19,7 @@ from tracegen.config import CollectConfig
 from tracegen.errors import RuntimeToolError, TeacherError
 from tracegen.runtime.base import Episode, Runtime
 from tracegen.teacher import ChatClient
-from tracegen.tools import describe_for_prompt, parse_arguments, tool_specs
+from tracegen.tools import check_arguments, describe_for_prompt, parse_arguments, tool_specs
 from tracegen.types import (
     AssistantMessage,
     Message,
@@ -86,7 +86,7 @@ class Agent:
         final_answer: str | None = None
         stop: StopReason = "max_turns"
         episode: Episode | None = None
-        turn = 0
+        turn = tool_calls = 0
         try:
             for turn in range(self.config.max_turns):
                 t0 = time.monotonic()
@@ -129,7 +129,12 @@ class Agent:
                 if episode is None:
                     episode = await self.runtime.open_episode(tid)
                 t1 = time.monotonic()
-                for call in reply.tool_calls:
+                for index, call in enumerate(reply.tool_calls):
+                    over = self._over_cap(index, tool_calls)
+                    if over is not None:  # every call still gets its answer: the chat shape needs one per id
+                        messages.append(_error_message(call, over))
+                        continue
+                    tool_calls += 1
                     messages.append(await self._observe(episode, call))
                 tool_s += time.monotonic() - t1
         except RuntimeToolError as exc:
@@ -160,6 +165,15 @@ class Agent:
             timing=Timing(started_at=started_at, wall_s=time.monotonic() - started, teacher_s=teacher_s, tool_s=tool_s),
         )
 
+    def _over_cap(self, index: int, done: int) -> str | None:
+        """Why the call at ``index`` of a reply is not run (a cap on calls), or None."""
+        per_reply, per_trajectory = self.config.max_tool_calls_per_reply, self.config.max_tool_calls_per_trajectory
+        if index >= per_reply:
+            return f"not run: a reply may make at most {per_reply} tool calls (max_tool_calls_per_reply)"
+        if done >= per_trajectory:
+            return f"not run: this task allows at most {per_trajectory} tool calls (max_tool_calls_per_trajectory)"
+        return None
+
     async def _observe(self, episode: Episode, call: ToolCall) -> ToolMessage:
         """Run one call, or explain to the teacher why it could not run (it can then retry)."""
         spec = next((s for s in self.specs if s.name == call.name), None)
@@ -170,12 +184,15 @@ class Agent:
             problem = f"unknown tool {call.name!r} (available: {offered})"
         if problem is None:
             arguments, problem = parse_arguments(call.arguments)
+        if problem is None and arguments is not None and spec is not None:
+            problem = check_arguments(arguments, spec)
         if problem is not None or arguments is None or spec is None:
-            return ToolMessage(
-                tool_call_id=call.id,
-                name=call.name,
-                content=f"Error: {problem}. Fix the call and try again.",
-                observation=Observation(source="error"),
-            )
+            return _error_message(call, f"{problem}. Fix the call and try again.")
         output = await episode.call(call, arguments, spec)
         return ToolMessage(tool_call_id=call.id, name=call.name, content=output.content, observation=output.observation)
+
+
+def _error_message(call: ToolCall, problem: str) -> ToolMessage:
+    return ToolMessage(
+        tool_call_id=call.id, name=call.name, content=f"Error: {problem}", observation=Observation(source="error")
+    )

@@ -109,6 +109,10 @@ class TaskColumns(Strict):
     metadata: list[str] = Field(default_factory=list, description="Extra columns kept in task.metadata.")
 
 
+DEFAULT_CALLS_PER_REPLY = 32
+DEFAULT_CALLS_PER_TRAJECTORY = 256
+
+
 class AgentLoopConfig(Strict):
     """How episodes run: the tasks, the tools and where they execute. Shared by collect and eval."""
 
@@ -134,6 +138,12 @@ class AgentLoopConfig(Strict):
     )
     observation_max_chars: int = Field(
         8000, ge=64, description="Longest tool output the teacher sees; longer ones are middle-truncated."
+    )
+    max_tool_calls_per_reply: int = Field(
+        DEFAULT_CALLS_PER_REPLY, ge=1, description="Tool calls run from one reply; the rest get an error observation."
+    )
+    max_tool_calls_per_trajectory: int = Field(
+        DEFAULT_CALLS_PER_TRAJECTORY, ge=1, description="Tool calls run per trajectory; later ones get an error."
     )
     fail_on_error: float = Field(
         0.5, ge=0, le=1, description="Exit 1 when more than this fraction of trajectories ended in error."
@@ -163,7 +173,7 @@ class CollectConfig(AgentLoopConfig):
         mixing two setups in one file. Throughput knobs (concurrency, limits, retries, base URL) and
         K are left out: changing them must not invalidate finished work.
         """
-        generation = {
+        generation: dict[str, Any] = {
             "teacher": self.teacher.model_dump(
                 include={
                     "model",
@@ -185,6 +195,11 @@ class CollectConfig(AgentLoopConfig):
             "token_budget": self.token_budget,
             "observation_max_chars": self.observation_max_chars,
         }
+        # The call caps change generation only when they bind; at their defaults they stay out, so
+        # runs made before the caps existed keep their ids and resume.
+        caps = (self.max_tool_calls_per_reply, self.max_tool_calls_per_trajectory)
+        if caps != (DEFAULT_CALLS_PER_REPLY, DEFAULT_CALLS_PER_TRAJECTORY):
+            generation["tool_call_caps"] = list(caps)
         blob = json.dumps(generation, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -61,6 +61,47 @@ def parse_arguments(raw: str) -> tuple[dict[str, Any] | None, str | None]:
     return value, None
 
 
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "integer": (int,),
+    "number": (int, float),
+    "boolean": (bool,),
+    "object": (dict,),
+    "array": (list,),
+    "null": (type(None),),
+}
+
+
+def check_arguments(arguments: dict[str, Any], spec: ToolSpec) -> str | None:
+    """Why ``arguments`` do not fit the tool's schema (missing, unknown or wrongly typed keys), or None.
+
+    Only what the built-in schemas use is checked: required keys, top-level property types and
+    ``additionalProperties: false``. The teacher sees the reason and can fix its call.
+    """
+    schema = spec.parameters
+    properties: dict[str, Any] = schema.get("properties") or {}
+    missing = [key for key in schema.get("required") or [] if key not in arguments]
+    if missing:
+        return f"missing required argument(s) {', '.join(map(repr, missing))} for tool {spec.name!r}"
+    if schema.get("additionalProperties") is False:
+        unknown = [key for key in arguments if key not in properties]
+        if unknown:
+            return f"unknown argument(s) {', '.join(map(repr, unknown))} for tool {spec.name!r}"
+    for key, value in arguments.items():
+        wanted = (properties.get(key) or {}).get("type")
+        types = _JSON_TYPES.get(wanted) if isinstance(wanted, str) else None
+        if types is not None and (not isinstance(value, types) or (wanted != "boolean" and isinstance(value, bool))):
+            return f"argument {key!r} of tool {spec.name!r} must be a JSON {wanted}, got {_json_type(value)}"
+    return None
+
+
+def _json_type(value: Any) -> str:
+    for name, types in _JSON_TYPES.items():
+        if isinstance(value, types) and not (isinstance(value, bool) and name != "boolean"):
+            return name
+    return type(value).__name__
+
+
 class TextCalls(NamedTuple):
     protocol: ToolProtocol | None
     calls: list[ToolCall]
