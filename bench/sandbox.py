@@ -11,7 +11,9 @@ Three ways to run one ``bash`` tool call (``true``) in a hardened sandbox contai
 Latency is end to end as a caller sees it. Overhead is latency minus what the command itself costs
 inside the container (``bash -c true`` measured in a loop in there), so it is what each way adds.
 Then throughput: 32 concurrent trajectories of 10 calls each (container hand-out and removal
-included), warm pool against exec-per-call. Every ratio is against a baseline measured in this run.
+included), warm pool against exec-per-call; the python tool from the warm interpreter against
+``python3 -c``; the verified reset of a recycled container (p50/p95), against the CPU a fresh
+container costs. Every ratio is against a baseline measured in this run.
 """
 
 from __future__ import annotations
@@ -147,6 +149,47 @@ async def pool_throughput(config: DockerRuntimeConfig, trajectories: int, calls:
         await runtime.aclose()
 
 
+async def python_latencies(config: DockerRuntimeConfig, n: int) -> dict[bool, list[float]]:
+    """`print(1)` through the python tool, forked from the worker's warm interpreter and as `python3 -c`."""
+    runtime = DockerRuntime(config)
+    await runtime.start()
+    try:
+        ep = await runtime.open_episode("bench-python")
+        out: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(n):
+            for zygote in (True, False):  # interleaved, so both see the same machine
+                runtime.config = config.model_copy(update={"python_zygote": zygote})
+                t = time.perf_counter()
+                assert (await run(ep, "python", "print(1)")).content == "1"
+                out[zygote].append(time.perf_counter() - t)
+        await ep.close()
+        return out
+    finally:
+        await runtime.aclose()
+
+
+async def reset_times(config: DockerRuntimeConfig, n: int) -> tuple[list[float], list[float]]:
+    """One container, ``n`` trajectories that each write files: the worker's reset time, and the hand-over
+    as the next trajectory sees it (release to its first call's answer)."""
+    one = config.model_copy(update={"pool_size": 0, "max_containers_per_engine": 1, "prefill": False})
+    runtime = DockerRuntime(one)
+    await runtime.start()
+    handovers: list[float] = []
+    try:
+        for i in range(n):
+            ep = await runtime.open_episode(f"bench-reset-{i}")
+            await run(ep, "bash", "echo x > a.txt; mkdir -p d; seq 1000 > d/b.txt; echo s > /dev/shm/s")
+            t = time.perf_counter()
+            await ep.close()
+            nxt = await runtime.open_episode(f"bench-reset-next-{i}")
+            assert (await run(nxt, "bash", "ls -A")).content == "[no output]"
+            handovers.append(time.perf_counter() - t)
+            await nxt.close()
+        return list(runtime.reset_seconds), handovers
+    finally:
+        await runtime.aclose()
+
+
 def machine_busy_s() -> float:
     """CPU seconds the whole machine has been busy (every process, engine included), from /proc/stat."""
     with open("/proc/stat") as f:
@@ -240,6 +283,20 @@ def main() -> None:
     print(f"  warm pool            {pool_wall:6.2f} s  {total / pool_wall:7.1f} calls/s")
     print(f"  docker exec per call {exec_wall:6.2f} s  {total / exec_wall:7.1f} calls/s")
     print(f"  warm pool / exec speed-up: {exec_wall / pool_wall:.1f}x")
+
+    python = asyncio.run(python_latencies(config, 60))
+    warm, cold = pct(python[True], 0.5), pct(python[False], 0.5)
+    print(
+        f"\npython tool, `print(1)`: warm interpreter (zygote) p50 {warm * 1e3:.2f} ms, p95 "
+        f"{pct(python[True], 0.95) * 1e3:.2f} ms; `python3 -c` p50 {cold * 1e3:.2f} ms, p95 "
+        f"{pct(python[False], 0.95) * 1e3:.2f} ms; ratio python3 -c / zygote = {cold / warm:.1f}x"
+    )
+    resets, handovers = asyncio.run(reset_times(config, 40))
+    print(
+        f"verified reset of a used container ({len(resets)} resets): p50 {pct(resets, 0.5) * 1e3:.2f} ms, p95 "
+        f"{pct(resets, 0.95) * 1e3:.2f} ms in the worker; release to the next trajectory's first answer p50 "
+        f"{pct(handovers, 0.5) * 1e3:.2f} ms, p95 {pct(handovers, 0.95) * 1e3:.2f} ms"
+    )
 
     per_container = asyncio.run(fresh_container_cpu(config, 16))
     cores = os.cpu_count() or 1

@@ -26,10 +26,10 @@ else as a protocol error.
     worker -> {"op": "reset", "ok": bool, "problems": [str], "duration_s": float, ...}
 
 ``script`` is the program text. With ``python`` true it runs in a child forked from this worker
-(a warm interpreter: about a millisecond instead of ten for ``python3 -c``) that drops to the
-sandbox user before it reads the script; otherwise it is passed to ``argv`` as one more argument
+(a warm interpreter, several times faster than ``python3 -c``; ``bench/sandbox.py`` measures it)
+that drops to the sandbox user before it reads the script; otherwise it is passed to ``argv`` as one more argument
 (``bash -c SCRIPT``), or, when too long for one argument, as the path of an in-memory file
-(``bash /dev/fd/3``).
+(``bash /dev/fd/N``).
 
 Per call: the command runs in its own session with stdin from /dev/null. At the deadline, or when
 it has written more than ``kill_bytes``, every process of the sandbox user is SIGKILLed; when the
@@ -47,12 +47,14 @@ Standard library only; any image with python3 (>= 3.9) and bash can host it.
 import atexit
 import contextlib
 import ctypes
+import gc
 import io
 import json
 import os
 import selectors
 import signal
 import stat
+import subprocess
 import sys
 import time
 import traceback
@@ -64,6 +66,7 @@ ARGV_SCRIPT_LIMIT = 64 * 1024  # longer scripts go through a memfd (the kernel c
 PR_SET_DUMPABLE = 4
 IPC_RMID = 0
 SYSV_IPC = (("shm", "shmctl"), ("msg", "msgctl"), ("sem", "semctl"))
+LIBC = ctypes.CDLL(None, use_errno=True)  # loaded once here, not in every forked child
 
 
 class Capture:
@@ -187,26 +190,26 @@ class SandboxUser:
                     raise OSError("capabilities survived the switch to the sandbox user")
         # A process that changed uid without exec is not dumpable, which would hide its own
         # /proc/self/fd from itself; the sandbox user may see its own process, as after an exec.
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
+        LIBC.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
         # Make the command, not the worker, the kernel's first choice when memory runs out.
         with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
             f.write("1000")
 
-    def fork_as(self, child, stdout_fd, stderr_fd, keep_fds=()):
+    def fork_as(self, child, stdout_fd, stderr_fd):
         """Fork; the child runs ``child()`` as the sandbox user in a new session and exits with its code."""
         pid = os.fork()
         if pid:
             return pid
         code = 127
         try:
+            gc.disable()  # a collection would touch (and so copy) every page the child shares with us
             os.setsid()
             devnull = os.open(os.devnull, os.O_RDONLY)
             os.dup2(devnull, 0)
             os.dup2(stdout_fd, 1)
             os.dup2(stderr_fd, 2)
             # Nothing of the worker's may reach the command: not the host stream, not a pipe end.
-            _close_all_but(keep_fds)
+            os.closerange(3, os.sysconf("SC_OPEN_MAX"))
             self.become()
             code = child()
         except BaseException:  # noqa: BLE001 - the child must exit here, whatever happened
@@ -218,15 +221,6 @@ class SandboxUser:
                 sys.stdout.flush()
                 sys.stderr.flush()
             os._exit(code)
-
-
-def _close_all_but(keep):
-    """Close every descriptor from 3 up except those in ``keep``."""
-    low = 3
-    for fd in sorted(keep):
-        os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
 
 
 def run_python(script, env, cwd):
@@ -288,9 +282,8 @@ def clean_as_sandbox_user(mounts):
             empty_tree(path)
         except OSError as exc:
             problems.append(f"{path}: {exc.strerror or exc}")
-    libc = ctypes.CDLL(None, use_errno=True)
     for kind, ident in sysv_ipc_of(os.getuid()):
-        ctl = getattr(libc, dict(SYSV_IPC)[kind])
+        ctl = getattr(LIBC, dict(SYSV_IPC)[kind])
         args = (ident, 0, IPC_RMID, None) if kind == "sem" else (ident, IPC_RMID, None)
         if ctl(*args) != 0:
             problems.append(f"could not remove SysV {kind} {ident}")
@@ -334,30 +327,34 @@ class Worker:
                 if script is not None and len(script.encode()) <= ARGV_SCRIPT_LIMIT:
                     argv.append(script)  # e.g. bash -c SCRIPT
                 elif script is not None:
-                    # An in-memory file the command opens as /dev/fd/3 (bash FILE): nothing on disk to race for.
+                    # An in-memory file the command opens by path (bash /dev/fd/N): nothing on disk to race for.
                     memfd = os.memfd_create("tracegen-script")
                     os.write(memfd, script.encode())
                     os.lseek(memfd, 0, os.SEEK_SET)
-                    argv = [*[str(a) for a in req.get("file_argv") or argv], "/dev/fd/3"]
-
-                def exec_command():
-                    if memfd is not None:
-                        os.dup2(memfd, 3)
-                        os.set_inheritable(3, True)  # dup2 onto itself would leave close-on-exec set
-                    os.environ.clear()
-                    os.environ.update(env)
-                    os.chdir(cwd)
-                    try:
-                        os.execvp(argv[0], argv)
-                    except OSError as exc:
-                        print(f"could not start {argv[0]}: {exc.strerror or exc}", file=sys.stderr)
-                        return 127 if isinstance(exc, FileNotFoundError) else 126
-                    return 126
-
-                pid = self.user.fork_as(exec_command, out_w, err_w, () if memfd is None else (memfd,))
+                    argv = [*[str(a) for a in req.get("file_argv") or argv], f"/dev/fd/{memfd}"]
+                # The C child of subprocess (no Python runs between fork and exec) switches to the
+                # sandbox user; exec leaves it with no capabilities, as the privileges check verifies.
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out_w,
+                    stderr=err_w,
+                    cwd=cwd,
+                    env=env,
+                    start_new_session=True,
+                    user=self.user.uid,
+                    group=self.user.gid,
+                    extra_groups=[],
+                    pass_fds=() if memfd is None else (memfd,),
+                )
+                proc.returncode = 0  # reaped by pump(), not by Popen
+                pid = proc.pid
         except (OSError, ValueError, UnicodeError) as exc:
-            result["error"] = f"could not start the command: {exc}"
-            result["exit_code"] = 126
+            if isinstance(exc, OSError):
+                result["error"] = f"could not start {req.get('argv', ['the command'])[0]}: {exc.strerror or exc}"
+            else:
+                result["error"] = f"could not start the command: {exc}"
+            result["exit_code"] = 127 if isinstance(exc, FileNotFoundError) else 126
             for fd in (out_r, out_w, err_r, err_w):
                 os.close(fd)
             return self.finish(result, captures, started, oom_before)
@@ -511,8 +508,10 @@ def main():
             gid = value
     if uid == 0:
         sys.exit("the sandbox user must not be root")
+    worker = Worker(sys.stdout.buffer, SandboxUser(uid, gid))
+    gc.freeze()  # what exists now is never collected, so forked children share it without copying
     # A host that goes away closes our stdin, which ends ``serve`` and so the worker.
-    Worker(sys.stdout.buffer, SandboxUser(uid, gid)).serve(sys.stdin.buffer)
+    worker.serve(sys.stdin.buffer)
 
 
 if __name__ == "__main__":

@@ -3,17 +3,39 @@
 How a call runs. A warm pool keeps containers started ahead of need (first process ``sleep <ttl>``
 under ``init``, auto-removed when it exits), each with the sandbox worker (``sandbox/worker.py``)
 already attached over one ``docker exec`` stream that speaks JSON lines. A trajectory takes a
-fresh container on its first tool call and keeps it until it ends, so files written by one call
-are there for the next, and nothing is shared with any other trajectory. A call is one JSON line
-each way: about a millisecond of overhead, against tens for a ``docker exec`` and hundreds for a
-``docker run``.
+container on its first tool call and keeps it until it ends, so files written by one call are
+there for the next. A call is one JSON line each way: a few milliseconds, against tens for a
+``docker exec`` and hundreds for a ``docker run``; ``python`` calls fork from the worker's warm
+interpreter instead of starting ``python3``.
 
-Deadlines, in three layers: the worker SIGKILLs the command's whole process group (background
-children included) at ``timeout_s``; the host waits ``kill_grace_s`` more for the reply; past
-that it kills the container and the trajectory's next call gets a fresh one. Output is capped
-twice: the worker keeps at most ``keep_bytes`` of each stream (head and tail) and kills a command
-that writes more than ``kill_bytes``; the model then sees at most ``max_chars`` characters,
-middle-truncated.
+Two users. The worker and PID 1 run as root with only SETUID, SETGID and KILL; every command runs
+as ``user`` (1000:1000), no capabilities, no supplementary groups. So tool code cannot open the
+worker's streams through ``/proc``, trace it, signal it, or write to PID 1's output: what the host
+reads is written by the worker alone. The host still trusts nothing it reads: each reply must echo
+its request's id and a random nonce, a line must fit ``max_reply_bytes()``, and a line nobody asked
+for ends the channel; any of these is a protocol error that replaces the container. Containers log
+nothing on the host (log driver ``none``).
+
+Deadlines, in three layers: the worker SIGKILLs every process of the sandbox user at
+``timeout_s``; the host waits ``kill_grace_s`` more for the reply; past that it kills the container
+and the trajectory's next call gets a fresh one. Output is capped twice: the worker keeps at most
+``keep_bytes`` of each stream (head and tail) and kills a command that writes more than
+``kill_bytes``; the model then sees at most ``max_chars`` characters, middle-truncated.
+
+Recycling (``recycle``, on by default). When a trajectory ends, its container is reset and handed
+to a later trajectory instead of being replaced, up to ``recycle_max_uses`` times. The reset kills
+every process of the sandbox user, empties every mount it can write to (``tmpfs`` work dirs,
+``/dev/shm``, ``/dev/mqueue``) and restores their modes, removes its System V IPC objects, then
+verifies each of those (no process of the uid, each mount empty at its mode, no IPC object, the
+worker answering) before the container goes back to the pool; a reset that fails or is not verified
+in ``reset_timeout_s`` replaces the container, and so does a container whose call timed out or
+was OOM-killed. Against a fresh container, a recycled one differs only in what the sandbox user
+cannot reset and the next trajectory can at most observe: the pid counter and process start times,
+the container's uptime and cgroup counters (CPU time, OOM-kill count, memory high-water mark),
+the kernel's shared state (page cache, entropy, network namespace counters on loopback). The
+read-only root filesystem means nothing else can carry a file from one trajectory to the next; the
+``writable places`` self-check asserts that every writable path is a mount that the reset empties.
+With ``recycle: false`` every trajectory gets a fresh container, as before.
 
 What the sandbox protects against (all on by default, each configurable):
 
@@ -23,12 +45,17 @@ What the sandbox protects against (all on by default, each configurable):
 - code that reaches the network: ``network_mode=none`` (loopback only);
 - code that changes the image or the host: read-only root filesystem, a non-root user, every
   capability dropped, ``no-new-privileges``;
+- code that forges what the host reads (a tool result, a tests verdict) or grows the host's
+  memory or disk: separate uids for worker and commands, replies matched by id and nonce,
+  bounded host buffers, no container log;
 - the host's secrets: containers get a fixed, minimal environment, never the host's (so
   ``TRACEGEN_TEACHER_API_KEY`` is not there) and no host directory is mounted;
-- trajectories seeing each other: one container per trajectory, never reused;
+- trajectories seeing each other: one trajectory per container at a time, a verified reset
+  between two (above);
 - leaked containers: every container is labelled with its owner process and a ttl; start-up sweeps
-  those whose owner is dead or whose ttl passed, exit removes our own, and ``sleep <ttl>`` ends the
-  container even after ``kill -9`` of the host process.
+  those whose owner is dead or whose ttl passed (never one whose owner lives, whatever its state),
+  exit removes our own, and ``sleep <ttl>`` ends the container even after ``kill -9`` of the host
+  process.
 
 What it does not protect against:
 
@@ -37,8 +64,10 @@ What it does not protect against:
 - anything an engine you point it at allows: a remote ``DOCKER_HOST`` is trusted like a local one;
 - exhaustion of shared resources the limits do not cover (disk I/O bandwidth, the page cache,
   the engine's own throughput);
-- code inside one trajectory killing its own worker or its own files: the trajectory then gets a
-  fresh container and is told its files are gone;
+- code inside one trajectory harming that trajectory (deleting its own files, exiting early);
+- a solution under ``filter --verifier tests`` that ends its own test process with exit 0 (e.g.
+  ``sys.exit(0)`` on import): the tests run in the solution's process, so their exit code is
+  the verdict; the worker reports it faithfully, it cannot tell who chose it;
 - processes outliving a call: every process a call started is killed when the call ends. Files
   persist across the calls of a trajectory; processes do not.
 """
@@ -92,6 +121,7 @@ WORKER_VERSION = 2
 # kill what it leaves. Commands run as another uid, with none.
 WORKER_USER = "0:0"
 WORKER_CAPABILITIES = ("SETUID", "SETGID", "KILL")
+VERIFIED_FRESH_S = 5.0  # a container reset and verified this recently is handed out without a ping
 RESTART_NOTE = "[note: the sandbox was restarted before this call; files from earlier calls are gone]\n"
 # Fixed container environment: never derived from the host's, so no host secret can reach it.
 SANDBOX_ENV = {
@@ -118,7 +148,12 @@ class DockerRuntimeConfig(BaseModel):
     max_containers_per_engine: int | None = Field(
         None, ge=1, description="Containers per engine at once; default: engine memory / mem_limit."
     )
-    pool_size: int = Field(8, ge=0, description="Idle containers kept started ahead of need.")
+    pool_size: int = Field(
+        8,
+        ge=0,
+        description="Containers kept started ahead of need: idle ones, plus (with recycle) those in use, "
+        "which come back after their reset.",
+    )
     prefill: bool = Field(
         False, description="Wait at start-up until pool_size containers are ready, so the first wave never waits."
     )
@@ -535,6 +570,8 @@ class Sandbox:
     """A call timed out or was OOM-killed here: replace it rather than reset it."""
     uses: int = 0
     """Trajectories this container has served (recycling)."""
+    verified_at: float = float("-inf")
+    """When its last reset was verified (monotonic seconds)."""
     released: bool = False
     """Handed back: its engine slot is free and its removal is under way."""
 
@@ -842,9 +879,18 @@ class DockerRuntime:
         return max(candidates, key=lambda e: e.free) if candidates else None
 
     async def _fill(self) -> None:
-        """Keep ``pool_size`` idle containers plus one per waiting trajectory, ``max_starting`` at a time."""
+        """Keep ``pool_size`` idle containers plus one per waiting trajectory, ``max_starting`` at a time.
+
+        With recycling, containers in use count too: they return to the pool after their reset.
+        """
         while not self._closed:
-            want = self.config.pool_size + len(self._waiters) - len(self._ready) - self._starting - len(self._resetting)
+            coming = self._starting + len(self._resetting)  # containers about to be ready
+            want = self.config.pool_size + len(self._waiters) - len(self._ready) - coming
+            if self.config.recycle:
+                # Containers in use come back after their reset: pool_size counts them, and only the
+                # waiters that no starting or resetting container will serve need a new one.
+                warm = len(self._ready) + len(self._in_use) + coming
+                want = max(len(self._waiters) - coming, self.config.pool_size - warm)
             engine = self._pick_engine()
             if want <= 0 or self._starting >= self.config.max_starting or engine is None:
                 self._wake.clear()
@@ -907,7 +953,11 @@ class DockerRuntime:
                     if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                         self._discard(waiter.result())
                     raise
-            # Health check before hand-out: a container may have died while idle (ttl, OOM, kill).
+            # Health check before hand-out: a container may have died while idle (ttl, OOM, kill). A
+            # reset verified moments ago is that check already (nothing of the sandbox user runs since).
+            if sandbox.verified_at > time.monotonic() - VERIFIED_FRESH_S and not sandbox.channel.lost:
+                sandbox.uses += 1
+                return sandbox
             try:
                 pong = await sandbox.channel.request({"op": "ping"}, self.config.start_timeout_s)
                 if pong.get("op") == "pong":
@@ -947,6 +997,7 @@ class DockerRuntime:
             ok = reply.get("op") == "reset" and reply.get("ok") is True
             if ok:
                 self.reset_seconds.append(float(reply.get("duration_s") or 0.0))
+                sandbox.verified_at = time.monotonic()
             else:
                 problems = "; ".join(str(p) for p in reply.get("problems") or [reply.get("error")])
                 log.warning("sandbox %s failed its reset, replacing it: %s", sandbox.container_id[:12], problems[:500])
