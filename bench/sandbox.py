@@ -203,7 +203,8 @@ async def fresh_container_cpu(config: DockerRuntimeConfig, n: int) -> float:
     What a run that gives every trajectory its own container must pay per trajectory, whatever the pool
     does: on C cores it caps such a run at C / this many trajectories per second.
     """
-    runtime = DockerRuntime(DockerRuntimeConfig(**{**config.model_dump(), "pool_size": 0, "prefill": False}))
+    fresh = {**config.model_dump(), "pool_size": 0, "prefill": False, "recycle": False}
+    runtime = DockerRuntime(DockerRuntimeConfig(**fresh))
     await runtime.start()
     busy = machine_busy_s()
     for i in range(n):
