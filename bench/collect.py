@@ -195,7 +195,7 @@ def _write_tasks(path: Path, n: int, prefix: str) -> None:
 def work_tracegen(
     base_url: str, concurrency: int, trajectories: int, runtime: str = "simulated", recycle: bool = True
 ) -> dict[str, Any]:
-    from tracegen.collect import run_collect
+    from tracegen.collect.driver import run_collect
     from tracegen.config import CollectConfig
 
     with tempfile.TemporaryDirectory(prefix="tracegen-bench-") as tmp:

@@ -105,7 +105,7 @@ def make_dataset(root: Path, student_dir: str, n: int, max_length: int) -> Path:
     import importlib.util
 
     from tracegen.config import FormatConfig
-    from tracegen.format import format_dataset
+    from tracegen.data.format import format_dataset
     from tracegen.testing.synthetic import make_trajectory
 
     spec = importlib.util.find_spec("trl")
@@ -434,7 +434,7 @@ def main() -> None:
     import trl
 
     from tracegen.distill.data import load_rows, n_supervised
-    from tracegen.models import resolve_model
+    from tracegen.model_aliases import resolve_model
 
     if args.quick:
         args.batch_size, args.grad_accum, args.warmup, args.steps, args.repeats = 1, 1, 1, 1, 1

@@ -38,8 +38,8 @@ from pathlib import Path
 
 from tracegen.config import FilterConfig
 from tracegen.filter import Item, cheap_checks, read_items, run_filter
+from tracegen.records import Trajectory
 from tracegen.testing.synthetic import make_trajectory
-from tracegen.types import Trajectory
 
 SYMBOLIC = [
     ("(x+1)^2", "x^2 + 2x + 1"),

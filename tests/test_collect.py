@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from tracegen.collect import run_collect
+from tracegen.collect.driver import run_collect
 from tracegen.errors import BadInputError
+from tracegen.records import AssistantMessage, ToolMessage
 from tracegen.store import read_trajectories
 from tracegen.testing.fake_server import (
     FakeServer,
@@ -21,7 +22,6 @@ from tracegen.testing.fake_server import (
     text_reply,
     tool_call_reply,
 )
-from tracegen.types import AssistantMessage, ToolMessage
 
 from .conftest import SECRET, make_config, write_tasks
 

@@ -13,10 +13,10 @@ from tests.docker_fixtures import (
     docker_client_fixture,  # noqa: F401  # fixture
     no_leftover_containers_fixture,  # noqa: F401  # fixture
 )
-from tracegen.collect import run_collect
+from tracegen.collect.driver import run_collect
+from tracegen.records import ToolMessage
 from tracegen.store import read_trajectories
 from tracegen.testing.fake_server import FakeServer, ReactScript, Scripted, text_reply, tool_call_reply
-from tracegen.types import ToolMessage
 
 from .conftest import SECRET, make_config, write_tasks
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2() -> Path:
-    from tracegen.testing.local_teacher import LocalTeacherError, prepare_smollm2
+    from tracegen.serve import LocalTeacherError, prepare_smollm2
 
     try:
         return prepare_smollm2()
@@ -30,7 +30,7 @@ def smollm2() -> Path:
 def test_format_and_distill_agree_on_the_vocabulary_hash(smollm2: Path) -> None:
     from transformers import AutoTokenizer
 
-    from tracegen.render import load_tokenizer
+    from tracegen.data.tokenize import load_tokenizer
 
     assert load_tokenizer(str(smollm2)).vocab_hash == vocab_hash(AutoTokenizer.from_pretrained(str(smollm2)))
 

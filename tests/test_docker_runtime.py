@@ -26,17 +26,17 @@ from tests.docker_fixtures import (
     unavailable,
 )
 from tracegen.errors import RuntimeToolError
-from tracegen.runtime.docker import (
+from tracegen.runtime.docker.pool import DockerRuntime
+from tracegen.runtime.docker.settings import (
     DEFAULT_IMAGE,
     LABEL_CREATED,
     LABEL_MANAGED,
     LABEL_OWNER,
     LABEL_RUN,
     LABEL_TTL,
-    DockerRuntime,
     DockerRuntimeConfig,
-    sweep_engine,
 )
+from tracegen.runtime.docker.sweep import sweep_engine
 from tracegen.runtime.selfcheck import run
 
 pytestmark = pytest.mark.docker
@@ -423,7 +423,7 @@ def test_default_config_validates_and_forbids_unknown_keys() -> None:
 def test_cli_build_reports_the_path_and_cleanup_counts(docker_client: Any) -> None:
     from typer.testing import CliRunner
 
-    from tracegen.sandbox_cli import sandbox_app
+    from tracegen.cli.sandbox import sandbox_app
 
     runner = CliRunner()
     built = runner.invoke(sandbox_app, ["build"], env={"COLUMNS": "200"})
@@ -438,8 +438,8 @@ def test_cli_build_reports_the_path_and_cleanup_counts(docker_client: Any) -> No
 def test_cli_check_prints_every_case_passing(docker_client: Any) -> None:
     from typer.testing import CliRunner
 
+    from tracegen.cli.sandbox import sandbox_app
     from tracegen.runtime.selfcheck import CASES
-    from tracegen.sandbox_cli import sandbox_app
 
     result = CliRunner().invoke(sandbox_app, ["check"], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output

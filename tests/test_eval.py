@@ -11,8 +11,8 @@ import pytest
 
 from tests.conftest import tracegen, write_tasks
 from tracegen.config import EvalConfig
+from tracegen.data.templates import PROOF_HEAD, PROOF_MID
 from tracegen.evaluate import run_eval
-from tracegen.templates import PROOF_HEAD, PROOF_MID
 from tracegen.testing.fake_server import FakeServer, Reply, text_reply
 
 
@@ -119,7 +119,7 @@ def test_eval_bad_input_exits_2_and_writes_nothing(tmp_path: Path, args: list[st
 @pytest.mark.slow
 def test_eval_of_the_quickstart_section_against_a_served_smollm2(tmp_path: Path) -> None:
     """The quickstart recipe's eval section, offline, on a real model behind `transformers serve`."""
-    from tracegen.testing.local_teacher import prepare_smollm2, serve
+    from tracegen.serve import prepare_smollm2, serve
 
     recipe = Path(__file__).parent.parent / "recipes" / "quickstart.yaml"
     with serve(prepare_smollm2()) as served:

@@ -18,9 +18,9 @@ import pytest
 
 from tracegen.config import FilterConfig
 from tracegen.filter import pass_at_k, run_filter
+from tracegen.records import AssistantMessage, Task, Trajectory, Usage
 from tracegen.testing.fake_server import FakeServer, Script, Scripted, text_reply
 from tracegen.testing.synthetic import make_trajectory
-from tracegen.types import AssistantMessage, Task, Trajectory, Usage
 
 from .conftest import SECRET, start_tracegen, tracegen
 

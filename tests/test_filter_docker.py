@@ -15,8 +15,7 @@ from tests.docker_fixtures import (
 )
 from tracegen.config import FilterConfig
 from tracegen.filter import run_filter
-from tracegen.testing.synthetic import make_trajectory
-from tracegen.types import (
+from tracegen.records import (
     AssistantMessage,
     Message,
     Observation,
@@ -28,6 +27,7 @@ from tracegen.types import (
     Trajectory,
     UserMessage,
 )
+from tracegen.testing.synthetic import make_trajectory
 
 pytestmark = pytest.mark.docker
 

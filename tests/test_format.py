@@ -9,11 +9,9 @@ import numpy as np
 import pytest
 
 from tracegen.config import FormatConfig
-from tracegen.errors import BadInputError
-from tracegen.format import format_dataset, sharegpt_row
-from tracegen.hub import read_rows
-from tracegen.render import Stats, load_tokenizer, tokenize_batch
-from tracegen.templates import (
+from tracegen.data.format import format_dataset, sharegpt_row
+from tracegen.data.hub import read_rows
+from tracegen.data.templates import (
     DUALMIND,
     PROOF_HEAD,
     PROOF_MID,
@@ -25,6 +23,8 @@ from tracegen.templates import (
     render_instruct,
     render_proof,
 )
+from tracegen.data.tokenize import Stats, load_tokenizer, tokenize_batch
+from tracegen.errors import BadInputError
 from tracegen.testing.synthetic import HOSTILE, make_trajectory, write_trajectories
 
 from .conftest import tracegen
@@ -167,7 +167,7 @@ def test_chat_masks_equal_trl_on_real_qwen3() -> None:
 
     from transformers import AutoTokenizer
 
-    from tracegen.templates import chat_messages
+    from tracegen.data.templates import chat_messages
 
     spec = importlib.util.find_spec("trl")
     assert spec is not None and spec.submodule_search_locations

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from tracegen.config import FormatConfig
+from tracegen.data.chat_template import compile_template
+from tracegen.data.format import format_dataset
+from tracegen.data.templates import Piece, Rendered
+from tracegen.data.tokenize import Stats, assemble, encode, lay_out, load_tokenizer
 from tracegen.errors import BadInputError, TracegenError
-from tracegen.format import format_dataset
-from tracegen.jinja_sandbox import compile_template
-from tracegen.render import Stats, assemble, encode, lay_out, load_tokenizer
-from tracegen.templates import Piece, Rendered
 from tracegen.testing.synthetic import HOSTILE, make_trajectory, write_trajectories
 
 from .conftest import start_tracegen, tracegen
@@ -47,7 +47,7 @@ def test_run_offsets_equal_the_tokenizers_own(tok_spec: str, byte_path: bool, mo
     ``fallback``: when byte lengths do not add up, the runs are encoded again with offsets.
     """
     if not byte_path:
-        from tracegen import render as render_module
+        from tracegen.data import tokenize as render_module
 
         monkeypatch.setattr(render_module, "_runs_from_bytes", lambda *args: False)
     tok = load_tokenizer(tok_spec)
@@ -90,7 +90,7 @@ def _die(bounds: tuple[int, int]) -> None:
 
 
 def test_a_dead_worker_fails_the_run_instead_of_hanging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import tracegen.format as format_module
+    import tracegen.data.format as format_module
 
     src = tmp_path / "t.jsonl"
     write_trajectories(str(src), 8)

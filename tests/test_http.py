@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tracegen.http import ConnectionPool, HttpxPool, open_pool
+from tracegen.client.http import ConnectionPool, HttpxPool, open_pool
 from tracegen.testing.fake_server import FakeServer, ReactScript, Scripted, text_reply
 
 Start = Callable[[Any], FakeServer]

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from tracegen.config import FormatConfig
+from tracegen.data.format import format_dataset
+from tracegen.data.hub import push_dataset
 from tracegen.errors import BadInputError, TracegenError
-from tracegen.format import format_dataset
-from tracegen.hub import push_dataset
 from tracegen.testing.synthetic import write_trajectories
 
 from .conftest import tracegen

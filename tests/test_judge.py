@@ -7,11 +7,11 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from tracegen.checks.judge import JUDGE_ERROR, Judge, parse_reply
 from tracegen.config import JudgeConfig
-from tracegen.judge import JUDGE_ERROR, Judge, parse_reply
+from tracegen.records import Verdict
 from tracegen.testing.fake_server import FakeServer, Script, Scripted, error_reply, text_reply
 from tracegen.testing.synthetic import make_trajectory
-from tracegen.types import Verdict
 
 from .conftest import SECRET
 

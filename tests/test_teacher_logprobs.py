@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from tracegen.collect import run_collect
+from tracegen.client.chat import LOGPROB_FLOOR
+from tracegen.collect.driver import run_collect
 from tracegen.config import TeacherConfig
+from tracegen.records import AssistantMessage, TokenLogprob, Trajectory
 from tracegen.store import read_trajectories
-from tracegen.teacher import LOGPROB_FLOOR
 from tracegen.testing.fake_server import FakeServer, Reply, Scripted, text_reply, token_logprob, tool_call_reply
-from tracegen.types import AssistantMessage, TokenLogprob, Trajectory
 
 from .conftest import make_config, write_tasks
 from .test_teacher import ask

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import json
 
-from tracegen.tools import parse_arguments, parse_text_calls
+from tracegen.client.tools import parse_arguments, parse_text_calls
 
 
 def test_hermes_calls_parse_with_arguments_as_raw_json() -> None:

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from tracegen.tools import tool_specs
-from tracegen.types import (
+from tracegen.client.tools import tool_specs
+from tracegen.records import (
     AssistantMessage,
     Observation,
     RuntimeInfo,

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tracegen.config import DuplicateCheckConfig, ReferenceCheckConfig, StructuralCheckConfig
-from tracegen.testing.synthetic import make_trajectory
-from tracegen.types import AssistantMessage, ToolCall, TrajectoryError
-from tracegen.verify import (
+from tracegen.checks.verify import (
     DuplicateIndex,
     compare,
     extract_answers,
@@ -15,6 +12,9 @@ from tracegen.verify import (
     structural_verdict,
     to_sympy_text,
 )
+from tracegen.config import DuplicateCheckConfig, ReferenceCheckConfig, StructuralCheckConfig
+from tracegen.records import AssistantMessage, ToolCall, TrajectoryError
+from tracegen.testing.synthetic import make_trajectory
 
 # (final answer text, reference, equal, deciding rule)
 REFERENCE_CASES: list[tuple[str, str, bool, str]] = [

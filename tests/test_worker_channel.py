@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tracegen.runtime.docker import WorkerChannel, WorkerLost
+from tracegen.runtime.docker.channel import WorkerChannel, WorkerLost
 
 
 def frame(data: bytes, stream: int = 1) -> bytes:

@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tracegen.errors import RecipeError
-from tracegen.runtime.docker import DockerRuntimeConfig
+from tracegen.runtime.docker.settings import DockerRuntimeConfig
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a careful problem solver with access to tools. Think step by step. When running code "

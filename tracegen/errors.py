@@ -7,7 +7,8 @@
     │   └── RecipeError           a recipe YAML that does not validate
     ├── TeacherError              the teacher (or simulator, or judge) API failed
     │   └── RetryableTeacherError 429 / 5xx / dropped or truncated stream / timeout: worth retrying
-    └── RuntimeToolError          a tool runtime could not execute a call (not the tool's own failure)
+    ├── RuntimeToolError          a tool runtime could not execute a call (not the tool's own failure)
+    └── LocalTeacherError         the local model server (``tracegen.serve``) could not be prepared or started
 
 A ``hint`` says what to do about it. Foreign exceptions (httpx, docker, yaml, pydantic) are translated
 once, where they are caught, with ``raise ... from exc``. Messages never contain secrets: the code
@@ -66,4 +67,8 @@ class RetryableTeacherError(TeacherError):
 
 
 class RuntimeToolError(TracegenError):
+    pass
+
+
+class LocalTeacherError(TracegenError):
     pass

@@ -26,13 +26,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tracegen.collect import TRAJECTORIES, run_collect
+from tracegen.checks.verify import reference_verdict
+from tracegen.collect.driver import TRAJECTORIES, run_collect
 from tracegen.config import EvalConfig
+from tracegen.data.templates import prompt_part
 from tracegen.errors import BadInputError
+from tracegen.records import AssistantMessage, Task, Trajectory, Verdict
 from tracegen.store import read_trajectories, write_json_atomic
-from tracegen.templates import prompt_part
-from tracegen.types import AssistantMessage, Task, Trajectory, Verdict
-from tracegen.verify import reference_verdict
 
 EVAL_JSON = "eval.json"
 ANSWER_CHARS = 200  # of each final answer kept in eval.json (the full text is in trajectories.jsonl)
@@ -146,8 +146,8 @@ def _read(path: Path, fingerprint: str) -> list[Trajectory]:
 
 async def _run_tests(trajectories: list[Trajectory], config: EvalConfig) -> dict[str, Verdict]:
     """filter's ``tests`` check on every answer whose task has tests, ``concurrency`` sandboxes at a time."""
-    from tracegen.runtime.docker import DockerRuntime
-    from tracegen.verify import run_tests
+    from tracegen.checks.verify import run_tests
+    from tracegen.runtime.docker.pool import DockerRuntime
 
     with_tests = [t for t in trajectories if t.task.tests]
     if not with_tests:

@@ -45,17 +45,17 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from tracegen import __version__
+from tracegen.checks.judge import JUDGE_ERROR, Judge, is_error
+from tracegen.checks.replay import needs_replay, replay
+from tracegen.checks.verify import DuplicateIndex, reference_verdict, run_tests, structural_verdict
 from tracegen.config import FilterConfig, _recipe_error, load_recipe, merge
 from tracegen.errors import BadInputError
-from tracegen.judge import JUDGE_ERROR, Judge, is_error
-from tracegen.replay import needs_replay, replay
+from tracegen.records import Trajectory, Usage, Verdict
 from tracegen.signals import cancel_on_sigterm
 from tracegen.store import JsonlStore, read_trajectory_lines, write_json_atomic, write_lines_atomic
-from tracegen.types import Trajectory, Usage, Verdict
-from tracegen.verify import DuplicateIndex, reference_verdict, run_tests, structural_verdict
 
 if TYPE_CHECKING:
-    from tracegen.runtime.docker import DockerRuntime
+    from tracegen.runtime.docker.pool import DockerRuntime
 
 JOURNAL = "verdicts.jsonl"
 KEPT = "kept.jsonl"
@@ -361,7 +361,7 @@ async def expensive_checks(items: list[Item], out_dir: Path, config: FilterConfi
         nonlocal runtime
         async with runtime_lock:
             if runtime is None:
-                from tracegen.runtime.docker import DockerRuntime
+                from tracegen.runtime.docker.pool import DockerRuntime
 
                 started = DockerRuntime(config.docker)
                 runtime = started

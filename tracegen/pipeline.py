@@ -183,8 +183,8 @@ class Pipeline:
                     f"no endpoint for the {who}",
                     hint=f"set {who}.base_url and model in the recipe (or the matching flags / environment)",
                 )
-            from tracegen.models import resolve_model
-            from tracegen.testing.local_teacher import serve
+            from tracegen.model_aliases import resolve_model
+            from tracegen.serve import serve
 
             model_dir = Path(resolve_model(spec))
             self.say(f"run: serving {spec} locally for the endpoints without a base_url")
@@ -202,7 +202,7 @@ class Pipeline:
     # --- stages ----------------------------------------------------------------------------------
 
     def _do_collect(self, out: Path) -> dict[str, Any]:
-        from tracegen.collect import run_collect
+        from tracegen.collect.driver import run_collect
 
         config = self.recipe.collect.model_copy(deep=True)
         self._fill(config.teacher, "collect.teacher")
@@ -250,7 +250,7 @@ class Pipeline:
         return Path(self.recipe.run.data)
 
     def _format(self, source: Path, out: Path, config: FormatConfig, student: str | None) -> dict[str, Any]:
-        from tracegen.format import format_dataset
+        from tracegen.data.format import format_dataset
 
         config = config.model_copy(deep=True)
         config.tokenizer = _format_tokenizer(config, student)
@@ -265,7 +265,7 @@ class Pipeline:
 
     def _do_cache_teacher(self, out: Path) -> dict[str, Any]:
         from tracegen.distill.cache import build_cache
-        from tracegen.models import resolve_model
+        from tracegen.model_aliases import resolve_model
 
         c, d = self.recipe.cache_teacher, self.recipe.distill
         if c.source == "collect":
@@ -303,7 +303,7 @@ class Pipeline:
         self, config: DistillConfig, dataset: Path, out: Path, student: str, cache: Path | None
     ) -> dict[str, Any]:
         from tracegen.distill.trainer import train
-        from tracegen.models import resolve_model
+        from tracegen.model_aliases import resolve_model
 
         config = config.model_copy(update={"student": resolve_model(student)})
         if cache is not None:
@@ -356,7 +356,7 @@ class Pipeline:
     def _measure(self, evaluation: EvalConfig, model: Path | None, out: Path) -> dict[str, Any]:
         """``tracegen eval`` on the recipe's tasks: against eval.endpoint.base_url, or the final model served here."""
         from tracegen.evaluate import run_eval
-        from tracegen.testing.local_teacher import serve
+        from tracegen.serve import serve
 
         config = evaluation.model_copy(deep=True)
         with contextlib.ExitStack() as stack:
@@ -378,7 +378,7 @@ class Pipeline:
         return None
 
     def _do_eval(self, out: Path) -> dict[str, Any]:
-        from tracegen.probe import run_probes
+        from tracegen.data.probes import run_probes
 
         model = self.final_model()
         facts: dict[str, Any] = {}
@@ -403,7 +403,7 @@ class Pipeline:
 
 def _format_tokenizer(config: FormatConfig, student: str | None) -> str:
     """The tokenizer format uses (the student's own by default), as a local name or folder."""
-    from tracegen.models import local_tokenizer
+    from tracegen.model_aliases import local_tokenizer
 
     tokenizer = config.tokenizer or student
     if not tokenizer:

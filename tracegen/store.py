@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from tracegen.errors import BadInputError
-from tracegen.types import Trajectory
+from tracegen.records import Trajectory
 
 
 class JsonlStore:

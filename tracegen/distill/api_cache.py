@@ -38,12 +38,12 @@ from typing import Any
 
 import numpy as np
 
+from tracegen.data.token_bytes import byte_table
 from tracegen.distill.cache import CacheWriter
 from tracegen.distill.data import dataset_vocab_hash, load_rows, parquet_files, rows_fingerprint
 from tracegen.errors import BadInputError
+from tracegen.records import AssistantMessage, TokenLogprob, Trajectory
 from tracegen.store import read_trajectories
-from tracegen.token_bytes import byte_table
-from tracegen.types import AssistantMessage, TokenLogprob, Trajectory
 
 ALIGNED_KINDS = ("reasoning", "answer")
 
@@ -153,7 +153,7 @@ def build_cache_from_logprobs(
     """Write a teacher cache for ``dataset_dir`` from the log-probs stored in ``trajectories``."""
     import pyarrow.parquet as pq
 
-    from tracegen.render import load_tokenizer
+    from tracegen.data.tokenize import load_tokenizer
 
     started = time.perf_counter()
     rows = load_rows(dataset_dir)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Protocol
 
-from tracegen.types import Observation, RuntimeInfo, ToolCall, ToolSpec
+from tracegen.records import Observation, RuntimeInfo, ToolCall, ToolSpec
 
 
 class ToolOutput(NamedTuple):

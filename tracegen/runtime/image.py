@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from tracegen.errors import RuntimeToolError, TracegenError
-from tracegen.runtime.docker import DEFAULT_IMAGE
+from tracegen.runtime.docker.settings import DEFAULT_IMAGE
 
 if TYPE_CHECKING:
     import docker

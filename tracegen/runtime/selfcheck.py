@@ -1,6 +1,6 @@
 """The hostile-code self-test: what ``tracegen sandbox check`` runs against an engine and image.
 
-Each case runs code through :class:`~tracegen.runtime.docker.DockerRuntime` exactly as a
+Each case runs code through :class:`~tracegen.runtime.docker.pool.DockerRuntime` exactly as a
 trajectory's tool call would, and reports what it expected, what it observed, and whether the
 sandbox held. The test suite runs the same cases (``tests/test_sandbox_hostile.py``).
 """
@@ -17,9 +17,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
 from tracegen.errors import RuntimeToolError
+from tracegen.records import ToolCall, ToolSpec
 from tracegen.runtime.base import ToolOutput
-from tracegen.runtime.docker import DockerEpisode, DockerRuntime, DockerRuntimeConfig
-from tracegen.types import ToolCall, ToolSpec
+from tracegen.runtime.docker.episode import DockerEpisode
+from tracegen.runtime.docker.pool import DockerRuntime
+from tracegen.runtime.docker.settings import DockerRuntimeConfig
 
 PYTHON = ToolSpec(name="python", description="Run Python code.", parameters={"type": "object"})
 BASH = ToolSpec(name="bash", description="Run a bash command.", parameters={"type": "object"})

@@ -17,11 +17,11 @@ import re
 import time
 from typing import Any
 
+from tracegen.client.chat import ChatClient
 from tracegen.errors import RuntimeToolError, TeacherError
+from tracegen.records import Observation, RuntimeInfo, ToolCall, ToolSpec
 from tracegen.runtime.base import ToolOutput
-from tracegen.teacher import ChatClient
 from tracegen.truncate import middle_truncate
-from tracegen.types import Observation, RuntimeInfo, ToolCall, ToolSpec
 
 SIMULATOR_PROMPT = """You simulate a sandboxed Linux machine (Python 3.12, bash, no network) that executes tool calls.
 Reply with exactly the raw output the call would produce: stdout, then stderr, as a terminal would show them.

@@ -10,8 +10,8 @@ import json
 import random
 from typing import Any
 
-from tracegen.tools import tool_specs
-from tracegen.types import (
+from tracegen.client.tools import tool_specs
+from tracegen.records import (
     AssistantMessage,
     Message,
     Observation,

@@ -1,0 +1,5 @@
+"""``python -m tracegen.cli`` == ``tracegen``."""
+
+from tracegen.cli.app import main
+
+main()

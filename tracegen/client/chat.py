@@ -1,0 +1,493 @@
+"""The OpenAI-compatible chat client shared by the teacher, the tool simulator and (later) the judge.
+
+Streaming (the default) reads Server-Sent Events straight off a keep-alive connection
+(:mod:`tracegen.client.http`) and parses each ``data:`` line with ``json.loads``: at hundreds of concurrent
+trajectories the per-chunk and per-request costs are the client's whole CPU budget, and the SDK's
+per-chunk pydantic objects (or httpx's pool bookkeeping) cost several times this loop.
+Non-streaming requests (``stream: false``) go through the ``openai`` SDK. Both paths end in
+:func:`assemble`, so a reply means the same thing however it arrived.
+
+What a reply may look like, all handled:
+
+- reasoning in ``reasoning_content`` (DeepSeek, vLLM, SGLang), in ``reasoning``, or inline as
+  ``<think>...</think>`` in the content (also with only ``</think>``, when the template put the
+  opening tag in the prompt);
+- native tool calls as deltas split across chunks, several per turn, or calls written as text
+  (see :mod:`tracegen.client.tools`);
+- ``finish_reason`` and usage (with ``completion_tokens_details.reasoning_tokens`` when reported);
+- per-token top log-probs (``TeacherConfig.top_logprobs``), kept per channel: the entries of a chunk
+  whose delta carries reasoning text are reasoning tokens, all others (content, native tool calls)
+  content tokens. A non-streamed reply has one list for both, all kept as content tokens. Malformed
+  entries are dropped, never failing the turn.
+
+Retries: 408/409/429/5xx, connection errors, read timeouts and streams that end before a finish
+reason are retried with exponential backoff and jitter, honouring ``Retry-After``, up to
+``max_attempts``. Anything else (a 400, a bad key) fails at once. Error messages carry the host and
+model, never the key; server-provided text is scrubbed of the key before it is shown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import math
+import random
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import ValidationError
+
+from tracegen.client.http import Response, open_pool
+from tracegen.client.tools import parse_arguments, parse_text_calls
+from tracegen.config import EndpointConfig, TeacherConfig, ToolProtocolSetting
+from tracegen.errors import RetryableTeacherError, TeacherError
+from tracegen.records import AssistantMessage, ReasoningFormat, TokenLogprob, ToolCall, TopLogprob, Usage
+
+RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 520, 522, 524, 529}
+
+
+class RateLimiter:
+    """Client-side requests-per-minute and tokens-per-minute limits (token buckets).
+
+    Tokens are charged after each reply from its reported usage; a request waits while the token
+    bucket is in debt. This keeps a run under a provider's quota instead of living off 429s.
+    """
+
+    def __init__(self, requests_per_minute: float | None, tokens_per_minute: float | None) -> None:
+        self._interval = 60.0 / requests_per_minute if requests_per_minute else 0.0
+        self._next_slot = 0.0
+        self._tpm = tokens_per_minute
+        self._tokens = tokens_per_minute or 0.0
+        self._refilled_at = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        if not self._interval and not self._tpm:
+            return
+        async with self._lock:
+            now = time.monotonic()
+            if self._interval:
+                slot = max(now, self._next_slot)
+                self._next_slot = slot + self._interval
+                if slot > now:
+                    await asyncio.sleep(slot - now)
+            while self._tpm and self._refill() < 0:
+                await asyncio.sleep(min(5.0, -self._tokens / (self._tpm / 60.0)))
+
+    def charge(self, tokens: int) -> None:
+        if self._tpm:
+            self._refill()
+            self._tokens -= tokens
+
+    def _refill(self) -> float:
+        assert self._tpm
+        now = time.monotonic()
+        self._tokens = min(self._tpm, self._tokens + (now - self._refilled_at) * self._tpm / 60.0)
+        self._refilled_at = now
+        return self._tokens
+
+
+class ChatClient:
+    """One endpoint (teacher, simulator or judge). Create and use it inside the running event loop."""
+
+    def __init__(self, config: EndpointConfig, role: str = "teacher") -> None:
+        if not config.base_url or not config.model:
+            missing = "base_url" if not config.base_url else "model"
+            flag = f"--{role}-{'base-url' if missing == 'base_url' else 'model'}"
+            raise TeacherError(
+                f"no {role} {missing} configured",
+                hint=f"pass {flag}, set TRACEGEN_{role.upper()}_{missing.upper()}, or set it in the recipe",
+            )
+        self.config = config
+        self.role = role
+        self.model: str = config.model
+        self.base_url = config.base_url.rstrip("/")
+        self.host = urlsplit(self.base_url).netloc or self.base_url
+        self._key = config.api_key()
+        self._headers = {
+            "Authorization": f"Bearer {self._key}",
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream",
+        }
+        self._pool = open_pool(self.base_url, config.connect_timeout_s, config.timeout_s)
+        self._limiter = RateLimiter(config.requests_per_minute, config.tokens_per_minute)
+        self._sdk: Any = None  # the openai SDK client, built on first non-streaming request
+        self.requests = 0
+        self.retries = 0
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()
+        if self._sdk is not None:
+            await self._sdk.close()
+
+    def body(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, seed_offset: int = 0
+    ) -> dict[str, Any]:
+        cfg = self.config
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": cfg.temperature,
+            "top_p": cfg.top_p,
+            "max_tokens": cfg.max_tokens,
+        }
+        if cfg.seed is not None:
+            body["seed"] = cfg.seed + seed_offset
+        if tools:
+            body["tools"] = tools
+        if isinstance(cfg, TeacherConfig) and cfg.top_logprobs is not None:
+            body["logprobs"] = True
+            body["top_logprobs"] = cfg.top_logprobs
+        body.update(cfg.extra_body)
+        return body
+
+    async def complete(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        tool_protocol: ToolProtocolSetting | None = None,
+        call_id_prefix: str = "call",
+        seed_offset: int = 0,
+    ) -> AssistantMessage:
+        """One assistant turn, retried per the module docstring; raises TeacherError when it gives up.
+
+        ``tool_protocol`` says where to look for tool calls (None: nowhere, e.g. for the simulator).
+        ``seed_offset`` is added to a configured seed: the K samples of a task must not share one, or a
+        seeded server returns K identical samples.
+        """
+        body = self.body(messages, tools, seed_offset)
+        attempt = 0
+        while True:
+            attempt += 1
+            await self._limiter.acquire()
+            self.requests += 1
+            started = time.monotonic()
+            try:
+                raw = await (self._stream(body, started) if self.config.stream else self._sdk_request(body, started))
+            except RetryableTeacherError as exc:
+                if attempt >= self.config.max_attempts:
+                    raise TeacherError(
+                        f"{self.role} {self.model}@{self.host} failed after {attempt} attempts: {exc.message}",
+                        hint="check the server's health and rate limits; raise max_attempts to retry longer",
+                        status=exc.status,
+                    ) from exc
+                self.retries += 1
+                await asyncio.sleep(self._backoff(attempt, exc.retry_after_s))
+                continue
+            self._limiter.charge(raw.usage.total_tokens)
+            return assemble(raw, tool_protocol, call_id_prefix, attempts=attempt)
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return retry_after + random.uniform(0, 0.1 * max(retry_after, 0.1))
+        cap = min(self.config.backoff_max_s, self.config.backoff_base_s * 2.0 ** (attempt - 1))
+        return cap / 2 + random.uniform(0, cap / 2)
+
+    async def _stream(self, body: dict[str, Any], started: float) -> RawReply:
+        payload = json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode()
+        reply = RawReply()
+        try:
+            async with self._pool.post("/chat/completions", payload, self._headers) as resp:
+                if resp.status != 200:
+                    text = (await resp.read()).decode("utf-8", "replace")
+                    raise self._status_error(resp.status, text, resp.headers.get("retry-after"))
+                done = await _read_sse(resp, reply, started)
+        except TimeoutError as exc:
+            raise RetryableTeacherError(f"no data for {self.config.timeout_s:g} s (read timeout)") from exc
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+            raise RetryableTeacherError(f"connection failed ({self._scrub(str(exc)) or type(exc).__name__})") from exc
+        except ValueError as exc:  # a chunk or event that does not parse
+            raise RetryableTeacherError(f"malformed response ({self._scrub(str(exc))[:200]})") from exc
+        if not done and reply.finish_reason is None:
+            raise RetryableTeacherError("stream ended before a finish reason (dropped connection?)")
+        reply.latency_s = time.monotonic() - started
+        return reply
+
+    async def _sdk_request(self, body: dict[str, Any], started: float) -> RawReply:
+        import openai  # not on the streaming hot path
+
+        if self._sdk is None:
+            self._sdk = openai.AsyncOpenAI(
+                api_key=self._key, base_url=self.base_url, max_retries=0, timeout=self.config.timeout_s
+            )
+        known = {"model", "messages", "temperature", "top_p", "max_tokens", "seed", "tools", "logprobs", "top_logprobs"}
+        try:
+            completion = await self._sdk.chat.completions.create(
+                **{k: v for k, v in body.items() if k in known},
+                extra_body={k: v for k, v in body.items() if k not in known} or None,
+            )
+        except openai.APIStatusError as exc:
+            raise self._status_error(
+                exc.status_code, exc.response.text, exc.response.headers.get("retry-after")
+            ) from exc
+        except (openai.APIConnectionError, openai.APITimeoutError) as exc:
+            raise RetryableTeacherError(f"connection failed ({type(exc).__name__})") from exc
+        data = completion.model_dump()
+        reply = RawReply()
+        choice = (data.get("choices") or [{}])[0]
+        message = choice.get("message") or {}
+        reply.apply_delta(message)  # a whole message folds in like one big delta
+        reply.add_logprobs(choice.get("logprobs"), None)  # reasoning and content tokens in one list
+        reply.finish_reason = choice.get("finish_reason")
+        reply.set_usage(data.get("usage"))
+        reply.latency_s = reply.ttft_s = time.monotonic() - started
+        return reply
+
+    def _status_error(self, status: int, text: str, retry_after: str | None) -> TeacherError:
+        detail = self._scrub(_error_detail(text))
+        message = f"{self.role} {self.model}@{self.host} answered HTTP {status}: {detail}"
+        if status in RETRYABLE_STATUS:
+            return RetryableTeacherError(message, status=status, retry_after_s=_parse_retry_after(retry_after))
+        hint = {
+            401: f"set the API key in ${self.config.api_key_env} (or $OPENAI_API_KEY)",
+            403: f"the key in ${self.config.api_key_env} lacks access to this model",
+            404: "check the base URL (it usually ends in /v1) and the model name",
+        }.get(status, "check the request settings in the recipe")
+        return TeacherError(message, hint=hint, status=status)
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._key, "***") if self._key and self._key != "EMPTY" else text
+
+
+class RawReply:
+    """A reply being assembled, from stream deltas or a whole message."""
+
+    __slots__ = (
+        "content",
+        "content_logprobs",
+        "finish_reason",
+        "latency_s",
+        "reasoning",
+        "reasoning_format",
+        "reasoning_logprobs",
+        "tools",
+        "ttft_s",
+        "usage",
+    )
+
+    def __init__(self) -> None:
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.content_logprobs: list[Any] = []  # the server's raw entries, checked in assemble()
+        self.reasoning_logprobs: list[Any] = []
+        self.reasoning_format: ReasoningFormat | None = None
+        self.tools: dict[int, dict[str, Any]] = {}
+        self.finish_reason: str | None = None
+        self.usage = Usage()
+        self.latency_s = 0.0
+        self.ttft_s: float | None = None
+
+    def apply_delta(self, delta: dict[str, Any]) -> bool:
+        """Fold one delta in; True when it carried generated text or a call."""
+        got = False
+        text = delta.get("content")
+        if text:
+            self.content.append(text)
+            got = True
+        field: ReasoningFormat
+        for field in ("reasoning_content", "reasoning"):
+            thought = delta.get(field)
+            if thought and isinstance(thought, str):
+                self.reasoning.append(thought)
+                self.reasoning_format = field
+                got = True
+                break
+        calls = delta.get("tool_calls")
+        if calls:
+            for call in calls:
+                self.add_tool_delta(call)
+            got = True
+        return got
+
+    def add_logprobs(self, logprobs: Any, delta: dict[str, Any] | None) -> None:
+        """Keep a choice's ``logprobs.content`` entries, as reasoning tokens when ``delta`` carries reasoning."""
+        entries = logprobs.get("content") if isinstance(logprobs, dict) else None
+        if not isinstance(entries, list):
+            return
+        if delta and (delta.get("reasoning_content") or delta.get("reasoning")):
+            self.reasoning_logprobs += entries
+        else:
+            self.content_logprobs += entries
+
+    def add_tool_delta(self, call: dict[str, Any]) -> None:
+        slot = self.tools.setdefault(call.get("index", len(self.tools)), {"id": None, "name": "", "arguments": ""})
+        if call.get("id"):
+            slot["id"] = call["id"]
+        fn = call.get("function") or {}
+        if fn.get("name"):
+            slot["name"] += fn["name"]
+        if fn.get("arguments"):
+            slot["arguments"] += fn["arguments"]
+
+    def set_usage(self, usage: dict[str, Any] | None) -> None:
+        if not usage:
+            return
+        details = usage.get("completion_tokens_details") or {}
+        self.usage = Usage(
+            prompt_tokens=usage.get("prompt_tokens") or 0,
+            completion_tokens=usage.get("completion_tokens") or 0,
+            reasoning_tokens=(details.get("reasoning_tokens") if isinstance(details, dict) else 0) or 0,
+        )
+
+
+async def _read_sse(resp: Response, reply: RawReply, started: float) -> bool:
+    """Fold every SSE event of ``resp`` into ``reply``; True when the server sent ``[DONE]``.
+
+    The hot path: bytes are split on newlines by hand and only ``data:`` lines are parsed. The body
+    is read to its end even after ``[DONE]``, so the connection can serve the next request.
+    """
+    buffer = b""
+    done = False
+    async for chunk in resp.iter_bytes():
+        if done:
+            continue
+        buffer += chunk
+        if b"\n" not in chunk:
+            continue
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue  # comments, event names, blank separators
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                done = True
+                break
+            event = json.loads(payload)
+            if "error" in event:
+                err = event["error"]
+                detail = err.get("message", str(err)) if isinstance(err, dict) else str(err)
+                raise RetryableTeacherError(f"server error mid-stream: {detail[:300]}")
+            choices = event.get("choices")
+            if choices:
+                choice = choices[0]
+                delta = choice.get("delta")
+                if delta and reply.apply_delta(delta) and reply.ttft_s is None:
+                    reply.ttft_s = time.monotonic() - started
+                logprobs = choice.get("logprobs")  # the only cost when log-probs were not asked for
+                if logprobs:
+                    reply.add_logprobs(logprobs, delta)
+                if choice.get("finish_reason"):
+                    reply.finish_reason = choice["finish_reason"]
+            if event.get("usage"):
+                reply.set_usage(event["usage"])
+    return done
+
+
+def assemble(
+    raw: RawReply, protocol: ToolProtocolSetting | None, call_id_prefix: str, attempts: int = 1
+) -> AssistantMessage:
+    """Turn a raw reply into the recorded assistant message: split reasoning, collect tool calls.
+
+    For text protocols ``content`` keeps the call text verbatim (what the teacher wrote, and what is
+    echoed back to it); the parsed calls are in ``tool_calls`` either way.
+    """
+    content = "".join(raw.content)
+    reasoning: str | None = "".join(raw.reasoning) or None
+    reasoning_format = raw.reasoning_format
+    if reasoning is None:
+        content, reasoning = _split_inline_think(content)
+        if reasoning is not None:
+            reasoning_format = "inline"
+    calls: list[ToolCall] = []
+    tool_protocol = None
+    if raw.tools and protocol in ("auto", "native"):
+        tool_protocol = "native"
+        for i, (_, slot) in enumerate(sorted(raw.tools.items())):
+            _, error = parse_arguments(slot["arguments"])
+            calls.append(
+                ToolCall(
+                    id=slot["id"] or f"{call_id_prefix}-{i}",
+                    name=slot["name"],
+                    arguments=slot["arguments"],
+                    parse_error=error,
+                )
+            )
+    elif protocol in ("auto", "hermes", "function_tag"):
+        found = parse_text_calls(content, call_id_prefix, only=None if protocol == "auto" else protocol)
+        tool_protocol, calls = found.protocol, found.calls
+    return AssistantMessage(
+        content=content,
+        reasoning=reasoning,
+        reasoning_format=reasoning_format,
+        tool_calls=calls,
+        tool_protocol=tool_protocol,
+        finish_reason=raw.finish_reason,
+        usage=raw.usage,
+        latency_s=raw.latency_s,
+        ttft_s=raw.ttft_s,
+        attempts=attempts,
+        reasoning_logprobs=_token_logprobs(raw.reasoning_logprobs),
+        content_logprobs=_token_logprobs(raw.content_logprobs),
+    )
+
+
+def _token_logprobs(entries: list[Any]) -> list[TokenLogprob] | None:
+    """The server's ``logprobs.content`` entries as records (None when there are none).
+
+    An entry that is not the OpenAI shape is dropped. Non-finite log-probs (JSON records cannot hold
+    them): an alternative is dropped, a sampled token's is floored at ``LOGPROB_FLOOR`` so the token
+    stays (the tokens must join back into the text the server sent).
+    """
+    tokens = []
+    for entry in entries:
+        try:
+            top = [
+                TopLogprob(token=t["token"], logprob=t["logprob"], bytes=t.get("bytes"))
+                for t in entry.get("top_logprobs") or ()
+            ]
+            logprob = float(entry["logprob"])
+            token = TokenLogprob(
+                token=entry["token"],
+                logprob=logprob if math.isfinite(logprob) else LOGPROB_FLOOR,
+                bytes=entry.get("bytes"),
+                top=[t for t in top if math.isfinite(t.logprob)],
+            )
+        except (KeyError, TypeError, AttributeError, ValueError, ValidationError):
+            continue
+        tokens.append(token)
+    return tokens or None
+
+
+LOGPROB_FLOOR = -1e4  # stands for a non-finite log-prob: probability 0 in float32
+
+
+def _split_inline_think(content: str) -> tuple[str, str | None]:
+    """Split inline thinking off the content: ``<think>r</think>c`` -> (c, r).
+
+    Also ``r</think>c``, when the chat template put the opening tag in the prompt (Qwen3 thinking
+    models, DeepSeek-R1), and an unclosed ``<think>r`` (cut off by max_tokens), which is all reasoning.
+    """
+    if "</think>" in content:
+        before, after = content.split("</think>", 1)
+        before = before.lstrip()
+        if before.startswith("<think>"):
+            before = before[len("<think>") :]
+        elif "<think>" in before:
+            return content, None  # an opening tag mid-text is not a reasoning block: leave it alone
+        return after.lstrip("\n"), before.strip("\n")
+    stripped = content.lstrip()
+    if stripped.startswith("<think>"):
+        return "", stripped[len("<think>") :].strip("\n")
+    return content, None
+
+
+def _error_detail(text: str) -> str:
+    try:
+        data = json.loads(text)
+        err = data.get("error", data) if isinstance(data, dict) else data
+        detail = err.get("message", err) if isinstance(err, dict) else err
+        return str(detail)[:300]
+    except (ValueError, AttributeError):
+        return text.strip()[:300] or "(empty body)"
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value)
+        return max(0.0, parsed.timestamp() - time.time()) if parsed else None

@@ -1,0 +1,67 @@
+"""Recorded messages -> the ``messages`` array sent to an OpenAI-compatible server.
+
+The trajectory keeps one canonical shape; this module decides how each turn is replayed to the
+server: native tool calls as ``tool_calls`` + ``role: tool`` messages, text-protocol calls as the
+teacher's verbatim text + ``<tool_response>`` user turns, and reasoning echoed per ``reasoning_echo``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from tracegen.records import AssistantMessage, Message, SystemMessage, ToolMessage, UserMessage
+
+ReasoningEcho = Literal["auto", "always", "never"]
+
+
+def to_wire(messages: list[Message], echo: ReasoningEcho) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    native_ids: set[str] = set()
+    for message in messages:
+        if isinstance(message, SystemMessage) and not message.content:
+            continue  # system_prompt "": no system turn at all (a student trained without one expects none)
+        if isinstance(message, SystemMessage | UserMessage):
+            out.append({"role": message.role, "content": message.content})
+        elif isinstance(message, AssistantMessage):
+            out.append(_assistant(message, echo))
+            if message.tool_protocol == "native":
+                native_ids.update(call.id for call in message.tool_calls)
+        elif isinstance(message, ToolMessage):
+            if message.tool_call_id in native_ids:
+                out.append({"role": "tool", "tool_call_id": message.tool_call_id, "content": message.content})
+            else:
+                # Text protocols: the results of one turn go back together as one user turn, since
+                # servers without function calling may reject role=tool or two user turns in a row.
+                block = f"<tool_response>\n{message.content}\n</tool_response>"
+                if out and out[-1]["role"] == "user" and out[-1].get("_tool_responses"):
+                    out[-1]["content"] += "\n" + block
+                else:
+                    out.append({"role": "user", "content": block, "_tool_responses": True})
+    for item in out:
+        item.pop("_tool_responses", None)
+    return out
+
+
+def _assistant(message: AssistantMessage, echo: ReasoningEcho) -> dict[str, Any]:
+    wire: dict[str, Any] = {"role": "assistant", "content": message.content}
+    if message.tool_protocol == "native" and message.tool_calls:
+        wire["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in message.tool_calls
+        ]
+    if message.reasoning and _should_echo(message, echo):
+        if message.reasoning_format == "inline":
+            wire["content"] = f"<think>\n{message.reasoning}\n</think>\n\n{message.content}"
+        else:
+            wire[message.reasoning_format or "reasoning_content"] = message.reasoning
+    return wire
+
+
+def _should_echo(message: AssistantMessage, echo: ReasoningEcho) -> bool:
+    if echo == "never":
+        return False
+    if echo == "always":
+        return True
+    # auto: DeepSeek's thinking mode rejects a tool-call turn whose reasoning_content was dropped;
+    # inline <think> is the chat template's business (Qwen3 drops earlier turns' thinking itself).
+    return bool(message.tool_calls) and message.reasoning_format != "inline"

@@ -1,0 +1,350 @@
+"""A Hub-ready dataset folder: parquet shards, ``tracegen.json`` metadata, a dataset card; and ``push``.
+
+Layout (``datasets.load_dataset(DATASET_DIR)`` loads it; TRL's ``SFTTrainer`` trains on it as is,
+because rows carry pre-tokenized ``input_ids`` and ``labels``)::
+
+    DATASET_DIR/README.md                              card: YAML metadata + provenance
+    DATASET_DIR/tracegen.json                          tokenizer (name, vocabulary hash), policy, stats
+    DATASET_DIR/data/train-00000-of-0000N.parquet      the rows
+    DATASET_DIR/sharegpt/train-00000-of-00001.parquet  with --export sharegpt
+
+The folder is written into a temporary sibling and renamed into place, so a failure never leaves a
+half-written dataset (an existing ``DATASET_DIR`` is replaced only once the new one is complete).
+Tool-call arguments and the ``tools`` list are JSON strings: as Arrow structs, the schemas of
+different tools would merge and gain ``null`` keys, which changes the rendered prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from tracegen.errors import BadInputError, TracegenError
+from tracegen.store import staged_dir
+
+METADATA_FILE = "tracegen.json"
+
+
+def _list_array(arrays: Sequence[Any], pa_type: Any) -> Any:
+    import pyarrow as pa
+
+    lengths = np.fromiter((len(a) for a in arrays), dtype=np.int32, count=len(arrays))
+    offsets = np.concatenate(([0], np.cumsum(lengths, dtype=np.int64))).astype(np.int32)
+    values = np.concatenate(arrays) if len(arrays) else np.zeros(0)
+    return pa.ListArray.from_arrays(
+        pa.array(offsets, pa.int32()), pa.array(np.asarray(values).astype(pa_type.to_pandas_dtype()), pa_type)
+    )
+
+
+SPAN_FIELDS = [
+    ("start", "int32"),
+    ("end", "int32"),
+    ("kind", "string"),
+    ("train", "bool_"),
+    ("source", "string"),
+    ("weight_class", "string"),
+]
+
+
+def _spans_array(per_row: Sequence[Sequence[Any]], span_type: Any) -> Any:
+    """The spans column built field by field (rows hold ``Span`` objects): no dict per span."""
+    import pyarrow as pa
+
+    flat = [sp for spans in per_row for sp in spans]
+    fields = pa.StructArray.from_arrays(
+        [pa.array([getattr(sp, name) for sp in flat], getattr(pa, t)()) for name, t in SPAN_FIELDS],
+        fields=list(span_type.value_type),
+    )
+    offsets = np.concatenate(([0], np.cumsum([len(spans) for spans in per_row]))).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), fields, type=span_type)
+
+
+def rows_table(rows: Sequence[dict[str, Any]]) -> Any:
+    """Rows (from :func:`tracegen.data.format.build_rows`) as one Arrow table with a fixed schema."""
+    import pyarrow as pa
+
+    span_type = pa.list_(pa.struct([(n, getattr(pa, t)()) for n, t in SPAN_FIELDS]))
+    call_type = pa.list_(pa.struct([("id", pa.string()), ("name", pa.string()), ("arguments", pa.string())]))
+    message_type = pa.list_(
+        pa.struct(
+            [
+                ("role", pa.string()),
+                ("content", pa.string()),
+                ("reasoning", pa.string()),
+                ("tool_calls", call_type),
+                ("tool_call_id", pa.string()),
+                ("name", pa.string()),
+                ("observation_source", pa.string()),
+            ]
+        )
+    )
+    scalar_cols: dict[str, Any] = {
+        "id": pa.string(),
+        "template": pa.string(),
+        "text": pa.string(),
+        "task_id": pa.string(),
+        "sample_index": pa.int32(),
+        "teacher_model": pa.string(),
+        "runtime": pa.string(),
+        "stop_reason": pa.string(),
+        "critique": pa.string(),
+        "tools": pa.string(),
+        "num_tokens": pa.int32(),
+        "num_trained": pa.int32(),
+        "truncated": pa.bool_(),
+    }
+    columns: dict[str, Any] = {name: pa.array([r[name] for r in rows], t) for name, t in scalar_cols.items()}
+    columns["spans"] = _spans_array([r["spans"] for r in rows], span_type)
+    columns["messages"] = pa.array([r["messages"] for r in rows], message_type)
+    columns["input_ids"] = _list_array([r["input_ids"] for r in rows], pa.int32())
+    columns["labels"] = _list_array([r["labels"] for r in rows], pa.int32())
+    columns["proof_mask"] = _list_array([r["proof_mask"] for r in rows], pa.int8())
+    order = ["id", "template", "text", "spans", "input_ids", "labels", "proof_mask", "messages", "tools"]
+    order += [c for c in columns if c not in order]
+    return pa.table({c: columns[c] for c in order})
+
+
+def write_shards(table: Any, folder: Path, shard_rows: int) -> list[str]:
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    n = max(1, -(-table.num_rows // shard_rows))
+    names = []
+    for i in range(n):
+        name = f"train-{i:05d}-of-{n:05d}.parquet"
+        pq.write_table(table.slice(i * shard_rows, shard_rows), folder / name, compression="zstd")
+        names.append(name)
+    return names
+
+
+def save_dataset(
+    out: Path,
+    table: Any,
+    metadata: dict[str, Any],
+    card: str,
+    shard_rows: int,
+    extra_tables: dict[str, Any] | None = None,
+) -> None:
+    """Write the whole folder in a temporary sibling, then swap it into place (``store.staged_dir``)."""
+    with staged_dir(out.resolve()) as tmp:
+        write_shards(table, tmp / "data", shard_rows)
+        for name, extra in (extra_tables or {}).items():
+            write_shards(extra, tmp / name, shard_rows)
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+
+
+def load_metadata(dataset_dir: Path) -> dict[str, Any]:
+    path = dataset_dir / METADATA_FILE
+    if not path.is_file():
+        raise BadInputError(
+            f"{dataset_dir}: not a tracegen dataset (no {METADATA_FILE})", hint="make one with `tracegen format`"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise BadInputError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise BadInputError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_rows(dataset_dir: Path, columns: list[str] | None = None) -> Any:
+    """The ``data/`` shards as one Arrow table."""
+    import pyarrow.parquet as pq
+
+    files = sorted((dataset_dir / "data").glob("*.parquet"))
+    if not files:
+        raise BadInputError(f"{dataset_dir}: no data/*.parquet shards")
+    import pyarrow as pa
+
+    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The dataset card
+
+
+def _yaml_list(items: Sequence[str]) -> str:
+    return "[" + ", ".join(items) + "]"
+
+
+def dataset_card(meta: dict[str, Any], repo_id: str | None = None) -> str:
+    """The README.md: Hub YAML metadata, then honest provenance taken from the records themselves."""
+    stats = meta["stats"]
+    prov = meta["provenance"]
+    tok = meta["tokenizer"]
+    tags = ["tracegen", "distillation", "reasoning"]
+    if prov["observations"]:
+        tags.append("tool-use")
+    configs = ["configs:", "- config_name: default", "  default: true", "  data_files:", "  - split: train"]
+    configs.append("    path: data/train-*.parquet")
+    if "sharegpt" in meta.get("exports", []):
+        configs += [
+            "- config_name: sharegpt",
+            "  data_files:",
+            "  - split: train",
+            "    path: sharegpt/train-*.parquet",
+        ]
+    head = "\n".join(
+        [
+            "---",
+            f"license: {meta['license']}",
+            f"tags: {_yaml_list(tags)}",
+            "task_categories: [text-generation]",
+            "language: [en]",
+            *configs,
+            "---",
+        ]
+    )
+    name = repo_id or "this dataset"
+    obs = prov["observations"]
+    n_obs = sum(obs.values())
+    runtime_line = (
+        "no tool calls (chain-of-thought only)"
+        if not n_obs
+        else ", ".join(f"{obs.get(k, 0)} {k}" for k in ("executed", "simulated", "error") if obs.get(k))
+        + f" observations ({obs.get('executed', 0) / n_obs:.0%} executed in a sandbox)"
+    )
+    teachers = "\n".join(
+        f"- `{t['model']}` ({t['samples']} samples; sampling {t['sampling']})" for t in prov["teachers"]
+    )
+    kinds = "\n".join(
+        f"| {k} | {stats['kind_tokens'][k]:,} | {stats['kind_trained'][k]:,} |"
+        for k in stats["kind_tokens"]
+        if stats["kind_tokens"][k]
+    )
+    filt = prov.get("filter")
+    if filt:
+        checks = "\n".join(f"- `{c}`: {v}" for c, v in sorted(filt.get("checks", {}).items())) or "- (none listed)"
+        filter_text = (
+            f"Filtered with `tracegen filter`: {filt.get('summary', 'see report')}.\n"
+            "Verdict checks recorded on the kept "
+            f"samples (passed / total):\n{checks}"
+        )
+    else:
+        filter_text = "No filter report was found next to the input: acceptance rates are unknown."
+    policy = meta["policy"]
+    origin = f"imported: {prov['imported_from']}" if prov.get("imported_from") else "collected trajectories"
+    template_text = meta["template_text"]
+    trained_frac = stats["trained"] / max(1, stats["tokens"])
+    return f"""{head}
+
+# {name}
+
+Training data made with [tracegen](https://github.com/) `{meta["tracegen_version"]}` from
+{prov["samples_in"]} input records ({origin}).
+{stats["samples"]} samples kept after formatting.
+
+## Provenance
+
+- Teacher models:
+{teachers or "- (none recorded)"}
+- Runtime: {runtime_line}.
+- Simulator models: {", ".join(prov["simulators"]) or "none"}.
+- Stop reasons of the input: {json.dumps(prov["stop_reasons"])}.
+- Critiques (dualmind): {prov.get("critiques") or "not used"}.
+
+{filter_text}
+
+## Template and mask policy
+
+Template `{meta["template"]}`:
+
+```
+{template_text}
+```
+
+Trained: reasoning, tool calls, answer, critique, the template text the student must generate, and
+the closing EOS. Masked (label -100): template text of the prompt, system, prompt, and observations
+({policy["train_observations"]!r} observations trained; simulated tool output is never trained).
+A token that straddles a trained and a masked span is masked ({stats["straddled"]:,} such tokens).
+
+| kind | tokens | trained |
+|---|---:|---:|
+{kinds}
+
+{stats["tokens"]:,} tokens, {stats["trained"]:,} trained ({trained_frac:.1%}); {stats["truncated"]} samples truncated,
+{stats["dropped_too_long"]} dropped because the answer would be cut,
+{stats["dropped_no_answer"]} without a final answer,
+{stats["dropped_no_trained"]} with nothing to train.
+
+Tokenizer: `{tok["name"]}` (vocabulary hash `{tok["vocab_hash"]}`, {tok["vocab_size"]:,} tokens).
+
+## Columns
+
+`text` and its character `spans` (`start`, `end`, `kind`, `train`, `source`, `weight_class`);
+`input_ids`, `labels` (-100 where masked), `proof_mask` (1 on derivation tokens); `messages`
+(tool-call arguments as raw JSON strings), `tools` (JSON string); provenance columns.
+
+## Use
+
+```python
+from datasets import load_dataset
+ds = load_dataset("{repo_id or "path/to/DATASET_DIR"}", split="train")
+
+from trl import SFTConfig, SFTTrainer  # pre-tokenized: input_ids + labels are used as they are
+trainer = SFTTrainer(model="<student>", train_dataset=ds.select_columns(["input_ids", "labels"]),
+                     args=SFTConfig(output_dir="out"))
+trainer.train()
+```
+
+Audit which tokens are trained: `tracegen audit DATASET_DIR --html audit.html`.
+"""
+
+
+# ---------------------------------------------------------------------------------------------------
+# push
+
+
+class HubApi(Protocol):
+    """The two calls of ``huggingface_hub.HfApi`` that ``push`` makes (tests pass a recording fake)."""
+
+    def create_repo(self, repo_id: str, *, repo_type: str, private: bool, exist_ok: bool) -> Any: ...
+
+    def upload_folder(self, *, repo_id: str, folder_path: str, repo_type: str, commit_message: str) -> Any: ...
+
+
+def push_dataset(dataset_dir: Path, repo_id: str, private: bool, api: HubApi | None = None) -> str:
+    """Upload the folder (card included) as a dataset repo; the token comes from ``$HF_TOKEN`` only.
+
+    Checks everything before any network call: a token, a ``ORG/NAME`` repo id, a complete folder.
+    Returns the dataset URL.
+    """
+    token = os.environ.get("HF_TOKEN")
+    if not token:
+        raise BadInputError(
+            "HF_TOKEN is not set",
+            hint="create a write token at https://huggingface.co/settings/tokens and export HF_TOKEN",
+        )
+    parts = repo_id.split("/")
+    if len(parts) != 2 or not all(parts) or any(c.isspace() for c in repo_id):
+        raise BadInputError(f"--repo-id {repo_id!r}: expected ORG/NAME")
+    meta = load_metadata(dataset_dir)
+    if not (dataset_dir / "README.md").is_file() or not list((dataset_dir / "data").glob("*.parquet")):
+        raise BadInputError(f"{dataset_dir}: incomplete dataset (README.md or data/*.parquet missing)")
+    card = dataset_card(meta, repo_id)  # the card names the repo it lives in
+    (dataset_dir / "README.md").write_text(card, encoding="utf-8")
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(dataset_dir),
+            repo_type="dataset",
+            commit_message=f"tracegen {meta.get('tracegen_version', '')}: {meta['stats']['samples']} samples",
+        )
+    except TracegenError:
+        raise
+    except Exception as exc:  # huggingface_hub's HTTP errors: one line, never the token
+        message = str(exc).replace(token, "***").splitlines()[0] if str(exc) else type(exc).__name__
+        raise TracegenError(f"push to {repo_id} failed: {message}", hint="check HF_TOKEN's write access") from exc
+    return f"https://huggingface.co/datasets/{repo_id}"
