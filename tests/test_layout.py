@@ -23,6 +23,7 @@ RANKS: dict[str, int] = {
     "tracegen.signals": 0,
     "tracegen.store": 1,
     "tracegen.serve": 1,
+    "tracegen.progress_bar": 1,
     "tracegen.runtime.docker.settings": 1,  # plain settings: read by config without the runtime
     "tracegen.config": 2,
     "tracegen.client": 3,

@@ -103,7 +103,8 @@ def test_teacher_key_is_not_in_the_container(docker_client: Any) -> None:
 CRASHER = textwrap.dedent(
     """
     import asyncio, json, sys, time
-    from tracegen.runtime.docker import DockerRuntime, DockerRuntimeConfig
+    from tracegen.runtime.docker.pool import DockerRuntime
+    from tracegen.runtime.docker.settings import DockerRuntimeConfig
     from tracegen.runtime.selfcheck import run
 
     async def main():

@@ -57,3 +57,27 @@ def test_staged_dir_replaces_the_folder_whole_or_not_at_all(tmp_path: Path) -> N
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary or old folder left
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["sub", "sub/new.bin"]
     assert out.stat().st_mode & 0o777 == 0o755
+
+
+def test_a_record_from_a_newer_tracegen_is_refused_by_version(tmp_path: Path) -> None:
+    """Both when the record still validates and when a newer field shape does not."""
+    from tracegen.records import SCHEMA_VERSION
+    from tracegen.store import read_trajectories
+    from tracegen.testing.synthetic import make_trajectory
+
+    record = json.loads(make_trajectory(0).model_dump_json())
+    path = tmp_path / "t.jsonl"
+    assert [t.id for t in read_trajectories(_write(path, [record]))] == [record["id"]]  # today's version reads
+    newer = {**record, "schema_version": SCHEMA_VERSION + 1}
+    reshaped = {**newer, "messages": "a shape this version does not know"}
+    for rows in ([record, newer], [reshaped]):
+        with pytest.raises(BadInputError) as info:
+            list(read_trajectories(_write(path, rows)))
+        line = len(rows)
+        assert f"t.jsonl:{line}: written by a newer tracegen (schema_version {SCHEMA_VERSION + 1}" in info.value.message
+        assert "upgrade tracegen" in (info.value.hint or "")
+
+
+def _write(path: Path, rows: list[dict[str, object]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

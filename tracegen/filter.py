@@ -50,6 +50,7 @@ from tracegen.checks.replay import needs_replay, replay
 from tracegen.checks.verify import DuplicateIndex, reference_verdict, run_tests, structural_verdict
 from tracegen.config import FilterConfig, _recipe_error, load_recipe, merge
 from tracegen.errors import BadInputError
+from tracegen.progress_bar import stage_bar
 from tracegen.records import Trajectory, Usage, Verdict
 from tracegen.signals import cancel_on_sigterm
 from tracegen.store import JsonlStore, read_trajectory_lines, write_json_atomic, write_lines_atomic
@@ -418,21 +419,8 @@ class _Progress:
     """A bar on stderr over the samples that need sandbox or judge checks."""
 
     def __init__(self, total: int, enabled: bool) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
         self.passed = self.failed = self.errors = 0
-        self._progress = Progress(
-            TextColumn("filter"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[stats]}"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            disable=not enabled,
-            refresh_per_second=4,
-        )
-        self._task = self._progress.add_task("filter", total=total, stats="")
+        self._progress, self._task = stage_bar("filter", total, enabled)
 
     def __enter__(self) -> _Progress:
         self._progress.start()

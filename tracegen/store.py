@@ -14,14 +14,14 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from pydantic import ValidationError
 
 from tracegen.errors import BadInputError
-from tracegen.records import Trajectory
+from tracegen.records import SCHEMA_VERSION, Trajectory
 
 
 class JsonlStore:
@@ -101,11 +101,32 @@ def read_trajectory_lines(path: Path) -> Iterator[tuple[int, str, Trajectory]]:
             if not line.strip():
                 continue
             try:
-                yield line_no, line, Trajectory.model_validate_json(line)
+                trajectory = Trajectory.model_validate_json(line)
             except ValidationError as exc:
+                _refuse_newer(path, line_no, _declared_version(line))
                 first = exc.errors()[0]
                 where = ".".join(str(p) for p in first["loc"]) or "line"
                 raise BadInputError(f"{path}:{line_no}: not a trajectory record ({where}: {first['msg']})") from exc
+            _refuse_newer(path, line_no, trajectory.schema_version)
+            yield line_no, line, trajectory
+
+
+def _declared_version(line: str) -> int | None:
+    try:
+        version = json.loads(line).get("schema_version")
+    except (ValueError, AttributeError):
+        return None
+    return version if isinstance(version, int) else None
+
+
+def _refuse_newer(path: Path, line_no: int, version: int | None) -> None:
+    """A record from a newer tracegen may mean something this one cannot read: say so, by version."""
+    if version is not None and version > SCHEMA_VERSION:
+        raise BadInputError(
+            f"{path}:{line_no}: written by a newer tracegen (schema_version {version}; "
+            f"this one reads up to {SCHEMA_VERSION})",
+            hint="upgrade tracegen (pip install -U tracegen) to read this file",
+        )
 
 
 @contextlib.contextmanager
@@ -140,30 +161,29 @@ def staged_dir(out: Path) -> Iterator[Path]:
 
 
 def write_lines_atomic(path: Path, lines: Iterable[str]) -> None:
-    """Write JSON lines to a temp file, fsync, rename: the file is complete or absent, never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(line)
-                f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write JSON lines atomically (see :func:`write_atomic`): the file is complete or absent."""
+
+    def write(f: TextIO) -> None:
+        for line in lines:
+            f.write(line)
+            f.write("\n")
+
+    write_atomic(path, write)
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write-to-temp, fsync, rename: readers see the old file or the new one, never half of one."""
+    """Write one JSON document atomically (see :func:`write_atomic`)."""
+    write_atomic(path, lambda f: f.write(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+
+
+def write_atomic(path: Path, write: Callable[[TextIO], object]) -> None:
+    """Write to a temp file, fsync, rename, fsync the folder: readers see the old file or the new one,
+    never half of one, and after a crash the rename itself is on disk too."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import time
 from types import TracebackType
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
 from tracegen.config import Prices
+from tracegen.progress_bar import stage_bar
 from tracegen.records import AssistantMessage, Trajectory
 
 
@@ -19,17 +17,7 @@ class CollectProgress:
         self.done = self.failed = self.in_flight = self.turns = 0
         self.prompt_tokens = self.completion_tokens = 0
         self._started = time.monotonic()
-        self._progress = Progress(
-            TextColumn("collect"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[stats]}"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            disable=not enabled,
-            refresh_per_second=4,
-        )
-        self._task = self._progress.add_task("collect", total=total, stats="")
+        self._progress, self._task = stage_bar("collect", total, enabled)
 
     def __enter__(self) -> CollectProgress:
         self._progress.start()

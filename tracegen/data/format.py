@@ -39,6 +39,7 @@ from tracegen.data.templates import (
 )
 from tracegen.data.tokenize import Stats, Tok, TokenBatch, Tokenized, assemble, encode, lay_out, load_tokenizer
 from tracegen.errors import BadInputError, TracegenError
+from tracegen.progress_bar import stage_bar
 from tracegen.records import AssistantMessage, SystemMessage, ToolMessage, Trajectory, UserMessage
 from tracegen.store import read_trajectories
 
@@ -485,18 +486,7 @@ def _worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
 
 @contextlib.contextmanager
 def _progress(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(
-        TextColumn("format"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
-    task = bar.add_task("format", total=total)
+    bar, task = stage_bar("format", total, enabled, stats=False)
     with bar:
         yield lambda n: bar.advance(task, n)
 

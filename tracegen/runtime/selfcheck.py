@@ -8,12 +8,13 @@ sandbox held. The test suite runs the same cases (``tests/test_sandbox_hostile.p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NamedTuple
 
 from tracegen.errors import RuntimeToolError
@@ -56,41 +57,40 @@ async def run(episode: DockerEpisode, tool: str, source: str) -> ToolOutput:
     return await episode.call(call, {key: source}, spec)
 
 
-async def _episode(rt: DockerRuntime) -> DockerEpisode:
-    return await rt.open_episode(f"selfcheck-{secrets.token_hex(4)}")
+@contextlib.asynccontextmanager
+async def _episode(rt: DockerRuntime) -> AsyncIterator[DockerEpisode]:
+    """One trajectory's episode for a case, closed (and its container released) however the case ends."""
+    ep = await rt.open_episode(f"selfcheck-{secrets.token_hex(4)}")
+    try:
+        yield ep
+    finally:
+        await ep.close()
 
 
 COUNT_PROCS = "import os; print(sum(1 for p in os.listdir('/proc') if p.isdigit()))"
 
 
 async def infinite_loop(rt: DockerRuntime) -> Outcome:
-    ep = await _episode(rt)
-    try:
+    async with _episode(rt) as ep:
         out = await run(ep, "python", "while True:\n    pass")
         after = await run(ep, "bash", "echo alive")
         obs = out.observation
         ok = obs.timed_out and obs.duration_s < rt.config.timeout_s + 2 and after.content.strip() == "alive"
         return Outcome(f"timed_out={obs.timed_out} after {obs.duration_s:.1f}s; next call: {after.content[:40]!r}", ok)
-    finally:
-        await ep.close()
 
 
 async def background_children(rt: DockerRuntime) -> Outcome:
-    ep = await _episode(rt)
-    try:
+    async with _episode(rt) as ep:
         out = await run(ep, "bash", "sleep 300 & sleep 301; wait")
         procs = await run(ep, "python", COUNT_PROCS)
         left = int(procs.content.strip()) if procs.content.strip().isdigit() else -1
         # init, the keepalive sleep, the worker and this python: nothing else.
         ok = out.observation.timed_out and 0 < left <= 4
         return Outcome(f"timed_out={out.observation.timed_out}; processes after: {left}", ok)
-    finally:
-        await ep.close()
 
 
 async def fork_bomb(rt: DockerRuntime) -> Outcome:
-    ep = await _episode(rt)
-    try:
+    async with _episode(rt) as ep:
         out = await run(ep, "bash", "bomb() { bomb | bomb & }; bomb; sleep 2; echo survived")
         after = await run(ep, "bash", "echo alive")
         host_ok = subprocess.run(["true"], check=False).returncode == 0
@@ -100,13 +100,10 @@ async def fork_bomb(rt: DockerRuntime) -> Outcome:
             f"next call: {after.content[:30]!r}; host forks: {host_ok}",
             ok,
         )
-    finally:
-        await ep.close()
 
 
 async def memory_hog(rt: DockerRuntime) -> Outcome:
-    ep = await _episode(rt)
-    try:
+    async with _episode(rt) as ep:
         out = await run(
             ep, "python", "x = bytearray(4 * 1024**3)\nx[::4096] = b'1' * len(x[::4096])\nprint('no limit')"
         )
@@ -114,13 +111,10 @@ async def memory_hog(rt: DockerRuntime) -> Outcome:
         return Outcome(
             f"oom_killed={obs.oom_killed} exit={obs.exit_code}", obs.oom_killed and "no limit" not in out.content
         )
-    finally:
-        await ep.close()
 
 
 async def huge_output(rt: DockerRuntime) -> Outcome:
-    ep = await _episode(rt)
-    try:
+    async with _episode(rt) as ep:
         code = "import sys\nsys.stdout.write('HEAD' + 'x' * 100_000_000 + 'TAIL\\n')"
         started = time.monotonic()
         out = await run(ep, "python", code)
@@ -135,13 +129,10 @@ async def huge_output(rt: DockerRuntime) -> Outcome:
             and after.content.strip() == "alive"
         )
         return Outcome(f"truncated={obs.truncated}, {len(out.content)} chars shown, {took:.1f}s; run continues", ok)
-    finally:
-        await ep.close()
 
 
 async def outbound_tcp(rt: DockerRuntime) -> Outcome:
-    ep = await _episode(rt)
-    try:
+    async with _episode(rt) as ep:
         code = (
             "import socket\n"
             "for host in ('1.1.1.1', '8.8.8.8'):\n"
@@ -152,49 +143,39 @@ async def outbound_tcp(rt: DockerRuntime) -> Outcome:
         )
         out = await run(ep, "python", code)
         return Outcome(out.content.splitlines()[0][:80] if out.content else "", "CONNECTED" not in out.content)
-    finally:
-        await ep.close()
 
 
 async def write_system_dirs(rt: DockerRuntime) -> Outcome:
-    ep = await _episode(rt)
-    try:
+    async with _episode(rt) as ep:
         out = await run(
             ep, "bash", "for d in / /usr /etc; do touch $d/tracegen-probe 2>/dev/null && echo WROTE $d; done; echo done"
         )
         return Outcome(out.content.replace("\n", " ")[:80], "WROTE" not in out.content)
-    finally:
-        await ep.close()
 
 
 async def host_environment(rt: DockerRuntime) -> Outcome:
     canary = f"canary-{secrets.token_hex(8)}"
     os.environ["TRACEGEN_SELFCHECK_CANARY"] = canary
-    ep = await _episode(rt)
     try:
-        out = await run(ep, "bash", "env; cat /proc/1/environ 2>/dev/null | tr '\\0' '\\n'")
-        values = [canary] + [v for k in SECRET_ENV if (v := os.environ.get(k))]
-        leaked = [v for v in values if v in out.content] + [k for k in SECRET_ENV if k in out.content]
-        return Outcome("none visible" if not leaked else f"{len(leaked)} visible", not leaked)
+        async with _episode(rt) as ep:
+            out = await run(ep, "bash", "env; cat /proc/1/environ 2>/dev/null | tr '\\0' '\\n'")
     finally:
         os.environ.pop("TRACEGEN_SELFCHECK_CANARY", None)
-        await ep.close()
+    values = [canary] + [v for k in SECRET_ENV if (v := os.environ.get(k))]
+    leaked = [v for v in values if v in out.content] + [k for k in SECRET_ENV if k in out.content]
+    return Outcome("none visible" if not leaked else f"{len(leaked)} visible", not leaked)
 
 
 async def privileges(rt: DockerRuntime) -> Outcome:
-    ep = await _episode(rt)
-    try:
+    async with _episode(rt) as ep:
         out = await run(ep, "bash", "id -u; grep CapEff /proc/self/status; grep NoNewPrivs /proc/self/status")
         lines = out.content.split()
         ok = lines[:1] != ["0"] and "0000000000000000" in out.content and "NoNewPrivs:\t1" in out.content
         return Outcome(out.content.replace("\n", " ").replace("\t", " ")[:80], ok)
-    finally:
-        await ep.close()
 
 
 async def kill_worker(rt: DockerRuntime) -> Outcome:
-    ep = await _episode(rt)
-    try:
+    async with _episode(rt) as ep:
         await run(ep, "bash", "echo MARK-7f3 > state.txt")
         first = ep.container_id
         killed = await run(ep, "bash", "kill -9 $PPID 1; kill -STOP $PPID; echo tried")
@@ -202,8 +183,6 @@ async def kill_worker(rt: DockerRuntime) -> Outcome:
         same = ep.container_id == first
         ok = same and "not permitted" in killed.content and "MARK-7f3" in after.content and "alive" in after.content
         return Outcome(f"kill answered {killed.content.splitlines()[-1][:50]!r}; same container: {same}", ok)
-    finally:
-        await ep.close()
 
 
 # Lists every other process's pid and real uid; used by the cases that attack the worker and PID 1.
@@ -223,8 +202,7 @@ OTHER_PROCESSES = (
 
 async def forged_reply(rt: DockerRuntime) -> Outcome:
     """The attack that made a tests verdict forgeable: write a worker reply into the worker's stdout."""
-    ep = await _episode(rt)
-    try:
+    async with _episode(rt) as ep:
         forge = OTHER_PROCESSES + (
             "import json\n"
             "fake = {'op': 'result', 'exit_code': 0, 'stdout': 'FORGED', 'stderr': '', 'timed_out': False}\n"
@@ -243,13 +221,10 @@ async def forged_reply(rt: DockerRuntime) -> Outcome:
         after = await run(ep, "bash", "echo genuine")
         ok = out.content == "done" and after.content == "genuine" and out.observation.source == "executed"
         return Outcome(f"forger saw {out.content[:40]!r}; next call saw {after.content[:30]!r}", ok)
-    finally:
-        await ep.close()
 
 
 async def ptrace_worker(rt: DockerRuntime) -> Outcome:
-    ep = await _episode(rt)
-    try:
+    async with _episode(rt) as ep:
         code = OTHER_PROCESSES + (
             "import ctypes\n"
             "libc = ctypes.CDLL(None, use_errno=True)\n"
@@ -264,14 +239,11 @@ async def ptrace_worker(rt: DockerRuntime) -> Outcome:
         )
         out = await run(ep, "python", code)
         return Outcome(repr(out.content[:60]), out.content == "done")
-    finally:
-        await ep.close()
 
 
 async def pid1_streams(rt: DockerRuntime) -> Outcome:
     """PID 1's output is the container log on the host: unreachable, and the log is off anyway."""
-    ep = await _episode(rt)
-    try:
+    async with _episode(rt) as ep:
         out = await run(
             ep, "bash", "for fd in 1 2; do echo flood > /proc/1/fd/$fd && echo WROTE $fd; done 2>/dev/null; echo done"
         )
@@ -279,14 +251,11 @@ async def pid1_streams(rt: DockerRuntime) -> Outcome:
         log_type = state["HostConfig"]["LogConfig"]["Type"]
         ok = out.content == "done" and log_type == "none"
         return Outcome(f"{out.content.replace(chr(10), ' ')[:40]}; container log driver {log_type!r}", ok)
-    finally:
-        await ep.close()
 
 
 async def host_buffer_flood(rt: DockerRuntime) -> Outcome:
     """Output is bounded at every hop: the worker's captures, the host's reply line, what the model sees."""
-    ep = await _episode(rt)
-    try:
+    async with _episode(rt) as ep:
         before = _rss_mb()
         code = "import os\nchunk = b'{\"op\": \"result\"' + b'x' * 65536\nwhile True:\n    os.write(1, chunk)"
         out = await run(ep, "python", code)
@@ -294,8 +263,6 @@ async def host_buffer_flood(rt: DockerRuntime) -> Outcome:
         after = await run(ep, "bash", "echo alive")
         ok = out.observation.truncated and grew < 64 and after.content == "alive"
         return Outcome(f"flood truncated={out.observation.truncated}; host RSS +{grew:.0f} MB", ok)
-    finally:
-        await ep.close()
 
 
 def _rss_mb() -> float:
@@ -305,8 +272,7 @@ def _rss_mb() -> float:
 
 async def bad_arguments(rt: DockerRuntime) -> Outcome:
     """Text no program can take (NUL, lone surrogate) or a wrong type is an error the teacher sees."""
-    ep = await _episode(rt)
-    try:
+    async with _episode(rt) as ep:
         spec = PYTHON
         outs = [
             await ep.call(ToolCall(id="c1", name="python", arguments="{}"), {"code": "print(1)\x00"}, spec),
@@ -316,14 +282,11 @@ async def bad_arguments(rt: DockerRuntime) -> Outcome:
         after = await run(ep, "bash", "echo alive")
         ok = all(o.observation.source == "error" for o in outs) and after.content == "alive"
         return Outcome(" | ".join(o.content[:30] for o in outs), ok)
-    finally:
-        await ep.close()
 
 
 async def writable_places(rt: DockerRuntime) -> Outcome:
     """Everything the sandbox user can write to is a mount that a reset empties."""
-    ep = await _episode(rt)
-    try:
+    async with _episode(rt) as ep:
         out = await run(
             ep,
             "bash",
@@ -332,8 +295,6 @@ async def writable_places(rt: DockerRuntime) -> Outcome:
         mounts = rt.config.reset_mounts()
         outside = [p for p in out.content.splitlines() if not any(p == m or p.startswith(m + "/") for m in mounts)]
         return Outcome(f"outside the reset mounts: {outside[:3] or 'nothing'}", not outside and bool(out.content))
-    finally:
-        await ep.close()
 
 
 LEAVE_STATE = (
@@ -372,17 +333,15 @@ async def recycled_is_clean(rt: DockerRuntime) -> Outcome:
     """A file, a process, a /dev/shm segment and SysV objects left by one trajectory are gone for the next."""
     if not rt.config.recycle:
         return Outcome("recycling is off: every trajectory gets a fresh container", True)
-    first = await _episode(rt)
-    planted = await run(first, "bash", LEAVE_STATE)
-    await run(first, "bash", LOCK_WORK_DIR)
-    used = first.container_id
-    await first.close()
+    async with _episode(rt) as first:
+        planted = await run(first, "bash", LEAVE_STATE)
+        await run(first, "bash", LOCK_WORK_DIR)
+        used = first.container_id
     # Reset containers rejoin the back of the pool: take containers until the used one comes back.
     for _ in range(rt.config.pool_size + 3):
-        ep = await _episode(rt)
-        seen = await run(ep, "python", SHOW_STATE)
-        again = ep.container_id == used
-        await ep.close()
+        async with _episode(rt) as ep:
+            seen = await run(ep, "python", SHOW_STATE)
+            again = ep.container_id == used
         if again:
             break
     try:
@@ -394,24 +353,18 @@ async def recycled_is_clean(rt: DockerRuntime) -> Outcome:
 
 
 async def state_across_calls(rt: DockerRuntime) -> Outcome:
-    ep = await _episode(rt)
-    try:
+    async with _episode(rt) as ep:
         await run(ep, "python", "open('notes.txt', 'w').write('remembered')")
         out = await run(ep, "bash", "cat notes.txt")
         return Outcome(repr(out.content[:40]), out.content == "remembered")
-    finally:
-        await ep.close()
 
 
 async def isolation(rt: DockerRuntime) -> Outcome:
-    a, b = await _episode(rt), await _episode(rt)
-    try:
+    async with _episode(rt) as a, _episode(rt) as b:
         await asyncio.gather(run(a, "bash", "echo A > mine.txt"), run(b, "bash", "echo B > mine.txt"))
         seen_a, seen_b = await asyncio.gather(run(a, "bash", "cat mine.txt"), run(b, "bash", "cat mine.txt"))
         ok = seen_a.content == "A" and seen_b.content == "B" and a.container_id != b.container_id
         return Outcome(f"A sees {seen_a.content!r}, B sees {seen_b.content!r}", ok)
-    finally:
-        await asyncio.gather(a.close(), b.close())
 
 
 CASES: list[tuple[str, str, Case]] = [
