@@ -631,7 +631,13 @@ class Recipe(Strict):
 
 
 # Error messages name a flag's key as it would appear in a recipe (collect.teacher.model, ...).
-SECTION_NAMES: dict[type, str] = {CollectConfig: "collect", DistillConfig: "distill", EvalConfig: "eval"}
+SECTION_NAMES: dict[type, str] = {
+    CollectConfig: "collect",
+    FilterConfig: "filter",
+    FormatConfig: "format",
+    DistillConfig: "distill",
+    EvalConfig: "eval",
+}
 
 
 def load_recipe(path: Path, scale: Literal["full", "smoke"] = "full") -> Recipe:

@@ -42,13 +42,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
 from tracegen import __version__
 from tracegen.checks.judge import JUDGE_ERROR, Judge, is_error
 from tracegen.checks.replay import needs_replay, replay
 from tracegen.checks.verify import DuplicateIndex, reference_verdict, run_tests, structural_verdict
-from tracegen.config import FilterConfig, _recipe_error, load_recipe, merge
+from tracegen.config import FilterConfig, apply_overrides, load_recipe
 from tracegen.errors import BadInputError
 from tracegen.progress_bar import stage_bar
 from tracegen.records import Trajectory, Usage, Verdict
@@ -104,12 +102,7 @@ class FilterSummary:
 
 def filter_config(recipe: Path | None, overrides: dict[str, Any]) -> FilterConfig:
     """Defaults < the recipe's ``filter:`` section < flags (``None`` = not given)."""
-    base = load_recipe(recipe).filter if recipe else FilterConfig()
-    merged = merge(base.model_dump(exclude_unset=True), overrides)
-    try:
-        return FilterConfig.model_validate(merged)
-    except ValidationError as exc:
-        raise _recipe_error(exc, "flags", None, prefix="filter") from exc
+    return apply_overrides(load_recipe(recipe).filter if recipe else FilterConfig(), overrides)
 
 
 def resolve_input(path: Path) -> Path:

@@ -270,6 +270,12 @@ def _last_braced(text: str, commands: Sequence[str]) -> str | None:
 
 def _braced_at(text: str, i: int) -> str | None:
     """Content of the balanced group opening at ``text[i] == '{'``."""
+    j = _closing_brace(text, i)
+    return None if j is None else text[i + 1 : j].strip()
+
+
+def _closing_brace(text: str, i: int) -> int | None:
+    """Index of the ``}`` that closes the ``{`` at ``text[i]``, or None when it never closes."""
     depth = 0
     for j in range(i, len(text)):
         if text[j] == "{":
@@ -277,7 +283,7 @@ def _braced_at(text: str, i: int) -> str | None:
         elif text[j] == "}":
             depth -= 1
             if depth == 0:
-                return text[i + 1 : j].strip()
+                return j
     return None
 
 
@@ -526,15 +532,9 @@ def _skip_ws(s: str, i: int) -> int:
 
 
 def _group_end(s: str, i: int) -> int:
-    depth = 0
-    for j in range(i, len(s)):
-        if s[j] == "{":
-            depth += 1
-        elif s[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return j + 1
-    return len(s)
+    """Just past the group opening at ``s[i]``; the end of ``s`` when it never closes."""
+    j = _closing_brace(s, i)
+    return len(s) if j is None else j + 1
 
 
 @lru_cache(maxsize=16384)

@@ -532,16 +532,9 @@ def format_dataset(input_path: Path, out: Path, config: FormatConfig, show_progr
 
 def format_config(recipe: Path | None, overrides: dict[str, Any]) -> FormatConfig:
     """Defaults < the recipe's ``format:`` section < flags; unknown keys and bad values are errors."""
-    from pydantic import ValidationError
+    from tracegen.config import apply_overrides, load_recipe
 
-    from tracegen.config import _recipe_error, load_recipe, merge
-
-    base = load_recipe(recipe).format if recipe else FormatConfig()
-    merged = merge(base.model_dump(exclude_unset=True), overrides)
-    try:
-        return FormatConfig.model_validate(merged)
-    except ValidationError as exc:
-        raise _recipe_error(exc, "flags", None, prefix="format") from exc
+    return apply_overrides(load_recipe(recipe).format if recipe else FormatConfig(), overrides)
 
 
 def parse_columns(spec: str | None) -> dict[str, str] | None:
