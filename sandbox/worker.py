@@ -178,22 +178,39 @@ class SandboxUser:
         self.gid = gid
 
     def become(self):
-        """Drop to the sandbox user for good: no groups, no capabilities; checked, not assumed."""
+        """Drop to the sandbox user for good: no groups, and (the kernel clears them when every uid
+        leaves 0; :meth:`verify` checks it once per worker) no capabilities."""
         os.setgroups([])
         os.setresgid(self.gid, self.gid, self.gid)
         os.setresuid(self.uid, self.uid, self.uid)
         if os.getresuid() != (self.uid,) * 3 or os.getresgid() != (self.gid,) * 3:
             raise OSError("could not drop to the sandbox user")
-        with open("/proc/self/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"CapEff:") and int(line.split()[1], 16) != 0:
-                    raise OSError("capabilities survived the switch to the sandbox user")
         # A process that changed uid without exec is not dumpable, which would hide its own
         # /proc/self/fd from itself; the sandbox user may see its own process, as after an exec.
         LIBC.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
         # Make the command, not the worker, the kernel's first choice when memory runs out.
         with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
             f.write("1000")
+
+    def verify(self):
+        """Why a child that became the sandbox user still holds a privilege, or None when it holds none."""
+        r, w = os.pipe()
+
+        def check():
+            with open("/proc/self/status", "rb") as f:
+                status = dict(line.split(b":", 1) for line in f if b":" in line)
+            held = [k.decode() for k in (b"CapEff", b"CapPrm", b"CapAmb") if int(status[k].split()[0], 16)]
+            if os.getgroups():
+                held.append(f"groups {os.getgroups()}")
+            os.write(1, ", ".join(held).encode() or b"-")  # fork_as made the pipe our stdout
+            return 0
+
+        pid = self.fork_as(check, w, w)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            told = f.read(4096).decode("utf-8", "replace")
+        os.waitpid(pid, 0)
+        return None if told == "-" else (told or "the check did not run")
 
     def fork_as(self, child, stdout_fd, stderr_fd):
         """Fork; the child runs ``child()`` as the sandbox user in a new session and exits with its code."""
@@ -508,7 +525,11 @@ def main():
             gid = value
     if uid == 0:
         sys.exit("the sandbox user must not be root")
-    worker = Worker(sys.stdout.buffer, SandboxUser(uid, gid))
+    user = SandboxUser(uid, gid)
+    held = user.verify()
+    if held is not None:
+        sys.exit(f"refusing to run commands: as the sandbox user they would still hold {held}")
+    worker = Worker(sys.stdout.buffer, user)
     gc.freeze()  # what exists now is never collected, so forked children share it without copying
     # A host that goes away closes our stdin, which ends ``serve`` and so the worker.
     worker.serve(sys.stdin.buffer)
