@@ -190,3 +190,26 @@ def test_a_solution_cannot_forge_its_tests_verdict(docker_client: Any, tmp_path:
     assert by_id(tmp_path / "f" / "kept.jsonl") == {}
     verdict = by_id(tmp_path / "f" / "rejected.jsonl")["forger"]["verdicts"][-1]
     assert verdict["check"] == "tests" and "tests failed (exit 1)" in verdict["reason"], verdict
+
+
+UNITTEST_TESTS = (
+    "import unittest\nfrom solution import add\n\n"
+    "class T(unittest.TestCase):\n    def test_add(self):\n        self.assertEqual(add(2, 3), 5)\n\n"
+    "if __name__ == '__main__':\n    unittest.main()\n"
+)
+
+
+def test_a_solution_that_ends_the_test_process_early_fails(docker_client: Any, tmp_path: Path) -> None:
+    """An exit 0 from the solution's import is not the tests' verdict; unittest.main()'s own exit 0 is."""
+    wrong = "def add(a, b):\n    return a - b\n"
+    samples = [
+        trajectory("sys-exit", [], final=f"```python\n{wrong}import sys\nsys.exit(0)\n```", tests=ADD_TESTS),
+        trajectory("builtin-exit", [], final=f"```python\n{wrong}exit()\n```", tests=ADD_TESTS),
+        trajectory("os-exit", [], final=f"```python\n{wrong}import os\nos._exit(0)\n```", tests=ADD_TESTS),
+        trajectory("unittest", [], final="```python\ndef add(a, b):\n    return a + b\n```", tests=UNITTEST_TESTS),
+    ]
+    run_filter(write(tmp_path / "in.jsonl", samples), tmp_path / "f", config(verifiers=["tests"]), show_progress=False)
+    assert set(by_id(tmp_path / "f" / "kept.jsonl")) == {"unittest"}
+    reasons = {i: r["verdicts"][-1]["reason"] for i, r in by_id(tmp_path / "f" / "rejected.jsonl").items()}
+    assert "ended the test process" in reasons["sys-exit"] and "ended the test process" in reasons["builtin-exit"]
+    assert reasons["os-exit"].startswith("tests did not run to their end")

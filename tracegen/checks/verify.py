@@ -32,6 +32,7 @@ import base64
 import json
 import math
 import re
+import secrets
 import time
 import zlib
 from collections.abc import Sequence
@@ -621,18 +622,52 @@ def solution_code(t: Trajectory) -> str:
     return ""
 
 
+# Runs test_task.py as ``python3 test_task.py`` would, then prints the run's marker: only tests that ran
+# to their end pass. A solution that ends the process early (``sys.exit(0)``, ``exit()``, ``os._exit(0)``
+# on import) would otherwise hand its own exit code in as the verdict.
+TESTS_RUNNER = """\
+import os, runpy, sys
+with open(".tracegen-marker") as f:
+    marker = f.read()
+os.unlink(".tracegen-marker")
+solution = os.path.realpath("solution.py")
+sys.argv = ["test_task.py"]
+try:
+    runpy.run_path("test_task.py", run_name="__main__")
+except SystemExit as exc:
+    if exc.code not in (None, 0):
+        raise
+    tb = exc.__traceback__
+    while tb is not None:
+        if os.path.realpath(tb.tb_frame.f_code.co_filename) == solution:
+            sys.exit("the solution ended the test process before the tests finished")
+        tb = tb.tb_next
+sys.stdout.flush()
+sys.stderr.write(marker + "\\n")  # last on the last stream shown: kept by every head-and-tail cut
+sys.stderr.flush()
+"""
+RUNNER_FILE = ".tracegen-run-tests.py"
+
+
 async def run_tests(t: Trajectory, runtime: DockerRuntime) -> Verdict:
-    """Run the task's tests in a fresh sandbox against the trajectory; pass iff they exit 0 in time.
+    """Run the task's tests in a fresh sandbox against the trajectory; pass iff they finish and exit 0 in time.
 
     The sandbox's work dir gets ``solution.py`` (:func:`solution_code`), ``answer.txt`` (the final
-    answer) and ``test_task.py`` (the task's ``tests``), which runs as ``python3 test_task.py``, so a
-    test can ``from solution import f`` or read ``answer.txt``. The time limit is the runtime's
-    ``timeout_s``. A sandbox that cannot run at all gives a ``tests_error:`` verdict (retried on resume).
+    answer) and ``test_task.py`` (the task's ``tests``), which runs as ``python3 test_task.py`` would
+    (through :data:`TESTS_RUNNER`), so a test can ``from solution import f`` or read ``answer.txt``. It
+    passes only when it exits 0 *and* the runner printed this run's random marker after the tests ran
+    to their end, so a solution that exits early fails. Not guaranteed: code in the solution's process
+    that deliberately reads the runner's memory for the marker can still forge it (the tests and the
+    solution share one process by design). The time limit is the runtime's ``timeout_s``. A sandbox
+    that cannot run at all gives a ``tests_error:`` verdict (retried on resume).
     """
+    marker = f"tracegen-tests-finished-{secrets.token_hex(16)}"
     files = {
         SOLUTION_FILE: solution_code(t),
         ANSWER_FILE: t.final_answer or "",
         TESTS_FILE: t.task.tests or "",
+        RUNNER_FILE: TESTS_RUNNER,
+        ".tracegen-marker": marker,
     }
     payload = {name: base64.b64encode(text.encode()).decode() for name, text in files.items()}
     writer = (
@@ -648,7 +683,7 @@ async def run_tests(t: Trajectory, runtime: DockerRuntime) -> Verdict:
             return Verdict(
                 check="tests", passed=False, reason=f"tests_error: could not write files: {wrote.content[:200]}"
             )
-        command = f"python3 {TESTS_FILE}"
+        command = f"python3 {RUNNER_FILE}"
         out = await episode.call(_call("bash", command), {"command": command}, BUILTIN_TOOLS["bash"])
     except RuntimeToolError as exc:
         return Verdict(check="tests", passed=False, reason=f"tests_error: {exc.message}")
@@ -660,9 +695,12 @@ async def run_tests(t: Trajectory, runtime: DockerRuntime) -> Verdict:
         return Verdict(check="tests", passed=False, reason=f"tests_error: {out.content[:200]}")
     if obs.timed_out:
         return Verdict(check="tests", passed=False, score=0.0, reason=f"tests timed out ({elapsed:.1f} s)")
-    if obs.exit_code == 0:
+    finished = marker in out.content
+    if obs.exit_code == 0 and finished:
         return Verdict(check="tests", passed=True, score=1.0, reason=f"tests passed in {elapsed:.1f} s")
-    tail = out.content.strip()[-300:]
+    tail = out.content.replace(marker, "").strip()[-300:]
+    if obs.exit_code == 0:
+        return Verdict(check="tests", passed=False, score=0.0, reason=f"tests did not run to their end: {tail}")
     return Verdict(check="tests", passed=False, score=0.0, reason=f"tests failed (exit {obs.exit_code}): {tail}")
 
 

@@ -65,9 +65,9 @@ What it does not protect against:
 - exhaustion of shared resources the limits do not cover (disk I/O bandwidth, the page cache,
   the engine's own throughput);
 - code inside one trajectory harming that trajectory (deleting its own files, exiting early);
-- a solution under ``filter --verifier tests`` that ends its own test process with exit 0 (e.g.
-  ``sys.exit(0)`` on import): the tests run in the solution's process, so their exit code is
-  the verdict; the worker reports it faithfully, it cannot tell who chose it;
+- a solution under ``filter --verifier tests`` that deliberately reads the test runner's memory
+  for its end-of-tests marker: the tests run in the solution's process by design. An early exit
+  (``sys.exit(0)``, ``os._exit(0)``) fails (``tracegen.checks.verify.TESTS_RUNNER``);
 - processes outliving a call: every process a call started is killed when the call ends. Files
   persist across the calls of a trajectory; processes do not.
 """
