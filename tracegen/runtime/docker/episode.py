@@ -29,7 +29,6 @@ class DockerEpisode:
         self.trajectory_id = trajectory_id
         self.sandbox: Sandbox | None = None
         self._lock = asyncio.Lock()
-        self._calls = 0
 
     @property
     def container_id(self) -> str | None:
@@ -129,7 +128,6 @@ class DockerEpisode:
             source.encode("utf-8")
         except UnicodeEncodeError:
             return f"the {key} contains a lone surrogate (invalid Unicode); send valid UTF-8 text"
-        self._calls += 1
         return {
             "op": "run",
             "argv": argv,
