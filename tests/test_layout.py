@@ -111,5 +111,5 @@ def test_the_rule_catches_what_it_should() -> None:
         "line 3: tracegen.cli.app (rank 8) from rank 0"
     ]
     assert violations("tracegen.data.tokenize", [(9, "tracegen.testing.fake_server")])  # test support
-    assert violations("tracegen.collect.agent", [(1, "tracegen.checks.verify")])  # sideways, same rank
+    assert violations("tracegen.collect.agent", [(1, "tracegen.checks.answers")])  # sideways, same rank
     assert not violations("tracegen.distill.trainer", [(1, "tracegen.distill.cache"), (2, "tracegen.config")])

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tracegen.checks.verify import (
-    DuplicateIndex,
-    compare,
-    extract_answers,
-    reference_verdict,
-    structural_verdict,
-    to_sympy_text,
-)
+from tracegen.checks.answers import compare, extract_answers, to_sympy_text
+from tracegen.checks.duplicates import DuplicateIndex
+from tracegen.checks.reference import reference_verdict
+from tracegen.checks.structural import structural_verdict
 from tracegen.config import DuplicateCheckConfig, ReferenceCheckConfig, StructuralCheckConfig
 from tracegen.records import AssistantMessage, ToolCall, TrajectoryError
 from tracegen.testing.synthetic import make_trajectory

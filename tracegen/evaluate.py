@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tracegen.checks.verify import reference_verdict
+from tracegen.checks.reference import reference_verdict
 from tracegen.collect.driver import TRAJECTORIES, run_collect
 from tracegen.config import EvalConfig
 from tracegen.data.templates import prompt_part
@@ -146,7 +146,7 @@ def _read(path: Path, fingerprint: str) -> list[Trajectory]:
 
 async def _run_tests(trajectories: list[Trajectory], config: EvalConfig) -> dict[str, Verdict]:
     """filter's ``tests`` check on every answer whose task has tests, ``concurrency`` sandboxes at a time."""
-    from tracegen.checks.verify import run_tests
+    from tracegen.checks.task_tests import run_tests
     from tracegen.runtime.docker.pool import DockerRuntime
 
     with_tests = [t for t in trajectories if t.task.tests]

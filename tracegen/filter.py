@@ -43,9 +43,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tracegen import __version__
+from tracegen.checks.duplicates import DuplicateIndex
 from tracegen.checks.judge import JUDGE_ERROR, Judge, is_error
+from tracegen.checks.reference import reference_verdict
 from tracegen.checks.replay import needs_replay, replay
-from tracegen.checks.verify import DuplicateIndex, reference_verdict, run_tests, structural_verdict
+from tracegen.checks.structural import structural_verdict
+from tracegen.checks.task_tests import run_tests
 from tracegen.config import FilterConfig, apply_overrides, load_recipe
 from tracegen.errors import BadInputError
 from tracegen.progress_bar import stage_bar

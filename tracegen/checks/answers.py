@@ -1,9 +1,4 @@
-"""Verifiers of ``tracegen filter``: structural, duplicates, ``reference`` and ``tests``.
-
-Each returns a :class:`~tracegen.records.Verdict` whose ``reason`` says what decided it (for
-``reference``: the rule, e.g. ``numeric: 0.5 == 1/2``). The first three are pure functions of the
-records (microseconds each; ``filter`` recomputes them on every run). ``tests`` runs code in the
-Docker sandbox.
+"""Answer equivalence: is the answer in a final-answer text equal to a reference? (filter and eval)
 
 The ``reference`` rules, tried in order on the answer extracted from the final answer (the last
 ``\\boxed{}``, ``<answer>`` tag, or "answer is / Answer:" phrase; else a short answer itself; else its
@@ -28,159 +23,16 @@ and a fixed list of function names reach it, and powers with exponents above 100
 
 from __future__ import annotations
 
-import base64
-import json
 import math
 import re
-import secrets
-import time
-import zlib
 from collections.abc import Sequence
 from fractions import Fraction
 from functools import lru_cache
-from hashlib import blake2b
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
-from tracegen.client.tools import BUILTIN_TOOLS
-from tracegen.config import DuplicateCheckConfig, ReferenceCheckConfig, StructuralCheckConfig
-from tracegen.errors import RuntimeToolError
-from tracegen.records import AssistantMessage, ToolCall, Trajectory, Verdict
-
-if TYPE_CHECKING:
-    import numpy as np
-
-    from tracegen.runtime.docker.pool import DockerRuntime
-
-# ---------------------------------------------------------------------------------------------------
-# 1. structural
-
-
-def structural_verdict(t: Trajectory, config: StructuralCheckConfig, pattern: re.Pattern[str] | None = None) -> Verdict:
-    """Converged, no recorded error, a final answer, well-formed tool calls, within the bounds."""
-    problems: list[str] = []
-    if t.stop_reason != "answer":
-        problems.append(f"stop_reason={t.stop_reason}")
-    last: AssistantMessage | None = None
-    turns = 0
-    offered = {s.name for s in t.tools}
-    for m in t.messages:
-        if isinstance(m, AssistantMessage):
-            turns += 1
-            last = m
-            if not config.allow_malformed_calls:
-                for call in m.tool_calls:
-                    if call.parse_error is not None:
-                        problems.append(f"malformed tool call {call.id}: {call.parse_error}")
-                    elif call.name not in offered:
-                        problems.append(f"tool call {call.id} names unknown tool {call.name!r}")
-    if last is None:
-        problems.append("no assistant message")
-    elif last.finish_reason != "stop":
-        problems.append(f"last finish_reason={last.finish_reason}")
-    if t.errors:
-        problems.append(f"{len(t.errors)} recorded error(s): {t.errors[0].kind}: {t.errors[0].message[:120]}")
-    answer = t.final_answer
-    if not answer or not answer.strip():
-        problems.append("no final answer")
-    elif pattern is not None and not pattern.search(answer):
-        problems.append(f"final answer does not match answer_pattern {pattern.pattern!r}")
-    if config.max_turns is not None and turns > config.max_turns:
-        problems.append(f"{turns} turns > max_turns {config.max_turns}")
-    if config.max_completion_tokens is not None and t.usage.completion_tokens > config.max_completion_tokens:
-        problems.append(f"{t.usage.completion_tokens} completion tokens > {config.max_completion_tokens}")
-    if problems:
-        return _verdict("structural", False, "; ".join(problems))
-    return _passing("structural", f"converged in {turns} turn(s)")
-
-
-def _verdict(check: str, passed: bool, reason: str, score: float | None = None) -> Verdict:
-    """A verdict built without re-validation: the hot path of the cheap checks (types are right by construction)."""
-    return Verdict.model_construct(check=check, passed=passed, score=score, reason=reason, judge_model=None, usage=None)
-
-
-@lru_cache(maxsize=128)
-def _passing(check: str, reason: str) -> Verdict:
-    """Passing verdicts repeat ("unique", "converged in 3 turn(s)"): one shared instance each.
-
-    Verdicts are never modified after they are made, so sharing is safe; it saves building two of the
-    three verdicts per sample on the cheap checks' hot path.
-    """
-    return _verdict(check, True, reason)
-
-
-# ---------------------------------------------------------------------------------------------------
-# 2. duplicates
+from tracegen.config import ReferenceCheckConfig
 
 _WS = re.compile(r"\s+")
-
-
-def _norm_text(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
-class DuplicateIndex:
-    """Per task, the samples seen so far: exact (normalised answer + reasoning hash) and MinHash signatures.
-
-    Feed samples in input order; the first of a group is the original, later ones are duplicates.
-    """
-
-    def __init__(self, config: DuplicateCheckConfig) -> None:
-        self.config = config
-        self._exact: dict[str, dict[bytes, str]] = {}
-        self._signatures: dict[str, list[tuple[str, np.ndarray[Any, Any]]]] = {}
-        self._perm: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None = None
-
-    def check(self, t: Trajectory) -> Verdict:
-        digest = blake2b(_norm_text(t.final_answer or "").encode(), digest_size=16)
-        pieces: list[str] = []
-        for m in t.messages:
-            if isinstance(m, AssistantMessage) and m.reasoning:
-                piece = _norm_text(m.reasoning)
-                digest.update(b"\x00" + piece.encode())
-                pieces.append(piece)
-        key = digest.digest()
-        seen = self._exact.setdefault(t.task.id, {})
-        original = seen.get(key)
-        if original is not None:
-            return _verdict("duplicate", False, f"exact duplicate of {original}")
-        seen[key] = t.id
-        if self.config.near_threshold is not None:
-            signature = self._minhash(" ".join([_norm_text(t.final_answer or ""), *pieces]))
-            kept = self._signatures.setdefault(t.task.id, [])
-            for other_id, other in kept:
-                similarity = float((signature == other).mean())
-                if similarity >= self.config.near_threshold:
-                    return Verdict(
-                        check="duplicate",
-                        passed=False,
-                        score=round(similarity, 4),
-                        reason=f"near duplicate of {other_id} (MinHash Jaccard ~{similarity:.2f} >= "
-                        f"{self.config.near_threshold})",
-                    )
-            kept.append((t.id, signature))
-        return _passing("duplicate", "unique")
-
-    def _minhash(self, text: str) -> np.ndarray[Any, Any]:
-        import numpy as np
-
-        if self._perm is None:
-            rng = np.random.default_rng(0x7ACE)  # fixed: signatures must agree across runs
-            n = self.config.num_perm
-            self._perm = (
-                rng.integers(1, (1 << 31) - 1, n, dtype=np.uint64),
-                rng.integers(0, (1 << 31) - 1, n, dtype=np.uint64),
-            )
-        words = text.split()
-        n = self.config.ngram
-        shingles = {" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))}
-        hashes = np.fromiter((zlib.crc32(s.encode()) & 0x7FFFFFFF for s in shingles), dtype=np.uint64)
-        a, b = self._perm
-        prime = np.uint64((1 << 31) - 1)
-        return ((a[:, None] * hashes[None, :] + b[:, None]) % prime).min(axis=1)  # type: ignore[no-any-return]
-
-
-# ---------------------------------------------------------------------------------------------------
-# 3. reference
 
 
 class RefResult(NamedTuple):
@@ -189,22 +41,6 @@ class RefResult(NamedTuple):
     """exact | choice | numeric | list | symbolic | mismatch | no_answer"""
     candidate: str
     """The answer as extracted from the final answer text."""
-
-
-def reference_verdict(t: Trajectory, config: ReferenceCheckConfig) -> Verdict | None:
-    """The ``reference`` verdict, or None when the task has no reference and missing=skip."""
-    reference = t.task.reference
-    if reference is None or not reference.strip():
-        if config.missing == "skip":
-            return None
-        return Verdict(check="reference", passed=False, reason="task has no reference (reference.missing=reject)")
-    result = compare(t.final_answer or "", reference, config)
-    shown = result.candidate if len(result.candidate) <= 80 else result.candidate[:77] + "..."
-    ref_shown = reference.strip() if len(reference.strip()) <= 80 else reference.strip()[:77] + "..."
-    relation = "==" if result.equal else "!="
-    return _verdict(
-        "reference", result.equal, f"{result.rule}: {shown!r} {relation} reference {ref_shown!r}", float(result.equal)
-    )
 
 
 def compare(answer: str, reference: str, config: ReferenceCheckConfig | None = None) -> RefResult:
@@ -593,117 +429,3 @@ def symbolic_equal(a: str, b: str, rel_tol: float = 1e-6, abs_tol: float = 1e-9)
         return bool(sympy.simplify(x - y) == 0)
     except Exception:  # noqa: BLE001 - e.g. comparing unbounded values; undecided rather than a crash
         return None
-
-
-# ---------------------------------------------------------------------------------------------------
-# 4. tests (Docker sandbox)
-
-TESTS_FILE = "test_task.py"
-SOLUTION_FILE = "solution.py"
-ANSWER_FILE = "answer.txt"
-_FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.S)
-
-
-def solution_code(t: Trajectory) -> str:
-    """The trajectory's final code: the last fenced block of the final answer, else its last python call."""
-    blocks = _FENCE.findall(t.final_answer or "")
-    if blocks:
-        return str(blocks[-1][1])
-    for m in reversed(t.messages):
-        if isinstance(m, AssistantMessage):
-            for call in reversed(m.tool_calls):
-                if call.name == "python":
-                    try:
-                        code = json.loads(call.arguments).get("code")
-                    except (ValueError, AttributeError):
-                        continue
-                    if isinstance(code, str):
-                        return code
-    return ""
-
-
-# Runs test_task.py as ``python3 test_task.py`` would, then prints the run's marker: only tests that ran
-# to their end pass. A solution that ends the process early (``sys.exit(0)``, ``exit()``, ``os._exit(0)``
-# on import) would otherwise hand its own exit code in as the verdict.
-TESTS_RUNNER = """\
-import os, runpy, sys
-with open(".tracegen-marker") as f:
-    marker = f.read()
-os.unlink(".tracegen-marker")
-solution = os.path.realpath("solution.py")
-sys.argv = ["test_task.py"]
-try:
-    runpy.run_path("test_task.py", run_name="__main__")
-except SystemExit as exc:
-    if exc.code not in (None, 0):
-        raise
-    tb = exc.__traceback__
-    while tb is not None:
-        if os.path.realpath(tb.tb_frame.f_code.co_filename) == solution:
-            sys.exit("the solution ended the test process before the tests finished")
-        tb = tb.tb_next
-sys.stdout.flush()
-sys.stderr.write(marker + "\\n")  # last on the last stream shown: kept by every head-and-tail cut
-sys.stderr.flush()
-"""
-RUNNER_FILE = ".tracegen-run-tests.py"
-
-
-async def run_tests(t: Trajectory, runtime: DockerRuntime) -> Verdict:
-    """Run the task's tests in a fresh sandbox against the trajectory; pass iff they finish and exit 0 in time.
-
-    The sandbox's work dir gets ``solution.py`` (:func:`solution_code`), ``answer.txt`` (the final
-    answer) and ``test_task.py`` (the task's ``tests``), which runs as ``python3 test_task.py`` would
-    (through :data:`TESTS_RUNNER`), so a test can ``from solution import f`` or read ``answer.txt``. It
-    passes only when it exits 0 *and* the runner printed this run's random marker after the tests ran
-    to their end, so a solution that exits early fails. Not guaranteed: code in the solution's process
-    that deliberately reads the runner's memory for the marker can still forge it (the tests and the
-    solution share one process by design). The time limit is the runtime's ``timeout_s``. A sandbox
-    that cannot run at all gives a ``tests_error:`` verdict (retried on resume).
-    """
-    marker = f"tracegen-tests-finished-{secrets.token_hex(16)}"
-    files = {
-        SOLUTION_FILE: solution_code(t),
-        ANSWER_FILE: t.final_answer or "",
-        TESTS_FILE: t.task.tests or "",
-        RUNNER_FILE: TESTS_RUNNER,
-        ".tracegen-marker": marker,
-    }
-    payload = {name: base64.b64encode(text.encode()).decode() for name, text in files.items()}
-    writer = (
-        "import base64, pathlib\n"
-        f"for name, data in {payload!r}.items():\n"
-        "    pathlib.Path(name).write_bytes(base64.b64decode(data))\n"
-    )
-    episode = await runtime.open_episode(t.id)
-    started = time.monotonic()
-    try:
-        wrote = await episode.call(_call("python", writer), {"code": writer}, BUILTIN_TOOLS["python"])
-        if wrote.observation.exit_code != 0:
-            return Verdict(
-                check="tests", passed=False, reason=f"tests_error: could not write files: {wrote.content[:200]}"
-            )
-        command = f"python3 {RUNNER_FILE}"
-        out = await episode.call(_call("bash", command), {"command": command}, BUILTIN_TOOLS["bash"])
-    except RuntimeToolError as exc:
-        return Verdict(check="tests", passed=False, reason=f"tests_error: {exc.message}")
-    finally:
-        await episode.close()
-    elapsed = time.monotonic() - started
-    obs = out.observation
-    if obs.source == "error":
-        return Verdict(check="tests", passed=False, reason=f"tests_error: {out.content[:200]}")
-    if obs.timed_out:
-        return Verdict(check="tests", passed=False, score=0.0, reason=f"tests timed out ({elapsed:.1f} s)")
-    finished = marker in out.content
-    if obs.exit_code == 0 and finished:
-        return Verdict(check="tests", passed=True, score=1.0, reason=f"tests passed in {elapsed:.1f} s")
-    tail = out.content.replace(marker, "").strip()[-300:]
-    if obs.exit_code == 0:
-        return Verdict(check="tests", passed=False, score=0.0, reason=f"tests did not run to their end: {tail}")
-    return Verdict(check="tests", passed=False, score=0.0, reason=f"tests failed (exit {obs.exit_code}): {tail}")
-
-
-def _call(name: str, source: str) -> ToolCall:
-    key = "code" if name == "python" else "command"
-    return ToolCall(id=f"verify-{name}", name=name, arguments=json.dumps({key: source}))
