@@ -18,6 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tracegen"
 # Longest matching prefix wins. Same rank is allowed only inside one package (e.g. distill.*).
 RANKS: dict[str, int] = {
     "tracegen.errors": 0,
+    "tracegen.fingerprint": 0,
     "tracegen.records": 0,
     "tracegen.truncate": 0,
     "tracegen.signals": 0,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from tracegen.checks.answers import compare, extract_answers, to_sympy_text
-from tracegen.checks.duplicates import DuplicateIndex
+from tracegen.checks.duplicates import DuplicateCheck
 from tracegen.checks.reference import reference_verdict
 from tracegen.checks.structural import structural_verdict
 from tracegen.config import DuplicateCheckConfig, ReferenceCheckConfig, StructuralCheckConfig
@@ -153,19 +155,19 @@ def test_duplicates_exact_and_near() -> None:
     a = make_trajectory(1)
     same = a.model_copy(update={"id": "copy", "final_answer": "  THE ANSWER is 3.  "})
     other = make_trajectory(2).model_copy(update={"task": a.task})
-    index = DuplicateIndex(DuplicateCheckConfig())
-    assert index.check(a).passed
-    dup = index.check(same)
-    assert not dup.passed and dup.reason == f"exact duplicate of {a.id}"
-    assert index.check(other).passed
+    check = DuplicateCheck(DuplicateCheckConfig())
+    assert asyncio.run(check(a)).verdict.passed
+    dup, original = asyncio.run(check(same))
+    assert not dup.passed and dup.reason == f"exact duplicate of {a.id}" and original == a.id
+    assert asyncio.run(check(other)).verdict.passed
     # near duplicates: one word changed in a long reasoning
-    near = DuplicateIndex(DuplicateCheckConfig(near_threshold=0.7, ngram=3))
+    near = DuplicateCheck(DuplicateCheckConfig(near_threshold=0.7, ngram=3))
     long_a = make_trajectory(5, words=200)
     last = long_a.messages[-1]
     assert isinstance(last, AssistantMessage) and last.reasoning
     tweaked = last.model_copy(update={"reasoning": last.reasoning + " extra"})
     long_b = long_a.model_copy(update={"id": "b", "messages": [*long_a.messages[:-1], tweaked]})
-    assert near.check(long_a).passed
-    v = near.check(long_b)
-    assert not v.passed and v.reason.startswith(f"near duplicate of {long_a.id}")
-    assert near.check(make_trajectory(6, words=200).model_copy(update={"task": long_a.task})).passed
+    assert asyncio.run(near(long_a)).verdict.passed
+    v, original = asyncio.run(near(long_b))
+    assert not v.passed and v.reason.startswith(f"near duplicate of {long_a.id}") and original == long_a.id
+    assert asyncio.run(near(make_trajectory(6, words=200).model_copy(update={"task": long_a.task}))).verdict.passed

@@ -11,16 +11,15 @@ API keys are never configuration: a recipe names the environment variable that h
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tracegen.errors import RecipeError
+from tracegen.fingerprint import HOW, deciding, fingerprint
 from tracegen.runtime.docker.settings import DockerRuntimeConfig
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -37,29 +36,73 @@ class Strict(BaseModel):
 class EndpointConfig(Strict):
     """An OpenAI-compatible chat-completions endpoint and how to talk to it."""
 
-    base_url: str | None = Field(None, description="Base URL ending in /v1, e.g. http://127.0.0.1:8000/v1.")
+    base_url: str | None = Field(
+        None,
+        description="Base URL ending in /v1, e.g. http://127.0.0.1:8000/v1.",
+        json_schema_extra=HOW,
+    )
     model: str | None = Field(None, description="Model name sent in every request.")
     api_key_env: str = Field(
         "TRACEGEN_TEACHER_API_KEY",
         description="Environment variable holding the API key (falls back to OPENAI_API_KEY). "
         "Keys never go in recipe files.",
+        json_schema_extra=HOW,
     )
     temperature: float = Field(0.6, ge=0, description="Sampling temperature (0.6 suits thinking models).")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling.")
     max_tokens: int = Field(4096, ge=1, description="Completion tokens per request (per turn).")
     seed: int | None = Field(None, description="Sampling seed, where the server supports one.")
-    stream: bool = Field(True, description="Stream replies (SSE) so long thinking never hits a read timeout.")
+    stream: bool = Field(
+        True,
+        description="Stream replies (SSE) so long thinking never hits a read timeout.",
+        json_schema_extra=HOW,
+    )
     extra_body: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra request fields, e.g. {chat_template_kwargs: {enable_thinking: true}} for vLLM.",
     )
-    timeout_s: float = Field(600.0, gt=0, description="Longest silence allowed while reading a reply.")
-    connect_timeout_s: float = Field(10.0, gt=0, description="TCP connect timeout.")
-    max_attempts: int = Field(6, ge=1, description="Attempts per request, retries included.")
-    backoff_base_s: float = Field(1.0, ge=0, description="First retry delay; doubles each attempt, with jitter.")
-    backoff_max_s: float = Field(60.0, ge=0, description="Cap on one retry delay (Retry-After may exceed it).")
-    requests_per_minute: float | None = Field(None, gt=0, description="Client-side request rate limit.")
-    tokens_per_minute: float | None = Field(None, gt=0, description="Client-side token rate limit.")
+    timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="Longest silence allowed while reading a reply.",
+        json_schema_extra=HOW,
+    )
+    connect_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="TCP connect timeout.",
+        json_schema_extra=HOW,
+    )
+    max_attempts: int = Field(
+        6,
+        ge=1,
+        description="Attempts per request, retries included.",
+        json_schema_extra=HOW,
+    )
+    backoff_base_s: float = Field(
+        1.0,
+        ge=0,
+        description="First retry delay; doubles each attempt, with jitter.",
+        json_schema_extra=HOW,
+    )
+    backoff_max_s: float = Field(
+        60.0,
+        ge=0,
+        description="Cap on one retry delay (Retry-After may exceed it).",
+        json_schema_extra=HOW,
+    )
+    requests_per_minute: float | None = Field(
+        None,
+        gt=0,
+        description="Client-side request rate limit.",
+        json_schema_extra=HOW,
+    )
+    tokens_per_minute: float | None = Field(
+        None,
+        gt=0,
+        description="Client-side token rate limit.",
+        json_schema_extra=HOW,
+    )
 
     def api_key(self) -> str:
         """The key from the environment; servers that need none (vLLM, local) get a placeholder."""
@@ -81,13 +124,14 @@ class TeacherConfig(EndpointConfig):
         "<tool_call>{...}</tool_call> (hermes) or <function=NAME>... (function_tag). Pin one for servers "
         "without function calling: the tools are then described in the system prompt.",
     )
-    # Not in CollectConfig.fingerprint(): asking for log-probs does not change what is sampled.
+    # HOW: asking for log-probs does not change what is sampled.
     top_logprobs: int | None = Field(
         None,
         ge=0,
         le=20,
         description="Store the teacher's top-k log-probs of every generated token (for KD): requests carry "
         "logprobs: true, top_logprobs: k (OpenAI allows k <= 20).",
+        json_schema_extra=HOW,
     )
 
 
@@ -116,7 +160,11 @@ DEFAULT_CALLS_PER_TRAJECTORY = 256
 class AgentLoopConfig(Strict):
     """How episodes run: the tasks, the tools and where they execute. Shared by collect and eval."""
 
-    tasks: str | None = Field(None, description="Tasks: a JSONL file or a local Hugging Face dataset directory.")
+    tasks: str | None = Field(
+        None,
+        description="Tasks: a JSONL file or a local Hugging Face dataset directory.",
+        json_schema_extra=HOW,
+    )
     task_columns: TaskColumns = Field(default_factory=TaskColumns)
     simulator: EndpointConfig | None = Field(
         None, description="Model that role-plays tools for runtime=simulated; defaults to the teacher."
@@ -130,8 +178,18 @@ class AgentLoopConfig(Strict):
         description="Tools offered to the teacher.",
     )
     system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, description="System prompt of every trajectory.")
-    concurrency: int = Field(32, ge=1, description="Trajectories in flight at once.")
-    limit: int | None = Field(None, ge=1, description="Use only the first N tasks.")
+    concurrency: int = Field(
+        32,
+        ge=1,
+        description="Trajectories in flight at once.",
+        json_schema_extra=HOW,
+    )
+    limit: int | None = Field(
+        None,
+        ge=1,
+        description="Use only the first N tasks.",
+        json_schema_extra=HOW,
+    )
     max_turns: int = Field(8, ge=1, description="Teacher requests per trajectory before stop_reason=max_turns.")
     token_budget: int = Field(
         65536, ge=1, description="Completion tokens (reasoning included) per trajectory before stop_reason=budget."
@@ -146,14 +204,27 @@ class AgentLoopConfig(Strict):
         DEFAULT_CALLS_PER_TRAJECTORY, ge=1, description="Tool calls run per trajectory; later ones get an error."
     )
     fail_on_error: float = Field(
-        0.5, ge=0, le=1, description="Exit 1 when more than this fraction of trajectories ended in error."
+        0.5,
+        ge=0,
+        le=1,
+        description="Exit 1 when more than this fraction of trajectories ended in error.",
+        json_schema_extra=HOW,
     )
 
 
 class CollectConfig(AgentLoopConfig):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
-    samples_per_task: int = Field(1, ge=1, description="Trajectories sampled per task (K, for rejection sampling).")
-    prices: Prices | None = Field(None, description="Token prices, to show cost on the progress bar.")
+    samples_per_task: int = Field(
+        1,
+        ge=1,
+        description="Trajectories sampled per task (K, for rejection sampling).",
+        json_schema_extra=HOW,
+    )
+    prices: Prices | None = Field(
+        None,
+        description="Token prices, to show cost on the progress bar.",
+        json_schema_extra=HOW,
+    )
 
     def simulator_endpoint(self) -> EndpointConfig:
         """The simulator's endpoint; an unset base URL or model is the teacher's."""
@@ -167,41 +238,17 @@ class CollectConfig(AgentLoopConfig):
         )
 
     def fingerprint(self) -> str:
-        """Hash of every setting that changes what the teacher generates.
+        """Hash of every setting that changes what the teacher generates (see :mod:`tracegen.fingerprint`).
 
         Trajectory ids derive from it, so resuming with a changed sampling setup is caught instead of
-        mixing two setups in one file. Throughput knobs (concurrency, limits, retries, base URL) and
-        K are left out: changing them must not invalidate finished work.
+        mixing two setups in one file. Settings marked ``HOW`` (concurrency, limits, retries, base URL,
+        K) are left out: changing them must not invalidate finished work. The simulator counts only
+        with ``runtime: simulated`` and the sandbox only with ``runtime: docker``.
         """
-        generation: dict[str, Any] = {
-            "teacher": self.teacher.model_dump(
-                include={
-                    "model",
-                    "temperature",
-                    "top_p",
-                    "max_tokens",
-                    "seed",
-                    "extra_body",
-                    "reasoning_echo",
-                    "tool_protocol",
-                }
-            ),
-            "simulator": self.simulator_endpoint().model if self.runtime == "simulated" else None,
-            "runtime": self.runtime,
-            "image": self.docker.image if self.runtime == "docker" else None,
-            "tools": self.tools,
-            "system_prompt": self.system_prompt,
-            "max_turns": self.max_turns,
-            "token_budget": self.token_budget,
-            "observation_max_chars": self.observation_max_chars,
-        }
-        # The call caps change generation only when they bind; at their defaults they stay out, so
-        # runs made before the caps existed keep their ids and resume.
-        caps = (self.max_tool_calls_per_reply, self.max_tool_calls_per_trajectory)
-        if caps != (DEFAULT_CALLS_PER_REPLY, DEFAULT_CALLS_PER_TRAJECTORY):
-            generation["tool_call_caps"] = list(caps)
-        blob = json.dumps(generation, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        generation = deciding(self, exclude={"simulator", "docker"})
+        generation["simulator"] = deciding(self.simulator_endpoint()) if self.runtime == "simulated" else None
+        generation["docker"] = deciding(self.docker) if self.runtime == "docker" else None
+        return fingerprint({"fingerprint_version": 2, **generation})
 
 
 class LoraSettings(Strict):
@@ -303,8 +350,18 @@ class DistillConfig(Strict):
     )
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="Held-out fraction (split with seed 42).")
     eval_every: int = Field(50, ge=1, description="Evaluate every N optimizer steps (and at the end).")
-    save_every: int = Field(100, ge=1, description="Write a resumable checkpoint every N optimizer steps.")
-    log_every: int = Field(1, ge=1, description="Progress line every N optimizer steps.")
+    save_every: int = Field(
+        100,
+        ge=1,
+        description="Write a resumable checkpoint every N optimizer steps.",
+        json_schema_extra=HOW,
+    )
+    log_every: int = Field(
+        1,
+        ge=1,
+        description="Progress line every N optimizer steps.",
+        json_schema_extra=HOW,
+    )
     optimizer: Literal["adamw_torch", "paged_adamw_8bit"] = Field(
         "adamw_torch",
         description="adamw_torch, or paged_adamw_8bit (bitsandbytes' PagedAdamW8bit: a CUDA GPU and bitsandbytes).",
@@ -344,9 +401,6 @@ class ImportColumns(Strict):
 class FormatConfig(Strict):
     """``tracegen format``: trajectories to a Hub-ready, tokenized dataset folder."""
 
-    HOW_NOT_WHAT: ClassVar[set[str]] = {"workers", "batch_size"}
-    """Settings of how the work runs, not of what it writes: left out of the card and of fingerprints."""
-
     template: Literal["proof", "dualmind", "chat", "instruct"] = Field(
         "chat",
         description="Training text layout: proof, dualmind, instruct (fixed texts) or chat (tokenizer's template).",
@@ -378,7 +432,12 @@ class FormatConfig(Strict):
     teacher: TeacherConfig = Field(
         default_factory=TeacherConfig, description="The teacher asked for critiques with examine=teacher."
     )
-    examine_concurrency: int = Field(16, ge=1, description="Critique requests in flight with examine=teacher.")
+    examine_concurrency: int = Field(
+        16,
+        ge=1,
+        description="Critique requests in flight with examine=teacher.",
+        json_schema_extra=HOW,
+    )
     export: list[Literal["sharegpt"]] = Field(
         default_factory=list, description="Extra row formats: sharegpt (LLaMA-Factory / axolotl style, in sharegpt/)."
     )
@@ -387,12 +446,18 @@ class FormatConfig(Strict):
     )
     import_columns: ImportColumns = Field(default_factory=ImportColumns)
     license: str = Field("other", description="License in the dataset card's metadata.")
-    batch_size: int = Field(256, ge=1, description="Samples tokenized per batched tokenizer call.")
+    batch_size: int = Field(
+        256,
+        ge=1,
+        description="Samples tokenized per batched tokenizer call.",
+        json_schema_extra=HOW,
+    )
     shard_rows: int = Field(50_000, ge=1, description="Rows per parquet shard.")
     workers: int = Field(
         0,
         ge=0,
         description="Processes that render and tokenize (0: one per two CPU cores). The output does not depend on it.",
+        json_schema_extra=HOW,
     )
 
     @field_validator("train_observations")
@@ -457,6 +522,7 @@ class JudgeConfig(EndpointConfig):
     api_key_env: str = Field(
         "TRACEGEN_JUDGE_API_KEY",
         description="Environment variable holding the judge's API key (falls back to OPENAI_API_KEY).",
+        json_schema_extra=HOW,
     )
     temperature: float = Field(0.0, ge=0, description="Judge sampling temperature (raise it for majority votes).")
     max_tokens: int = Field(1024, ge=1, description="Completion tokens per judge reply.")
@@ -473,8 +539,17 @@ class JudgeConfig(EndpointConfig):
     max_transcript_chars: int = Field(
         24000, ge=256, description="Longest transcript shown to the judge (middle-truncated)."
     )
-    concurrency: int = Field(16, ge=1, description="Trajectories being judged at once.")
-    prices: Prices | None = Field(None, description="Judge token prices, for the judge cost in the report.")
+    concurrency: int = Field(
+        16,
+        ge=1,
+        description="Trajectories being judged at once.",
+        json_schema_extra=HOW,
+    )
+    prices: Prices | None = Field(
+        None,
+        description="Judge token prices, for the judge cost in the report.",
+        json_schema_extra=HOW,
+    )
 
 
 class ReplayCheckConfig(Strict):
@@ -514,7 +589,12 @@ class FilterConfig(Strict):
         default_factory=DockerRuntimeConfig,
         description="The sandbox of the tests and replay checks (timeout_s is the tests' time limit).",
     )
-    concurrency: int = Field(8, ge=1, description="Samples in the sandbox checks (tests, replay) at once.")
+    concurrency: int = Field(
+        8,
+        ge=1,
+        description="Samples in the sandbox checks (tests, replay) at once.",
+        json_schema_extra=HOW,
+    )
 
 
 StageName = Literal[
@@ -535,7 +615,12 @@ class CacheTeacherConfig(Strict):
     teacher: str | None = Field(
         None, description="Local teacher model (folder, Hub id, smollm2 or tiny:TOKENIZER[:SEED]); student's tokenizer."
     )
-    batch_size: int = Field(4, ge=1, description="Sequences per teacher forward pass.")
+    batch_size: int = Field(
+        4,
+        ge=1,
+        description="Sequences per teacher forward pass.",
+        json_schema_extra=HOW,
+    )
 
 
 class StageTwoConfig(Strict):
@@ -578,6 +663,7 @@ class EvalEndpointConfig(TeacherConfig):
     api_key_env: str = Field(
         "TRACEGEN_EVAL_API_KEY",
         description="Environment variable holding the evaluated endpoint's key (falls back to OPENAI_API_KEY).",
+        json_schema_extra=HOW,
     )
     max_tokens: int = Field(32768, ge=1, description="Completion tokens per request (per turn).")
 
@@ -600,7 +686,12 @@ class EvalConfig(AgentLoopConfig):
         description="Also run the tasks' tests in the Docker sandbox (filter's tests check) where tasks have them.",
     )
     reference: ReferenceCheckConfig = Field(default_factory=ReferenceCheckConfig)
-    concurrency: int = Field(8, ge=1, description="Questions in flight at once.")
+    concurrency: int = Field(
+        8,
+        ge=1,
+        description="Questions in flight at once.",
+        json_schema_extra=HOW,
+    )
     fail_on_error: float = Field(
         1.0, ge=0, le=1, description="Exit 1 when more than this fraction of answers ended in error."
     )

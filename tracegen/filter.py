@@ -7,7 +7,8 @@ Layout of a filter directory::
     FILTER_DIR/rejected.jsonl   every other trajectory, with the verdicts that say why
     FILTER_DIR/report.json      counts per check, per task (k of K kept, pass@1, pass@K), tokens, judge cost
 
-Checks run cheapest first, and a sample stops at its first failed check unless ``all_checks``:
+Checks (:mod:`tracegen.checks`: one protocol, built by name from :mod:`tracegen.checks.registry`) run
+cheapest first, and a sample stops at its first failed check unless ``all_checks``:
 
 1. ``structural`` and 2. ``duplicate`` always; 3. ``reference`` (pure functions of the records: they
    are recomputed on every run, in microseconds);
@@ -36,19 +37,16 @@ import platform
 import re
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tracegen import __version__
-from tracegen.checks.duplicates import DuplicateIndex
-from tracegen.checks.judge import JUDGE_ERROR, Judge, is_error
-from tracegen.checks.reference import reference_verdict
-from tracegen.checks.replay import needs_replay, replay
-from tracegen.checks.structural import structural_verdict
-from tracegen.checks.task_tests import run_tests
+from tracegen.checks.judge import JUDGE_ERROR, JudgeCheck, is_error
+from tracegen.checks.protocol import Check
+from tracegen.checks.registry import CHECK_ORDER, build_checks
 from tracegen.config import FilterConfig, apply_overrides, load_recipe
 from tracegen.errors import BadInputError
 from tracegen.progress_bar import stage_bar
@@ -57,15 +55,12 @@ from tracegen.signals import cancel_on_sigterm
 from tracegen.store import JsonlStore, read_trajectory_lines, write_json_atomic, write_lines_atomic
 
 if TYPE_CHECKING:
-    from tracegen.runtime.docker.pool import DockerRuntime
+    pass
 
 JOURNAL = "verdicts.jsonl"
 KEPT = "kept.jsonl"
 REJECTED = "rejected.jsonl"
 REPORT = "report.json"
-CHECKS = ("structural", "duplicate", "reference", "tests", "replay", "judge")
-EXPENSIVE = ("tests", "replay", "judge")
-OURS = {*CHECKS, "selection"}
 
 
 @dataclass
@@ -76,14 +71,18 @@ class Item:
     line_hash: str
     verdicts: list[Verdict] = field(default_factory=list)
     failed: bool = False
-    duplicate_of: str | None = None
     reused: set[str] = field(default_factory=set)
     details: dict[str, Any] = field(default_factory=dict)
+    """Per check, the facts behind its verdict (replay: the per-call comparisons; duplicate: the original)."""
 
     def add(self, verdict: Verdict) -> None:
         self.verdicts.append(verdict)
         if not verdict.passed:
             self.failed = True
+
+    @property
+    def duplicate_of(self) -> str | None:
+        return self.details.get("duplicate")
 
     @property
     def error(self) -> bool:
@@ -118,35 +117,6 @@ def resolve_input(path: Path) -> Path:
     if not path.is_file():
         raise BadInputError(f"{path}: no such file")
     return path
-
-
-def check_keys(config: FilterConfig) -> dict[str, str]:
-    """Fingerprint of the settings that decide each expensive check (a change re-runs that check)."""
-    docker = config.docker.model_dump(include={"image", "timeout_s", "python", "shell", "mem_limit", "cpus"})
-    judge = config.judge.model_dump(
-        include={
-            "model",
-            "rubric",
-            "samples",
-            "temperature",
-            "top_p",
-            "max_tokens",
-            "seed",
-            "extra_body",
-            "max_reasks",
-            "pass_score",
-            "max_transcript_chars",
-        }
-    )
-    parts = {
-        "tests": docker,
-        "replay": {**docker, "max_chars": config.docker.max_chars, "reject": config.replay.reject},
-        "judge": judge,
-    }
-    return {
-        name: hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
-        for name, value in parts.items()
-    }
 
 
 def prepare(input_path: Path, out_dir: Path, config: FilterConfig) -> Path:
@@ -218,9 +188,8 @@ def run_filter(input_path: Path, out_dir: Path, config: FilterConfig, show_progr
         items = read_items(source)
         gc.freeze()
         gc.enable()
-        cheap_checks(items, config)
         out_dir.mkdir(parents=True, exist_ok=True)
-        stats = asyncio.run(expensive_checks(items, out_dir, config, show_progress))
+        stats = asyncio.run(run_checks(items, out_dir, config, show_progress))
         summary.wall_s = time.monotonic() - started
         summary.report = finish(items, source, out_dir, config, stats, summary.wall_s)
     except (KeyboardInterrupt, asyncio.CancelledError):
@@ -235,22 +204,28 @@ def alive(item: Item, config: FilterConfig) -> bool:
     return config.all_checks or not item.failed
 
 
-def cheap_checks(items: list[Item], config: FilterConfig) -> None:
-    """structural, duplicate, reference: in input order (the first of a duplicate group is the original)."""
-    pattern = re.compile(config.structural.answer_pattern) if config.structural.answer_pattern else None
-    duplicates = DuplicateIndex(config.duplicate) if config.duplicate.enabled else None
-    reference = "reference" in config.verifiers
+async def run_checks(items: list[Item], out_dir: Path, config: FilterConfig, show_progress: bool) -> RunStats:
+    """Every enabled check (:mod:`tracegen.checks.registry`): the cheap ones, then the costly ones."""
+    checks = build_checks(config)
+    try:
+        await cheap_checks(items, [c for c in checks if c.cost == "cheap"], config)
+        return await costly_checks(items, [c for c in checks if c.cost != "cheap"], out_dir, config, show_progress)
+    finally:
+        for check in checks:
+            await check.aclose()
+
+
+async def cheap_checks(items: list[Item], checks: Sequence[Check], config: FilterConfig) -> None:
+    """In input order (the first of a duplicate group is the original); never journaled."""
     for item in items:
-        item.add(structural_verdict(item.t, config.structural, pattern))
-        if duplicates is not None and alive(item, config):
-            verdict = duplicates.check(item.t)
-            item.add(verdict)
-            if not verdict.passed:
-                item.duplicate_of = verdict.reason.rsplit(" of ", 1)[-1].split(" ", 1)[0]
-        if reference and alive(item, config):
-            ref = reference_verdict(item.t, config.reference)
-            if ref is not None:
-                item.add(ref)
+        for check in checks:
+            if not alive(item, config):
+                break
+            if check.applies(item.t):
+                verdict, details = await check(item.t)
+                item.add(verdict)
+                if details is not None:
+                    item.details[check.name] = details
 
 
 class Journal:
@@ -290,99 +265,59 @@ class RunStats:
     computed: Counter[str] = field(default_factory=Counter)
 
 
-def _plan(item: Item, config: FilterConfig) -> list[str]:
-    """The expensive checks that apply to this sample, in order."""
-    plan: list[str] = []
-    for name in EXPENSIVE:
-        if name not in config.verifiers:
-            continue
-        if name == "replay" and not needs_replay(item.t):
-            continue  # nothing simulated: nothing to replay
-        if name == "tests" and not item.t.task.tests and config.tests_missing == "skip":
-            continue
-        plan.append(name)
-    return plan
-
-
-async def expensive_checks(items: list[Item], out_dir: Path, config: FilterConfig, show_progress: bool) -> RunStats:
-    """tests, replay, judge: concurrent, journaled, reused on resume."""
+async def costly_checks(
+    items: list[Item], checks: Sequence[Check], out_dir: Path, config: FilterConfig, show_progress: bool
+) -> RunStats:
+    """Sandbox and model checks: concurrent (each cost class within its own limit), journaled, reused on resume."""
     stats = RunStats()
     store = JsonlStore(out_dir / JOURNAL)
     store.open()  # repairs a torn last line (kill -9 mid-write)
     journal_records = load_journal(store.path)
-    keys = check_keys(config)
-    pending = [item for item in items if alive(item, config) and _plan(item, config)]
+
+    def plan(item: Item) -> list[Check]:
+        return [check for check in checks if check.applies(item.t)]
+
+    pending = [item for item in items if alive(item, config) and plan(item)]
     if not pending:
         store.close()
         return stats
-    runtime: DockerRuntime | None = None
-    runtime_lock = asyncio.Lock()
-    judge: Judge | None = None
     journal = Journal(store)
-    sandbox_slots = asyncio.Semaphore(config.concurrency)
-    judge_slots = asyncio.Semaphore(config.judge.concurrency)
+    slots = {"sandbox": asyncio.Semaphore(config.concurrency), "model": asyncio.Semaphore(config.judge.concurrency)}
     progress = _Progress(len(pending), show_progress)
     cancel_on_sigterm()
 
-    def reusable(item: Item, name: str) -> Verdict | None:
-        record = journal_records.get((item.t.id, name))
-        if record is None or record.get("key") != keys[name] or record.get("input") != item.line_hash:
+    def reusable(item: Item, check: Check) -> Verdict | None:
+        record = journal_records.get((item.t.id, check.name))
+        if record is None or record.get("key") != check.key or record.get("input") != item.line_hash:
             return None
         verdict = Verdict.model_validate(record["verdict"])
         if is_error(verdict):
             return None  # a failure to check is asked again
         if record.get("details") is not None:
-            item.details[name] = record["details"]
+            item.details[check.name] = record["details"]
         return verdict
 
-    async def compute(item: Item, name: str) -> Verdict:
-        nonlocal judge
-        t = item.t
-        if name == "judge":
-            if judge is None:
-                judge = Judge(config.judge)
-            async with judge_slots:
-                return await judge.judge(t)
-        if name == "tests" and not t.task.tests:
-            return Verdict(check="tests", passed=False, reason="task has no tests (tests_missing=reject)")
-        sandbox = await get_runtime()
-        async with sandbox_slots:
-            if name == "tests":
-                return await run_tests(t, sandbox)
-            result = await replay(t, sandbox, config.replay.reject)
-            item.details["replay"] = [c.as_dict() for c in result.calls]
-            return result.verdict
-
-    async def get_runtime() -> DockerRuntime:
-        """The sandbox, started on first need (a run whose sandbox verdicts are all reused never starts one)."""
-        nonlocal runtime
-        async with runtime_lock:
-            if runtime is None:
-                from tracegen.runtime.docker.pool import DockerRuntime
-
-                started = DockerRuntime(config.docker)
-                runtime = started
-                await started.start()
-            return runtime
-
-    async def check(item: Item) -> None:
-        for name in _plan(item, config):
+    async def run(item: Item) -> None:
+        for check in plan(item):
             if not alive(item, config):
                 break
-            verdict = reusable(item, name)
+            verdict = reusable(item, check)
             if verdict is not None:
-                item.reused.add(name)
+                item.reused.add(check.name)
             else:
-                verdict = await compute(item, name)
-                stats.computed[name] += 1
+                async with slots[check.cost]:
+                    verdict, details = await check(item.t)
+                stats.computed[check.name] += 1
+                if details is not None:
+                    item.details[check.name] = details
                 await journal.append(
                     {
                         "id": item.t.id,
-                        "check": name,
-                        "key": keys[name],
+                        "check": check.name,
+                        "key": check.key,
                         "input": item.line_hash,
                         "verdict": verdict.model_dump(mode="json"),
-                        "details": item.details.get(name),
+                        "details": details,
                     }
                 )
             item.add(verdict)
@@ -392,7 +327,7 @@ async def expensive_checks(items: list[Item], out_dir: Path, config: FilterConfi
 
     async def worker() -> None:
         for item in work:
-            await check(item)
+            await run(item)
 
     try:
         workers = min(len(pending), max(config.concurrency, config.judge.concurrency))
@@ -401,12 +336,10 @@ async def expensive_checks(items: list[Item], out_dir: Path, config: FilterConfi
                 for _ in range(workers):
                     group.create_task(worker())
     finally:
-        if runtime is not None:
-            await runtime.aclose()
-        if judge is not None:
-            stats.judge_calls = judge.calls
-            stats.judge_usage = judge.usage
-            await judge.aclose()
+        for check in checks:
+            if isinstance(check, JudgeCheck) and check.judge is not None:
+                stats.judge_calls = check.judge.calls
+                stats.judge_usage = check.judge.usage
         store.close()
     return stats
 
@@ -529,7 +462,7 @@ def build_report(
                 rules[v.reason.split(":", 1)[0]] += 1
     for c in checks.values():
         c["acceptance_rate"] = round(c["passed"] / c["ran"], 4) if c["ran"] else None
-    ordered_checks = {name: checks[name] for name in CHECKS if name in checks}
+    ordered_checks = {name: checks[name] for name in CHECK_ORDER if name in checks}
 
     # pass@k: a sample is correct when it passed every check; a duplicate counts as its original.
     correct_ids = {item.t.id for item in items if not item.failed and not item.error}

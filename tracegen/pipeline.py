@@ -25,13 +25,14 @@ left without a ``base_url`` are served locally from ``run.serve`` when the recip
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from pydantic import BaseModel
 
 from tracegen.config import (
     STAGE_ORDER,
@@ -42,6 +43,7 @@ from tracegen.config import (
     Recipe,
 )
 from tracegen.errors import BadInputError, TracegenError
+from tracegen.fingerprint import deciding, fingerprint
 from tracegen.store import write_json_atomic
 
 STAGE_DIRS: dict[str, str] = {
@@ -133,7 +135,7 @@ class Pipeline:
     def _stage(self, stage: str) -> StageOutcome:
         out = self.work / STAGE_DIRS[stage]
         marker = self.work / MARKERS / f"{stage}.json"
-        self._fingerprint = _hash([self._fingerprint, stage, self._settings(stage)])
+        self._fingerprint = fingerprint([self._fingerprint, stage, self._settings(stage)])
         if marker.is_file():
             done = json.loads(marker.read_text(encoding="utf-8"))
             if done.get("fingerprint") == self._fingerprint:
@@ -156,7 +158,7 @@ class Pipeline:
         return StageOutcome(stage, "ran", out, seconds, facts)
 
     def _settings(self, stage: str) -> Any:
-        """What a stage's output depends on (endpoint URLs excluded: a served port changes every run)."""
+        """What a stage's output depends on: its ``HOW`` settings (endpoint URLs among them) left out."""
         r = self.recipe
         section: Any = {
             "collect": r.collect,
@@ -170,7 +172,7 @@ class Pipeline:
             "stage2_merge": r.run.merge_best,
             "eval": [r.eval, r.run.probes, r.run.probe_max_new_tokens],
         }[stage]
-        return _without_urls(_dump(section))
+        return _dump(section)
 
     # --- endpoints -------------------------------------------------------------------------------
 
@@ -412,27 +414,15 @@ def _format_tokenizer(config: FormatConfig, student: str | None) -> str:
 
 
 def _format_settings(config: FormatConfig) -> dict[str, Any]:
-    return config.model_dump(mode="json", exclude=FormatConfig.HOW_NOT_WHAT)
+    return deciding(config)
 
 
 def _dump(value: Any) -> Any:
-    if hasattr(value, "model_dump"):
-        return value.model_dump(mode="json")
+    if isinstance(value, BaseModel):
+        return deciding(value)
     if isinstance(value, list):
         return [_dump(v) for v in value]
     return value
-
-
-def _without_urls(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _without_urls(v) for k, v in value.items() if k != "base_url"}
-    if isinstance(value, list):
-        return [_without_urls(v) for v in value]
-    return value
-
-
-def _hash(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def summary_rows(outcomes: list[StageOutcome]) -> list[tuple[str, str, str, str]]:

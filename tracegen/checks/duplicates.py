@@ -7,9 +7,10 @@ import zlib
 from hashlib import blake2b
 from typing import TYPE_CHECKING, Any
 
+from tracegen.checks.protocol import Checked, Cost
 from tracegen.checks.verdicts import passing, verdict
 from tracegen.config import DuplicateCheckConfig
-from tracegen.records import AssistantMessage, Trajectory, Verdict
+from tracegen.records import AssistantMessage, Trajectory
 
 if TYPE_CHECKING:
     import numpy as np
@@ -22,11 +23,19 @@ def _norm_text(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-class DuplicateIndex:
+_UNIQUE = Checked(passing("duplicate", "unique"))
+
+
+class DuplicateCheck:
     """Per task, the samples seen so far: exact (normalised answer + reasoning hash) and MinHash signatures.
 
-    Feed samples in input order; the first of a group is the original, later ones are duplicates.
+    Feed samples in input order; the first of a group is the original, later ones are duplicates (the
+    verdict's details name the original's id).
     """
+
+    name = "duplicate"
+    cost: Cost = "cheap"
+    key = ""
 
     def __init__(self, config: DuplicateCheckConfig) -> None:
         self.config = config
@@ -34,7 +43,13 @@ class DuplicateIndex:
         self._signatures: dict[str, list[tuple[str, np.ndarray[Any, Any]]]] = {}
         self._perm: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None = None
 
-    def check(self, t: Trajectory) -> Verdict:
+    def applies(self, t: Trajectory) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        pass
+
+    async def __call__(self, t: Trajectory) -> Checked:
         digest = blake2b(_norm_text(t.final_answer or "").encode(), digest_size=16)
         pieces: list[str] = []
         for m in t.messages:
@@ -42,27 +57,25 @@ class DuplicateIndex:
                 piece = _norm_text(m.reasoning)
                 digest.update(b"\x00" + piece.encode())
                 pieces.append(piece)
-        key = digest.digest()
+        exact_key = digest.digest()
         seen = self._exact.setdefault(t.task.id, {})
-        original = seen.get(key)
+        original = seen.get(exact_key)
         if original is not None:
-            return verdict("duplicate", False, f"exact duplicate of {original}")
-        seen[key] = t.id
+            return Checked(verdict("duplicate", False, f"exact duplicate of {original}"), original)
+        seen[exact_key] = t.id
         if self.config.near_threshold is not None:
             signature = self._minhash(" ".join([_norm_text(t.final_answer or ""), *pieces]))
             kept = self._signatures.setdefault(t.task.id, [])
             for other_id, other in kept:
                 similarity = float((signature == other).mean())
                 if similarity >= self.config.near_threshold:
-                    return Verdict(
-                        check="duplicate",
-                        passed=False,
-                        score=round(similarity, 4),
-                        reason=f"near duplicate of {other_id} (MinHash Jaccard ~{similarity:.2f} >= "
-                        f"{self.config.near_threshold})",
+                    reason = (
+                        f"near duplicate of {other_id} (MinHash Jaccard ~{similarity:.2f} >= "
+                        f"{self.config.near_threshold})"
                     )
+                    return Checked(verdict("duplicate", False, reason, round(similarity, 4)), other_id)
             kept.append((t.id, signature))
-        return passing("duplicate", "unique")
+        return _UNIQUE
 
     def _minhash(self, text: str) -> np.ndarray[Any, Any]:
         import numpy as np

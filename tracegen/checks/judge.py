@@ -26,9 +26,11 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from tracegen.checks.protocol import Checked, Cost
 from tracegen.client.chat import ChatClient
 from tracegen.config import JudgeConfig
 from tracegen.errors import TeacherError
+from tracegen.fingerprint import deciding, fingerprint
 from tracegen.records import AssistantMessage, SystemMessage, ToolMessage, Trajectory, Usage, UserMessage, Verdict
 from tracegen.truncate import middle_truncate
 
@@ -193,3 +195,27 @@ class Judge:
 def is_error(verdict: Verdict) -> bool:
     """A verdict that records a failure to check (``judge_error``, ``tests_error``, ``replay_error``)."""
     return verdict.reason.startswith(f"{verdict.check}_error:")
+
+
+class JudgeCheck:
+    """``judge``: the LLM judge; its client is created on the first call, inside the running loop."""
+
+    name = "judge"
+    cost: Cost = "model"
+
+    def __init__(self, config: JudgeConfig) -> None:
+        self.config = config
+        self.key = fingerprint(deciding(config))
+        self.judge: Judge | None = None
+
+    def applies(self, t: Trajectory) -> bool:
+        return True
+
+    async def __call__(self, t: Trajectory) -> Checked:
+        if self.judge is None:
+            self.judge = Judge(self.config)
+        return Checked(await self.judge.judge(t))
+
+    async def aclose(self) -> None:
+        if self.judge is not None:
+            await self.judge.aclose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tracegen.checks.answers import compare
+from tracegen.checks.protocol import Checked, Cost
 from tracegen.checks.verdicts import verdict
 from tracegen.config import ReferenceCheckConfig
 from tracegen.records import Trajectory, Verdict
@@ -22,3 +23,23 @@ def reference_verdict(t: Trajectory, config: ReferenceCheckConfig) -> Verdict | 
     return verdict(
         "reference", result.equal, f"{result.rule}: {shown!r} {relation} reference {ref_shown!r}", float(result.equal)
     )
+
+
+class ReferenceCheck:
+    name = "reference"
+    cost: Cost = "cheap"
+    key = ""
+
+    def __init__(self, config: ReferenceCheckConfig) -> None:
+        self.config = config
+
+    def applies(self, t: Trajectory) -> bool:
+        return self.config.missing == "reject" or bool(t.task.reference and t.task.reference.strip())
+
+    async def __call__(self, t: Trajectory) -> Checked:
+        result = reference_verdict(t, self.config)
+        assert result is not None  # applies() said there is something to check
+        return Checked(result)
+
+    async def aclose(self) -> None:
+        pass

@@ -25,8 +25,11 @@ import re
 import time
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
+from tracegen.checks.protocol import Checked, Cost
+from tracegen.checks.sandbox import SharedSandbox
 from tracegen.client.tools import BUILTIN_TOOLS, parse_arguments
 from tracegen.errors import RuntimeToolError
+from tracegen.fingerprint import deciding, fingerprint
 from tracegen.records import AssistantMessage, ToolMessage, Trajectory, Verdict
 
 if TYPE_CHECKING:
@@ -154,3 +157,25 @@ def verdict_of(calls: list[CallComparison], reject: Literal["never", "material",
     return Verdict(
         check="replay", passed=not failed, score=round((exact + normalised) / n, 4) if n else 1.0, reason=reason
     )
+
+
+class ReplayCheck:
+    """``replay``: a simulated trajectory's calls re-run in the shared sandbox; details: the comparisons."""
+
+    name = "replay"
+    cost: Cost = "sandbox"
+
+    def __init__(self, sandbox: SharedSandbox, reject: Literal["never", "material", "any"]) -> None:
+        self.sandbox = sandbox
+        self.reject = reject
+        self.key = fingerprint({**deciding(sandbox.config), "reject": reject})
+
+    def applies(self, t: Trajectory) -> bool:
+        return needs_replay(t)  # nothing simulated: nothing to replay
+
+    async def __call__(self, t: Trajectory) -> Checked:
+        result = await replay(t, await self.sandbox.get(), self.reject)
+        return Checked(result.verdict, [c.as_dict() for c in result.calls])
+
+    async def aclose(self) -> None:
+        await self.sandbox.aclose()

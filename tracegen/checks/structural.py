@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from tracegen.checks.protocol import Checked, Cost
 from tracegen.checks.verdicts import passing, verdict
 from tracegen.config import StructuralCheckConfig
 from tracegen.records import AssistantMessage, Trajectory, Verdict
@@ -45,3 +46,22 @@ def structural_verdict(t: Trajectory, config: StructuralCheckConfig, pattern: re
     if problems:
         return verdict("structural", False, "; ".join(problems))
     return passing("structural", f"converged in {turns} turn(s)")
+
+
+class StructuralCheck:
+    name = "structural"
+    cost: Cost = "cheap"
+    key = ""
+
+    def __init__(self, config: StructuralCheckConfig) -> None:
+        self.config = config
+        self.pattern = re.compile(config.answer_pattern) if config.answer_pattern else None
+
+    def applies(self, t: Trajectory) -> bool:
+        return True
+
+    async def __call__(self, t: Trajectory) -> Checked:
+        return Checked(structural_verdict(t, self.config, self.pattern))
+
+    async def aclose(self) -> None:
+        pass

@@ -7,10 +7,13 @@ import json
 import re
 import secrets
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
+from tracegen.checks.protocol import Checked, Cost
+from tracegen.checks.sandbox import SharedSandbox
 from tracegen.client.tools import BUILTIN_TOOLS
 from tracegen.errors import RuntimeToolError
+from tracegen.fingerprint import deciding, fingerprint
 from tracegen.records import AssistantMessage, ToolCall, Trajectory, Verdict
 
 if TYPE_CHECKING:
@@ -126,3 +129,27 @@ async def run_tests(t: Trajectory, runtime: DockerRuntime) -> Verdict:
 def _call(name: str, source: str) -> ToolCall:
     key = "code" if name == "python" else "command"
     return ToolCall(id=f"verify-{name}", name=name, arguments=json.dumps({key: source}))
+
+
+class TestsCheck:
+    """``tests``: the task's tests, run in the shared sandbox (:func:`run_tests`)."""
+
+    __test__ = False  # not a pytest class, whatever its name
+    name = "tests"
+    cost: Cost = "sandbox"
+
+    def __init__(self, sandbox: SharedSandbox, missing: Literal["skip", "reject"]) -> None:
+        self.sandbox = sandbox
+        self.missing = missing
+        self.key = fingerprint(deciding(sandbox.config))
+
+    def applies(self, t: Trajectory) -> bool:
+        return bool(t.task.tests) or self.missing == "reject"
+
+    async def __call__(self, t: Trajectory) -> Checked:
+        if not t.task.tests:
+            return Checked(Verdict(check="tests", passed=False, reason="task has no tests (tests_missing=reject)"))
+        return Checked(await run_tests(t, await self.sandbox.get()))
+
+    async def aclose(self) -> None:
+        await self.sandbox.aclose()

@@ -39,6 +39,7 @@ from tracegen.data.templates import (
 )
 from tracegen.data.tokenize import Stats, Tok, TokenBatch, Tokenized, assemble, encode, lay_out, load_tokenizer
 from tracegen.errors import BadInputError, TracegenError
+from tracegen.fingerprint import deciding
 from tracegen.progress_bar import stage_bar
 from tracegen.records import AssistantMessage, SystemMessage, ToolMessage, Trajectory, UserMessage
 from tracegen.store import read_trajectories
@@ -523,7 +524,7 @@ def format_dataset(input_path: Path, out: Path, config: FormatConfig, show_progr
         "stats": stats.as_dict(),
         "provenance": provenance(trajs, input_path, config),
         "exports": list(config.export),
-        "config": config.model_dump(mode="json", exclude={"teacher", *FormatConfig.HOW_NOT_WHAT}),
+        "config": deciding(config),
     }
     extra = {"sharegpt": _sharegpt_table(kept)} if "sharegpt" in config.export else None
     save_dataset(out, table, metadata, dataset_card(metadata), config.shard_rows, extra)

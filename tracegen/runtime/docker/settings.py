@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tracegen.fingerprint import HOW
+
 LABEL_MANAGED = "tracegen.managed-by"
 LABEL_RUN = "tracegen.run-id"
 LABEL_OWNER = "tracegen.owner"
@@ -41,30 +43,56 @@ class DockerRuntimeConfig(BaseModel):
         default_factory=list,
         description="Docker engines to spread containers over (unix://, tcp://, ssh:// URLs); "
         "empty means the one DOCKER_HOST (or the default socket) names.",
+        json_schema_extra=HOW,
     )
     max_containers_per_engine: int | None = Field(
-        None, ge=1, description="Containers per engine at once; default: engine memory / mem_limit."
+        None,
+        ge=1,
+        description="Containers per engine at once; default: engine memory / mem_limit.",
+        json_schema_extra=HOW,
     )
     pool_size: int = Field(
         8,
         ge=0,
         description="Containers kept started ahead of need: idle ones, plus (with recycle) those in use, "
         "which come back after their reset.",
+        json_schema_extra=HOW,
     )
     prefill: bool = Field(
-        False, description="Wait at start-up until pool_size containers are ready, so the first wave never waits."
+        False,
+        description="Wait at start-up until pool_size containers are ready, so the first wave never waits.",
+        json_schema_extra=HOW,
     )
-    max_starting: int = Field(2, ge=1, description="Containers being created at once (bounds the creation rate).")
+    max_starting: int = Field(
+        2,
+        ge=1,
+        description="Containers being created at once (bounds the creation rate).",
+        json_schema_extra=HOW,
+    )
     api_threads: int = Field(
-        16, ge=1, description="Threads for docker-py calls; each engine client's connection pool has this size."
+        16,
+        ge=1,
+        description="Threads for docker-py calls; each engine client's connection pool has this size.",
+        json_schema_extra=HOW,
     )
     timeout_s: float = Field(60.0, gt=0, description="Deadline of one tool call; its processes are killed at it.")
     kill_grace_s: float = Field(
-        5.0, gt=0, description="Extra wait for the worker's reply before the host kills the container."
+        5.0,
+        gt=0,
+        description="Extra wait for the worker's reply before the host kills the container.",
+        json_schema_extra=HOW,
     )
-    start_timeout_s: float = Field(30.0, gt=0, description="Longest wait for a new container's worker to answer.")
+    start_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Longest wait for a new container's worker to answer.",
+        json_schema_extra=HOW,
+    )
     ttl_s: int = Field(
-        6 * 3600, ge=60, description="Container lifetime (its first process is `sleep ttl`); sweeps remove older ones."
+        6 * 3600,
+        ge=60,
+        description="Container lifetime (its first process is `sleep ttl`); sweeps remove older ones.",
+        json_schema_extra=HOW,
     )
     max_chars: int = Field(8000, ge=64, description="Longest output the model sees; longer is middle-truncated.")
     keep_bytes: int = Field(
@@ -101,21 +129,35 @@ class DockerRuntimeConfig(BaseModel):
     nofile: int = Field(1024, ge=64, description="Open-file ulimit.")
     fsize_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="Largest file a command may write (ulimit).")
     docker_runtime: str | None = Field(None, description="OCI runtime, e.g. `runsc` for gVisor; default: the engine's.")
-    labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on every container.")
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra labels on every container.",
+        json_schema_extra=HOW,
+    )
     recycle: bool = Field(
         True,
         description="Hand a container to the next trajectory after a verified reset (every process of the "
         "sandbox user killed, every writable mount emptied, its IPC objects removed, all of it checked) "
         "instead of replacing it. False: a fresh container per trajectory.",
+        json_schema_extra=HOW,
     )
-    recycle_max_uses: int = Field(50, ge=1, description="Trajectories one container serves before it is replaced.")
+    recycle_max_uses: int = Field(
+        50,
+        ge=1,
+        description="Trajectories one container serves before it is replaced.",
+        json_schema_extra=HOW,
+    )
     reset_timeout_s: float = Field(
-        10.0, gt=0, description="Longest wait for a reset; past it the container is replaced."
+        10.0,
+        gt=0,
+        description="Longest wait for a reset; past it the container is replaced.",
+        json_schema_extra=HOW,
     )
     python_zygote: bool = Field(
         True,
         description="Run `python` calls in a child forked from the worker's warm interpreter (about 1 ms "
         "instead of 10), with the same isolation per call; only when `python` is the worker's interpreter.",
+        json_schema_extra=HOW,
     )
 
     @field_validator("user")

@@ -1,0 +1,57 @@
+"""Fingerprints of settings: one convention for collect ids, filter's journal keys, format and run.
+
+A fingerprint hashes every setting that decides *what* a stage produces. Settings of *how* the work
+runs (concurrency, retries, URLs, client timeouts, pool sizes) are marked once, where they are
+declared, with ``json_schema_extra=HOW``, and left out everywhere. The rule fails safe: a new
+setting is in every fingerprint unless someone marks it, so stale work is never silently reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pydantic import BaseModel
+
+HOW: dict[str, Any] = {"tracegen_how": True}
+"""Field metadata: this setting changes how the work runs, not what it produces."""
+
+
+def how_fields(model: type[BaseModel]) -> set[str]:
+    """Names of ``model``'s fields marked :data:`HOW`."""
+    return {
+        name
+        for name, field in model.model_fields.items()
+        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("tracegen_how")
+    }
+
+
+def deciding(model: BaseModel, exclude: set[str] = frozenset()) -> dict[str, Any]:  # type: ignore[assignment]
+    """The settings of ``model`` that decide what it produces, as JSON values (nested models likewise)."""
+    out: dict[str, Any] = {}
+    skip = how_fields(type(model)) | exclude
+    for name in type(model).model_fields:
+        if name in skip:
+            continue
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            out[name] = deciding(value)
+        else:
+            out[name] = _jsonable(value)
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return deciding(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def fingerprint(value: Any) -> str:
+    """A short stable hash of a JSON-able value (16 hex digits)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
