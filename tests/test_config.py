@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from tracegen.config import CollectConfig, Recipe, apply_overrides, load_recipe
+from tracegen.config import CollectConfig, Recipe
 from tracegen.errors import RecipeError
+from tracegen.recipe import apply_overrides, load_recipe
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from tracegen.config import DiscrepancySettings, DistillConfig, TopologySettings, load_recipe
+from tracegen.config import DiscrepancySettings, DistillConfig, TopologySettings
 from tracegen.distill.cache import TeacherCache, build_cache
 from tracegen.distill.data import (
     Row,
@@ -37,6 +37,7 @@ from tracegen.distill.discrepancy import (
 from tracegen.distill.losses import kd_alpha, sparse_kd_sum, topk_from_logits
 from tracegen.distill.trainer import StepMetrics, train
 from tracegen.errors import BadInputError
+from tracegen.recipe import load_recipe
 
 from .distill_fixtures import read_metrics, save_model, small_config, write_dataset
 

@@ -20,9 +20,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tracegen.config import load_recipe
 from tracegen.distill.cache import build_cache
 from tracegen.distill.trainer import train
+from tracegen.recipe import load_recipe
 
 from .distill_fixtures import save_model, write_dataset
 
@@ -70,7 +70,7 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from tracegen.config import load_recipe
+from tracegen.recipe import load_recipe
 from tracegen.distill.trainer import train
 
 recipe, dataset, out = (Path(a) for a in sys.argv[1:])

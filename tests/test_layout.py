@@ -27,6 +27,7 @@ RANKS: dict[str, int] = {
     "tracegen.progress_bar": 1,
     "tracegen.runtime.docker.settings": 1,  # plain settings: read by config without the runtime
     "tracegen.config": 2,
+    "tracegen.recipe": 3,  # loads recipes into the settings of config
     "tracegen.client": 3,
     "tracegen.runtime": 4,
     "tracegen.data": 5,

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import tracegen
-from tracegen.config import load_recipe
+from tracegen.recipe import load_recipe
 
 ROOT = Path(__file__).parent.parent
 RECIPES = ROOT / "recipes"

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT, tracegen
-from tracegen.config import load_recipe
+from tracegen.recipe import load_recipe
 
 RECIPES = ROOT / "recipes"
 

@@ -47,9 +47,10 @@ from tracegen import __version__
 from tracegen.checks.judge import JUDGE_ERROR, JudgeCheck, is_error
 from tracegen.checks.protocol import Check
 from tracegen.checks.registry import CHECK_ORDER, build_checks
-from tracegen.config import FilterConfig, apply_overrides, load_recipe
+from tracegen.config import FilterConfig
 from tracegen.errors import BadInputError
 from tracegen.progress_bar import stage_bar
+from tracegen.recipe import apply_overrides, load_recipe
 from tracegen.records import Trajectory, Usage, Verdict
 from tracegen.signals import cancel_on_sigterm
 from tracegen.store import JsonlStore, read_trajectory_lines, write_json_atomic, write_lines_atomic

@@ -34,14 +34,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from tracegen.config import (
-    STAGE_ORDER,
-    DistillConfig,
-    EndpointConfig,
-    EvalConfig,
-    FormatConfig,
-    Recipe,
-)
+from tracegen.config import STAGE_ORDER, DistillConfig, EndpointConfig, EvalConfig, FormatConfig, Recipe
 from tracegen.errors import BadInputError, TracegenError
 from tracegen.fingerprint import deciding, fingerprint
 from tracegen.store import write_json_atomic

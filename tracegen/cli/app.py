@@ -118,7 +118,8 @@ def collect(
     Writes OUT/trajectories.jsonl (one trajectory per line) and OUT/manifest.json. The API key is read
     from $TRACEGEN_TEACHER_API_KEY (or $OPENAI_API_KEY) and is never written anywhere.
     """
-    from tracegen.config import CollectConfig, apply_overrides, load_recipe
+    from tracegen.config import CollectConfig
+    from tracegen.recipe import apply_overrides, load_recipe
 
     base = load_recipe(recipe).collect if recipe else CollectConfig()
     teacher = {
@@ -388,7 +389,8 @@ def eval_(
     the share that ran into the token wall (length). Writes OUT/eval.json and OUT/trajectories.jsonl.
     The API key is read from $TRACEGEN_EVAL_API_KEY (or $OPENAI_API_KEY), never written anywhere.
     """
-    from tracegen.config import EvalConfig, apply_overrides, load_recipe
+    from tracegen.config import EvalConfig
+    from tracegen.recipe import apply_overrides, load_recipe
 
     base = (load_recipe(recipe).eval or EvalConfig()) if recipe else EvalConfig()
     endpoint = {
@@ -448,8 +450,8 @@ def run_(
     from rich.console import Console
     from rich.table import Table
 
-    from tracegen.config import load_recipe
     from tracegen.pipeline import Pipeline, summary_rows, write_summary
+    from tracegen.recipe import load_recipe
 
     config = load_recipe(recipe, scale)
     if teacher_base_url:

@@ -73,7 +73,8 @@ def train_command(
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint if there is one.")] = False,
 ) -> None:
     """Train a LoRA adapter on the trained tokens of DATASET_DIR (proof-weighted CE, plus KD with a teacher cache)."""
-    from tracegen.config import DistillConfig, apply_overrides, load_recipe
+    from tracegen.config import DistillConfig
+    from tracegen.recipe import apply_overrides, load_recipe
 
     base = load_recipe(recipe).distill if recipe else DistillConfig()
     lora = {"r": lora_r, "alpha": lora_alpha}

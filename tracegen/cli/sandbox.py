@@ -44,7 +44,7 @@ err = Console(stderr=True)
 def _config(recipe: Path | None, image: str | None, engines: list[str] | None) -> DockerRuntimeConfig:
     config = DockerRuntimeConfig()
     if recipe is not None:
-        from tracegen.config import load_recipe
+        from tracegen.recipe import load_recipe
 
         config = load_recipe(recipe).collect.docker
     update: dict[str, object] = {}

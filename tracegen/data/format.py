@@ -533,7 +533,7 @@ def format_dataset(input_path: Path, out: Path, config: FormatConfig, show_progr
 
 def format_config(recipe: Path | None, overrides: dict[str, Any]) -> FormatConfig:
     """Defaults < the recipe's ``format:`` section < flags; unknown keys and bad values are errors."""
-    from tracegen.config import apply_overrides, load_recipe
+    from tracegen.recipe import apply_overrides, load_recipe
 
     return apply_overrides(load_recipe(recipe).format if recipe else FormatConfig(), overrides)
 
