@@ -16,6 +16,7 @@ from tracegen.config import CollectConfig
 from tracegen.testing.fake_server import FakeServer, Script
 
 ROOT = Path(__file__).parent.parent
+pytest_plugins = ["tests.docker_fixtures"]  # docker_client, no_leftover_containers
 
 
 def tracegen(*args: str, timeout: float = 900, **kwargs: Any) -> subprocess.CompletedProcess[str]:

@@ -1,8 +1,9 @@
 """Shared set-up of the Docker sandbox tests: a real engine, the real image, no leftovers.
 
 Without an engine (or without the sandbox image) the tests skip with the reason; with
-``TRACEGEN_REQUIRE_DOCKER=1`` (CI) they fail instead. Test modules import the fixtures they use
-from here (``*_fixture`` names, registered under the name without the suffix).
+``TRACEGEN_REQUIRE_DOCKER=1`` (CI) they fail instead. The fixtures are registered for every module
+by ``tests/conftest.py`` (``pytest_plugins``); a Docker test module asks for the leftover check with
+``pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leftover_containers")]``.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def own_containers(client: Any) -> list[dict[str, Any]]:
     return [c for c in client.api.containers(all=True, filters=MANAGED_FILTER) if c["Labels"].get(LABEL_OWNER) == owner]
 
 
-@pytest.fixture(scope="module", autouse=True, name="no_leftover_containers")
+@pytest.fixture(scope="module", name="no_leftover_containers")
 def no_leftover_containers_fixture(docker_client: Any) -> Iterator[None]:
     """After each Docker test module none of our containers may remain (any that do are removed, then fail)."""
     yield

@@ -9,10 +9,6 @@ from typing import Any
 
 import pytest
 
-from tests.docker_fixtures import (
-    docker_client_fixture,  # noqa: F401  # fixture
-    no_leftover_containers_fixture,  # noqa: F401  # fixture
-)
 from tracegen.collect.driver import run_collect
 from tracegen.records import ToolMessage
 from tracegen.store import read_trajectories
@@ -20,7 +16,7 @@ from tracegen.testing.fake_server import FakeServer, ReactScript, Scripted, text
 
 from .conftest import SECRET, make_config, write_tasks
 
-pytestmark = pytest.mark.docker
+pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leftover_containers")]
 Start = Callable[[Any], FakeServer]
 FAST = {"timeout_s": 5.0, "kill_grace_s": 3.0, "mem_limit": "256m", "pool_size": 2}
 

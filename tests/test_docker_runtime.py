@@ -18,9 +18,7 @@ from typing import Any
 import pytest
 
 from tests.docker_fixtures import (
-    docker_client_fixture,  # noqa: F401  # fixture
     fast_config,
-    no_leftover_containers_fixture,  # noqa: F401  # fixture
     own_containers,
     started,
     unavailable,
@@ -39,7 +37,7 @@ from tracegen.runtime.docker.settings import (
 from tracegen.runtime.docker.sweep import sweep_engine
 from tracegen.runtime.selfcheck import run
 
-pytestmark = pytest.mark.docker
+pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leftover_containers")]
 
 
 def test_stdout_stderr_and_exit_code(docker_client: Any) -> None:

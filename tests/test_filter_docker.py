@@ -9,9 +9,7 @@ from typing import Any
 import pytest
 
 from tests.docker_fixtures import (
-    docker_client_fixture,  # noqa: F401  # fixture
     fast_config,
-    no_leftover_containers_fixture,  # noqa: F401  # fixture
 )
 from tracegen.config import FilterConfig
 from tracegen.filter import run_filter
@@ -29,7 +27,7 @@ from tracegen.records import (
 )
 from tracegen.testing.synthetic import make_trajectory
 
-pytestmark = pytest.mark.docker
+pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leftover_containers")]
 
 ADD_TESTS = "from solution import add\nassert add(2, 3) == 5\nassert add(-1, 1) == 0\nprint('ok')\n"
 

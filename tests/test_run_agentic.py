@@ -8,15 +8,11 @@ from typing import Any
 
 import pytest
 
-from tests.docker_fixtures import (
-    docker_client_fixture,  # noqa: F401  # fixture
-    no_leftover_containers_fixture,  # noqa: F401  # fixture
-)
 from tests.test_run import RECIPES, tracegen
 from tracegen.runtime.docker.settings import MANAGED_FILTER
 from tracegen.store import read_trajectories
 
-pytestmark = [pytest.mark.docker, pytest.mark.slow]
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.usefixtures("no_leftover_containers")]
 
 
 def _stages(work: Path) -> dict[str, str]:

@@ -20,15 +20,13 @@ import pytest
 
 from tests.conftest import SECRET
 from tests.docker_fixtures import (
-    docker_client_fixture,  # noqa: F401  # fixture
-    no_leftover_containers_fixture,  # noqa: F401  # fixture
     own_containers,
     started,
 )
 from tracegen.runtime.docker.settings import LABEL_RUN, MANAGED_FILTER
 from tracegen.runtime.selfcheck import CASES, Case, check_config, run
 
-pytestmark = pytest.mark.docker
+pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leftover_containers")]
 
 
 @pytest.mark.parametrize(("name", "expected", "case"), CASES, ids=[c[0].replace(" ", "-") for c in CASES])
