@@ -19,6 +19,12 @@ ROOT = Path(__file__).parent.parent
 pytest_plugins = ["tests.docker_fixtures"]  # docker_client, no_leftover_containers
 
 
+@pytest.fixture
+def anyio_backend() -> str:
+    """``@pytest.mark.anyio`` tests (anyio's pytest plugin) run on asyncio, as tracegen does."""
+    return "asyncio"
+
+
 def tracegen(*args: str, timeout: float = 900, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     """Run the CLI as a user does (``python cli.py ...``), capturing stdout and stderr as text."""
     return subprocess.run(

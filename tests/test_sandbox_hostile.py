@@ -6,7 +6,6 @@ checks of the exact observation each one records, and a crash of the whole host 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -30,72 +29,62 @@ pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leftover_container
 
 
 @pytest.mark.parametrize(("name", "expected", "case"), CASES, ids=[c[0].replace(" ", "-") for c in CASES])
-def test_selfcheck_case_holds(docker_client: Any, name: str, expected: str, case: Case) -> None:
-    async def body() -> None:
-        async with started(check_config()) as rt:
-            observed, passed = await case(rt)
-            assert passed, f"{name}: expected {expected}; observed {observed}"
-
-    asyncio.run(body())
+@pytest.mark.anyio
+async def test_selfcheck_case_holds(docker_client: Any, name: str, expected: str, case: Case) -> None:
+    async with started(check_config()) as rt:
+        observed, passed = await case(rt)
+        assert passed, f"{name}: expected {expected}; observed {observed}"
 
 
-def test_infinite_loop_records_timeout_and_kill(docker_client: Any) -> None:
-    async def body() -> None:
-        async with started(timeout_s=2.0) as rt:
-            ep = await rt.open_episode("t")
-            started_at = time.monotonic()
-            out = await run(ep, "bash", "echo begun; while :; do :; done")
-            obs = out.observation
-            assert obs.timed_out and obs.exit_code == 137 and obs.source == "executed"
-            assert 2.0 <= time.monotonic() - started_at < 4.0
-            assert out.content.startswith("begun") and "timed out after 2 s" in out.content
-            await ep.close()
-
-    asyncio.run(body())
+@pytest.mark.anyio
+async def test_infinite_loop_records_timeout_and_kill(docker_client: Any) -> None:
+    async with started(timeout_s=2.0) as rt:
+        ep = await rt.open_episode("t")
+        started_at = time.monotonic()
+        out = await run(ep, "bash", "echo begun; while :; do :; done")
+        obs = out.observation
+        assert obs.timed_out and obs.exit_code == 137 and obs.source == "executed"
+        assert 2.0 <= time.monotonic() - started_at < 4.0
+        assert out.content.startswith("begun") and "timed out after 2 s" in out.content
+        await ep.close()
 
 
-def test_out_of_memory_is_recorded(docker_client: Any) -> None:
-    async def body() -> None:
-        async with started(mem_limit="128m") as rt:
-            ep = await rt.open_episode("t")
-            out = await run(ep, "python", "blocks = []\nwhile True:\n    blocks.append(b'x' * 2**24)")
-            assert out.observation.oom_killed and out.observation.exit_code == 137
-            assert "out of memory" in out.content
-            again = await run(ep, "bash", "echo alive")  # the worker survived: same container
-            assert again.content == "alive"
-            await ep.close()
-
-    asyncio.run(body())
+@pytest.mark.anyio
+async def test_out_of_memory_is_recorded(docker_client: Any) -> None:
+    async with started(mem_limit="128m") as rt:
+        ep = await rt.open_episode("t")
+        out = await run(ep, "python", "blocks = []\nwhile True:\n    blocks.append(b'x' * 2**24)")
+        assert out.observation.oom_killed and out.observation.exit_code == 137
+        assert "out of memory" in out.content
+        again = await run(ep, "bash", "echo alive")  # the worker survived: same container
+        assert again.content == "alive"
+        await ep.close()
 
 
-def test_huge_output_keeps_head_and_tail_and_the_run_continues(docker_client: Any) -> None:
-    async def body() -> None:
-        async with started(keep_bytes=64 * 1024, max_chars=4000) as rt:
-            ep = await rt.open_episode("t")
-            out = await run(ep, "python", "import sys\nsys.stdout.write('START' + 'y' * 100_000_000 + 'FINISH\\n')")
-            assert out.observation.truncated and out.observation.exit_code == 0
-            assert out.content.startswith("START") and "FINISH" in out.content and len(out.content) <= 4000
-            # A producer past kill_bytes is stopped instead of read to the end.
-            flood = await run(ep, "bash", "yes flood")
-            assert flood.observation.truncated and flood.observation.exit_code == 137
-            assert "output too long" in flood.content
-            assert (await run(ep, "bash", "echo alive")).content == "alive"
-            await ep.close()
-
-    asyncio.run(body())
+@pytest.mark.anyio
+async def test_huge_output_keeps_head_and_tail_and_the_run_continues(docker_client: Any) -> None:
+    async with started(keep_bytes=64 * 1024, max_chars=4000) as rt:
+        ep = await rt.open_episode("t")
+        out = await run(ep, "python", "import sys\nsys.stdout.write('START' + 'y' * 100_000_000 + 'FINISH\\n')")
+        assert out.observation.truncated and out.observation.exit_code == 0
+        assert out.content.startswith("START") and "FINISH" in out.content and len(out.content) <= 4000
+        # A producer past kill_bytes is stopped instead of read to the end.
+        flood = await run(ep, "bash", "yes flood")
+        assert flood.observation.truncated and flood.observation.exit_code == 137
+        assert "output too long" in flood.content
+        assert (await run(ep, "bash", "echo alive")).content == "alive"
+        await ep.close()
 
 
-def test_teacher_key_is_not_in_the_container(docker_client: Any) -> None:
+@pytest.mark.anyio
+async def test_teacher_key_is_not_in_the_container(docker_client: Any) -> None:
     assert os.environ["TRACEGEN_TEACHER_API_KEY"] == SECRET  # set by conftest for every test
 
-    async def body() -> None:
-        async with started() as rt:
-            ep = await rt.open_episode("t")
-            out = await run(ep, "bash", "env; for p in /proc/[0-9]*; do tr '\\0' '\\n' < $p/environ; done 2>/dev/null")
-            assert SECRET not in out.content and "TRACEGEN_TEACHER_API_KEY" not in out.content
-            await ep.close()
-
-    asyncio.run(body())
+    async with started() as rt:
+        ep = await rt.open_episode("t")
+        out = await run(ep, "bash", "env; for p in /proc/[0-9]*; do tr '\\0' '\\n' < $p/environ; done 2>/dev/null")
+        assert SECRET not in out.content and "TRACEGEN_TEACHER_API_KEY" not in out.content
+        await ep.close()
 
 
 CRASHER = textwrap.dedent(
@@ -118,7 +107,8 @@ CRASHER = textwrap.dedent(
 )
 
 
-def test_sigkilled_host_process_leaves_containers_that_the_next_start_sweeps(docker_client: Any) -> None:
+@pytest.mark.anyio
+async def test_sigkilled_host_process_leaves_containers_that_the_next_start_sweeps(docker_client: Any) -> None:
     with subprocess.Popen([sys.executable, "-c", CRASHER], stdout=subprocess.PIPE, text=True) as proc:
         try:
             assert proc.stdout is not None
@@ -131,9 +121,6 @@ def test_sigkilled_host_process_leaves_containers_that_the_next_start_sweeps(doc
     orphans = docker_client.api.containers(all=True, filters=filters)
     assert orphans, "kill -9 skips all clean-up, so its containers are still there"
 
-    async def body() -> None:
-        async with started():
-            assert docker_client.api.containers(all=True, filters=filters) == []
-
-    asyncio.run(body())
+    async with started():
+        assert docker_client.api.containers(all=True, filters=filters) == []
     assert own_containers(docker_client) == []

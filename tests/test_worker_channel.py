@@ -38,90 +38,82 @@ async def read_request(sock: socket.socket) -> dict[str, Any]:
     return request
 
 
-def test_a_reply_echoing_id_and_nonce_is_returned() -> None:
-    async def body() -> None:
-        channel, worker = await channel_pair()
+@pytest.mark.anyio
+async def test_a_reply_echoing_id_and_nonce_is_returned() -> None:
+    channel, worker = await channel_pair()
 
-        async def answer() -> None:
-            req = await read_request(worker)
-            reply = {"op": "pong", "id": req["id"], "nonce": req["nonce"]}
-            await asyncio.get_running_loop().sock_sendall(worker, frame(json.dumps(reply).encode() + b"\n"))
+    async def answer() -> None:
+        req = await read_request(worker)
+        reply = {"op": "pong", "id": req["id"], "nonce": req["nonce"]}
+        await asyncio.get_running_loop().sock_sendall(worker, frame(json.dumps(reply).encode() + b"\n"))
 
-        answering = asyncio.create_task(answer())
-        assert (await channel.request({"op": "ping"}, 5))["op"] == "pong"
-        await answering
-        channel.close()
-        worker.close()
-
-    asyncio.run(body())
+    answering = asyncio.create_task(answer())
+    assert (await channel.request({"op": "ping"}, 5))["op"] == "pong"
+    await answering
+    channel.close()
+    worker.close()
 
 
 @pytest.mark.parametrize("tamper", ["nonce", "id"])
-def test_a_reply_to_another_request_is_a_protocol_violation(tamper: str) -> None:
-    async def body() -> None:
-        channel, worker = await channel_pair()
+@pytest.mark.anyio
+async def test_a_reply_to_another_request_is_a_protocol_violation(tamper: str) -> None:
+    channel, worker = await channel_pair()
 
-        async def answer() -> None:
-            req = await read_request(worker)
-            reply = {"op": "result", "exit_code": 0, "id": req["id"], "nonce": req["nonce"]}
-            reply[tamper] = "forged" if tamper == "nonce" else req["id"] + 1
-            await asyncio.get_running_loop().sock_sendall(worker, frame(json.dumps(reply).encode() + b"\n"))
+    async def answer() -> None:
+        req = await read_request(worker)
+        reply = {"op": "result", "exit_code": 0, "id": req["id"], "nonce": req["nonce"]}
+        reply[tamper] = "forged" if tamper == "nonce" else req["id"] + 1
+        await asyncio.get_running_loop().sock_sendall(worker, frame(json.dumps(reply).encode() + b"\n"))
 
-        answering = asyncio.create_task(answer())
-        with pytest.raises(WorkerLost):
-            await channel.request({"op": "run"}, 5)
-        await answering
-        assert channel.lost and channel.violation is not None and "nonce" in channel.violation
-        with pytest.raises(WorkerLost):  # lost for good: the container gets replaced
-            await channel.request({"op": "ping"}, 5)
-        channel.close()
-        worker.close()
-
-    asyncio.run(body())
+    answering = asyncio.create_task(answer())
+    with pytest.raises(WorkerLost):
+        await channel.request({"op": "run"}, 5)
+    await answering
+    assert channel.lost and channel.violation is not None and "nonce" in channel.violation
+    with pytest.raises(WorkerLost):  # lost for good: the container gets replaced
+        await channel.request({"op": "ping"}, 5)
+    channel.close()
+    worker.close()
 
 
-def test_a_line_nobody_asked_for_loses_the_channel() -> None:
-    async def body() -> None:
-        channel, worker = await channel_pair()
-        worker.sendall(frame(b'{"op": "result", "exit_code": 0}\n'))
-        for _ in range(100):
-            if channel.lost:
-                break
-            await asyncio.sleep(0.01)
-        assert channel.lost and "answers no request" in (channel.violation or "")
-        channel.close()
-        worker.close()
-
-    asyncio.run(body())
+@pytest.mark.anyio
+async def test_a_line_nobody_asked_for_loses_the_channel() -> None:
+    channel, worker = await channel_pair()
+    worker.sendall(frame(b'{"op": "result", "exit_code": 0}\n'))
+    for _ in range(100):
+        if channel.lost:
+            break
+        await asyncio.sleep(0.01)
+    assert channel.lost and "answers no request" in (channel.violation or "")
+    channel.close()
+    worker.close()
 
 
 @pytest.mark.parametrize("how", ["one long line", "one huge frame"])
-def test_host_buffers_are_bounded(how: str) -> None:
+@pytest.mark.anyio
+async def test_host_buffers_are_bounded(how: str) -> None:
     """A flood ends the channel at max_line bytes instead of growing the host's memory."""
 
-    async def body() -> None:
-        channel, worker = await channel_pair(max_line=64 * 1024)
-        if how == "one long line":
-            for _ in range(64):  # up to 4 MB without a newline, in frames
-                try:
-                    worker.sendall(frame(b"x" * 65536))
-                except OSError:  # the host stopped reading: it gave up on this stream
-                    break
-                await asyncio.sleep(0.001)
-                if channel.lost:
-                    break
-        else:
-            worker.sendall(struct.pack(">BxxxI", 1, 1 << 30))  # announces a 1 GB frame
-        for _ in range(200):
+    channel, worker = await channel_pair(max_line=64 * 1024)
+    if how == "one long line":
+        for _ in range(64):  # up to 4 MB without a newline, in frames
+            try:
+                worker.sendall(frame(b"x" * 65536))
+            except OSError:  # the host stopped reading: it gave up on this stream
+                break
+            await asyncio.sleep(0.001)
             if channel.lost:
                 break
-            await asyncio.sleep(0.01)
-        assert channel.lost and "byte" in (channel.violation or "")
-        assert len(channel._line) == 0 and len(channel._buffer) == 0
-        channel.close()
-        worker.close()
-
-    asyncio.run(body())
+    else:
+        worker.sendall(struct.pack(">BxxxI", 1, 1 << 30))  # announces a 1 GB frame
+    for _ in range(200):
+        if channel.lost:
+            break
+        await asyncio.sleep(0.01)
+    assert channel.lost and "byte" in (channel.violation or "")
+    assert len(channel._line) == 0 and len(channel._buffer) == 0
+    channel.close()
+    worker.close()
 
 
 def test_feeding_a_line_in_small_chunks_is_linear() -> None:

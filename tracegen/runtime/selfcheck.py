@@ -22,7 +22,7 @@ from tracegen.records import ToolCall, ToolSpec
 from tracegen.runtime.base import ToolOutput
 from tracegen.runtime.docker.episode import DockerEpisode
 from tracegen.runtime.docker.pool import DockerRuntime
-from tracegen.runtime.docker.settings import DockerRuntimeConfig
+from tracegen.runtime.docker.settings import RESTART_NOTE, DockerRuntimeConfig
 
 PYTHON = ToolSpec(name="python", description="Run Python code.", parameters={"type": "object"})
 BASH = ToolSpec(name="bash", description="Run a bash command.", parameters={"type": "object"})
@@ -94,7 +94,9 @@ async def fork_bomb(rt: DockerRuntime) -> Outcome:
         out = await run(ep, "bash", "bomb() { bomb | bomb & }; bomb; sleep 2; echo survived")
         after = await run(ep, "bash", "echo alive")
         host_ok = subprocess.run(["true"], check=False).returncode == 0
-        ok = after.content.strip() == "alive" and host_ok
+        # On a loaded host the bomb may outlive its deadline: the container is then replaced, which is
+        # the promise too (the next call is answered), so the restart note is no failure.
+        ok = after.content.removeprefix(RESTART_NOTE).strip() == "alive" and host_ok
         return Outcome(
             f"bomb call exit={out.observation.exit_code} timed_out={out.observation.timed_out}; "
             f"next call: {after.content[:30]!r}; host forks: {host_ok}",
