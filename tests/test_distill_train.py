@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -236,3 +237,11 @@ def test_packing_is_refused_on_a_linear_attention_model(assets: dict[str, Path],
     with pytest.raises(BadInputError, match=r"packing refused: .* linear-attention or recurrent layers"):
         train(small(hybrid, packing=True), assets["dataset"], tmp_path / "out")
     assert not (tmp_path / "out").exists(), "nothing written"
+
+
+def test_split_method_hf_holds_out_the_rows_datasets_would(assets: dict[str, Path], tmp_path: Path) -> None:
+    # 8 rows at 0.3: datasets takes ceil(2.4) = 3 eval rows where the torch split floors to 2.
+    config = small(assets["student"], max_steps=1, eval_fraction=0.3, split_method="hf", split_seed=7)
+    train(config, assets["dataset"], tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "distill_config.json").read_text())
+    assert (written["train_rows"], written["eval_rows"]) == (5, 3)

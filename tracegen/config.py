@@ -204,6 +204,10 @@ class CollectConfig(AgentLoopConfig):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+SplitMethod = Literal["torch", "hf"]
+"""How distill draws its eval rows (``tracegen.distill.data.split_indices``)."""
+
+
 class LoraSettings(Strict):
     """The LoRA adapter (PEFT); defaults are the published recipes'."""
 
@@ -301,7 +305,13 @@ class DistillConfig(Strict):
         description="Padding-free packing: each micro-batch's rows end to end in one sequence (restarting "
         "position_ids, no attention across rows). Dense models only: refused on linear-attention/recurrent ones.",
     )
-    eval_fraction: float = Field(0.05, ge=0, lt=1, description="Held-out fraction (split with seed 42).")
+    eval_fraction: float = Field(0.05, ge=0, lt=1, description="Held-out fraction of the rows.")
+    split_method: SplitMethod = Field(
+        "torch",
+        description="How the eval rows are drawn: torch (floor(n * eval_fraction) rows, torch.randperm), or hf: "
+        "exactly datasets' train_test_split(test_size=eval_fraction, seed=split_seed), for cards citing a Hub split.",
+    )
+    split_seed: int = Field(42, description="Seed of the train/eval split.")
     eval_every: int = Field(50, ge=1, description="Evaluate every N optimizer steps (and at the end).")
     save_every: int = Field(100, ge=1, description="Write a resumable checkpoint every N optimizer steps.")
     log_every: int = Field(1, ge=1, description="Progress line every N optimizer steps.")

@@ -318,7 +318,7 @@ def train(
             f"{config.student} ({student_hash})",
             hint="re-run `tracegen format` with the student's tokenizer",
         )
-    split = split_indices(len(rows), config.eval_fraction)
+    split = split_indices(len(rows), config.eval_fraction, config.split_seed, config.split_method)
     if not split.train:
         raise BadInputError(f"{dataset_dir}: no training rows left after the {config.eval_fraction:.0%} eval split")
     # Rows are cut to max_length: when every trained token lies beyond the cut, training would run
