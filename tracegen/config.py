@@ -247,7 +247,18 @@ class TopologySettings(Strict):
     jump_sigma: float = Field(
         3.0, ge=0, description="Teacher-signal jumps: D_t above its sequence's mean + jump_sigma * std."
     )
-    jump_kd_weight: float = Field(1.25, ge=0, description="KD weight of a jump token (1 elsewhere).")
+    jump_weight: float = Field(1.25, ge=0, description="Loss weight multiplier of a jump token (1 elsewhere).")
+    jump_target: Literal["loss", "kd"] = Field(
+        "loss",
+        description="What jump_weight amplifies: loss (the card: the token's CE and KD weights, so it works while "
+        "kd_alpha_ramp holds alpha_kd at 0) or kd (the KD weight only).",
+    )
+    drift_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the drift channel 0.5 * sum_t C_t^2: the student's entropy drift from the teacher's "
+        "accumulated off the jumps (tracegen/distill/discrepancy.py); 0 = off.",
+    )
     energy_window: int = Field(64, ge=1, description="Tokens of the moving average giving the gap-energy density.")
     window: int = Field(512, ge=2, description="Longer sequences are trained as windows of at most this many tokens.")
     min_overlap: int = Field(
