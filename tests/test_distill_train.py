@@ -73,6 +73,11 @@ def test_proof_weight_decays_over_the_run(assets: dict[str, Path], tmp_path: Pat
     assert [m["proof_weight"] for m in read_metrics(tmp_path / "out")] == pytest.approx([2.5, 2.0, 1.5])
 
 
+def test_proof_weighting_off_is_plain_sft(assets: dict[str, Path], tmp_path: Path) -> None:
+    train(small(assets["student"], max_steps=3, proof_weighting=False), assets["dataset"], tmp_path / "out")
+    assert [m["proof_weight"] for m in read_metrics(tmp_path / "out")] == [1.0, 1.0, 1.0]
+
+
 def test_masked_tokens_change_nothing(assets: dict[str, Path]) -> None:
     from transformers import AutoModelForCausalLM
 

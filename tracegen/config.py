@@ -289,6 +289,11 @@ class DistillConfig(Strict):
         None, description="Teacher top-k cache folder (from `tracegen distill cache-teacher`); none = CE only."
     )
     lora: LoraSettings = Field(default_factory=LoraSettings)
+    proof_weighting: bool = Field(
+        True,
+        description="Weigh proof_mask tokens proof_weight_start -> proof_weight_end (the STEM/TKD cards); false = "
+        "plain SFT, every trained token weight 1 (the agentic card, stage 2 of the legal card).",
+    )
     proof_weight_start: float = Field(2.5, ge=0, description="Weight of proof tokens at the first optimizer step.")
     proof_weight_end: float = Field(1.5, ge=0, description="Weight of proof tokens at the last step (linear decay).")
     alpha_ce: float = Field(0.55, ge=0, description="Weight of the cross-entropy term when KD is on.")
@@ -728,12 +733,15 @@ def _resolve_paths(recipe: Recipe, base: Path) -> None:
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge ``overrides`` into ``base``; ``None`` in overrides means "not given"."""
+    """Deep-merge ``overrides`` into ``base``; ``None`` in overrides means "not given", ``{}`` means empty.
+
+    ``{}`` replaces: a smoke block can clear a mapping (e.g. a provider-only ``extra_body``).
+    """
     out = dict(base)
     for key, value in overrides.items():
         if value is None:
             continue
-        if isinstance(value, dict):
+        if isinstance(value, dict) and value:
             out[key] = merge(out.get(key) or {}, value)
         else:
             out[key] = value

@@ -7,7 +7,8 @@ Loss per optimizer step (one gradient-accumulation window of ``grad_accum`` micr
 
 where t runs over the supervised tokens of the window, N_window counts them (not the weights: dividing
 by the sum of weights would cancel the proof weighting), w_t is the proof weight on ``proof_mask``
-tokens (linear from ``proof_weight_start`` to ``proof_weight_end`` over the steps) and 1 elsewhere.
+tokens (linear from ``proof_weight_start`` to ``proof_weight_end`` over the steps; 1 with
+``proof_weighting: false``) and 1 elsewhere.
 
 Options on the KD term (each off by default; each needs the teacher cache)::
 
@@ -578,6 +579,7 @@ def train(
             t0 = time.perf_counter()
             window = [make_batch(next(batches)) for _ in range(config.grad_accum)]
             weight = proof_weight(step, total, config.proof_weight_start, config.proof_weight_end)
+            weight = weight if config.proof_weighting else 1.0  # plain SFT: every trained token weighs 1
             alpha_kd = kd_alpha(step, total, config.alpha_kd, config.kd_alpha_ramp)
             lr = float(scheduler.get_last_lr()[0])
             sums = all_processes(window_loss(window, weight, alpha_kd))
