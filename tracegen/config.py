@@ -638,6 +638,35 @@ class EvalConfig(AgentLoopConfig):
         return CollectConfig.model_validate({**loop, "teacher": teacher, "samples_per_task": self.samples})
 
 
+class DataSource(Strict):
+    """One source of the training table (``data.sources``)."""
+
+    path: str = Field(description="A Hub dataset id, a local dataset folder, or a .jsonl / .parquet file.")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Table column -> this source's column, where the names differ (others are read by the same name).",
+    )
+    rows: int | None = Field(None, ge=0, description="Rows the card states for this source (checked, reported).")
+
+
+class DataConfig(Strict):
+    """The training table built from the card's sources, before format (``tracegen.data.sources``)."""
+
+    sources: list[DataSource] = Field(
+        default_factory=list, description="Sources merged in order into one table; empty = use run.data."
+    )
+    columns: list[str] = Field(
+        default_factory=lambda: ["question", "CoT", "response"],
+        description="The table's columns (format.import_columns names them); every source must provide each.",
+    )
+    dedup_on: list[str] = Field(
+        default_factory=lambda: ["question"],
+        description="Rows whose values here repeat (whitespace-normalised), within or across sources, are kept "
+        "once, the first; [] = no dedup.",
+    )
+    rows: int | None = Field(None, ge=0, description="Rows the card states for the merged table (checked, reported).")
+
+
 class Recipe(Strict):
     """A reproducible pipeline: one section per stage."""
 
@@ -648,6 +677,7 @@ class Recipe(Strict):
     format: FormatConfig = Field(default_factory=FormatConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     cache_teacher: CacheTeacherConfig = Field(default_factory=CacheTeacherConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
     stage2: StageTwoConfig | None = Field(None, description="A second training stage on the merged model.")
     eval: EvalConfig | None = Field(None, description="The final model measured on a task set (the eval stage).")
     run: RunConfig = Field(default_factory=RunConfig)
@@ -718,6 +748,8 @@ def _resolve_paths(recipe: Recipe, base: Path) -> None:
 
     recipe.collect.tasks = file(recipe.collect.tasks)
     recipe.run.data = data(recipe.run.data)
+    for source in recipe.data.sources:
+        source.path = data(source.path) or source.path
     recipe.run.serve = model(recipe.run.serve)
     recipe.cache_teacher.teacher = model(recipe.cache_teacher.teacher)
     stage2 = recipe.stage2
