@@ -27,6 +27,8 @@ from tracegen.distill.data import (
 from tracegen.distill.discrepancy import (
     disc_kd,
     discrepancy,
+    drift_path,
+    drift_sum,
     entropy,
     gap_energy,
     jump_weights,
@@ -204,6 +206,35 @@ def test_curriculum_phases_put_the_easiest_30_percent_first() -> None:
     assert all(set(o[:3]) == set(phases[0]) for o in other)
 
 
+def test_drift_path_sums_the_steps_off_the_jumps_within_each_sequence() -> None:
+    g = torch.tensor([0.0, 1.0, 3.0, 3.5, 10.0, 10.5])
+    no_jumps = torch.zeros(6, dtype=torch.bool)
+    assert drift_path(g, [6], no_jumps).tolist() == [0.0, 1.0, 3.0, 3.5, 10.0, 10.5]
+    jump = no_jumps.clone()
+    jump[3] = True  # the step 3.5 -> 10 is a jump: the jump channel's, not the drift's
+    assert drift_path(g, [6], jump).tolist() == [0.0, 1.0, 3.0, 3.5, 3.5, 4.0]
+    two = torch.tensor([0.0, 1.0, 2.0, 5.0, 5.0, 7.0])  # 2 -> 5 crosses sequences: never a step
+    assert drift_path(two, [3, 3], no_jumps).tolist() == [0.0, 1.0, 2.0, 0.0, 0.0, 2.0]
+    assert drift_path(two, [3, 0, 3], no_jumps).tolist() == [0.0, 1.0, 2.0, 0.0, 0.0, 2.0]
+
+
+def test_drift_sum_on_a_hand_made_sequence() -> None:
+    # Vocabulary 2, k = 2 (no tail): the student is uniform, uniform, then certain (entropy ln 2,
+    # ln 2, ~0); the teacher is certain throughout (~0). g = f_S - f_T = [ln2, ln2, 0], so its steps
+    # are 0 and -ln 2, C = [0, 0, -ln 2] and the drift is 0.5 * ln(2)^2.
+    student = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 60.0]], requires_grad=True)
+    teacher = topk_from_logits(torch.tensor([[60.0, 0.0], [60.0, 0.0], [0.0, 60.0]]), 2, 2.0)
+    none = torch.zeros(3, dtype=torch.bool)
+    drift = drift_sum(student, teacher, [3], none)
+    assert float(drift.detach()) == pytest.approx(0.5 * math.log(2) ** 2, rel=1e-5)
+    drift.backward()
+    assert student.grad is not None and float(student.grad.abs().sum()) > 0  # it trains the student
+    jump = torch.tensor([False, True, False])  # that step is a teacher jump: no drift left
+    assert float(drift_sum(student.detach(), teacher, [3], jump)) == pytest.approx(0.0, abs=1e-9)
+    same = topk_from_logits(student.detach(), 2, 2.0)  # a student equal to its teacher does not drift
+    assert float(drift_sum(student.detach(), same, [3], none)) == pytest.approx(0.0, abs=1e-9)
+
+
 # --- on tiny real models -------------------------------------------------------------------------
 
 
@@ -241,7 +272,7 @@ def test_windows_read_the_cache_entries_of_their_own_positions(assets: dict[str,
         assert at == list(range(plan.cache_skip[i], plan.cache_skip[i] + len(owned)))
         got = cache.batch([w.row], [len(owned)], cpu, [plan.cache_skip[i]])
         assert torch.equal(got.ids, full.ids[at]) and torch.equal(got.logprobs, full.logprobs[at])
-        assert plan.kd_weight[i].numel() == len(owned)
+        assert plan.jump_mask[i].numel() == len(owned)
     # ...and the teacher at those entries is the teacher at those positions of the whole row.
     from transformers import AutoModelForCausalLM
 
@@ -317,3 +348,30 @@ def test_paged_adamw_8bit_is_refused_without_cuda(assets: dict[str, Path], tmp_p
         train(small(assets, optimizer="paged_adamw_8bit"), assets["dataset"], tmp_path / "o")
     assert err.value.hint == "use optimizer: adamw_torch (the smoke block does)"
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("target", ["loss", "kd"])
+def test_jump_weight_amplifies_the_loss_while_the_ramp_holds_kd_at_zero(
+    assets: dict[str, Path], tmp_path: Path, target: str
+) -> None:
+    # The ramp keeps alpha_kd at 0 on the first step: only the CE term is in the loss there.
+    base = {"max_steps": 3, "grad_accum": 1, "kd_alpha_ramp": (0.9, 1.0)}
+    runs = {}
+    for weight in (1.0, 4.0):
+        topo = SMALL_WINDOWS.model_copy(update={"jump_sigma": 0.5, "jump_weight": weight, "jump_target": target})
+        train(small(assets, topology=topo, **base), assets["dataset"], tmp_path / f"{weight}")
+        runs[weight] = read_metrics(tmp_path / f"{weight}")[0]
+    assert runs[4.0]["topology_jump_fraction"] > 0 and runs[4.0]["alpha_kd"] == 0.0
+    if target == "loss":  # the card: the jump tokens' loss weight is amplified, CE included
+        assert runs[4.0]["ce"] > runs[1.0]["ce"] * 1.01
+    else:  # KD only: nothing changes while alpha_kd is 0
+        assert runs[4.0]["ce"] == pytest.approx(runs[1.0]["ce"], rel=1e-6)
+
+
+def test_drift_channel_enters_the_loss_and_is_logged(assets: dict[str, Path], tmp_path: Path) -> None:
+    topo = SMALL_WINDOWS.model_copy(update={"drift_weight": 0.5})
+    train(small(assets, topology=topo, max_steps=2, grad_accum=1), assets["dataset"], tmp_path / "o")
+    got = read_metrics(tmp_path / "o")
+    assert all(m["drift"] > 0 for m in got)
+    for m in got:
+        assert m["loss"] == pytest.approx(0.55 * m["ce"] + 0.45 * m["kd"] + 0.5 * m["drift"], rel=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,11 @@ def test_loss_falls_when_overfitting(assets: dict[str, Path], tmp_path: Path) ->
 def test_proof_weight_decays_over_the_run(assets: dict[str, Path], tmp_path: Path) -> None:
     train(small(assets["student"], max_steps=3), assets["dataset"], tmp_path / "out")
     assert [m["proof_weight"] for m in read_metrics(tmp_path / "out")] == pytest.approx([2.5, 2.0, 1.5])
+
+
+def test_proof_weighting_off_is_plain_sft(assets: dict[str, Path], tmp_path: Path) -> None:
+    train(small(assets["student"], max_steps=3, proof_weighting=False), assets["dataset"], tmp_path / "out")
+    assert [m["proof_weight"] for m in read_metrics(tmp_path / "out")] == [1.0, 1.0, 1.0]
 
 
 def test_masked_tokens_change_nothing(assets: dict[str, Path]) -> None:
@@ -236,3 +242,11 @@ def test_packing_is_refused_on_a_linear_attention_model(assets: dict[str, Path],
     with pytest.raises(BadInputError, match=r"packing refused: .* linear-attention or recurrent layers"):
         train(small(hybrid, packing=True), assets["dataset"], tmp_path / "out")
     assert not (tmp_path / "out").exists(), "nothing written"
+
+
+def test_split_method_hf_holds_out_the_rows_datasets_would(assets: dict[str, Path], tmp_path: Path) -> None:
+    # 8 rows at 0.3: datasets takes ceil(2.4) = 3 eval rows where the torch split floors to 2.
+    config = small(assets["student"], max_steps=1, eval_fraction=0.3, split_method="hf", split_seed=7)
+    train(config, assets["dataset"], tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "distill_config.json").read_text())
+    assert (written["train_rows"], written["eval_rows"]) == (5, 3)

@@ -36,6 +36,7 @@ STEM_COMMON: dict[str, Any] = {
     "distill.precision": "bf16",
     "distill.max_length": 1024,
     "distill.eval_fraction": 0.05,
+    "distill.split_method": "hf",  # the card's 5,815 / 307 of 6,122 (tests/test_distill_split.py)
     "distill.seed": 42,
 }
 CARDS: dict[str, dict[str, Any]] = {
@@ -94,7 +95,8 @@ CARDS: dict[str, dict[str, Any]] = {
         "distill.precision": "bf16",
         "distill.kd_alpha_ramp": (0.15, 0.45),
         "distill.topology.jump_sigma": 3.0,
-        "distill.topology.jump_kd_weight": 1.25,
+        "distill.topology.jump_weight": 1.25,
+        "distill.topology.jump_target": "loss",
         "distill.topology.energy_window": 64,
         "distill.topology.window": 512,
         "distill.topology.min_overlap": 32,
@@ -120,6 +122,24 @@ CARDS: dict[str, dict[str, Any]] = {
         "eval.endpoint.temperature": 0.6,
         "eval.endpoint.top_p": 0.95,
         "eval.endpoint.max_tokens": 32768,
+    },
+    "qwen3.6-27b-agentic-react-lora-as-released.yaml": {
+        "run.stages": ["collect", "format", "distill", "merge", "eval"],  # no filter: no rejection sampling
+        "collect.runtime": "simulated",
+        "collect.simulator.model": "deepseek-v4-flash",
+        "collect.teacher.model": "deepseek-v4-pro",
+        "collect.teacher.extra_body": {"thinking": {"type": "enabled"}},  # DeepSeek's documented switch
+        "format.template": "chat",
+        "format.train_observations": "none",
+        "distill.proof_weighting": False,  # plain SFT
+        "distill.lora.r": 64,
+        "distill.lora.alpha": 128,
+        "distill.lora.dropout": 0.05,
+        "distill.lora.target_modules": "all-linear",
+        "distill.warmup_ratio": 0.03,
+        "distill.epochs": 1,
+        "distill.optimizer": "paged_adamw_8bit",
+        "distill.packing": False,
     },
     "qwen3.6-27b-agentic-react-lora-simulated.yaml": {
         "collect.runtime": "simulated",
@@ -157,6 +177,12 @@ def test_smoke_block_uses_only_offline_models(path: Path) -> None:
     models = [recipe.distill.student, recipe.cache_teacher.teacher, recipe.run.serve, recipe.format.tokenizer]
     for model in filter(None, models):
         assert model.startswith(offline) or Path(model).exists(), f"{path.name}: {model} would need a download"
+
+
+def test_an_empty_mapping_in_the_smoke_block_clears_the_full_scale_one() -> None:
+    path = RECIPES / "qwen3.6-27b-agentic-react-lora-as-released.yaml"
+    assert load_recipe(path).collect.teacher.extra_body == {"thinking": {"type": "enabled"}}
+    assert load_recipe(path, "smoke").collect.teacher.extra_body == {}, "transformers serve refuses the field"
 
 
 def test_stage_without_its_input_is_refused_with_exit_2(tmp_path: Path) -> None:
@@ -239,3 +265,22 @@ def test_two_stage_recipe_smoke_keeps_both_prompt_formats(tmp_path: Path) -> Non
     assert Path(adapter_config["base_model_name_or_path"]) == work / "merged"
     dataset_meta = json.loads((work / "stage2-dataset" / "tracegen.json").read_text())
     assert "instruct" in json.dumps(dataset_meta)
+
+
+@pytest.mark.slow
+def test_as_released_agentic_smoke_trains_every_trajectory_as_plain_sft(tmp_path: Path) -> None:
+    from tracegen.store import read_trajectories
+
+    work = tmp_path / "work"
+    recipe = RECIPES / "qwen3.6-27b-agentic-react-lora-as-released.yaml"
+    proc = tracegen("run", str(recipe), "--out", str(work), "--scale", "smoke")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _stages(work) == {s: "ran" for s in ("collect", "format", "distill", "merge", "eval")}
+    trajectories = list(read_trajectories(work / "collect" / "trajectories.jsonl"))
+    assert trajectories and all(t.runtime.kind == "simulated" for t in trajectories)
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(sorted((work / "dataset" / "data").glob("*.parquet"))[0]).to_pylist()
+    assert {r["id"] for r in rows} == {t.id for t in trajectories}, "no rejection sampling: every trajectory trained"
+    metrics = [json.loads(line) for line in (work / "adapter" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["proof_weight"] for m in metrics] == [1.0, 1.0, 1.0], "plain SFT"

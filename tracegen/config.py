@@ -248,6 +248,10 @@ class CollectConfig(AgentLoopConfig):
         return fingerprint({"fingerprint_version": 2, **generation})
 
 
+SplitMethod = Literal["torch", "hf"]
+"""How distill draws its eval rows (``tracegen.distill.data.split_indices``)."""
+
+
 class LoraSettings(Strict):
     """The LoRA adapter (PEFT); defaults are the published recipes'."""
 
@@ -287,7 +291,18 @@ class TopologySettings(Strict):
     jump_sigma: float = Field(
         3.0, ge=0, description="Teacher-signal jumps: D_t above its sequence's mean + jump_sigma * std."
     )
-    jump_kd_weight: float = Field(1.25, ge=0, description="KD weight of a jump token (1 elsewhere).")
+    jump_weight: float = Field(1.25, ge=0, description="Loss weight multiplier of a jump token (1 elsewhere).")
+    jump_target: Literal["loss", "kd"] = Field(
+        "loss",
+        description="What jump_weight amplifies: loss (the card: the token's CE and KD weights, so it works while "
+        "kd_alpha_ramp holds alpha_kd at 0) or kd (the KD weight only).",
+    )
+    drift_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the drift channel 0.5 * sum_t C_t^2: the student's entropy drift from the teacher's "
+        "accumulated off the jumps (tracegen/distill/discrepancy.py); 0 = off.",
+    )
     energy_window: int = Field(64, ge=1, description="Tokens of the moving average giving the gap-energy density.")
     window: int = Field(512, ge=2, description="Longer sequences are trained as windows of at most this many tokens.")
     min_overlap: int = Field(
@@ -318,6 +333,11 @@ class DistillConfig(Strict):
         None, description="Teacher top-k cache folder (from `tracegen distill cache-teacher`); none = CE only."
     )
     lora: LoraSettings = Field(default_factory=LoraSettings)
+    proof_weighting: bool = Field(
+        True,
+        description="Weigh proof_mask tokens proof_weight_start -> proof_weight_end (the STEM/TKD cards); false = "
+        "plain SFT, every trained token weight 1 (the agentic card, stage 2 of the legal card).",
+    )
     proof_weight_start: float = Field(2.5, ge=0, description="Weight of proof tokens at the first optimizer step.")
     proof_weight_end: float = Field(1.5, ge=0, description="Weight of proof tokens at the last step (linear decay).")
     alpha_ce: float = Field(0.55, ge=0, description="Weight of the cross-entropy term when KD is on.")
@@ -345,7 +365,13 @@ class DistillConfig(Strict):
         description="Padding-free packing: each micro-batch's rows end to end in one sequence (restarting "
         "position_ids, no attention across rows). Dense models only: refused on linear-attention/recurrent ones.",
     )
-    eval_fraction: float = Field(0.05, ge=0, lt=1, description="Held-out fraction (split with seed 42).")
+    eval_fraction: float = Field(0.05, ge=0, lt=1, description="Held-out fraction of the rows.")
+    split_method: SplitMethod = Field(
+        "torch",
+        description="How the eval rows are drawn: torch (floor(n * eval_fraction) rows, torch.randperm), or hf: "
+        "exactly datasets' train_test_split(test_size=eval_fraction, seed=split_seed), for cards citing a Hub split.",
+    )
+    split_seed: int = Field(42, description="Seed of the train/eval split.")
     eval_every: int = Field(50, ge=1, description="Evaluate every N optimizer steps (and at the end).")
     save_every: int = Field(
         100,
@@ -700,6 +726,35 @@ class EvalConfig(AgentLoopConfig):
         return CollectConfig.model_validate({**loop, "teacher": teacher, "samples_per_task": self.samples})
 
 
+class DataSource(Strict):
+    """One source of the training table (``data.sources``)."""
+
+    path: str = Field(description="A Hub dataset id, a local dataset folder, or a .jsonl / .parquet file.")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Table column -> this source's column, where the names differ (others are read by the same name).",
+    )
+    rows: int | None = Field(None, ge=0, description="Rows the card states for this source (checked, reported).")
+
+
+class DataConfig(Strict):
+    """The training table built from the card's sources, before format (``tracegen.data.sources``)."""
+
+    sources: list[DataSource] = Field(
+        default_factory=list, description="Sources merged in order into one table; empty = use run.data."
+    )
+    columns: list[str] = Field(
+        default_factory=lambda: ["question", "CoT", "response"],
+        description="The table's columns (format.import_columns names them); every source must provide each.",
+    )
+    dedup_on: list[str] = Field(
+        default_factory=lambda: ["question"],
+        description="Rows whose values here repeat (whitespace-normalised), within or across sources, are kept "
+        "once, the first; [] = no dedup.",
+    )
+    rows: int | None = Field(None, ge=0, description="Rows the card states for the merged table (checked, reported).")
+
+
 class Recipe(Strict):
     """A reproducible pipeline: one section per stage."""
 
@@ -710,6 +765,7 @@ class Recipe(Strict):
     format: FormatConfig = Field(default_factory=FormatConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     cache_teacher: CacheTeacherConfig = Field(default_factory=CacheTeacherConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
     stage2: StageTwoConfig | None = Field(None, description="A second training stage on the merged model.")
     eval: EvalConfig | None = Field(None, description="The final model measured on a task set (the eval stage).")
     run: RunConfig = Field(default_factory=RunConfig)

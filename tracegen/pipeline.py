@@ -96,8 +96,12 @@ class Pipeline:
 
     def _check_declared(self, stages: list[str]) -> None:
         r = self.recipe
-        if "format" in stages and not {"collect", "filter"} & set(stages) and not r.run.data:
-            raise BadInputError("the format stage has no input", hint="declare collect (and filter) or set run.data")
+        if "format" in stages and not {"collect", "filter"} & set(stages) and not (r.run.data or r.data.sources):
+            raise BadInputError(
+                "the format stage has no input", hint="declare collect (and filter), or set run.data or data.sources"
+            )
+        if r.run.data and r.data.sources:
+            raise BadInputError("run.data and data.sources both name the data", hint="keep one of them")
         if "filter" in stages and "collect" not in stages:
             raise BadInputError("the filter stage needs the collect stage", hint="add collect to run.stages")
         needs = {
@@ -156,7 +160,7 @@ class Pipeline:
         section: Any = {
             "collect": r.collect,
             "filter": r.filter,
-            "format": [_format_settings(r.format), r.run.data],
+            "format": [_format_settings(r.format), r.run.data, *([r.data] if r.data.sources else [])],
             "cache_teacher": [r.cache_teacher, r.distill.top_k, r.distill.temperature, r.distill.max_length],
             "distill": r.distill,
             "merge": r.run.merge_best,
@@ -235,14 +239,14 @@ class Pipeline:
             "pass_at_1": report["pass_at_1"],
         }
 
-    def _format_input(self) -> Path:
+    def _format_input(self) -> Path | None:
+        """What format reads; None: the table of ``data.sources``, built by the format stage."""
         stages = self.recipe.run.stages
         if "filter" in stages:
             return self.work / STAGE_DIRS["filter"] / "kept.jsonl"
         if "collect" in stages:
             return self.work / STAGE_DIRS["collect"] / "trajectories.jsonl"
-        assert self.recipe.run.data  # _check_declared
-        return Path(self.recipe.run.data)
+        return Path(self.recipe.run.data) if self.recipe.run.data else None
 
     def _format(self, source: Path, out: Path, config: FormatConfig, student: str | None) -> dict[str, Any]:
         from tracegen.data.format import format_dataset
@@ -256,7 +260,16 @@ class Pipeline:
         return {"samples": stats.samples, "tokens": stats.tokens, "trained_tokens": stats.trained}
 
     def _do_format(self, out: Path) -> dict[str, Any]:
-        return self._format(self._format_input(), out, self.recipe.format, self.recipe.distill.student)
+        source, facts = self._format_input(), {}
+        if source is None:  # data.sources: the card's table, built first (next to the dataset)
+            from tracegen.data.sources import build_table
+
+            report = build_table(self.recipe.data, self.work / "sources")
+            self.say(f"data: {report.rows} rows from {len(report.sources)} sources -> {report.table}")
+            for line in report.differences:
+                self.say(f"data: differs from the card: {line}")
+            source, facts = report.table, {"sources": report.summary()}
+        return {**facts, **self._format(source, out, self.recipe.format, self.recipe.distill.student)}
 
     def _do_cache_teacher(self, out: Path) -> dict[str, Any]:
         from tracegen.distill.cache import build_cache
@@ -284,9 +297,11 @@ class Pipeline:
         from tracegen.distill.api_cache import build_cache_from_logprobs
 
         d = self.recipe.distill
+        kept = self._format_input()
+        assert kept is not None  # _check_declared: source collect needs the collect stage
         summary = build_cache_from_logprobs(
             self.work / STAGE_DIRS["format"],
-            self._format_input(),
+            kept,
             out,
             tokenizer=_format_tokenizer(self.recipe.format, d.student),
             temperature=d.temperature,

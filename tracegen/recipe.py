@@ -78,6 +78,8 @@ def _resolve_paths(recipe: Recipe, base: Path) -> None:
 
     recipe.collect.tasks = file(recipe.collect.tasks)
     recipe.run.data = data(recipe.run.data)
+    for source in recipe.data.sources:
+        source.path = data(source.path) or source.path
     recipe.run.serve = model(recipe.run.serve)
     recipe.cache_teacher.teacher = model(recipe.cache_teacher.teacher)
     stage2 = recipe.stage2
@@ -93,12 +95,15 @@ def _resolve_paths(recipe: Recipe, base: Path) -> None:
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge ``overrides`` into ``base``; ``None`` in overrides means "not given"."""
+    """Deep-merge ``overrides`` into ``base``; ``None`` in overrides means "not given", ``{}`` means empty.
+
+    ``{}`` replaces: a smoke block can clear a mapping (e.g. a provider-only ``extra_body``).
+    """
     out = dict(base)
     for key, value in overrides.items():
         if value is None:
             continue
-        if isinstance(value, dict):
+        if isinstance(value, dict) and value:
             out[key] = merge(out.get(key) or {}, value)
         else:
             out[key] = value

@@ -35,7 +35,8 @@ from tracegen.records import (
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(row number from 1, row) of a .jsonl / .parquet file, a local dataset folder or a Hub dataset id."""
     if path.is_file() and path.suffix in (".jsonl", ".json"):
         with path.open(encoding="utf-8") as f:
             for line_no, line in enumerate(f, 1):
@@ -82,7 +83,7 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 def import_cot(path: Path, columns: ImportColumns) -> list[Trajectory]:
     source = columns.source or path.name
     out: list[Trajectory] = []
-    for where, row in _rows(path):
+    for where, row in read_rows(path):
         values: dict[str, str] = {}
         for field in ("question", "reasoning", "answer"):
             col = getattr(columns, field)

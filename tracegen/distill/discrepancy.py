@@ -35,8 +35,25 @@ Topology pass (TKD), once before training, from the teacher cache:
 - Teacher signal: the teacher's entropy at T = 1 estimated from the cached top-k log-probs plus one
   tail bucket holding the remaining mass (a lower bound of the full entropy, as the tail's ids are
   merged). It needs no student and no target token.
-- Jumps: D (h = 1) of that signal above mean + jump_sigma * sigma of the row (TKD: 3 sigma) get KD
-  weight jump_kd_weight (TKD: 1.25), fixed for the whole run.
+- Jumps: D (h = 1) of that signal above mean + jump_sigma * sigma of the row (TKD: 3 sigma), fixed
+  for the whole run. A jump token's loss weight is multiplied by ``jump_weight`` (TKD: 1.25):
+  ``jump_target: loss`` (the card: "the loss weight is amplified") scales both its CE weight and its
+  KD weight, so the amplification works while a ``kd_alpha_ramp`` holds alpha_kd at 0;
+  ``jump_target: kd`` scales the KD weight only.
+- Drift channel (TKD's third channel, ``drift_weight``). The card splits the transfer into smooth
+  distillation (the per-token KD), jump corrections and "drift corrections for gradual distributional
+  shifts" (the Cantor part of a BV derivative) without defining the last as a formula. A token
+  sequence has no Cantor part in the strict sense; the reading used here is its discrete analogue,
+  the variation of the signal that accumulates off the jumps. Per sequence, with f^S and f^T the
+  student's and the teacher's entropy of the same coarse-graining (the teacher's top-k ids plus one
+  tail bucket, at T = 1), g = f^S - f^T and J the teacher's jump tokens::
+
+      C_t = sum_{u < t, u not in J} (g_{u+1} - g_u)          (C = 0 at the first token)
+      drift = 0.5 * sum_t C_t^2
+
+  i.e. the student's accumulated non-jump drift away from the teacher's, squared. It enters the
+  loss as ``drift_weight * drift`` (divided by the window's supervised tokens, as every term) and
+  its gradient reaches the student's logits; jump steps are left to the jump weights.
 - Gap-energy density: e_t = 0.5 * D_t^2 at the row's supervised positions and 0 at every other
   token position (nothing is learned there), then a centred moving average over ``energy_window``
   token positions (clipped at the row's edges). Windows start where it is lowest
@@ -177,10 +194,41 @@ def gap_energy(d: torch.Tensor) -> torch.Tensor:
 
 def teacher_entropy(topk: TeacherTopK) -> torch.Tensor:
     """``[N]``: teacher entropy at T = 1 from the top-k log-probs plus one tail bucket (a lower bound)."""
-    p = topk.logprobs.float().exp()
+    return bucket_entropy(topk.logprobs)
+
+
+def bucket_entropy(logprobs: torch.Tensor) -> torch.Tensor:
+    """``[N]``: entropy of ``[N, k]`` log-probs plus one tail bucket holding the rest of the mass.
+
+    Differentiable everywhere (the student's drift term needs it): log-probs are floored at -1e4 and
+    the tail's log at 1e-30, so an empty bucket or a zero probability adds 0, never a NaN gradient.
+    """
+    logp = logprobs.float().clamp(min=-1e4)
+    p = logp.exp()
     tail = (1.0 - p.sum(-1)).clamp(min=0.0)
-    plogp: torch.Tensor = torch.special.xlogy(p, p).sum(-1) + torch.special.xlogy(tail, tail)  # 0 log 0 = 0
+    plogp: torch.Tensor = (p * logp).sum(-1) + tail * tail.clamp(min=1e-30).log()
     return -plogp
+
+
+def drift_path(g: torch.Tensor, counts: list[int], jumps: torch.Tensor) -> torch.Tensor:
+    """``[N]``: C_t, the running sum of ``g``'s steps g_{u+1} - g_u (u < t) off the ``jumps``, per sequence."""
+    if g.numel() == 0:
+        return g
+    seg = segment_ids(counts, g.device)
+    steps = torch.zeros_like(g)
+    if g.numel() > 1:
+        keep = (seg[1:] == seg[:-1]) & ~jumps[:-1]
+        steps = F.pad((g[1:] - g[:-1]) * keep.to(g.dtype), (0, 1))
+    before = F.pad(steps.cumsum(0), (1, 0))[:-1]  # sum over every earlier token of the flat batch
+    starts = F.pad(torch.tensor(counts, device=g.device).cumsum(0), (1, 0))[:-1].clamp(max=g.numel() - 1)
+    return before - before[starts][seg]  # steps never cross a sequence end, so this restarts at 0
+
+
+def drift_sum(logits: torch.Tensor, topk: TeacherTopK, counts: list[int], jumps: torch.Tensor) -> torch.Tensor:
+    """TKD's drift channel of a micro-batch: 0.5 * sum_t C_t^2 (module docstring); differentiable."""
+    student = bucket_entropy(F.log_softmax(logits.float(), dim=-1).gather(1, topk.ids))
+    path = drift_path(student - teacher_entropy(topk), counts, jumps)
+    return 0.5 * (path * path).sum()
 
 
 def moving_average(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -217,10 +265,14 @@ class TopologyPlan:
     pieces: list[Row]  # what the trainer batches: each window as a row (overlap targets masked)
     windows: list[Window]  # where each piece comes from
     cache_skip: list[int]  # each piece's first entry within its row's cache entries
-    kd_weight: list[torch.Tensor]  # each piece's KD weight per supervised token
+    jump_mask: list[torch.Tensor]  # each piece's teacher jumps per supervised token (bool)
     difficulty: list[float]  # each piece's mean gap-energy density over the positions it trains
     phases: list[list[int]]  # piece indices per curriculum phase, easiest first
     jumps: int  # jump tokens over all pieces
+
+    def batch_jumps(self, pieces: list[int], counts: list[int]) -> torch.Tensor:
+        """``[N]`` bool: the teacher jumps of a micro-batch's supervised tokens, in its flattened order."""
+        return torch.cat([self.jump_mask[i][:c] for i, c in zip(pieces, counts, strict=True)])
 
     def summary(self) -> dict[str, object]:
         return {
@@ -257,7 +309,7 @@ def plan_topology(
             plan.pieces.append(piece)
             plan.windows.append(w)
             plan.cache_skip.append(skip)
-            plan.kd_weight.append(weight_where(jumps, settings.jump_kd_weight))
+            plan.jump_mask.append(jumps)
             plan.difficulty.append(float(topo.density[[w.start + t for t in owned]].mean()))
             plan.jumps += int(jumps.sum())
     plan.phases = curriculum_phases(plan.difficulty, settings.curriculum_phases, settings.easiest_fraction)

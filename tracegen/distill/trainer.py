@@ -7,7 +7,8 @@ Loss per optimizer step (one gradient-accumulation window of ``grad_accum`` micr
 
 where t runs over the supervised tokens of the window, N_window counts them (not the weights: dividing
 by the sum of weights would cancel the proof weighting), w_t is the proof weight on ``proof_mask``
-tokens (linear from ``proof_weight_start`` to ``proof_weight_end`` over the steps) and 1 elsewhere.
+tokens (linear from ``proof_weight_start`` to ``proof_weight_end`` over the steps; 1 with
+``proof_weighting: false``) and 1 elsewhere.
 
 Options on the KD term (each off by default; each needs the teacher cache)::
 
@@ -16,8 +17,10 @@ Options on the KD term (each off by default; each needs the teacher cache)::
 - ``kd_alpha_ramp``: alpha_kd(step) is 0, then ramps linearly to ``alpha_kd`` (``losses.kd_alpha``).
 - ``discrepancy`` (DISC): a_t is ``jump_amplifier`` on jump tokens, KD_t is taken on smoothed logits
   at high-entropy tokens, and the gap-energy term is on (``discrepancy``; lambda = ``gap_energy_weight``).
-- ``topology`` (TKD): a_t also carries ``jump_kd_weight`` on the teacher's jump tokens; rows are
-  trained as adaptive windows, in curriculum order (``discrepancy.plan_topology``).
+- ``topology`` (TKD): ``jump_weight`` multiplies w_t and a_t (``jump_target: loss``) or a_t only
+  (``kd``) on the teacher's jump tokens; ``drift_weight`` adds ``drift_weight * 0.5 * sum_t C_t^2``
+  (the drift channel, ``discrepancy.drift_sum``); rows are trained as adaptive windows, in
+  curriculum order (``discrepancy.plan_topology``).
 
 Optimiser: AdamW on the LoRA weights only (``optimizer: paged_adamw_8bit``: bitsandbytes'
 PagedAdamW8bit, CUDA only), cosine schedule with linear warmup down to ``min_learning_rate``, gradient
@@ -74,7 +77,7 @@ from tracegen.distill.data import (
     rows_fingerprint,
     split_indices,
 )
-from tracegen.distill.discrepancy import TopologyPlan, disc_kd, plan_topology
+from tracegen.distill.discrepancy import TopologyPlan, disc_kd, drift_sum, plan_topology, weight_where
 from tracegen.distill.forward import SupervisedLogits, supervised_logits
 from tracegen.distill.lora import is_hybrid, wrap_lora
 from tracegen.distill.losses import (
@@ -103,6 +106,7 @@ TOPOLOGY = "topology.json"
 OPTIONAL_METRICS = (
     "alpha_kd",
     "gap_energy",
+    "drift",
     "jump_fraction",
     "smoothed_fraction",
     "topology_jump_fraction",
@@ -128,6 +132,7 @@ class StepMetrics:
     # Only written when their option is on (OPTIONAL_METRICS):
     alpha_kd: float | None = None  # kd_alpha_ramp: this step's alpha_kd
     gap_energy: float | None = None  # discrepancy: E_disc = 0.5 * mean(D^2) per supervised token
+    drift: float | None = None  # topology with drift_weight: 0.5 * sum(C^2) per supervised token
     jump_fraction: float | None = None  # discrepancy: share of tokens with an amplified KD weight
     smoothed_fraction: float | None = None  # discrepancy: share of tokens with smoothed logits
     topology_jump_fraction: float | None = None  # topology: share of tokens on a teacher jump
@@ -146,6 +151,7 @@ class WindowTotals:
     ce: float = 0.0
     kd: float = 0.0
     energy: float = 0.0
+    drift: float = 0.0
     jumps: int = 0
     smoothed: int = 0
     topology_jumps: int = 0
@@ -318,7 +324,7 @@ def train(
             f"{config.student} ({student_hash})",
             hint="re-run `tracegen format` with the student's tokenizer",
         )
-    split = split_indices(len(rows), config.eval_fraction)
+    split = split_indices(len(rows), config.eval_fraction, config.split_seed, config.split_method)
     if not split.train:
         raise BadInputError(f"{dataset_dir}: no training rows left after the {config.eval_fraction:.0%} eval split")
     # Rows are cut to max_length: when every trained token lies beyond the cut, training would run
@@ -348,6 +354,8 @@ def train(
             )
         ramped = f" (ramped over {list(config.kd_alpha_ramp)} of the steps)" if config.kd_alpha_ramp else ""
         energy_term = f" + {config.discrepancy.gap_energy_weight} * E_disc" if config.discrepancy else ""
+        if config.topology is not None and config.topology.drift_weight > 0:
+            energy_term += f" + {config.topology.drift_weight} * drift"
         say(
             f"KD on: teacher cache {config.teacher_cache} (top-{cache.meta['top_k']}, T={cache.temperature}); "
             f"L = {config.alpha_ce} * CE_weighted + {config.alpha_kd}{ramped} * KD{energy_term}"
@@ -504,7 +512,7 @@ def train(
     def window_loss(window: list[Batch], weight: float, alpha_kd: float) -> WindowTotals:
         """This process's share of the window's sums; ``n`` counts the whole window (every process reads it all)."""
         totals = WindowTotals(n=max(1, sum(b.n_supervised() for b in window)))
-        disc = config.discrepancy
+        disc, topo = config.discrepancy, config.topology
         mine = window[accelerator.process_index :: world]
         for k, batch in enumerate(mine):
             # DDP all-reduces once per step, in the backward of this process's last micro-batch; FSDP
@@ -514,17 +522,22 @@ def train(
                     logits, targets = trained(batch)
                 sel = batch.supervised()
                 weights = token_weights(batch.proof_mask[:, 1:][sel].to(device), weight)
+                counts = batch.counts()
+                jumps = kd_weights = None
+                if plan is not None and topo is not None:
+                    jumps = plan.batch_jumps(batch.rows, counts).to(device)
+                    kd_weights = weight_where(jumps, topo.jump_weight)
+                    if topo.jump_target == "loss":  # the card: the jump token's loss weight, CE included
+                        weights = weights * kd_weights
+                    totals.topology_jumps += int(jumps.sum())
                 ce = weighted_ce_sum(logits, targets, weights)
                 loss = ce if cache is None else config.alpha_ce * ce
                 if cache is not None:
-                    counts = batch.counts()
                     topk = teacher(batch, counts)
-                    kd_weights = None
-                    if plan is not None:
-                        kd_weights = torch.cat(
-                            [plan.kd_weight[i][:c] for i, c in zip(batch.rows, counts, strict=True)]
-                        ).to(device)
-                        totals.topology_jumps += int((kd_weights != 1.0).sum())
+                    if jumps is not None and topo is not None and topo.drift_weight > 0:
+                        drift = drift_sum(logits, topk, counts, jumps)
+                        loss = loss + topo.drift_weight * drift
+                        totals.drift += float(drift.detach())
                     if disc is not None:
                         terms = disc_kd(logits, topk, counts, config.temperature, disc, kd_weights)
                         kd = terms.kd_sum
@@ -545,10 +558,10 @@ def train(
 
     def all_processes(part: WindowTotals) -> WindowTotals:
         """Every process's share of the window added up (for the metrics)."""
-        ce, kd, energy, jumps, smoothed, topology_jumps = _sum_over_processes(
-            accelerator, part.ce, part.kd, part.energy, part.jumps, part.smoothed, part.topology_jumps
+        ce, kd, energy, drift, jumps, smoothed, topology_jumps = _sum_over_processes(
+            accelerator, part.ce, part.kd, part.energy, part.drift, part.jumps, part.smoothed, part.topology_jumps
         )
-        return WindowTotals(part.n, ce, kd, energy, round(jumps), round(smoothed), round(topology_jumps))
+        return WindowTotals(part.n, ce, kd, energy, drift, round(jumps), round(smoothed), round(topology_jumps))
 
     def make_batch(indices: list[int]) -> Batch:
         if config.packing:
@@ -566,6 +579,7 @@ def train(
             t0 = time.perf_counter()
             window = [make_batch(next(batches)) for _ in range(config.grad_accum)]
             weight = proof_weight(step, total, config.proof_weight_start, config.proof_weight_end)
+            weight = weight if config.proof_weighting else 1.0  # plain SFT: every trained token weighs 1
             alpha_kd = kd_alpha(step, total, config.alpha_kd, config.kd_alpha_ramp)
             lr = float(scheduler.get_last_lr()[0])
             sums = all_processes(window_loss(window, weight, alpha_kd))
@@ -586,7 +600,8 @@ def train(
             last_loss = ce
             if cache is not None:
                 gap = config.discrepancy.gap_energy_weight * energy if config.discrepancy is not None else 0.0
-                last_loss = config.alpha_ce * ce + alpha_kd * kd + gap
+                drift = config.topology.drift_weight * sums.drift / n_sup if config.topology is not None else 0.0
+                last_loss = config.alpha_ce * ce + alpha_kd * kd + gap + drift
             metrics = StepMetrics(
                 step=step + 1,
                 total_steps=total,
@@ -609,6 +624,8 @@ def train(
                 metrics.smoothed_fraction = sums.smoothed / n_sup
             if plan is not None:
                 metrics.topology_jump_fraction = sums.topology_jumps / n_sup
+                if config.topology is not None and config.topology.drift_weight > 0:
+                    metrics.drift = sums.drift / n_sup
                 metrics.curriculum_phase = phase_of[window[-1].rows[-1]]
             if split.eval and ((step + 1) % config.eval_every == 0 or step + 1 == total):
                 metrics.eval_loss = evaluate(trained, rows, split.eval, config, pad_id, accelerator)
