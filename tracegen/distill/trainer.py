@@ -19,14 +19,18 @@ Options on the KD term (each off by default; each needs the teacher cache)::
 - ``topology`` (TKD): a_t also carries ``jump_kd_weight`` on the teacher's jump tokens; rows are
   trained as adaptive windows, in curriculum order (``discrepancy.plan_topology``).
 
-Optimiser: AdamW on the LoRA weights only (``optimizer: paged_adamw_8bit``: bitsandbytes'
-PagedAdamW8bit, CUDA only), cosine schedule with linear warmup down to ``min_learning_rate``, gradient
-clipping. bf16 autocast on a GPU that supports it, fp32 otherwise.
+What is trained (``method``): a LoRA adapter on the frozen student, loaded in ``model_dtype`` (the
+adapter in fp32), or every weight of the student (``full``: fp32 weights whatever ``model_dtype``,
+which is then the dtype the model is written in). Optimiser: AdamW on the trained weights
+(``adamw_torch_fused``: torch's fused kernel; ``adamw_8bit`` / ``paged_adamw_8bit``: bitsandbytes',
+CUDA only), cosine schedule with linear warmup down to ``min_learning_rate``, gradient clipping. bf16
+autocast on a GPU that supports it, fp32 otherwise.
 
-Checkpoints (``OUT/checkpoint``, the latest only) hold the adapter, optimizer, scheduler, RNG state and
-step; the data order is a pure function of (seed, epoch) (and, with ``topology``, of the dataset and the
-teacher cache, which the plan is recomputed from), so ``resume=True`` continues exactly where the
-checkpoint left off. Ctrl-C stops cleanly after writing a checkpoint of the last finished step.
+Checkpoints (``OUT/checkpoint``, the latest only) hold the adapter (full: the fp32 model), optimizer,
+scheduler, RNG state and step; the data order is a pure function of (seed, epoch) (and, with
+``topology``, of the dataset and the teacher cache, which the plan is recomputed from), so
+``resume=True`` continues exactly where the checkpoint left off. Ctrl-C stops cleanly after writing a
+checkpoint of the last finished step.
 
 Rows are right-padded, or with ``packing`` laid end to end in one sequence per micro-batch (same
 supervised tokens, same loss; dense models only).
@@ -50,8 +54,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -77,6 +83,7 @@ from tracegen.distill.data import (
     split_indices,
 )
 from tracegen.distill.discrepancy import TopologyPlan, disc_kd, plan_topology
+from tracegen.distill.dtypes import resolve_dtype
 from tracegen.distill.forward import SupervisedLogits, supervised_logits
 from tracegen.distill.lora import is_hybrid, wrap_lora
 from tracegen.distill.losses import (
@@ -87,6 +94,7 @@ from tracegen.distill.losses import (
     token_weights,
     weighted_ce_sum,
 )
+from tracegen.distill.memory import MemoryEstimate, estimate_peak, model_size
 from tracegen.distill.sharding import (
     fsdp_requested,
     full_optimizer_state,
@@ -254,9 +262,9 @@ def _check_options(config: DistillConfig, has_cache: bool, device: torch.device,
             f"distill.{on[0]} works on the KD term and needs a teacher cache",
             hint=f"set teacher_cache (or run the cache_teacher stage), or remove distill.{on[0]}",
         )
-    if config.optimizer == "paged_adamw_8bit" and (device.type != "cuda" or _bitsandbytes() is None):
+    if config.optimizer in EIGHT_BIT and (device.type != "cuda" or _bitsandbytes() is None):
         raise BadInputError(
-            "optimizer paged_adamw_8bit needs a CUDA GPU and bitsandbytes",
+            f"optimizer {config.optimizer} needs a CUDA GPU and bitsandbytes",
             hint="use optimizer: adamw_torch (the smoke block does)",
         )
 
@@ -269,14 +277,23 @@ def _bitsandbytes() -> Any:
     return bitsandbytes
 
 
+EIGHT_BIT = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit"}  # bitsandbytes' classes
+
+
 def _optimizer(config: DistillConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    if config.optimizer == "paged_adamw_8bit":
-        bnb = _bitsandbytes()
-        optimizer: torch.optim.Optimizer = bnb.optim.PagedAdamW8bit(
-            params, lr=config.learning_rate, weight_decay=config.weight_decay
+    """AdamW over ``params``: torch's (fused when asked) with fp32 state, or bitsandbytes' 8-bit ones."""
+    lr, wd = config.learning_rate, config.weight_decay
+    if config.optimizer in EIGHT_BIT:
+        optimizer: torch.optim.Optimizer = getattr(_bitsandbytes().optim, EIGHT_BIT[config.optimizer])(
+            params, lr=lr, weight_decay=wd
         )
         return optimizer
-    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw_torch_fused":
+        try:
+            return torch.optim.AdamW(params, lr=lr, weight_decay=wd, fused=True)
+        except RuntimeError as exc:  # torch names the device or dtype it has no fused kernel for
+            raise BadInputError(f"optimizer adamw_torch_fused: {exc}", hint="use optimizer: adamw_torch") from exc
+    return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
 
 
 @dataclass
@@ -295,6 +312,7 @@ class TrainData:
     total: int  # optimizer steps of the run
     warmup: int
     pad_id: int
+    dtype: torch.dtype  # the student's model_dtype: LoRA loads its base in it, full writes its model in it
     phase_of: dict[int, int] = field(default_factory=dict)  # topology: each piece's curriculum phase (1-based)
 
     @property
@@ -359,7 +377,8 @@ def train(
     resume: bool = False,
     on_step: Callable[[StepMetrics, Any], None] | None = None,
 ) -> TrainSummary:
-    """Train a LoRA adapter on ``dataset_dir`` and save it (PEFT format) to ``out``.
+    """Train a LoRA adapter (PEFT format) or, with ``method: full``, the whole student on ``dataset_dir``;
+    save it to ``out``.
 
     ``on_step(metrics, model)`` runs after every optimizer step (a KeyboardInterrupt raised there stops
     the run cleanly, as Ctrl-C does).
@@ -377,7 +396,10 @@ def train(
     checkpoint = read_checkpoint(out / CHECKPOINT, data.total, sharded) if resume else None
     if resume and checkpoint is None:
         say(f"No checkpoint in {out}: starting from step 0")
-    model = setup_model(config, data, accelerator.device, main=accelerator.is_main_process)
+    if accelerator.is_main_process:
+        _say(expected_memory(config, data, accelerator, sharded, use_bf16).line())
+    resumed_from = out / CHECKPOINT if checkpoint is not None else None
+    model = setup_model(config, data, accelerator.device, main=accelerator.is_main_process, resumed_from=resumed_from)
     state = setup_optimizer(config, data, model, accelerator, sharded, use_bf16, out, started, checkpoint)
     if checkpoint is not None:
         state.say(f"Resuming from {state.checkpoint_dir} at step {state.step}/{data.total}")
@@ -446,8 +468,22 @@ def setup_data(config: DistillConfig, dataset_dir: Path, say: Callable[[str], No
     warmup = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_ratio * total)
     pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     phase_of = {i: k + 1 for k, phase in enumerate(plan.phases) for i in phase} if plan is not None else {}
+    dtype = resolve_dtype(config.model_dtype, student)
     return TrainData(
-        student, tokenizer, student_hash, rows, split, cache, plan, pieces, train_items, total, warmup, pad_id, phase_of
+        student,
+        tokenizer,
+        student_hash,
+        rows,
+        split,
+        cache,
+        plan,
+        pieces,
+        train_items,
+        total,
+        warmup,
+        pad_id,
+        dtype,
+        phase_of,
     )
 
 
@@ -484,12 +520,41 @@ def _open_cache(
 # --- set up: model -----------------------------------------------------------------------------------
 
 
-def setup_model(config: DistillConfig, data: TrainData, device: torch.device, *, main: bool) -> Any:
-    """The student with a fresh LoRA adapter, on ``device`` (a checkpoint's weights are loaded later)."""
+def expected_memory(
+    config: DistillConfig, data: TrainData, accelerator: Any, sharded: bool, use_bf16: bool
+) -> MemoryEstimate:
+    """The estimate for this run's longest micro-batch, from the student's config (its weights are not read)."""
+    from transformers import AutoConfig
+
+    rows = [data.pieces[i] for i in data.train_items]
+    longest = max(min(len(r.input_ids), config.max_length) for r in rows)
+    most = max(sum(label != -100 for label in r.labels[1 : config.max_length]) for r in rows)
+    seq_len = longest * config.batch_size if config.packing else longest
+    return estimate_peak(
+        model_size(AutoConfig.from_pretrained(data.student), config),
+        config,
+        weight_bytes=data.dtype.itemsize,
+        seq_len=seq_len,
+        batch_rows=1 if config.packing else config.batch_size,
+        supervised=most * config.batch_size,
+        device_type=torch.device(accelerator.device).type,
+        processes=accelerator.num_processes,
+        sharded=sharded,
+        bf16_compute=use_bf16,
+    )
+
+
+def setup_model(
+    config: DistillConfig, data: TrainData, device: torch.device, *, main: bool, resumed_from: Path | None
+) -> Any:
+    """The student on ``device``: with a fresh LoRA adapter (whose checkpointed weights are loaded later), or
+    (full) the whole model in fp32, from ``resumed_from`` when resuming."""
     from transformers import AutoModelForCausalLM
 
     student = data.student
-    base: Any = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
+    full = config.method == "full"
+    source = str(resumed_from) if full and resumed_from is not None else student
+    base: Any = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32 if full else data.dtype)
     if getattr(base.config, "quantization_config", None) is not None:
         raise BadInputError(f"{student} is quantized; train on a full-precision base")
     if config.packing and is_hybrid(base.config):
@@ -501,7 +566,13 @@ def setup_model(config: DistillConfig, data: TrainData, device: torch.device, *,
     if config.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.config.use_cache = False
-    model: Any = wrap_lora(base, config.lora, announce=main)
+    if full:
+        model: Any = base.requires_grad_(True)
+        if main:
+            weights = sum(p.numel() for p in model.parameters())
+            _say(f"full: every weight of {base.config.model_type} trained, {weights:,} parameters in fp32")
+    else:
+        model = wrap_lora(base, config.lora, announce=main)
     model.to(device)
     return model
 
@@ -540,7 +611,7 @@ def setup_optimizer(
     from safetensors.torch import load_file
 
     device, world = accelerator.device, accelerator.num_processes
-    if checkpoint is not None:  # before sharding: the saved tensors are whole
+    if checkpoint is not None and config.method == "lora":  # before sharding: the saved tensors are whole
         set_peft_model_state_dict(model, load_file(str(out / CHECKPOINT / "adapter_model.safetensors")))
     if sharded:
         trained, units = shard(_SupervisedForward(model, device), model)
@@ -551,7 +622,7 @@ def setup_optimizer(
         optimizer = _optimizer(config, params)
     else:
         params = [p for p in model.parameters() if p.requires_grad]
-        # DDP wraps in place: ``model`` stays the trained PEFT model (to load and save).
+        # DDP wraps in place: ``model`` stays the trained (PEFT) model (to load and save).
         trained, optimizer = accelerator.prepare(_SupervisedForward(model, device), _optimizer(config, params))
         if isinstance(trained, torch.nn.parallel.DistributedDataParallel):
             # The buffers (rotary tables) are constants. Syncing them would put a collective in forward
@@ -605,8 +676,8 @@ def write_run_files(state: TrainState, dataset_dir: Path) -> None:
     processes = f", {state.world} processes{' (FSDP)' if state.sharded else ''}" if state.world > 1 else ""
     state.say(
         f"distill: {len(data.split.train)} train / {len(data.split.eval)} eval rows, {data.total} steps of "
-        f"{config.grad_accum} x {config.batch_size} sequences, {'bf16' if state.use_bf16 else 'fp32'} on "
-        f"{state.device}{processes}"
+        f"{config.grad_accum} x {config.batch_size} sequences, {'LoRA' if config.method == 'lora' else 'full'}, "
+        f"{'bf16' if state.use_bf16 else 'fp32'} on {state.device}{processes}"
     )
 
 
@@ -814,16 +885,50 @@ def _all_processes(accelerator: Any, part: WindowTotals) -> WindowTotals:
 
 
 def save_model(state: TrainState, folder: Path) -> None:
-    """The adapter as PEFT saves it, from process 0 (every process takes part under FSDP)."""
+    """The adapter as PEFT saves it, or (full) the model in ``model_dtype``, from process 0 (every process
+    takes part under FSDP)."""
     whole = full_trainable_state(state.trained) if state.sharded else None
     if not state.main:
         return
-    kwargs = {"state_dict": whole} if whole is not None else {}
     if folder == state.out:  # beside the metrics and config; the checkpoint is removed only after this
-        state.model.save_pretrained(str(folder), **kwargs)
+        _write_model(state, folder, whole)
     else:
         with staged_dir(folder) as tmp:  # replaced whole: an interrupted save keeps the previous best
-            state.model.save_pretrained(str(tmp), **kwargs)
+            _write_model(state, tmp, whole)
+
+
+def _write_model(state: TrainState, folder: Path, whole: dict[str, torch.Tensor] | None) -> None:
+    if state.config.method == "lora":
+        state.model.save_pretrained(str(folder), **({"state_dict": whole} if whole is not None else {}))
+        return
+    # Written beside and then renamed over: a merged folder may hold hard links to these files.
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".model-") as tmp:
+        save_full_model(state.model, Path(tmp), state.data.dtype, whole)
+        for path in Path(tmp).iterdir():
+            os.replace(path, folder / path.name)
+
+
+def save_full_model(
+    model: Any, folder: Path, dtype: torch.dtype, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
+    """``model`` (or ``state_dict`` for it) saved as a transformers folder whose weights and config are in ``dtype``.
+
+    Tied weights stay one tensor (cast once), so the folder holds them once as ``save_pretrained`` would.
+    """
+    weights = state_dict if state_dict is not None else model.state_dict()
+    cast: dict[tuple[int, int], torch.Tensor] = {}  # by storage: tied weights are one tensor
+    converted = {
+        name: cast.setdefault((int(t.untyped_storage().data_ptr()), int(t.storage_offset())), t.detach().to(dtype))
+        if t.is_floating_point()
+        else t
+        for name, t in weights.items()
+    }
+    model.save_pretrained(str(folder), state_dict=converted)
+    # save_pretrained names the dtype of the model in memory (fp32); the files hold ``dtype``.
+    config_path = folder / "config.json"
+    saved = json.loads(config_path.read_text(encoding="utf-8"))
+    saved["dtype"] = str(dtype).removeprefix("torch.")
+    write_json_atomic(config_path, saved)
 
 
 def save_checkpoint(state: TrainState) -> None:
@@ -849,7 +954,7 @@ def save_checkpoint(state: TrainState) -> None:
 
 
 def save_final(state: TrainState) -> None:
-    """The trained adapter and the tokenizer in ``OUT``; the checkpoint is removed once they are written."""
+    """The trained adapter (full: model) and the tokenizer in ``OUT``; then the checkpoint is removed."""
     save_model(state, state.out)
     if state.main:
         state.data.tokenizer.save_pretrained(str(state.out))
@@ -900,8 +1005,8 @@ def _save_checkpoint(
 ) -> None:
     """Write to a temporary folder, then swap it in: a crash leaves the old checkpoint or the new one.
 
-    ``adapter`` is the gathered LoRA state under FSDP (None: the model's own), ``optimizer_state`` the
-    optimizer's (gathered and keyed by names under FSDP).
+    ``adapter`` is the gathered trained state under FSDP (None: the model's own), ``optimizer_state``
+    the optimizer's (gathered and keyed by names under FSDP). Full training saves the whole model, in fp32.
     """
     with staged_dir(path) as tmp:
         model.save_pretrained(str(tmp), **({"state_dict": adapter} if adapter is not None else {}))
