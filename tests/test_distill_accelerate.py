@@ -35,6 +35,7 @@ STEPS = 4
 RECIPE = """\
 distill:
   student: {student}
+  method: {method}
   teacher_cache: {cache}
   lora: {{r: 8, alpha: 16, dropout: 0.0}}
   batch_size: 2
@@ -96,8 +97,9 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     dataset = write_dataset(root / "dataset", student, n=12)
     build_cache(dataset, str(teacher), root / "cache", top_k=8, temperature=2.0)
     for grad_accum in (3, 2, 1):
-        recipe = RECIPE.format(student=student, cache=root / "cache", grad_accum=grad_accum, steps=STEPS)
+        recipe = RECIPE.format(student=student, cache=root / "cache", grad_accum=grad_accum, steps=STEPS, method="lora")
         (root / f"recipe-{grad_accum}.yaml").write_text(recipe)
+        (root / f"recipe-full-{grad_accum}.yaml").write_text(recipe.replace("method: lora", "method: full"))
     (root / "accelerate.yaml").write_text(ACCELERATE_CONFIG)
     (root / "fsdp.yaml").write_text(FSDP_CONFIG)
     reference = root / "one-process"
@@ -113,7 +115,7 @@ def launch(assets: dict[str, Path], *command: str, config: str = "accelerate.yam
         [sys.executable, "-m", "accelerate.commands.launch", *args, *command],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,  # a loaded 2-core machine: the FSDP launch has taken over 120 s
         cwd=ROOT,
         env=env,
     )
@@ -131,8 +133,10 @@ def assert_same_run(reference: Path, out: Path) -> None:
         assert (b["supervised_tokens"], b["tokens"], b["lr"]) == (a["supervised_tokens"], a["tokens"], a["lr"])
         for key in ("loss", "ce", "kd", "grad_norm", *(["eval_loss"] if a["eval_loss"] is not None else [])):
             assert b[key] == pytest.approx(a[key], rel=1e-5), (b["step"], key)
-    wa = load_file(str(reference / "adapter_model.safetensors"))
-    wb = load_file(str(out / "adapter_model.safetensors"))
+    weights = (
+        "adapter_model.safetensors" if (reference / "adapter_model.safetensors").is_file() else "model.safetensors"
+    )
+    wa, wb = load_file(str(reference / weights)), load_file(str(out / weights))
     assert wa.keys() == wb.keys()
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
@@ -225,3 +229,20 @@ def test_fsdp_refuses_a_window_the_processes_cannot_share_evenly(assets: dict[st
     assert result.returncode != 0
     assert "under FSDP, grad_accum 3 must be a multiple of the 2 processes" in result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("launcher", "grad_accum"), [("accelerate.yaml", 3), ("fsdp.yaml", 2)], ids=["ddp", "fsdp"])
+def test_full_training_on_two_processes_trains_the_steps_of_one(
+    assets: dict[str, Path], launcher: str, grad_accum: int
+) -> None:
+    recipe = assets["root"] / f"recipe-full-{grad_accum}.yaml"
+    reference = assets["root"] / f"one-process-full-{grad_accum}"
+    if not reference.exists():
+        train(load_recipe(recipe).distill, assets["dataset"], reference)
+    out = assets["root"] / f"two-processes-full-{launcher}"
+    command = ("-m", "tracegen.cli", "distill", str(assets["dataset"]), "--out", str(out), "--recipe", str(recipe))
+    result = launch(assets, *command, config=launcher)
+    assert result.returncode == 0, result.stderr
+    assert "full, fp32" in result.stderr and "2 processes" in result.stderr
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    assert_same_run(reference, out)

@@ -16,6 +16,7 @@ RECIPES = ROOT / "recipes"
 
 # The published cards' settings, as the issue's table gives them (dotted paths into the recipe).
 STEM_COMMON: dict[str, Any] = {
+    "distill.method": "full",  # the cards are full-parameter fine-tunes
     "format.template": "proof",
     "format.import_format": "cot",
     "format.max_length": 1024,
@@ -66,6 +67,7 @@ CARDS: dict[str, dict[str, Any]] = {
         "stage2.data": "Alignment-Lab-AI/Lawyer-Instruct",
         "stage2.format.template": "instruct",
         "stage2.format.max_length": 1024,
+        "stage2.distill.method": "full",
         "stage2.distill.epochs": 1,
         "stage2.distill.batch_size": 2,
         "stage2.distill.grad_accum": 4,
@@ -77,6 +79,7 @@ CARDS: dict[str, dict[str, Any]] = {
         "stage2.distill.eval_every": 200,
     },
     "topological-qwen-dualmind.yaml": {
+        "distill.method": "full",
         "format.template": "dualmind",
         "format.examine": "teacher",
         "cache_teacher.teacher": "Qwen/Qwen3-30B-A3B-Thinking-2507",
@@ -111,6 +114,8 @@ CARDS: dict[str, dict[str, Any]] = {
         "filter.verifiers": ["tests", "judge"],
         "format.template": "chat",
         "distill.student": "Qwen/Qwen3.6-27B",
+        "distill.method": "lora",
+        "distill.model_dtype": "bf16",  # the card's bf16 base on one 96 GB GPU
         "distill.lora.r": 64,
         "distill.lora.alpha": 128,
         "distill.lora.dropout": 0.05,
@@ -148,6 +153,8 @@ CARDS: dict[str, dict[str, Any]] = {
         "filter.replay.reject": "material",
         "format.template": "chat",
         "format.train_observations": "none",
+        "distill.method": "lora",
+        "distill.model_dtype": "bf16",
         "distill.lora.target_modules": "all-linear",
         "distill.warmup_ratio": 0.03,
         "distill.optimizer": "paged_adamw_8bit",

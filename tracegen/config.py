@@ -326,11 +326,22 @@ class TopologySettings(Strict):
 
 
 class DistillConfig(Strict):
-    """`tracegen distill`: LoRA training on a formatted dataset's trained tokens (weighted CE + KD)."""
+    """`tracegen distill`: LoRA or full training on a formatted dataset's trained tokens (weighted CE + KD)."""
 
     student: str | None = Field(None, description="Student model: local folder or Hub id.")
     teacher_cache: str | None = Field(
         None, description="Teacher top-k cache folder (from `tracegen distill cache-teacher`); none = CE only."
+    )
+    method: Literal["lora", "full"] = Field(
+        "lora",
+        description="lora: train a LoRA adapter on the frozen student; full: train every weight of the student (the "
+        "output is the model itself: merge only links it). Same losses, resume and launchers either way.",
+    )
+    model_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="dtype the student (and cache-teacher's teacher) is loaded in; auto: the checkpoint's own. LoRA "
+        "weights and all optimizer state stay fp32; full training keeps fp32 weights (bf16 compute by precision) "
+        "and writes the model in this dtype; merge writes the base's.",
     )
     lora: LoraSettings = Field(default_factory=LoraSettings)
     proof_weighting: bool = Field(
@@ -385,9 +396,10 @@ class DistillConfig(Strict):
         description="Progress line every N optimizer steps.",
         json_schema_extra=HOW,
     )
-    optimizer: Literal["adamw_torch", "paged_adamw_8bit"] = Field(
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit"] = Field(
         "adamw_torch",
-        description="adamw_torch, or paged_adamw_8bit (bitsandbytes' PagedAdamW8bit: a CUDA GPU and bitsandbytes).",
+        description="adamw_torch; adamw_torch_fused (torch's fused kernel, where torch has one for the device); "
+        "adamw_8bit / paged_adamw_8bit (bitsandbytes' AdamW8bit / PagedAdamW8bit: a CUDA GPU and bitsandbytes).",
     )
     kd_alpha_ramp: tuple[float, float] | None = Field(
         None,

@@ -6,8 +6,8 @@ Stages and where they write (inside WORK_DIR)::
     filter         filter/            kept.jsonl / rejected.jsonl / report.json (tracegen filter)
     format         dataset/           kept (or collected, or imported ``run.data``) -> training rows
     cache_teacher  teacher-cache/     teacher top-k log-probs for KD (tracegen distill cache-teacher)
-    distill        adapter/           LoRA adapter (tracegen distill)
-    merge          merged/            adapter folded into the student (tracegen distill merge)
+    distill        adapter/           LoRA adapter, or the full model (tracegen distill)
+    merge          merged/            adapter folded into the student; a full model linked (tracegen distill merge)
     stage2_format  stage2-dataset/    ``stage2.data`` in ``stage2.format``'s template
     stage2_distill stage2-adapter/    second training stage on merged/
     stage2_merge   stage2-merged/
@@ -161,7 +161,13 @@ class Pipeline:
             "collect": r.collect,
             "filter": r.filter,
             "format": [_format_settings(r.format), r.run.data, *([r.data] if r.data.sources else [])],
-            "cache_teacher": [r.cache_teacher, r.distill.top_k, r.distill.temperature, r.distill.max_length],
+            "cache_teacher": [
+                r.cache_teacher,
+                r.distill.top_k,
+                r.distill.temperature,
+                r.distill.max_length,
+                r.distill.model_dtype,
+            ],
             "distill": r.distill,
             "merge": r.run.merge_best,
             "stage2_format": r.stage2 and [_format_settings(r.stage2.format), r.stage2.data],
@@ -290,6 +296,7 @@ class Pipeline:
             temperature=d.temperature,
             batch_size=c.batch_size,
             max_length=d.max_length,
+            dtype=d.model_dtype,
         )
         return {"tokens": summary.tokens, "top_k": summary.top_k, "mean_topk_mass_t": summary.mean_topk_mass_t}
 
@@ -340,7 +347,8 @@ class Pipeline:
         from tracegen.distill.merge import merge_adapter
 
         best = adapter / "best"
-        chosen = best if self.recipe.run.merge_best and (best / "adapter_config.json").is_file() else adapter
+        saved = (best / "adapter_config.json").is_file() or (best / "config.json").is_file()  # LoRA or full
+        chosen = best if self.recipe.run.merge_best and saved else adapter
         merge_adapter(chosen, out)
         return {"adapter": str(chosen)}
 

@@ -18,10 +18,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 from typer.core import TyperGroup
+
+if TYPE_CHECKING:
+    from tracegen.distill.dtypes import DtypeName
 
 
 class _DefaultTrainGroup(TyperGroup):
@@ -70,9 +73,16 @@ def train_command(
         bool | None,
         typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory."),
     ] = None,
+    method: Annotated[
+        str | None, typer.Option(help="lora (default: an adapter on the frozen student) or full (every weight).")
+    ] = None,
+    model_dtype: Annotated[
+        str | None, typer.Option(help="Student dtype: auto (the checkpoint's, default), bf16, fp16 or fp32.")
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint if there is one.")] = False,
 ) -> None:
-    """Train a LoRA adapter on the trained tokens of DATASET_DIR (proof-weighted CE, plus KD with a teacher cache)."""
+    """Train a LoRA adapter (or, with --method full, the whole student) on the trained tokens of DATASET_DIR
+    (proof-weighted CE, plus KD with a teacher cache)."""
     from tracegen.config import DistillConfig
     from tracegen.recipe import apply_overrides, load_recipe
 
@@ -89,6 +99,8 @@ def train_command(
         "max_length": max_length,
         "seed": seed,
         "gradient_checkpointing": gradient_checkpointing,
+        "method": method,
+        "model_dtype": model_dtype,
     }
     if any(v is not None for v in lora.values()):
         overrides["lora"] = lora
@@ -126,6 +138,9 @@ def cache_teacher_command(
     temperature: Annotated[float, typer.Option(help="KD temperature the logsumexp is stored for.")] = 2.0,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 4,
     max_length: Annotated[int, typer.Option(help="Cut sequences to this many tokens (>= training's).")] = 4096,
+    dtype: Annotated[
+        str, typer.Option(help="Teacher dtype: auto (its checkpoint's), bf16, fp16 or fp32 (distill.model_dtype).")
+    ] = "auto",
 ) -> None:
     """Per supervised token, top-k ids + fp16 log-probs + logsumexp: from one forward pass of a local
     teacher, or from the top log-probs an API teacher returned during collect."""
@@ -146,8 +161,17 @@ def cache_teacher_command(
     from tracegen.distill.cache import build_cache
 
     assert teacher is not None
+    if dtype not in ("auto", "bf16", "fp16", "fp32"):
+        raise BadInputError(f"--dtype {dtype}: not a model dtype", hint="use auto, bf16, fp16 or fp32")
     summary = build_cache(
-        dataset_dir, teacher, out, top_k=top_k, temperature=temperature, batch_size=batch_size, max_length=max_length
+        dataset_dir,
+        teacher,
+        out,
+        top_k=top_k,
+        temperature=temperature,
+        batch_size=batch_size,
+        max_length=max_length,
+        dtype=cast("DtypeName", dtype),
     )
     _print(asdict(summary))
 
@@ -155,12 +179,13 @@ def cache_teacher_command(
 @distill_app.command("merge")
 def merge_command(
     adapter_dir: Annotated[Path, typer.Argument(help="A `tracegen distill` output folder.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Merged model folder (plain transformers).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Merged model folder (plain transformers, base's dtype).")],
     base: Annotated[
         str | None, typer.Option(help="Base model (default: the adapter's base_model_name_or_path).")
     ] = None,
 ) -> None:
-    """Fold the adapter into its full-precision base; the merged logits equal base+adapter."""
+    """Fold the adapter into its full-precision base (written in the base's dtype); the merged logits equal
+    base+adapter. A full-training output is already the model: its files are linked into OUT."""
     from tracegen.distill.merge import merge_adapter
 
     _print(asdict(merge_adapter(adapter_dir, out, base)))

@@ -2,7 +2,7 @@
 
 Layout of a cache folder::
 
-    cache.json                 teacher, vocabulary hash, k, T, dataset fingerprint, rows, shards
+    cache.json                 teacher and its dtype, vocabulary hash, k, T, dataset fingerprint, rows, shards
     offsets.npy                int64 [rows + 1]: row r owns cache entries offsets[r]:offsets[r+1]
     shard-00000.ids.npy        int32   [n, k]  top-k token ids (by teacher logit)
     shard-00000.logprobs.npy   float16 [n, k]  their log-softmax at T=1
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from tracegen.distill.data import collate, load_rows, rows_fingerprint
+from tracegen.distill.dtypes import DtypeName, resolve_dtype
 from tracegen.distill.forward import supervised_logits
 from tracegen.distill.losses import TeacherTopK, topk_from_logits
 from tracegen.distill.vocab import vocab_hash
@@ -61,14 +62,17 @@ def build_cache(
     batch_size: int = 4,
     max_length: int = 4096,
     shard_tokens: int = 1 << 20,
+    dtype: DtypeName = "auto",
 ) -> CacheSummary:
-    """Run ``teacher`` once over the dataset's supervised positions and write the cache to ``out``."""
+    """Run ``teacher``, loaded in ``dtype`` (auto: its checkpoint's), once over the dataset's supervised positions
+    and write the cache to ``out``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
     rows = load_rows(dataset_dir)
     tokenizer = AutoTokenizer.from_pretrained(teacher)
-    model: Any = AutoModelForCausalLM.from_pretrained(teacher)  # transformers' types are partial
+    weights_dtype = resolve_dtype(dtype, teacher)
+    model: Any = AutoModelForCausalLM.from_pretrained(teacher, dtype=weights_dtype)  # transformers' types are partial
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     vocab = int(model.get_output_embeddings().weight.shape[0])
@@ -101,6 +105,7 @@ def build_cache(
     tokens = writer.tokens
     meta = {
         "teacher": teacher,
+        "teacher_dtype": str(weights_dtype).removeprefix("torch."),
         "vocab_hash": vocab_hash(tokenizer),
         "vocab_size": vocab,
         "top_k": top_k,

@@ -1,18 +1,25 @@
 """Folding a LoRA adapter into its base model: ``tracegen distill merge ADAPTER_DIR --out MODEL_DIR``.
 
-The base is the adapter's ``base_model_name_or_path`` (or ``base``), loaded in full precision;
+The base is the adapter's ``base_model_name_or_path`` (or ``base``), loaded in fp32 for the merge;
 merging into a quantized base is refused (the rounding would change the model). The merged folder is
-a plain transformers model whose logits equal base+adapter up to float rounding; the tokenizer saved
-with the adapter is copied next to it.
+a plain transformers model in the base's own dtype (bf16 for a bf16 base), whose logits equal
+base+adapter up to that dtype's rounding; the tokenizer saved with the adapter is copied next to it.
+
+A full-parameter output (``distill.method: full``) is already the model: merging it links its files
+into ``MODEL_DIR`` (hard links where the filesystem allows, else copies), so pipelines treat both
+methods alike.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tracegen.distill.dtypes import checkpoint_dtype
 from tracegen.distill.lora import peft_warnings_silenced
 from tracegen.errors import BadInputError
 from tracegen.store import staged_dir
@@ -31,6 +38,9 @@ def merge_adapter(adapter_dir: Path, out: Path, base: str | None = None) -> Merg
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config_path = adapter_dir / "adapter_config.json"
+    if not config_path.is_file() and is_full_model(adapter_dir):
+        link_model(adapter_dir, out)
+        return MergeSummary(adapter_dir, str(adapter_dir), out)
     if not config_path.is_file():
         raise BadInputError(f"{adapter_dir}: no adapter_config.json", hint="point at a `tracegen distill` output")
     base_name = base or json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
@@ -41,8 +51,25 @@ def merge_adapter(adapter_dir: Path, out: Path, base: str | None = None) -> Merg
     model: Any = AutoModelForCausalLM.from_pretrained(base_name, dtype=torch.float32)
     with peft_warnings_silenced():
         merged: Any = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    merged.to(checkpoint_dtype(base_name))  # merged in fp32, written in the base's dtype
     tok_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else Path(base_name)
     with staged_dir(out) as tmp:  # an interrupted merge leaves no half-written model under OUT
         merged.save_pretrained(str(tmp))
         AutoTokenizer.from_pretrained(str(tok_source)).save_pretrained(str(tmp))
     return MergeSummary(adapter_dir, str(base_name), out)
+
+
+def is_full_model(folder: Path) -> bool:
+    """True for a ``distill.method: full`` output (or its ``best/``): a model folder, not an adapter."""
+    return (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file()
+
+
+def link_model(folder: Path, out: Path) -> None:
+    """The model files of ``folder`` (not its checkpoint or best model) in ``out``: hard links, else copies."""
+    with staged_dir(out) as tmp:
+        for path in sorted(folder.iterdir()):
+            if path.is_file():
+                try:
+                    os.link(path, tmp / path.name)
+                except OSError:  # another filesystem, or links not allowed
+                    shutil.copy2(path, tmp / path.name)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 PREFIX = "lm."
-"""Where ``_SupervisedForward`` keeps the PEFT model: names below the root start with it."""
+"""Where ``_SupervisedForward`` keeps the trained model: names below the root start with it."""
 
 
 def fsdp_requested(accelerator: Any) -> bool:
@@ -39,7 +39,8 @@ def shard(root: torch.nn.Module, model: Any) -> tuple[Any, int]:
     """
     from torch.distributed.fsdp import fully_shard
 
-    layer_types = set(getattr(model.get_base_model(), "_no_split_modules", None) or [])
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT (LoRA) or plain (full)
+    layer_types = set(getattr(base, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in layer_types]
     if not layers:
         raise ValueError(f"no decoder layers ({sorted(layer_types) or 'no _no_split_modules'}) to shard")
@@ -49,7 +50,7 @@ def shard(root: torch.nn.Module, model: Any) -> tuple[Any, int]:
 
 
 def full_trainable_state(root: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The trained (LoRA) tensors, whole, under the PEFT model's own state-dict names (a collective)."""
+    """The trained tensors (LoRA's, or every weight), whole, under the model's own state-dict names (a collective)."""
     out = {}
     for name, param in root.named_parameters():
         if param.requires_grad:

@@ -22,14 +22,18 @@ Options on the KD term (each off by default; each needs the teacher cache)::
   (the drift channel, ``discrepancy.drift_sum``); rows are trained as adaptive windows, in
   curriculum order (``discrepancy.plan_topology``).
 
-Optimiser: AdamW on the LoRA weights only (``optimizer: paged_adamw_8bit``: bitsandbytes'
-PagedAdamW8bit, CUDA only), cosine schedule with linear warmup down to ``min_learning_rate``, gradient
-clipping. bf16 autocast on a GPU that supports it, fp32 otherwise.
+What is trained (``method``): a LoRA adapter on the frozen student, loaded in ``model_dtype`` (the
+adapter in fp32), or every weight of the student (``full``: fp32 weights whatever ``model_dtype``,
+which is then the dtype the model is written in). Optimiser: AdamW on the trained weights
+(``adamw_torch_fused``: torch's fused kernel; ``adamw_8bit`` / ``paged_adamw_8bit``: bitsandbytes',
+CUDA only), cosine schedule with linear warmup down to ``min_learning_rate``, gradient clipping. bf16
+autocast on a GPU that supports it, fp32 otherwise.
 
-Checkpoints (``OUT/checkpoint``, the latest only) hold the adapter, optimizer, scheduler, RNG state and
-step; the data order is a pure function of (seed, epoch) (and, with ``topology``, of the dataset and the
-teacher cache, which the plan is recomputed from), so ``resume=True`` continues exactly where the
-checkpoint left off. Ctrl-C stops cleanly after writing a checkpoint of the last finished step.
+Checkpoints (``OUT/checkpoint``, the latest only) hold the adapter (full: the fp32 model), optimizer,
+scheduler, RNG state and step; the data order is a pure function of (seed, epoch) (and, with
+``topology``, of the dataset and the teacher cache, which the plan is recomputed from), so
+``resume=True`` continues exactly where the checkpoint left off. Ctrl-C stops cleanly after writing a
+checkpoint of the last finished step.
 
 Rows are right-padded, or with ``packing`` laid end to end in one sequence per micro-batch (same
 supervised tokens, same loss; dense models only).
@@ -53,14 +57,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -68,6 +74,8 @@ from tracegen.config import DistillConfig
 from tracegen.distill.cache import TeacherCache
 from tracegen.distill.data import (
     Batch,
+    Row,
+    Split,
     collate,
     collate_packed,
     curriculum_batches,
@@ -78,6 +86,7 @@ from tracegen.distill.data import (
     split_indices,
 )
 from tracegen.distill.discrepancy import TopologyPlan, disc_kd, drift_sum, plan_topology, weight_where
+from tracegen.distill.dtypes import resolve_dtype
 from tracegen.distill.forward import SupervisedLogits, supervised_logits
 from tracegen.distill.lora import is_hybrid, wrap_lora
 from tracegen.distill.losses import (
@@ -88,6 +97,7 @@ from tracegen.distill.losses import (
     token_weights,
     weighted_ce_sum,
 )
+from tracegen.distill.memory import MemoryEstimate, estimate_peak, model_size
 from tracegen.distill.sharding import (
     fsdp_requested,
     full_optimizer_state,
@@ -234,6 +244,10 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _silent(message: str) -> None:
+    """What processes other than process 0 print: nothing."""
+
+
 def _check_options(config: DistillConfig, has_cache: bool, device: torch.device, processes: int, sharded: bool) -> None:
     """Refuse option combinations that cannot run, before any model is loaded."""
     if config.grad_accum < processes:
@@ -254,9 +268,9 @@ def _check_options(config: DistillConfig, has_cache: bool, device: torch.device,
             f"distill.{on[0]} works on the KD term and needs a teacher cache",
             hint=f"set teacher_cache (or run the cache_teacher stage), or remove distill.{on[0]}",
         )
-    if config.optimizer == "paged_adamw_8bit" and (device.type != "cuda" or _bitsandbytes() is None):
+    if config.optimizer in EIGHT_BIT and (device.type != "cuda" or _bitsandbytes() is None):
         raise BadInputError(
-            "optimizer paged_adamw_8bit needs a CUDA GPU and bitsandbytes",
+            f"optimizer {config.optimizer} needs a CUDA GPU and bitsandbytes",
             hint="use optimizer: adamw_torch (the smoke block does)",
         )
 
@@ -269,14 +283,96 @@ def _bitsandbytes() -> Any:
     return bitsandbytes
 
 
+EIGHT_BIT = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit"}  # bitsandbytes' classes
+
+
 def _optimizer(config: DistillConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    if config.optimizer == "paged_adamw_8bit":
-        bnb = _bitsandbytes()
-        optimizer: torch.optim.Optimizer = bnb.optim.PagedAdamW8bit(
-            params, lr=config.learning_rate, weight_decay=config.weight_decay
+    """AdamW over ``params``: torch's (fused when asked) with fp32 state, or bitsandbytes' 8-bit ones."""
+    lr, wd = config.learning_rate, config.weight_decay
+    if config.optimizer in EIGHT_BIT:
+        optimizer: torch.optim.Optimizer = getattr(_bitsandbytes().optim, EIGHT_BIT[config.optimizer])(
+            params, lr=lr, weight_decay=wd
         )
         return optimizer
-    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw_torch_fused":
+        try:
+            return torch.optim.AdamW(params, lr=lr, weight_decay=wd, fused=True)
+        except RuntimeError as exc:  # torch names the device or dtype it has no fused kernel for
+            raise BadInputError(f"optimizer adamw_torch_fused: {exc}", hint="use optimizer: adamw_torch") from exc
+    return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+
+
+@dataclass
+class TrainData:
+    """What the data phase decides, before any model is loaded."""
+
+    student: str  # a local folder (resolved) or a Hub id
+    tokenizer: Any
+    vocab_hash: str
+    rows: list[Row]
+    split: Split
+    cache: TeacherCache | None
+    plan: TopologyPlan | None  # topology: the windows trained instead of the rows
+    pieces: list[Row]  # what the micro-batches index: the rows, or the plan's windows
+    train_items: list[int]
+    total: int  # optimizer steps of the run
+    warmup: int
+    pad_id: int
+    dtype: torch.dtype  # the student's model_dtype: LoRA loads its base in it, full writes its model in it
+    phase_of: dict[int, int] = field(default_factory=dict)  # topology: each piece's curriculum phase (1-based)
+
+    @property
+    def mode(self) -> Literal["kd", "ce"]:
+        return "kd" if self.cache is not None else "ce"
+
+
+@dataclass
+class TrainState:
+    """Everything the phases share: the set-up phases fill it, :func:`train_step` advances it.
+
+    ``model`` is what is loaded and saved (the PEFT model); ``trained`` is what the loop calls (the
+    supervised forward around it, DDP-wrapped or FSDP-sharded). ``rng`` is the CPU random state after
+    the last completed step, which a checkpoint stores so a resumed run draws the same dropout masks.
+    """
+
+    config: DistillConfig
+    out: Path
+    accelerator: Any
+    sharded: bool
+    use_bf16: bool
+    data: TrainData
+    model: Any
+    trained: Any
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    started: float
+    step: int = 0  # optimizer steps completed
+    best_eval: float | None = None
+    rng: torch.Tensor = field(default_factory=torch.get_rng_state)
+    tokens: int = 0
+    last_loss: float = float("nan")
+    batches: Iterator[list[int]] = field(default_factory=lambda: iter(()))
+
+    @property
+    def main(self) -> bool:
+        return bool(self.accelerator.is_main_process)
+
+    @property
+    def world(self) -> int:
+        return int(self.accelerator.num_processes)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.accelerator.device)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out / CHECKPOINT
+
+    def say(self, message: str) -> None:
+        if self.main:
+            _say(message)
 
 
 def train(
@@ -287,35 +383,61 @@ def train(
     resume: bool = False,
     on_step: Callable[[StepMetrics, Any], None] | None = None,
 ) -> TrainSummary:
-    """Train a LoRA adapter on ``dataset_dir`` and save it (PEFT format) to ``out``.
+    """Train a LoRA adapter (PEFT format) or, with ``method: full``, the whole student on ``dataset_dir``;
+    save it to ``out``.
 
     ``on_step(metrics, model)`` runs after every optimizer step (a KeyboardInterrupt raised there stops
     the run cleanly, as Ctrl-C does).
     """
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     started = time.perf_counter()
-    # --- setup ---------------------------------------------------------------------------------
     if not config.student:
         raise BadInputError("no student model", hint="pass --student MODEL (a local folder or Hub id)")
-    student = str(Path(config.student).resolve()) if Path(config.student).exists() else config.student
     torch.manual_seed(config.seed)
     accelerator = _accelerator()
-    device, world, main = accelerator.device, accelerator.num_processes, accelerator.is_main_process
     sharded = fsdp_requested(accelerator)
-    use_bf16 = _use_bf16(config, device)
-    _check_options(config, bool(config.teacher_cache), device, world, sharded)
+    use_bf16 = _use_bf16(config, accelerator.device)
+    _check_options(config, bool(config.teacher_cache), accelerator.device, accelerator.num_processes, sharded)
+    say = _say if accelerator.is_main_process else _silent
+    data = setup_data(config, dataset_dir, say)
+    checkpoint = read_checkpoint(out / CHECKPOINT, data.total, sharded) if resume else None
+    if resume and checkpoint is None:
+        say(f"No checkpoint in {out}: starting from step 0")
+    if accelerator.is_main_process:
+        _say(expected_memory(config, data, accelerator, sharded, use_bf16).line())
+    resumed_from = out / CHECKPOINT if checkpoint is not None else None
+    model = setup_model(config, data, accelerator.device, main=accelerator.is_main_process, resumed_from=resumed_from)
+    state = setup_optimizer(config, data, model, accelerator, sharded, use_bf16, out, started, checkpoint)
+    if checkpoint is not None:
+        state.say(f"Resuming from {state.checkpoint_dir} at step {state.step}/{data.total}")
+    write_run_files(state, dataset_dir)
+    state.batches = batch_stream(config, data, state.step)
+    interrupted = run_steps(state, on_step)
+    if not interrupted:
+        save_final(state)
+    return TrainSummary(
+        out=out,
+        mode=data.mode,
+        steps=state.step,
+        total_steps=data.total,
+        final_loss=state.last_loss,
+        best_eval_loss=state.best_eval,
+        tokens=state.tokens,
+        seconds=time.perf_counter() - started,
+        interrupted=interrupted,
+    )
 
-    def say(message: str) -> None:
-        if main:
-            _say(message)
 
+# --- set up: data ------------------------------------------------------------------------------------
+
+
+def setup_data(config: DistillConfig, dataset_dir: Path, say: Callable[[str], None]) -> TrainData:
+    """Rows, split, teacher cache and (topology) plan, checked against the student's vocabulary."""
+    from transformers import AutoTokenizer
+
+    assert config.student
+    student = str(Path(config.student).resolve()) if Path(config.student).exists() else config.student
     tokenizer = AutoTokenizer.from_pretrained(student)
     student_hash = vocab_hash(tokenizer)
-
-    # --- data ----------------------------------------------------------------------------------
     rows = load_rows(dataset_dir)
     data_hash = dataset_vocab_hash(dataset_dir)
     if data_hash is not None and data_hash != student_hash:
@@ -334,35 +456,9 @@ def train(
             f"{dataset_dir}: no trained token within the first {config.max_length} tokens of any training row",
             hint="raise max_length (rows are cut there), or check the dataset with `tracegen audit`",
         )
-    cache: TeacherCache | None = None
-    if config.teacher_cache:
-        cache = TeacherCache(Path(config.teacher_cache))
-        if cache.vocab_hash != student_hash:
-            raise BadInputError(
-                f"KD refused: teacher {cache.meta.get('teacher')} and student {config.student} have different "
-                f"vocabularies (hash {cache.vocab_hash} vs {student_hash})",
-                hint="use a teacher with the student's tokenizer, or drop the teacher cache to train on CE only",
-            )
-        if cache.meta.get("dataset_fingerprint") != rows_fingerprint(rows):
-            raise BadInputError(
-                f"{config.teacher_cache}: the teacher cache was built from a different dataset than {dataset_dir}"
-            )
-        if abs(cache.temperature - config.temperature) > 1e-9:
-            raise BadInputError(
-                f"temperature {config.temperature} differs from the cache's {cache.temperature}",
-                hint="rebuild the cache with --temperature, or set temperature to the cache's",
-            )
-        ramped = f" (ramped over {list(config.kd_alpha_ramp)} of the steps)" if config.kd_alpha_ramp else ""
-        energy_term = f" + {config.discrepancy.gap_energy_weight} * E_disc" if config.discrepancy else ""
-        if config.topology is not None and config.topology.drift_weight > 0:
-            energy_term += f" + {config.topology.drift_weight} * drift"
-        say(
-            f"KD on: teacher cache {config.teacher_cache} (top-{cache.meta['top_k']}, T={cache.temperature}); "
-            f"L = {config.alpha_ce} * CE_weighted + {config.alpha_kd}{ramped} * KD{energy_term}"
-        )
-    else:
+    cache = _open_cache(config, dataset_dir, rows, student_hash, say) if config.teacher_cache else None
+    if cache is None:
         say("No teacher cache: sequence-level distillation (CE on the teacher's tokens only, no KD).")
-    mode: Literal["kd", "ce"] = "kd" if cache else "ce"
     # What is trained: the training rows, or (topology) their windows in curriculum phases.
     plan: TopologyPlan | None = None
     pieces, train_items = rows, split.train
@@ -376,9 +472,97 @@ def train(
     micro_per_epoch = math.ceil(len(train_items) / config.batch_size)
     total = config.max_steps or max(1, math.ceil(config.epochs * micro_per_epoch / config.grad_accum))
     warmup = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_ratio * total)
+    pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    phase_of = {i: k + 1 for k, phase in enumerate(plan.phases) for i in phase} if plan is not None else {}
+    dtype = resolve_dtype(config.model_dtype, student)
+    return TrainData(
+        student,
+        tokenizer,
+        student_hash,
+        rows,
+        split,
+        cache,
+        plan,
+        pieces,
+        train_items,
+        total,
+        warmup,
+        pad_id,
+        dtype,
+        phase_of,
+    )
 
-    # --- model ---------------------------------------------------------------------------------
-    base: Any = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
+
+def _open_cache(
+    config: DistillConfig, dataset_dir: Path, rows: list[Row], student_hash: str, say: Callable[[str], None]
+) -> TeacherCache:
+    """The teacher cache, refused unless it matches the student's vocabulary, the dataset and T."""
+    assert config.teacher_cache
+    cache = TeacherCache(Path(config.teacher_cache))
+    if cache.vocab_hash != student_hash:
+        raise BadInputError(
+            f"KD refused: teacher {cache.meta.get('teacher')} and student {config.student} have different "
+            f"vocabularies (hash {cache.vocab_hash} vs {student_hash})",
+            hint="use a teacher with the student's tokenizer, or drop the teacher cache to train on CE only",
+        )
+    if cache.meta.get("dataset_fingerprint") != rows_fingerprint(rows):
+        raise BadInputError(
+            f"{config.teacher_cache}: the teacher cache was built from a different dataset than {dataset_dir}"
+        )
+    if abs(cache.temperature - config.temperature) > 1e-9:
+        raise BadInputError(
+            f"temperature {config.temperature} differs from the cache's {cache.temperature}",
+            hint="rebuild the cache with --temperature, or set temperature to the cache's",
+        )
+    ramped = f" (ramped over {list(config.kd_alpha_ramp)} of the steps)" if config.kd_alpha_ramp else ""
+    energy_term = f" + {config.discrepancy.gap_energy_weight} * E_disc" if config.discrepancy else ""
+    if config.topology is not None and config.topology.drift_weight > 0:
+        energy_term += f" + {config.topology.drift_weight} * drift"
+    say(
+        f"KD on: teacher cache {config.teacher_cache} (top-{cache.meta['top_k']}, T={cache.temperature}); "
+        f"L = {config.alpha_ce} * CE_weighted + {config.alpha_kd}{ramped} * KD{energy_term}"
+    )
+    return cache
+
+
+# --- set up: model -----------------------------------------------------------------------------------
+
+
+def expected_memory(
+    config: DistillConfig, data: TrainData, accelerator: Any, sharded: bool, use_bf16: bool
+) -> MemoryEstimate:
+    """The estimate for this run's longest micro-batch, from the student's config (its weights are not read)."""
+    from transformers import AutoConfig
+
+    rows = [data.pieces[i] for i in data.train_items]
+    longest = max(min(len(r.input_ids), config.max_length) for r in rows)
+    most = max(sum(label != -100 for label in r.labels[1 : config.max_length]) for r in rows)
+    seq_len = longest * config.batch_size if config.packing else longest
+    return estimate_peak(
+        model_size(AutoConfig.from_pretrained(data.student), config),
+        config,
+        weight_bytes=data.dtype.itemsize,
+        seq_len=seq_len,
+        batch_rows=1 if config.packing else config.batch_size,
+        supervised=most * config.batch_size,
+        device_type=torch.device(accelerator.device).type,
+        processes=accelerator.num_processes,
+        sharded=sharded,
+        bf16_compute=use_bf16,
+    )
+
+
+def setup_model(
+    config: DistillConfig, data: TrainData, device: torch.device, *, main: bool, resumed_from: Path | None
+) -> Any:
+    """The student on ``device``: with a fresh LoRA adapter (whose checkpointed weights are loaded later), or
+    (full) the whole model in fp32, from ``resumed_from`` when resuming."""
+    from transformers import AutoModelForCausalLM
+
+    student = data.student
+    full = config.method == "full"
+    source = str(resumed_from) if full and resumed_from is not None else student
+    base: Any = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32 if full else data.dtype)
     if getattr(base.config, "quantization_config", None) is not None:
         raise BadInputError(f"{student} is quantized; train on a full-precision base")
     if config.packing and is_hybrid(base.config):
@@ -390,284 +574,410 @@ def train(
     if config.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.config.use_cache = False
-    model: Any = wrap_lora(base, config.lora, announce=main)
+    if full:
+        model: Any = base.requires_grad_(True)
+        if main:
+            weights = sum(p.numel() for p in model.parameters())
+            _say(f"full: every weight of {base.config.model_type} trained, {weights:,} parameters in fp32")
+    else:
+        model = wrap_lora(base, config.lora, announce=main)
     model.to(device)
+    return model
 
-    start_step = 0
-    best_eval: float | None = None
-    ckpt = out / CHECKPOINT
-    state: dict[str, Any] | None = None
-    if resume and (ckpt / "trainer_state.pt").is_file():
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-        if state["total_steps"] != total:
-            raise BadInputError(f"{ckpt}: checkpoint was for {state['total_steps']} steps, this run has {total}")
-        if bool(state.get("sharded")) != sharded:
-            raise BadInputError(
-                f"{ckpt}: checkpoint was written by a{'n FSDP' if state.get('sharded') else ' non-FSDP'} run",
-                hint="resume with the same kind of launch (with or without --use_fsdp)",
-            )
-        set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))  # before sharding
+
+# --- set up: optimizer (and a checkpoint's state) -----------------------------------------------------
+
+
+def read_checkpoint(ckpt: Path, total: int, sharded: bool) -> dict[str, Any] | None:
+    """The trainer state of the checkpoint in ``ckpt`` (None: there is none), refused if it does not fit."""
+    if not (ckpt / "trainer_state.pt").is_file():
+        return None
+    state: dict[str, Any] = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    if state["total_steps"] != total:
+        raise BadInputError(f"{ckpt}: checkpoint was for {state['total_steps']} steps, this run has {total}")
+    if bool(state.get("sharded")) != sharded:
+        raise BadInputError(
+            f"{ckpt}: checkpoint was written by a{'n FSDP' if state.get('sharded') else ' non-FSDP'} run",
+            hint="resume with the same kind of launch (with or without --use_fsdp)",
+        )
+    return state
+
+
+def setup_optimizer(
+    config: DistillConfig,
+    data: TrainData,
+    model: Any,
+    accelerator: Any,
+    sharded: bool,
+    use_bf16: bool,
+    out: Path,
+    started: float,
+    checkpoint: dict[str, Any] | None,
+) -> TrainState:
+    """Wrap the model for the processes (DDP or FSDP), build optimizer and schedule, restore a checkpoint."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    device, world = accelerator.device, accelerator.num_processes
+    if checkpoint is not None and config.method == "lora":  # before sharding: the saved tensors are whole
+        set_peft_model_state_dict(model, load_file(str(out / CHECKPOINT / "adapter_model.safetensors")))
     if sharded:
         trained, units = shard(_SupervisedForward(model, device), model)
-        local = sum(p.to_local().numel() for p in trained.parameters())
-        say(f"FSDP: {units} decoder layers and the root sharded over {world} processes ({local:,} weights here)")
+        if accelerator.is_main_process:
+            local = sum(p.to_local().numel() for p in trained.parameters())
+            _say(f"FSDP: {units} decoder layers and the root sharded over {world} processes ({local:,} weights here)")
         params = [p for p in trained.parameters() if p.requires_grad]
         optimizer = _optimizer(config, params)
     else:
         params = [p for p in model.parameters() if p.requires_grad]
-        # DDP wraps in place: ``model`` stays the trained PEFT model (to load and save).
+        # DDP wraps in place: ``model`` stays the trained (PEFT) model (to load and save).
         trained, optimizer = accelerator.prepare(_SupervisedForward(model, device), _optimizer(config, params))
         if isinstance(trained, torch.nn.parallel.DistributedDataParallel):
             # The buffers (rotary tables) are constants. Syncing them would put a collective in forward
             # calls, which evaluation runs a different number of times on each process.
             trained.broadcast_buffers = False
     # Not prepared: accelerate would step it once per process, as if each process ran its own steps.
+    total, warmup, peak = data.total, data.warmup, config.learning_rate
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: lr_at(s, total, warmup, config.learning_rate, config.min_learning_rate) / config.learning_rate,
+        optimizer, lambda s: lr_at(s, total, warmup, peak, config.min_learning_rate) / peak
     )
-    pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-    if state is not None:
+    state = TrainState(
+        config, out, accelerator, sharded, use_bf16, data, model, trained, params, optimizer, scheduler, started
+    )
+    if checkpoint is not None:
         if sharded:
-            load_optimizer_state(trained, optimizer, state["optimizer"])
+            load_optimizer_state(trained, optimizer, checkpoint["optimizer"])
         else:
-            optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        start_step, best_eval = int(state["step"]), state["best_eval"]
-        say(f"Resuming from {ckpt} at step {start_step}/{total}")
-    elif resume:
-        say(f"No checkpoint in {out}: starting from step 0")
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        torch.set_rng_state(checkpoint["rng"])
+        state.step, state.best_eval = int(checkpoint["step"]), checkpoint["best_eval"]
+    state.rng = torch.get_rng_state()
+    return state
 
-    def save_adapter(folder: Path) -> None:
-        """The adapter as PEFT saves it, from process 0 (every process takes part under FSDP)."""
-        whole = full_trainable_state(trained) if sharded else None
-        if not main:
-            return
-        kwargs = {"state_dict": whole} if whole is not None else {}
-        if folder == out:  # beside the metrics and config; the checkpoint is removed only after this
-            model.save_pretrained(str(out), **kwargs)
-        else:
-            with staged_dir(folder) as tmp:  # replaced whole: an interrupted save keeps the previous best
-                model.save_pretrained(str(tmp), **kwargs)
 
-    def checkpoint(step: int, rng: torch.Tensor) -> None:
-        optimizer_state = full_optimizer_state(trained, optimizer) if sharded else optimizer.state_dict()
-        adapter = full_trainable_state(trained) if sharded else None
-        if main:
-            _save_checkpoint(model, adapter, optimizer_state, scheduler, rng, step, total, best_eval, sharded, ckpt)
-
-    metrics_path = out / METRICS
-    if main:
+def write_run_files(state: TrainState, dataset_dir: Path) -> None:
+    """metrics.jsonl cut back to the resumed step, distill_config.json, topology.json; the run's line."""
+    config, data, out = state.config, state.data, state.out
+    if state.main:
         out.mkdir(parents=True, exist_ok=True)
-        kept = [ln for ln in _read_lines(metrics_path) if json.loads(ln)["step"] <= start_step] if start_step else []
+        metrics_path = out / METRICS
+        kept = [ln for ln in _read_lines(metrics_path) if json.loads(ln)["step"] <= state.step] if state.step else []
         metrics_path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
         write_json_atomic(
             out / "distill_config.json",
             {
                 "config": config.model_dump(mode="json"),
-                "student": student,
+                "student": data.student,
                 "dataset": str(dataset_dir),
-                "mode": mode,
-                "total_steps": total,
-                "warmup_steps": warmup,
-                "train_rows": len(split.train),
-                "eval_rows": len(split.eval),
-                "vocab_hash": student_hash,
-                **({"train_windows": len(plan.pieces)} if plan is not None else {}),
+                "mode": data.mode,
+                "total_steps": data.total,
+                "warmup_steps": data.warmup,
+                "train_rows": len(data.split.train),
+                "eval_rows": len(data.split.eval),
+                "vocab_hash": data.vocab_hash,
+                **({"train_windows": len(data.plan.pieces)} if data.plan is not None else {}),
             },
         )
-        if plan is not None:
-            write_json_atomic(out / TOPOLOGY, plan.summary())
-    processes = f", {world} processes{' (FSDP)' if sharded else ''}" if world > 1 else ""
-    say(
-        f"distill: {len(split.train)} train / {len(split.eval)} eval rows, {total} steps of "
-        f"{config.grad_accum} x {config.batch_size} sequences, {'bf16' if use_bf16 else 'fp32'} on {device}"
-        f"{processes}"
+        if data.plan is not None:
+            write_json_atomic(out / TOPOLOGY, data.plan.summary())
+    processes = f", {state.world} processes{' (FSDP)' if state.sharded else ''}" if state.world > 1 else ""
+    state.say(
+        f"distill: {len(data.split.train)} train / {len(data.split.eval)} eval rows, {data.total} steps of "
+        f"{config.grad_accum} x {config.batch_size} sequences, {'LoRA' if config.method == 'lora' else 'full'}, "
+        f"{'bf16' if state.use_bf16 else 'fp32'} on {state.device}{processes}"
     )
 
-    # --- loop ----------------------------------------------------------------------------------
+
+def batch_stream(config: DistillConfig, data: TrainData, start_step: int) -> Iterator[list[int]]:
+    """Micro-batches (indices into ``data.pieces``) from optimizer step ``start_step`` on, epoch after epoch."""
+
     def stream() -> Iterator[list[int]]:
         epoch = 0
         while True:
-            if plan is not None:
-                yield from curriculum_batches(plan.phases, config.batch_size, config.seed, epoch)
+            if data.plan is not None:
+                yield from curriculum_batches(data.plan.phases, config.batch_size, config.seed, epoch)
             else:
-                yield from micro_batches(train_items, config.batch_size, config.seed, epoch)
+                yield from micro_batches(data.train_items, config.batch_size, config.seed, epoch)
             epoch += 1
 
     batches = stream()
     for _ in range(start_step * config.grad_accum):  # the data position of the checkpoint
         next(batches)
+    return batches
 
-    phase_of = {i: k + 1 for k, phase in enumerate(plan.phases) for i in phase} if plan is not None else {}
 
-    def teacher(batch: Batch, counts: list[int]) -> TeacherTopK:
-        assert cache is not None
-        if plan is None:
-            return cache.batch(batch.rows, counts, device)
-        rows_of = [plan.windows[i].row for i in batch.rows]
-        return cache.batch(rows_of, counts, device, [plan.cache_skip[i] for i in batch.rows])
+# --- the loop -----------------------------------------------------------------------------------------
 
-    def window_loss(window: list[Batch], weight: float, alpha_kd: float) -> WindowTotals:
-        """This process's share of the window's sums; ``n`` counts the whole window (every process reads it all)."""
-        totals = WindowTotals(n=max(1, sum(b.n_supervised() for b in window)))
-        disc, topo = config.discrepancy, config.topology
-        mine = window[accelerator.process_index :: world]
-        for k, batch in enumerate(mine):
-            # DDP all-reduces once per step, in the backward of this process's last micro-batch; FSDP
-            # reduce-scatters every backward into the sharded gradients.
-            with nullcontext() if sharded or k == len(mine) - 1 else accelerator.no_sync(trained):
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    logits, targets = trained(batch)
-                sel = batch.supervised()
-                weights = token_weights(batch.proof_mask[:, 1:][sel].to(device), weight)
-                counts = batch.counts()
-                jumps = kd_weights = None
-                if plan is not None and topo is not None:
-                    jumps = plan.batch_jumps(batch.rows, counts).to(device)
-                    kd_weights = weight_where(jumps, topo.jump_weight)
-                    if topo.jump_target == "loss":  # the card: the jump token's loss weight, CE included
-                        weights = weights * kd_weights
-                    totals.topology_jumps += int(jumps.sum())
-                ce = weighted_ce_sum(logits, targets, weights)
-                loss = ce if cache is None else config.alpha_ce * ce
-                if cache is not None:
-                    topk = teacher(batch, counts)
-                    if jumps is not None and topo is not None and topo.drift_weight > 0:
-                        drift = drift_sum(logits, topk, counts, jumps)
-                        loss = loss + topo.drift_weight * drift
-                        totals.drift += float(drift.detach())
-                    if disc is not None:
-                        terms = disc_kd(logits, topk, counts, config.temperature, disc, kd_weights)
-                        kd = terms.kd_sum
-                        loss = loss + disc.gap_energy_weight * terms.energy_sum
-                        totals.energy += float(terms.energy_sum.detach())
-                        totals.jumps += terms.jumps
-                        totals.smoothed += terms.smoothed
-                    else:
-                        per_token = sparse_kd_per_token(logits, topk, config.temperature)
-                        kd = (per_token if kd_weights is None else per_token * kd_weights).sum()
-                    loss = loss + alpha_kd * kd
-                    totals.kd += float(kd.detach())
-                # DDP averages the processes' gradients, and each process's loss is its share of the
-                # window's sum: scaling by the process count turns that average back into the sum.
-                accelerator.backward(loss / (totals.n / world))
-            totals.ce += float(ce.detach())
-        return totals
 
-    def all_processes(part: WindowTotals) -> WindowTotals:
-        """Every process's share of the window added up (for the metrics)."""
-        ce, kd, energy, drift, jumps, smoothed, topology_jumps = _sum_over_processes(
-            accelerator, part.ce, part.kd, part.energy, part.drift, part.jumps, part.smoothed, part.topology_jumps
-        )
-        return WindowTotals(part.n, ce, kd, energy, drift, round(jumps), round(smoothed), round(topology_jumps))
-
-    def make_batch(indices: list[int]) -> Batch:
-        if config.packing:
-            return collate_packed(pieces, indices, config.max_length)
-        return collate(pieces, indices, config.max_length, pad_id)
-
-    trained.train()
-    last_loss = float("nan")
-    rng_after_step = torch.get_rng_state()
-    tokens_total = 0
-    completed = start_step
-    interrupted = False
+def run_steps(state: TrainState, on_step: Callable[[StepMetrics, Any], None] | None) -> bool:
+    """Train from ``state.step`` to the last step; True when interrupted (Ctrl-C, or ``on_step`` raising it)."""
+    config, total = state.config, state.data.total
+    state.trained.train()
     try:
-        for step in range(start_step, total):
-            t0 = time.perf_counter()
-            window = [make_batch(next(batches)) for _ in range(config.grad_accum)]
-            weight = proof_weight(step, total, config.proof_weight_start, config.proof_weight_end)
-            weight = weight if config.proof_weighting else 1.0  # plain SFT: every trained token weighs 1
-            alpha_kd = kd_alpha(step, total, config.alpha_kd, config.kd_alpha_ramp)
-            lr = float(scheduler.get_last_lr()[0])
-            sums = all_processes(window_loss(window, weight, alpha_kd))
-            n_sup = sums.n
-            ce, kd, energy = sums.ce / n_sup, sums.kd / n_sup, sums.energy / n_sup
-            if sharded:
-                grad_norm = total_grad_norm(params, config.max_grad_norm)
-            else:
-                grad_norm = float(accelerator.clip_grad_norm_(params, config.max_grad_norm))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            rng_after_step = torch.get_rng_state()
-            completed = step + 1
-            tokens = sum(int(b.attention_mask.sum()) for b in window)
-            tokens_total += tokens
-            dt = time.perf_counter() - t0
-            last_loss = ce
-            if cache is not None:
-                gap = config.discrepancy.gap_energy_weight * energy if config.discrepancy is not None else 0.0
-                drift = config.topology.drift_weight * sums.drift / n_sup if config.topology is not None else 0.0
-                last_loss = config.alpha_ce * ce + alpha_kd * kd + gap + drift
-            metrics = StepMetrics(
-                step=step + 1,
-                total_steps=total,
-                loss=last_loss,
-                ce=ce,
-                kd=kd,
-                proof_weight=weight,
-                lr=lr,
-                grad_norm=grad_norm,
-                supervised_tokens=n_sup,
-                tokens=tokens,
-                tokens_per_s=tokens / dt if dt > 0 else 0.0,
-                elapsed_s=time.perf_counter() - started,
-            )
-            if config.kd_alpha_ramp is not None:
-                metrics.alpha_kd = alpha_kd
-            if config.discrepancy is not None:
-                metrics.gap_energy = energy
-                metrics.jump_fraction = sums.jumps / n_sup
-                metrics.smoothed_fraction = sums.smoothed / n_sup
-            if plan is not None:
-                metrics.topology_jump_fraction = sums.topology_jumps / n_sup
-                if config.topology is not None and config.topology.drift_weight > 0:
-                    metrics.drift = sums.drift / n_sup
-                metrics.curriculum_phase = phase_of[window[-1].rows[-1]]
-            if split.eval and ((step + 1) % config.eval_every == 0 or step + 1 == total):
-                metrics.eval_loss = evaluate(trained, rows, split.eval, config, pad_id, accelerator)
-                if best_eval is None or metrics.eval_loss < best_eval:
-                    best_eval = metrics.eval_loss
-                    save_adapter(out / "best")
-            if main:
-                with metrics_path.open("a", encoding="utf-8") as f:
+        while state.step < total:
+            metrics = train_step(state)
+            step = state.step
+            if state.data.split.eval and (step % config.eval_every == 0 or step == total):
+                metrics.eval_loss = evaluate(
+                    state.trained, state.data.rows, state.data.split.eval, config, state.data.pad_id, state.accelerator
+                )
+                if state.best_eval is None or metrics.eval_loss < state.best_eval:
+                    state.best_eval = metrics.eval_loss
+                    save_model(state, state.out / "best")
+            if state.main:
+                with (state.out / METRICS).open("a", encoding="utf-8") as f:
                     f.write(json.dumps(metrics.record()) + "\n")
-                if (step + 1) % config.log_every == 0 or step + 1 == total:
-                    _progress(metrics, cache is not None)
-            if (step + 1) % config.save_every == 0 and step + 1 < total:
-                checkpoint(step + 1, rng_after_step)
+                if step % config.log_every == 0 or step == total:
+                    _progress(metrics, state.data.cache is not None)
+            if step % config.save_every == 0 and step < total:
+                save_checkpoint(state)
             if on_step is not None:
-                on_step(metrics, model)
+                on_step(metrics, state.model)
     except KeyboardInterrupt:
-        interrupted = True
-        optimizer.zero_grad(set_to_none=True)  # a half-accumulated window is dropped and redone on resume
-        if sharded:  # writing one gathers from every process, which may have stopped at other points
-            say(f"Interrupted after step {completed}/{total}: the last periodic checkpoint in {ckpt} is kept.")
-        else:  # no collective in checkpoint() here: the processes may have been interrupted at different points
-            checkpoint(completed, rng_after_step)
-            say(f"Interrupted after step {completed}/{total}: checkpoint in {ckpt}; re-run with --resume to continue.")
+        state.optimizer.zero_grad(set_to_none=True)  # a half-accumulated window is dropped and redone on resume
+        where = f"Interrupted after step {state.step}/{total}"
+        if state.sharded:  # writing one gathers from every process, which may have stopped at other points
+            state.say(f"{where}: the last periodic checkpoint in {state.checkpoint_dir} is kept.")
+        else:  # no collective in save_checkpoint() here: the processes may have been interrupted at different points
+            save_checkpoint(state)
+            state.say(f"{where}: checkpoint in {state.checkpoint_dir}; re-run with --resume to continue.")
+        return True
+    return False
 
-    # --- save ----------------------------------------------------------------------------------
-    if not interrupted:
-        save_adapter(out)
-        if main:
-            tokenizer.save_pretrained(str(out))
-            shutil.rmtree(ckpt, ignore_errors=True)
-        accelerator.wait_for_everyone()  # every process returns once the adapter is written
-    return TrainSummary(
-        out=out,
-        mode=mode,
-        steps=completed,
+
+def train_step(state: TrainState) -> StepMetrics:
+    """One optimizer step over the next window of ``grad_accum`` micro-batches; ``state.step`` moves on by one."""
+    config, data, step, total = state.config, state.data, state.step, state.data.total
+    t0 = time.perf_counter()
+    window = [_make_batch(config, data, next(state.batches)) for _ in range(config.grad_accum)]
+    weight = proof_weight(step, total, config.proof_weight_start, config.proof_weight_end)
+    weight = weight if config.proof_weighting else 1.0  # plain SFT: every trained token weighs 1
+    alpha_kd = kd_alpha(step, total, config.alpha_kd, config.kd_alpha_ramp)
+    lr = float(state.scheduler.get_last_lr()[0])
+    sums = _all_processes(state.accelerator, window_loss(state, window, weight, alpha_kd))
+    n_sup = sums.n
+    ce, kd, energy = sums.ce / n_sup, sums.kd / n_sup, sums.energy / n_sup
+    if state.sharded:
+        grad_norm = total_grad_norm(state.params, config.max_grad_norm)
+    else:
+        grad_norm = float(state.accelerator.clip_grad_norm_(state.params, config.max_grad_norm))
+    state.optimizer.step()
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.rng = torch.get_rng_state()
+    state.step = step + 1
+    tokens = sum(int(b.attention_mask.sum()) for b in window)
+    state.tokens += tokens
+    dt = time.perf_counter() - t0
+    state.last_loss = ce
+    if data.cache is not None:
+        gap = config.discrepancy.gap_energy_weight * energy if config.discrepancy is not None else 0.0
+        drift = config.topology.drift_weight * sums.drift / n_sup if config.topology is not None else 0.0
+        state.last_loss = config.alpha_ce * ce + alpha_kd * kd + gap + drift
+    metrics = StepMetrics(
+        step=step + 1,
         total_steps=total,
-        final_loss=last_loss,
-        best_eval_loss=best_eval,
-        tokens=tokens_total,
-        seconds=time.perf_counter() - started,
-        interrupted=interrupted,
+        loss=state.last_loss,
+        ce=ce,
+        kd=kd,
+        proof_weight=weight,
+        lr=lr,
+        grad_norm=grad_norm,
+        supervised_tokens=n_sup,
+        tokens=tokens,
+        tokens_per_s=tokens / dt if dt > 0 else 0.0,
+        elapsed_s=time.perf_counter() - state.started,
     )
+    if config.kd_alpha_ramp is not None:
+        metrics.alpha_kd = alpha_kd
+    if config.discrepancy is not None:
+        metrics.gap_energy = energy
+        metrics.jump_fraction = sums.jumps / n_sup
+        metrics.smoothed_fraction = sums.smoothed / n_sup
+    if data.plan is not None:
+        metrics.topology_jump_fraction = sums.topology_jumps / n_sup
+        if config.topology is not None and config.topology.drift_weight > 0:
+            metrics.drift = sums.drift / n_sup
+        metrics.curriculum_phase = data.phase_of[window[-1].rows[-1]]
+    return metrics
+
+
+def _make_batch(config: DistillConfig, data: TrainData, indices: list[int]) -> Batch:
+    if config.packing:
+        return collate_packed(data.pieces, indices, config.max_length)
+    return collate(data.pieces, indices, config.max_length, data.pad_id)
+
+
+def window_loss(state: TrainState, window: list[Batch], weight: float, alpha_kd: float) -> WindowTotals:
+    """Forward and backward of this process's share of the window; its sums, ``n`` counting the whole window.
+
+    Every process reads the whole window and trains micro-batches ``rank, rank + world, ...`` of it.
+    """
+    config, data, accelerator, device, world = state.config, state.data, state.accelerator, state.device, state.world
+    totals = WindowTotals(n=max(1, sum(b.n_supervised() for b in window)))
+    mine = window[accelerator.process_index :: world]
+    for k, batch in enumerate(mine):
+        # DDP all-reduces once per step, in the backward of this process's last micro-batch; FSDP
+        # reduce-scatters every backward into the sharded gradients.
+        with nullcontext() if state.sharded or k == len(mine) - 1 else accelerator.no_sync(state.trained):
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=state.use_bf16):
+                logits, targets = state.trained(batch)
+            sel = batch.supervised()
+            weights = token_weights(batch.proof_mask[:, 1:][sel].to(device), weight)
+            counts = batch.counts()
+            jumps = kd_weights = None
+            topo = config.topology
+            if data.plan is not None and topo is not None:
+                jumps = data.plan.batch_jumps(batch.rows, counts).to(device)
+                kd_weights = weight_where(jumps, topo.jump_weight)
+                if topo.jump_target == "loss":  # the card: the jump token's loss weight, CE included
+                    weights = weights * kd_weights
+                totals.topology_jumps += int(jumps.sum())
+            ce = weighted_ce_sum(logits, targets, weights)
+            loss = ce if data.cache is None else config.alpha_ce * ce
+            if data.cache is not None:
+                topk = _teacher(data, batch, counts, device)
+                if jumps is not None and topo is not None and topo.drift_weight > 0:
+                    drift = drift_sum(logits, topk, counts, jumps)
+                    loss = loss + topo.drift_weight * drift
+                    totals.drift += float(drift.detach())
+                term = kd_term(logits, topk, counts, config, kd_weights)
+                if term.energy is not None:
+                    assert config.discrepancy is not None
+                    loss = loss + config.discrepancy.gap_energy_weight * term.energy
+                    totals.energy += float(term.energy.detach())
+                    totals.jumps += term.jumps
+                    totals.smoothed += term.smoothed
+                loss = loss + alpha_kd * term.kd
+                totals.kd += float(term.kd.detach())
+            # DDP averages the processes' gradients, and each process's loss is its share of the
+            # window's sum: scaling by the process count turns that average back into the sum.
+            accelerator.backward(loss / (totals.n / world))
+        totals.ce += float(ce.detach())
+    return totals
+
+
+def _teacher(data: TrainData, batch: Batch, counts: list[int], device: torch.device) -> TeacherTopK:
+    """The cached teacher top-k of the batch's supervised tokens (topology: of their windows' rows)."""
+    assert data.cache is not None
+    plan = data.plan
+    if plan is None:
+        return data.cache.batch(batch.rows, counts, device)
+    rows_of = [plan.windows[i].row for i in batch.rows]
+    return data.cache.batch(rows_of, counts, device, [plan.cache_skip[i] for i in batch.rows])
+
+
+class KdTerm(NamedTuple):
+    kd: torch.Tensor  # sum_t a_t * KD_t over the micro-batch's supervised tokens
+    energy: torch.Tensor | None  # DISC: 0.5 * sum_t D_t^2, differentiable (None without DISC)
+    jumps: int = 0  # DISC: tokens whose KD weight was amplified
+    smoothed: int = 0  # DISC: tokens whose logits were smoothed
+
+
+def kd_term(
+    logits: torch.Tensor,
+    topk: TeacherTopK,
+    counts: list[int],
+    config: DistillConfig,
+    kd_weights: torch.Tensor | None = None,
+) -> KdTerm:
+    """The KD term of one micro-batch, for every variant: plain top-k KD, with TKD's per-token
+    ``kd_weights``, or DISC's (jump weights, smoothed logits and gap energy, times ``kd_weights``)."""
+    if config.discrepancy is not None:
+        terms = disc_kd(logits, topk, counts, config.temperature, config.discrepancy, kd_weights)
+        return KdTerm(terms.kd_sum, terms.energy_sum, terms.jumps, terms.smoothed)
+    per_token = sparse_kd_per_token(logits, topk, config.temperature)
+    return KdTerm((per_token if kd_weights is None else per_token * kd_weights).sum(), None)
+
+
+def _all_processes(accelerator: Any, part: WindowTotals) -> WindowTotals:
+    """Every process's share of the window added up (for the metrics)."""
+    ce, kd, energy, drift, jumps, smoothed, topology_jumps = _sum_over_processes(
+        accelerator, part.ce, part.kd, part.energy, part.drift, part.jumps, part.smoothed, part.topology_jumps
+    )
+    return WindowTotals(part.n, ce, kd, energy, drift, round(jumps), round(smoothed), round(topology_jumps))
+
+
+# --- checkpoint and save ------------------------------------------------------------------------------
+
+
+def save_model(state: TrainState, folder: Path) -> None:
+    """The adapter as PEFT saves it, or (full) the model in ``model_dtype``, from process 0 (every process
+    takes part under FSDP)."""
+    whole = full_trainable_state(state.trained) if state.sharded else None
+    if not state.main:
+        return
+    if folder == state.out:  # beside the metrics and config; the checkpoint is removed only after this
+        _write_model(state, folder, whole)
+    else:
+        with staged_dir(folder) as tmp:  # replaced whole: an interrupted save keeps the previous best
+            _write_model(state, tmp, whole)
+
+
+def _write_model(state: TrainState, folder: Path, whole: dict[str, torch.Tensor] | None) -> None:
+    if state.config.method == "lora":
+        state.model.save_pretrained(str(folder), **({"state_dict": whole} if whole is not None else {}))
+        return
+    # Written beside and then renamed over: a merged folder may hold hard links to these files.
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".model-") as tmp:
+        save_full_model(state.model, Path(tmp), state.data.dtype, whole)
+        for path in Path(tmp).iterdir():
+            os.replace(path, folder / path.name)
+
+
+def save_full_model(
+    model: Any, folder: Path, dtype: torch.dtype, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
+    """``model`` (or ``state_dict`` for it) saved as a transformers folder whose weights and config are in ``dtype``.
+
+    Tied weights stay one tensor (cast once), so the folder holds them once as ``save_pretrained`` would.
+    """
+    weights = state_dict if state_dict is not None else model.state_dict()
+    cast: dict[tuple[int, int], torch.Tensor] = {}  # by storage: tied weights are one tensor
+    converted = {
+        name: cast.setdefault((int(t.untyped_storage().data_ptr()), int(t.storage_offset())), t.detach().to(dtype))
+        if t.is_floating_point()
+        else t
+        for name, t in weights.items()
+    }
+    model.save_pretrained(str(folder), state_dict=converted)
+    # save_pretrained names the dtype of the model in memory (fp32); the files hold ``dtype``.
+    config_path = folder / "config.json"
+    saved = json.loads(config_path.read_text(encoding="utf-8"))
+    saved["dtype"] = str(dtype).removeprefix("torch.")
+    write_json_atomic(config_path, saved)
+
+
+def save_checkpoint(state: TrainState) -> None:
+    """``OUT/checkpoint`` at ``state.step`` (a collective under FSDP; written by process 0)."""
+    if state.sharded:
+        optimizer_state = full_optimizer_state(state.trained, state.optimizer)
+        adapter: dict[str, torch.Tensor] | None = full_trainable_state(state.trained)
+    else:
+        optimizer_state, adapter = state.optimizer.state_dict(), None
+    if state.main:
+        _save_checkpoint(
+            state.model,
+            adapter,
+            optimizer_state,
+            state.scheduler,
+            state.rng,
+            state.step,
+            state.data.total,
+            state.best_eval,
+            state.sharded,
+            state.checkpoint_dir,
+        )
+
+
+def save_final(state: TrainState) -> None:
+    """The trained adapter (full: model) and the tokenizer in ``OUT``; then the checkpoint is removed."""
+    save_model(state, state.out)
+    if state.main:
+        state.data.tokenizer.save_pretrained(str(state.out))
+        shutil.rmtree(state.checkpoint_dir, ignore_errors=True)
+    state.accelerator.wait_for_everyone()  # every process returns once the adapter is written
 
 
 def evaluate(
@@ -713,8 +1023,8 @@ def _save_checkpoint(
 ) -> None:
     """Write to a temporary folder, then swap it in: a crash leaves the old checkpoint or the new one.
 
-    ``adapter`` is the gathered LoRA state under FSDP (None: the model's own), ``optimizer_state`` the
-    optimizer's (gathered and keyed by names under FSDP).
+    ``adapter`` is the gathered trained state under FSDP (None: the model's own), ``optimizer_state``
+    the optimizer's (gathered and keyed by names under FSDP). Full training saves the whole model, in fp32.
     """
     with staged_dir(path) as tmp:
         model.save_pretrained(str(tmp), **({"state_dict": adapter} if adapter is not None else {}))
