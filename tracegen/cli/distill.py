@@ -70,6 +70,14 @@ def train_command(
         bool | None,
         typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory."),
     ] = None,
+    report_to: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--report-to",
+            help="Experiment tracker, repeatable: tensorboard, wandb, trackio, mlflow, or none (default: metrics.jsonl "
+            "only).",
+        ),
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint if there is one.")] = False,
 ) -> None:
     """Train a LoRA adapter on the trained tokens of DATASET_DIR (proof-weighted CE, plus KD with a teacher cache)."""
@@ -89,6 +97,7 @@ def train_command(
         "max_length": max_length,
         "seed": seed,
         "gradient_checkpointing": gradient_checkpointing,
+        "report_to": list(report_to) if report_to else None,
     }
     if any(v is not None for v in lora.values()):
         overrides["lora"] = lora

@@ -93,6 +93,7 @@ from tracegen.distill.sharding import (
     shard,
     total_grad_norm,
 )
+from tracegen.distill.tracking import Tracking
 from tracegen.distill.vocab import vocab_hash
 from tracegen.errors import BadInputError
 from tracegen.store import staged_dir, write_json_atomic
@@ -172,8 +173,10 @@ def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> floa
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _accelerator() -> Any:
+def _accelerator(**trackers: Any) -> Any:
     """This process's place in an ``accelerate launch`` run (a run of one, when started plainly).
+
+    ``trackers``: ``log_with`` and ``project_dir`` for the experiment trackers (``Tracking``), if any.
 
     Precision stays ``distill.precision`` (the bf16 autocast below), whatever the launcher's
     ``--mixed_precision``. Without CUDA, ``cpu=True`` is what makes accelerate join the launched
@@ -183,7 +186,7 @@ def _accelerator() -> Any:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no", **trackers)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise BadInputError(
             "distill runs under DDP or FSDP, not DeepSpeed",
@@ -296,7 +299,9 @@ def train(
         raise BadInputError("no student model", hint="pass --student MODEL (a local folder or Hub id)")
     student = str(Path(config.student).resolve()) if Path(config.student).exists() else config.student
     torch.manual_seed(config.seed)
-    accelerator = _accelerator()
+    tracking = Tracking(config, out)  # [tracking 1/3] a tracker whose package is missing is refused here
+    accelerator = _accelerator(**tracking.accelerator_kwargs())
+    tracking.attach(accelerator)
     device, world, main = accelerator.device, accelerator.num_processes, accelerator.is_main_process
     sharded = fsdp_requested(accelerator)
     use_bf16 = _use_bf16(config, device)
@@ -618,6 +623,7 @@ def train(
             if main:
                 with metrics_path.open("a", encoding="utf-8") as f:
                     f.write(json.dumps(metrics.record()) + "\n")
+                tracking.log(metrics.step, metrics.record())  # [tracking 2/3] the same numbers as the line
                 if (step + 1) % config.log_every == 0 or step + 1 == total:
                     _progress(metrics, cache is not None)
             if (step + 1) % config.save_every == 0 and step + 1 < total:
@@ -640,6 +646,7 @@ def train(
             tokenizer.save_pretrained(str(out))
             shutil.rmtree(ckpt, ignore_errors=True)
         accelerator.wait_for_everyone()  # every process returns once the adapter is written
+    tracking.close()  # [tracking 3/3] flush and finish the tracker runs (interrupted ones too)
     return TrainSummary(
         out=out,
         mode=mode,
