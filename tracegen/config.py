@@ -396,6 +396,13 @@ class DistillConfig(Strict):
         description="Progress line every N optimizer steps.",
         json_schema_extra=HOW,
     )
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = Field(
+        default_factory=list,
+        description="Experiment trackers that also get metrics.jsonl's scalars and these settings as the run "
+        "config: tensorboard, wandb (offline unless WANDB_MODE is set), trackio, mlflow (a store in OUT/runs "
+        "unless MLFLOW_TRACKING_URI is set); a name or a list; none or [] = metrics.jsonl only.",
+        json_schema_extra=HOW,
+    )
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit"] = Field(
         "adamw_torch",
         description="adamw_torch; adamw_torch_fused (torch's fused kernel, where torch has one for the device); "
@@ -419,6 +426,19 @@ class DistillConfig(Strict):
         if value is not None and not 0 <= value[0] < value[1] <= 1:
             raise ValueError(f"{list(value)} must be [start, end] with 0 <= start < end <= 1, e.g. [0.15, 0.45]")
         return value
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers_as_list(cls, value: Any) -> Any:
+        """``report_to: tensorboard`` and ``report_to: none`` as users write them (transformers' spelling)."""
+        names = [value] if isinstance(value, str) else value
+        if not isinstance(names, list):
+            return value
+        if "none" in names:
+            if len(names) > 1:
+                raise ValueError(f"{names}: 'none' turns every tracker off and cannot be listed with others")
+            return []
+        return list(dict.fromkeys(names))
 
 
 class ImportColumns(Strict):

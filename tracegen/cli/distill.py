@@ -79,6 +79,14 @@ def train_command(
     model_dtype: Annotated[
         str | None, typer.Option(help="Student dtype: auto (the checkpoint's, default), bf16, fp16 or fp32.")
     ] = None,
+    report_to: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--report-to",
+            help="Experiment tracker, repeatable: tensorboard, wandb, trackio, mlflow, or none (default: metrics.jsonl "
+            "only).",
+        ),
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint if there is one.")] = False,
 ) -> None:
     """Train a LoRA adapter (or, with --method full, the whole student) on the trained tokens of DATASET_DIR
@@ -101,6 +109,7 @@ def train_command(
         "gradient_checkpointing": gradient_checkpointing,
         "method": method,
         "model_dtype": model_dtype,
+        "report_to": list(report_to) if report_to else None,
     }
     if any(v is not None for v in lora.values()):
         overrides["lora"] = lora

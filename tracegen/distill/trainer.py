@@ -106,6 +106,7 @@ from tracegen.distill.sharding import (
     shard,
     total_grad_norm,
 )
+from tracegen.distill.tracking import Tracking
 from tracegen.distill.vocab import vocab_hash
 from tracegen.errors import BadInputError
 from tracegen.store import staged_dir, write_json_atomic
@@ -188,8 +189,10 @@ def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> floa
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _accelerator() -> Any:
+def _accelerator(**trackers: Any) -> Any:
     """This process's place in an ``accelerate launch`` run (a run of one, when started plainly).
+
+    ``trackers``: ``log_with`` and ``project_dir`` for the experiment trackers (``Tracking``), if any.
 
     Precision stays ``distill.precision`` (the bf16 autocast below), whatever the launcher's
     ``--mixed_precision``. Without CUDA, ``cpu=True`` is what makes accelerate join the launched
@@ -199,7 +202,7 @@ def _accelerator() -> Any:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no", **trackers)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise BadInputError(
             "distill runs under DDP or FSDP, not DeepSpeed",
@@ -353,6 +356,7 @@ class TrainState:
     tokens: int = 0
     last_loss: float = float("nan")
     batches: Iterator[list[int]] = field(default_factory=lambda: iter(()))
+    tracking: Tracking | None = None  # experiment trackers beside metrics.jsonl (``report_to``)
 
     @property
     def main(self) -> bool:
@@ -393,7 +397,9 @@ def train(
     if not config.student:
         raise BadInputError("no student model", hint="pass --student MODEL (a local folder or Hub id)")
     torch.manual_seed(config.seed)
-    accelerator = _accelerator()
+    tracking = Tracking(config, out)  # a tracker whose package is missing is refused here, before any load
+    accelerator = _accelerator(**tracking.accelerator_kwargs())
+    tracking.attach(accelerator)
     sharded = fsdp_requested(accelerator)
     use_bf16 = _use_bf16(config, accelerator.device)
     _check_options(config, bool(config.teacher_cache), accelerator.device, accelerator.num_processes, sharded)
@@ -411,9 +417,11 @@ def train(
         state.say(f"Resuming from {state.checkpoint_dir} at step {state.step}/{data.total}")
     write_run_files(state, dataset_dir)
     state.batches = batch_stream(config, data, state.step)
+    state.tracking = tracking
     interrupted = run_steps(state, on_step)
     if not interrupted:
         save_final(state)
+    tracking.close()  # flush and finish the tracker runs (interrupted ones too)
     return TrainSummary(
         out=out,
         mode=data.mode,
@@ -728,6 +736,8 @@ def run_steps(state: TrainState, on_step: Callable[[StepMetrics, Any], None] | N
             if state.main:
                 with (state.out / METRICS).open("a", encoding="utf-8") as f:
                     f.write(json.dumps(metrics.record()) + "\n")
+                if state.tracking is not None:
+                    state.tracking.log(metrics.step, metrics.record())  # the same numbers as the line
                 if step % config.log_every == 0 or step == total:
                     _progress(metrics, state.data.cache is not None)
             if step % config.save_every == 0 and step < total:
