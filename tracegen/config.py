@@ -173,6 +173,11 @@ class CollectConfig(AgentLoopConfig):
         mixing two setups in one file. Throughput knobs (concurrency, limits, retries, base URL) and
         K are left out: changing them must not invalidate finished work.
         """
+        blob = json.dumps(self.generation_settings(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def generation_settings(self) -> dict[str, Any]:
+        """The settings :meth:`fingerprint` hashes (kept in the manifest, to name what changed)."""
         generation: dict[str, Any] = {
             "teacher": self.teacher.model_dump(
                 include={
@@ -200,8 +205,7 @@ class CollectConfig(AgentLoopConfig):
         caps = (self.max_tool_calls_per_reply, self.max_tool_calls_per_trajectory)
         if caps != (DEFAULT_CALLS_PER_REPLY, DEFAULT_CALLS_PER_TRAJECTORY):
             generation["tool_call_caps"] = list(caps)
-        blob = json.dumps(generation, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return generation
 
 
 class LoraSettings(Strict):
@@ -521,7 +525,6 @@ StageName = Literal[
     "collect", "filter", "format", "cache_teacher", "distill", "merge",
     "stage2_format", "stage2_distill", "stage2_merge", "eval",
 ]  # fmt: skip
-STAGE_ORDER: tuple[str, ...] = StageName.__args__  # type: ignore[attr-defined]
 
 
 class CacheTeacherConfig(Strict):
@@ -717,6 +720,19 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def changed_settings(old: Any, new: Any, path: str = "") -> list[str]:
+    """``path: old -> new`` for every leaf that differs between two JSON-like settings trees."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        changes: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            where = f"{path}.{key}" if path else str(key)
+            changes += changed_settings(old.get(key), new.get(key), where)
+        return changes
+    if old == new:
+        return []
+    return [f"{path or 'settings'}: {json.dumps(old)} -> {json.dumps(new)}"]
 
 
 SectionT = TypeVar("SectionT", bound=Strict)

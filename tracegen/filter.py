@@ -54,12 +54,20 @@ from tracegen.errors import BadInputError
 from tracegen.progress_bar import stage_bar
 from tracegen.records import Trajectory, Usage, Verdict
 from tracegen.signals import cancel_on_sigterm
-from tracegen.store import JsonlStore, read_trajectory_lines, write_json_atomic, write_lines_atomic
+from tracegen.store import (
+    JsonlStore,
+    disk_errors,
+    read_trajectory_lines,
+    write_json_atomic,
+    write_lines_atomic,
+    writer_lock,
+)
 
 if TYPE_CHECKING:
     from tracegen.runtime.docker.pool import DockerRuntime
 
 JOURNAL = "verdicts.jsonl"
+LOCK = ".lock"
 KEPT = "kept.jsonl"
 REJECTED = "rejected.jsonl"
 REPORT = "report.json"
@@ -219,10 +227,10 @@ def run_filter(input_path: Path, out_dir: Path, config: FilterConfig, show_progr
         gc.freeze()
         gc.enable()
         cheap_checks(items, config)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        stats = asyncio.run(expensive_checks(items, out_dir, config, show_progress))
-        summary.wall_s = time.monotonic() - started
-        summary.report = finish(items, source, out_dir, config, stats, summary.wall_s)
+        with writer_lock(out_dir / LOCK, str(out_dir)), disk_errors(out_dir):
+            stats = asyncio.run(expensive_checks(items, out_dir, config, show_progress))
+            summary.wall_s = time.monotonic() - started
+            summary.report = finish(items, source, out_dir, config, stats, summary.wall_s)
     except (KeyboardInterrupt, asyncio.CancelledError):
         summary.interrupted = True
     finally:

@@ -8,6 +8,7 @@ Results go to stdout, progress and logs to stderr. Heavy libraries are imported 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -109,14 +110,24 @@ def collect(
         typer.Option(help="How tool calls are expressed (default auto: detected per reply)."),
     ] = None,
     fail_on_error: Annotated[
-        float | None, typer.Option(help="Exit 1 when more than this fraction of trajectories errored (default 0.5).")
+        float | None, typer.Option(help="Exit 1 when more than this fraction of trajectories errored.")
     ] = None,
+    retry_errors: Annotated[
+        bool,
+        typer.Option(
+            "--retry-errors",
+            help="Sample again every (task, sample) whose record is an error (unreachable-teacher and "
+            "refused-key errors always are).",
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON (for scripts).")] = False,
 ) -> None:
     """Generate thinking-on, multi-turn tool-calling trajectories from an OpenAI-compatible teacher.
 
     Writes OUT/trajectories.jsonl (one trajectory per line) and OUT/manifest.json. The API key is read
-    from $TRACEGEN_TEACHER_API_KEY (or $OPENAI_API_KEY) and is never written anywhere.
+    from $TRACEGEN_TEACHER_API_KEY (or $OPENAI_API_KEY) and is never written anywhere. Re-running
+    resumes; a retried record supersedes its error record when the file is read.
     """
     from tracegen.config import CollectConfig, apply_overrides, load_recipe
 
@@ -148,8 +159,11 @@ def collect(
     from tracegen.collect.driver import run_collect
     from tracegen.collect.report import print_collect_summary
 
-    summary = run_collect(config, out, show_progress=not quiet)
-    print_collect_summary(summary)
+    summary = run_collect(config, out, show_progress=not quiet, retry_errors=retry_errors)
+    if as_json:
+        typer.echo(json.dumps(summary.as_dict(), indent=2))
+    else:
+        print_collect_summary(summary)
     if summary.interrupted:
         typer.echo(f"Interrupted: {summary.completed} trajectories saved; re-run the same command to resume.", err=True)
         raise typer.Exit(130)
