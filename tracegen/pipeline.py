@@ -78,6 +78,8 @@ class Pipeline:
     scale: Literal["full", "smoke"] = "full"
     show_progress: bool = True
     say: Callable[[str], None] = print
+    on_summary: Callable[[str, Any], None] = lambda stage, summary: None
+    """Called with a stage's own summary (collect's, eval's) as it finishes, e.g. to print its table."""
     _fingerprint: str = ""
     _serving: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     _served: Any = None  # the local endpoint of run.serve, started on first need
@@ -229,10 +231,12 @@ class Pipeline:
         summary = run_collect(config, out, show_progress=self.show_progress)
         if summary.interrupted:
             raise RunInterrupted(f"collect interrupted: {summary.completed} trajectories saved in {out}")
+        self.on_summary("collect", summary)
         summary.check_errors(config.fail_on_error, "fail_on_error")
         return {
             "trajectories": summary.already_done + summary.completed,
             "stop_reasons": dict(summary.by_stop_reason),
+            "tool_calls": {s: summary.by_observation[s] for s in ("executed", "simulated", "error")},
             "completion_tokens": summary.completion_tokens,
         }
 
@@ -386,6 +390,7 @@ class Pipeline:
             summary = run_eval(config, out, show_progress=self.show_progress)
         if summary.interrupted:
             raise RunInterrupted(f"eval interrupted: answers so far are saved in {out}")
+        self.on_summary("eval", summary)
         totals = summary.totals()
         return {k: totals[k] for k in ("answers", "accuracy", "converged", "hit_length")}
 

@@ -453,6 +453,10 @@ def run_(
         typer.Option(help="Where collect's tool calls run (overrides the recipe)."),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the stages, their settings and what would be skipped; run none.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary (or the plan) as JSON.")] = False,
 ) -> None:
     """Run every stage the recipe declares (collect, filter, format, cache-teacher, distill, merge, stage 2, eval).
 
@@ -473,15 +477,61 @@ def run_(
     if runtime:
         config.collect.runtime = runtime
     console = Console(stderr=True)
-    pipeline = Pipeline(config, out, scale, show_progress=not quiet, say=lambda m: console.print(m, markup=False))
+
+    def show(stage: str, summary: Any) -> None:  # a stage's own table, as its command prints it
+        if as_json:
+            return
+        if stage == "collect":
+            from tracegen.collect.report import print_collect_summary
+
+            print_collect_summary(summary)
+        elif stage == "eval":
+            from tracegen.evaluate import print_eval
+
+            print_eval(summary)
+
+    pipeline = Pipeline(
+        config, out, scale, show_progress=not quiet, say=lambda m: console.print(m, markup=False), on_summary=show
+    )
+    if dry_run:
+        _print_plan(pipeline, as_json)
+        return
     outcomes = pipeline.run()
+    path = write_summary(out, outcomes)
+    if as_json:
+        typer.echo(path.read_text(encoding="utf-8"))
+        return
     table = Table(title=f"tracegen run {config.name or recipe.stem} ({scale})")
     for column in ("stage", "status", "seconds", "output and facts"):
         table.add_column(column, overflow="fold")
     for row in summary_rows(outcomes):
         table.add_row(*row)
     Console().print(table)
-    typer.echo(f"Summary: {write_summary(out, outcomes)}")
+    typer.echo(f"Summary: {path}")
+
+
+def _print_plan(pipeline: Any, as_json: bool) -> None:
+    """``run --dry-run``: one line per stage (what it would do, where), then each stage's settings."""
+    plan = pipeline.plan()
+    if as_json:
+        rows = [{"stage": p.stage, "out": str(p.out), "action": p.action, "settings": p.settings} for p in plan]
+        typer.echo(json.dumps({"stages": rows}, indent=2))
+        return
+    width = max(len(p.stage) for p in plan)
+    for p in plan:
+        typer.echo(f"{p.stage:<{width}}  {p.action:<20}  {p.out}")
+    for p in plan:
+        typer.echo(f"\n{p.stage} settings:")
+        for line in _flatten(p.settings):
+            typer.echo(f"  {line}")
+
+
+def _flatten(value: Any, path: str = "") -> list[str]:
+    if isinstance(value, dict) and value:
+        return [line for k, v in value.items() for line in _flatten(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(value, list) and any(isinstance(v, dict) for v in value):
+        return [line for i, v in enumerate(value) for line in _flatten(v, f"{path}[{i}]")]
+    return [f"{path or '(value)'}: {json.dumps(value)}"]
 
 
 def main() -> None:
