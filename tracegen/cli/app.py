@@ -259,7 +259,8 @@ def format_(
         typer.Option(help="Training layout (default chat)."),
     ] = None,
     tokenizer: Annotated[
-        str | None, typer.Option(help="Student tokenizer: qwen3, smollm2, or a local folder with tokenizer.json.")
+        str | None,
+        typer.Option(help="Student tokenizer: qwen3, smollm2, tiny:FAMILY, a model folder or a Hub model's tokenizer."),
     ] = None,
     recipe: Annotated[Path | None, typer.Option(help="Recipe YAML; flags override its `format:` section.")] = None,
     chat_template: Annotated[
@@ -315,8 +316,13 @@ def format_(
         "import_columns": parse_columns(import_columns),
         "workers": workers,
     }
+    config = format_config(recipe, overrides)
+    if config.tokenizer:
+        from tracegen.model_aliases import local_tokenizer
+
+        config.tokenizer = local_tokenizer(config.tokenizer)
     try:
-        result = format_dataset(input_path, out, format_config(recipe, overrides), show_progress=sys.stderr.isatty())
+        result = format_dataset(input_path, out, config, show_progress=sys.stderr.isatty())
     except KeyboardInterrupt:
         typer.echo(f"Interrupted: nothing written ({out} is as it was).", err=True)
         raise typer.Exit(130) from None
@@ -532,6 +538,51 @@ def _flatten(value: Any, path: str = "") -> list[str]:
     if isinstance(value, list) and any(isinstance(v, dict) for v in value):
         return [line for i, v in enumerate(value) for line in _flatten(v, f"{path}[{i}]")]
     return [f"{path or '(value)'}: {json.dumps(value)}"]
+
+
+@app.command("serve")
+def serve_(
+    model: Annotated[
+        str,
+        typer.Argument(metavar="MODEL", help="A local model folder, a Hub id, smollm2 or tiny:FAMILY[:SEED]."),
+    ],
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one).")] = 8000,
+    threads: Annotated[int, typer.Option(help="torch threads in the server.")] = 1,
+) -> None:
+    """Serve a model with `transformers serve` on 127.0.0.1 as an OpenAI-compatible teacher, until Ctrl-C.
+
+    The same set-up `tracegen run` uses for `run.serve` (aliases included). Prints the base URL and the
+    flags to pass to collect, including the tool protocol the model's chat template needs.
+    """
+    import signal
+
+    from tracegen.model_aliases import resolve_model
+    from tracegen.serve import serve, tool_protocol_for
+
+    model_dir = Path(resolve_model(model))
+    if not model_dir.is_dir():
+        raise TracegenError(f"{model}: serve needs a local model folder", hint="download it first, or use an alias")
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # the server is in its own session: stop it on these too
+        signal.signal(sig, stop)
+    typer.echo(f"serve: starting transformers serve on {model_dir} ...", err=True)
+    with serve(model_dir, port, threads=threads) as teacher:
+        protocol = tool_protocol_for(model_dir)
+        typer.echo(f"base_url: {teacher.base_url}\nmodel:    {teacher.model}\ntool protocol: {protocol}")
+        typer.echo(
+            f"collect with:\n  tracegen collect --tasks TASKS --out RUN_DIR --teacher-base-url {teacher.base_url} "
+            f"--teacher-model {teacher.model} --tool-protocol {protocol}\n(Ctrl-C to stop)"
+        )
+        sys.stdout.flush()
+        try:
+            teacher.process.wait()
+        except KeyboardInterrupt:
+            typer.echo("serve: stopped.", err=True)
+            raise typer.Exit(130) from None
+    raise TracegenError(f"transformers serve exited with code {teacher.process.returncode}", hint=teacher.log_tail())
 
 
 def main() -> None:
