@@ -633,25 +633,23 @@ def print_summary(summary: FilterSummary, max_tasks: int = 30) -> None:
         checks.add_row(name, *(str(c[k]) for k in ("ran", "passed", "failed", "errors", "reused")), rate)
     console.print(checks)
     tasks = Table(title="per task (k of K kept)")
-    for column in ("task", "kept", "passed", "samples", "pass@1", f"pass@{report['k']}"):
+    at_k = report["k"] > 1  # with K = 1, pass@K is pass@1: one column
+    for column in ("task", "kept", "passed", "samples", "pass@1", *([f"pass@{report['k']}"] if at_k else [])):
         tasks.add_column(column, justify="left" if column == "task" else "right")
     for task_id, t in list(report["tasks"].items())[:max_tasks]:
-        tasks.add_row(
-            task_id,
-            str(t["kept"]),
-            str(t["passed"]),
-            str(t["samples"]),
-            f"{t['pass_at_1']:.2f}",
-            f"{t['pass_at_k']:.2f}",
-        )
+        cells = [task_id, str(t["kept"]), str(t["passed"]), str(t["samples"]), f"{t['pass_at_1']:.2f}"]
+        tasks.add_row(*cells, *([f"{t['pass_at_k']:.2f}"] if at_k else []))
     if len(report["tasks"]) > max_tasks:
-        tasks.add_row(f"... {len(report['tasks']) - max_tasks} more in report.json", "", "", "", "", "")
+        tasks.add_row(f"... {len(report['tasks']) - max_tasks} more in report.json", *[""] * (5 if at_k else 4))
     console.print(tasks)
     totals = Table(show_header=False, title="totals")
     totals.add_column("metric")
     totals.add_column("value", justify="right")
     totals.add_row("kept / trajectories", f"{report['kept']} / {report['trajectories']}")
-    totals.add_row("pass@1 / pass@K (mean over tasks)", f"{report['pass_at_1']:.3f} / {report['pass_at_k']:.3f}")
+    if at_k:
+        totals.add_row("pass@1 / pass@K (mean over tasks)", f"{report['pass_at_1']:.3f} / {report['pass_at_k']:.3f}")
+    else:
+        totals.add_row("pass@1 (mean over tasks)", f"{report['pass_at_1']:.3f}")
     tk = report["tokens_kept"]
     totals.add_row("tokens kept (completion / reasoning)", f"{tk['completion']:,} / {tk['reasoning']:,}")
     judge = report["judge"]

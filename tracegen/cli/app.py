@@ -350,6 +350,8 @@ def audit(
     from tracegen.data.audit import run_audit
 
     report = run_audit(dataset_dir, index=index, html=html, tokenizer=tokenizer, max_tokens=max_tokens)
+    if html is not None:
+        typer.echo(f"HTML page: {html.resolve()}")
     if report.violations:
         raise TracegenError(
             f"{len(report.violations)} masking invariant violation(s); first: {report.violations[0]}",
