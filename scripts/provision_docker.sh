@@ -2,7 +2,7 @@
 # Give a fresh Debian machine what the Docker sandbox tests need: a running engine and the
 # tracegen sandbox image. Idempotent: every step is skipped when its result is already there.
 #
-#   bash scripts/provision_docker.sh [PYTHON]      # PYTHON defaults to `python`; CI passes .venv/bin/python
+#   bash scripts/provision_docker.sh [PYTHON]      # PYTHON defaults to the repo's .venv/bin/python
 #
 # As root, when no engine answers: installs Debian's docker.io (which provides dockerd) and
 # debootstrap, starts dockerd in the background (log: $TRACEGEN_DOCKERD_LOG), and waits for it.
@@ -10,11 +10,24 @@
 # Debian base imported locally). Not root and no engine: says so and fails.
 set -euo pipefail
 
-PY="${1:-python}"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 LOG="${TRACEGEN_DOCKERD_LOG:-/var/log/tracegen-dockerd.log}"
 WAIT_S="${TRACEGEN_DOCKERD_WAIT_S:-90}"
 
 say() { echo "provision_docker: $*" >&2; }
+
+# The Python that builds the image: the argument, else the venv scripts/setup_venv.sh makes.
+if [ -n "${1:-}" ]; then
+    PY="$1"
+elif [ -x "$ROOT/.venv/bin/python" ]; then
+    PY="$ROOT/.venv/bin/python"
+else
+    PY="$(command -v python3 || command -v python || echo python3)"
+fi
+if ! "$PY" -c "import typer, docker" >/dev/null 2>&1; then
+    say "$PY cannot import tracegen's dependencies; run 'bash scripts/setup_venv.sh' first, or pass the venv's python"
+    exit 1
+fi
 
 engine_up() { docker info >/dev/null 2>&1; }
 
@@ -78,5 +91,5 @@ if ! command -v debootstrap >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     apt_install debootstrap
 fi
 
-cd "$(dirname "$0")/.."
+cd "$ROOT"
 "$PY" -m tracegen.cli sandbox build

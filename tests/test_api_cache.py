@@ -117,7 +117,7 @@ def test_api_logprobs_become_a_cache_that_trains(tmp_path: Path, qwen3: tuple[ob
     assert made.returncode == 0, made.stderr
     built = tracegen(
         "distill", "cache-teacher", str(dataset), "--from-logprobs", str(trajectories), "--tokenizer", "qwen3",
-        "--out", str(cache),
+        "--out", str(cache), "--json",
     )  # fmt: skip
     assert built.returncode == 0, built.stderr
     summary = json.loads(built.stdout)

@@ -146,7 +146,7 @@ def test_two_processes_train_the_steps_of_one(assets: dict[str, Path]) -> None:
     result = launch(
         assets,
         *("-m", "tracegen.cli", "distill", str(assets["dataset"])),
-        *("--out", str(out), "--recipe", str(assets["recipe"])),
+        *("--out", str(out), "--recipe", str(assets["recipe"]), "--json"),
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["steps"] == STEPS  # one summary: process 1 prints nothing

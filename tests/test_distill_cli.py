@@ -33,6 +33,7 @@ def test_cache_teacher_distill_and_merge_end_to_end(tmp_path: Path) -> None:
         "8",
         "--out",
         str(tmp_path / "cache"),
+        "--json",
     )
     assert cached.returncode == 0, cached.stderr
     assert json.loads(cached.stdout)["tokens"] > 0
@@ -56,6 +57,7 @@ def test_cache_teacher_distill_and_merge_end_to_end(tmp_path: Path) -> None:
         "4",
         "--lora-alpha",
         "8",
+        "--json",
     )
     assert trained.returncode == 0, trained.stderr
     summary = json.loads(trained.stdout)
@@ -68,6 +70,23 @@ def test_cache_teacher_distill_and_merge_end_to_end(tmp_path: Path) -> None:
     merged = tracegen("distill", "merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged"))
     assert merged.returncode == 0, merged.stderr
     assert (tmp_path / "merged" / "config.json").is_file()
+    assert f"merge: {tmp_path / 'merged'}" in merged.stdout and "base" in merged.stdout, "a table, as elsewhere"
+
+
+def test_aliases_everywhere_and_the_dataset_is_checked_first(tmp_path: Path) -> None:
+    missing = tracegen("distill", str(tmp_path / "nope"), "--student", "smollm2", "--out", str(tmp_path / "a"))
+    assert missing.returncode == 2 and "no data/*.parquet files" in missing.stderr
+    assert "Traceback" not in missing.stderr and not (tmp_path / "a").exists()
+    student = save_model(tmp_path / "student", seed=0)
+    dataset = write_dataset(tmp_path / "data", student, n=2)
+    unknown = tracegen("distill", str(dataset), "--student", "smollm3", "--out", str(tmp_path / "a"))
+    assert unknown.returncode == 2 and "model 'smollm3'" in unknown.stderr and "tiny:smollm2" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
+    # tiny:smollm2 is resolved (not validated as a Hub repo id): it fails on the vocabulary, not the name
+    cache = tracegen(
+        "distill", "cache-teacher", str(dataset), "--teacher", "tiny:smollm2", "--out", str(tmp_path / "c")
+    )
+    assert "repo id" not in cache.stderr.lower() and "Traceback" not in cache.stderr
 
 
 def test_kd_with_another_vocabulary_is_refused_with_exit_2(tmp_path: Path) -> None:
@@ -116,6 +135,7 @@ def test_without_a_cache_distill_says_it_is_sequence_level(tmp_path: Path) -> No
         "1",
         "--lora-r",
         "4",
+        "--json",
     )
     assert result.returncode == 0, result.stderr
     assert "sequence-level" in result.stderr and json.loads(result.stdout)["mode"] == "ce"

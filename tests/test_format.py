@@ -25,6 +25,7 @@ from tracegen.data.templates import (
 )
 from tracegen.data.tokenize import Stats, load_tokenizer, tokenize_batch
 from tracegen.errors import BadInputError
+from tracegen.records import AssistantMessage
 from tracegen.testing.synthetic import HOSTILE, make_trajectory, write_trajectories
 
 from .conftest import tracegen
@@ -343,3 +344,17 @@ def test_sharegpt_row_shape() -> None:
 def test_missing_tokenizer_is_bad_input(tmp_path: Path) -> None:
     with pytest.raises(BadInputError):
         load_tokenizer(str(tmp_path))
+
+
+def test_proof_without_a_derivation_has_no_empty_proof_block(tiny_tokenizer: Path, tmp_path: Path) -> None:
+    bare = make_trajectory(1, turns=1)  # no tool calls; its only reasoning removed below
+    last = bare.messages[-1]
+    assert isinstance(last, AssistantMessage)
+    bare.messages[-1] = last.model_copy(update={"reasoning": None})
+    src = tmp_path / "t.jsonl"
+    src.write_text(bare.model_dump_json() + "\n" + make_trajectory(2).model_dump_json() + "\n")
+    result = format_dataset(src, tmp_path / "ds", FormatConfig(template="proof", tokenizer=str(tiny_tokenizer)))
+    assert result.stats.samples == 2
+    bare_row, full_row = read_rows(tmp_path / "ds").to_pylist()
+    assert "Proof:" not in bare_row["text"] and "\n\nFinal Answer:\nThe answer is 3." in bare_row["text"]
+    assert "\n\nProof:\n" in full_row["text"]

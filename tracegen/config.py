@@ -242,10 +242,14 @@ class CollectConfig(AgentLoopConfig):
         K) are left out: changing them must not invalidate finished work. The simulator counts only
         with ``runtime: simulated`` and the sandbox only with ``runtime: docker``.
         """
+        return fingerprint(self.generation_settings())
+
+    def generation_settings(self) -> dict[str, Any]:
+        """The settings :meth:`fingerprint` hashes (kept in the manifest, to name what changed)."""
         generation = deciding(self, exclude={"simulator", "docker"})
         generation["simulator"] = deciding(self.simulator_endpoint()) if self.runtime == "simulated" else None
         generation["docker"] = deciding(self.docker) if self.runtime == "docker" else None
-        return fingerprint({"fingerprint_version": 2, **generation})
+        return {"fingerprint_version": 2, **generation}
 
 
 SplitMethod = Literal["torch", "hf"]
@@ -656,7 +660,6 @@ StageName = Literal[
     "collect", "filter", "format", "cache_teacher", "distill", "merge",
     "stage2_format", "stage2_distill", "stage2_merge", "eval",
 ]  # fmt: skip
-STAGE_ORDER: tuple[str, ...] = StageName.__args__  # type: ignore[attr-defined]
 
 
 class CacheTeacherConfig(Strict):

@@ -53,12 +53,20 @@ from tracegen.progress_bar import stage_bar
 from tracegen.recipe import apply_overrides, load_recipe
 from tracegen.records import Trajectory, Usage, Verdict
 from tracegen.signals import cancel_on_sigterm
-from tracegen.store import JsonlStore, read_trajectory_lines, write_json_atomic, write_lines_atomic
+from tracegen.store import (
+    JsonlStore,
+    disk_errors,
+    read_trajectory_lines,
+    write_json_atomic,
+    write_lines_atomic,
+    writer_lock,
+)
 
 if TYPE_CHECKING:
     pass
 
 JOURNAL = "verdicts.jsonl"
+LOCK = ".lock"
 KEPT = "kept.jsonl"
 REJECTED = "rejected.jsonl"
 REPORT = "report.json"
@@ -189,10 +197,10 @@ def run_filter(input_path: Path, out_dir: Path, config: FilterConfig, show_progr
         items = read_items(source)
         gc.freeze()
         gc.enable()
-        out_dir.mkdir(parents=True, exist_ok=True)
-        stats = asyncio.run(run_checks(items, out_dir, config, show_progress))
-        summary.wall_s = time.monotonic() - started
-        summary.report = finish(items, source, out_dir, config, stats, summary.wall_s)
+        with writer_lock(out_dir / LOCK, str(out_dir)), disk_errors(out_dir):
+            stats = asyncio.run(run_checks(items, out_dir, config, show_progress))
+            summary.wall_s = time.monotonic() - started
+            summary.report = finish(items, source, out_dir, config, stats, summary.wall_s)
     except (KeyboardInterrupt, asyncio.CancelledError):
         summary.interrupted = True
     finally:
@@ -559,25 +567,23 @@ def print_summary(summary: FilterSummary, max_tasks: int = 30) -> None:
         checks.add_row(name, *(str(c[k]) for k in ("ran", "passed", "failed", "errors", "reused")), rate)
     console.print(checks)
     tasks = Table(title="per task (k of K kept)")
-    for column in ("task", "kept", "passed", "samples", "pass@1", f"pass@{report['k']}"):
+    at_k = report["k"] > 1  # with K = 1, pass@K is pass@1: one column
+    for column in ("task", "kept", "passed", "samples", "pass@1", *([f"pass@{report['k']}"] if at_k else [])):
         tasks.add_column(column, justify="left" if column == "task" else "right")
     for task_id, t in list(report["tasks"].items())[:max_tasks]:
-        tasks.add_row(
-            task_id,
-            str(t["kept"]),
-            str(t["passed"]),
-            str(t["samples"]),
-            f"{t['pass_at_1']:.2f}",
-            f"{t['pass_at_k']:.2f}",
-        )
+        cells = [task_id, str(t["kept"]), str(t["passed"]), str(t["samples"]), f"{t['pass_at_1']:.2f}"]
+        tasks.add_row(*cells, *([f"{t['pass_at_k']:.2f}"] if at_k else []))
     if len(report["tasks"]) > max_tasks:
-        tasks.add_row(f"... {len(report['tasks']) - max_tasks} more in report.json", "", "", "", "", "")
+        tasks.add_row(f"... {len(report['tasks']) - max_tasks} more in report.json", *[""] * (5 if at_k else 4))
     console.print(tasks)
     totals = Table(show_header=False, title="totals")
     totals.add_column("metric")
     totals.add_column("value", justify="right")
     totals.add_row("kept / trajectories", f"{report['kept']} / {report['trajectories']}")
-    totals.add_row("pass@1 / pass@K (mean over tasks)", f"{report['pass_at_1']:.3f} / {report['pass_at_k']:.3f}")
+    if at_k:
+        totals.add_row("pass@1 / pass@K (mean over tasks)", f"{report['pass_at_1']:.3f} / {report['pass_at_k']:.3f}")
+    else:
+        totals.add_row("pass@1 (mean over tasks)", f"{report['pass_at_1']:.3f}")
     tk = report["tokens_kept"]
     totals.add_row("tokens kept (completion / reasoning)", f"{tk['completion']:,} / {tk['reasoning']:,}")
     judge = report["judge"]

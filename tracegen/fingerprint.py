@@ -55,3 +55,16 @@ def _jsonable(value: Any) -> Any:
 def fingerprint(value: Any) -> str:
     """A short stable hash of a JSON-able value (16 hex digits)."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def changed_settings(old: Any, new: Any, path: str = "") -> list[str]:
+    """``path: old -> new`` for every leaf that differs between two JSON-like settings trees."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        changes: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            where = f"{path}.{key}" if path else str(key)
+            changes += changed_settings(old.get(key), new.get(key), where)
+        return changes
+    if old == new:
+        return []
+    return [f"{path or 'settings'}: {json.dumps(old)} -> {json.dumps(new)}"]

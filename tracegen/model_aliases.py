@@ -7,7 +7,9 @@
   tokenizer, chat template and vocabulary hash are the real ones, so formatting, teacher caching and
   KD run the production code paths; only the weights are random, so what they generate is noise.
 
-Anything else is returned unchanged (a folder or a Hub id for transformers to resolve).
+Anything else must be a local folder or a Hub id (``ORG/NAME``), returned unchanged for
+transformers to load. Every command that takes a model (``distill --student``, ``cache-teacher
+--teacher``, ``merge --base``, ``format --tokenizer``, ``serve``, ``run``) resolves it here.
 """
 
 from __future__ import annotations
@@ -40,12 +42,26 @@ def resolve_model(spec: str) -> str:
     if spec.startswith(TINY_PREFIX):
         family, _, seed = spec[len(TINY_PREFIX) :].partition(":")
         if family not in TINY_FAMILIES or (seed and not seed.isdigit()):
-            raise BadInputError(
-                f"model '{spec}': unknown tiny model",
-                hint=f"use tiny:FAMILY or tiny:FAMILY:SEED, FAMILY in {TINY_FAMILIES}",
-            )
+            raise BadInputError(f"model '{spec}': unknown tiny model", hint=ALIASES_HINT)
         return str(build_tiny(family, int(seed or 0)))
+    if Path(spec).expanduser().exists():
+        return str(Path(spec).expanduser())
+    if not _HUB_MODEL.fullmatch(spec):
+        raise BadInputError(f"model '{spec}': no such folder, and not a Hub id (ORG/NAME)", hint=ALIASES_HINT)
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(spec):
+        raise BadInputError(f"model '{spec}': not in the Hugging Face cache and HF_HUB_OFFLINE=1", hint=ALIASES_HINT)
     return spec
+
+
+ALIASES_HINT = (
+    "use a local model folder, a Hub id, or an offline alias: smollm2, tiny:qwen3[:SEED], tiny:smollm2[:SEED]"
+)
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
 def build_tiny(family: str, seed: int) -> Path:

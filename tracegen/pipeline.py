@@ -34,25 +34,19 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from tracegen.config import STAGE_ORDER, DistillConfig, EndpointConfig, EvalConfig, FormatConfig, Recipe
+from tracegen.config import (
+    HELD_OUT,
+    DistillConfig,
+    EndpointConfig,
+    EvalConfig,
+    FormatConfig,
+    Recipe,
+)
 from tracegen.errors import BadInputError, TracegenError
-from tracegen.fingerprint import deciding, fingerprint
-from tracegen.store import write_json_atomic
+from tracegen.fingerprint import changed_settings, deciding, fingerprint
+from tracegen.store import write_json_atomic, write_lines_atomic
 
-STAGE_DIRS: dict[str, str] = {
-    "collect": "collect",
-    "filter": "filter",
-    "format": "dataset",
-    "cache_teacher": "teacher-cache",
-    "distill": "adapter",
-    "merge": "merged",
-    "stage2_format": "stage2-dataset",
-    "stage2_distill": "stage2-adapter",
-    "stage2_merge": "stage2-merged",
-    "eval": "eval",
-}
 MARKERS = ".run"
-ENDPOINT_STAGES = {"collect", "filter", "format", "stage2_format"}  # may call an endpoint from run.serve
 
 
 class RunInterrupted(TracegenError):
@@ -71,12 +65,23 @@ class StageOutcome:
 
 
 @dataclass
+class PlannedStage:
+    stage: str
+    out: Path
+    action: str
+    """run, skip (done earlier), or refuse: why."""
+    settings: Any
+
+
+@dataclass
 class Pipeline:
     recipe: Recipe
     work: Path
     scale: Literal["full", "smoke"] = "full"
     show_progress: bool = True
     say: Callable[[str], None] = print
+    on_summary: Callable[[str, Any], None] = lambda stage, summary: None
+    """Called with a stage's own summary (collect's, eval's) as it finishes, e.g. to print its table."""
     _fingerprint: str = ""
     _serving: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     _served: Any = None  # the local endpoint of run.serve, started on first need
@@ -84,15 +89,20 @@ class Pipeline:
     # --- the loop --------------------------------------------------------------------------------
 
     def run(self) -> list[StageOutcome]:
-        declared = set(self.recipe.run.stages)
-        stages: list[str] = [s for s in STAGE_ORDER if s in declared]
-        self._check_declared(stages)
+        stages = self.declared()
         self.work.mkdir(parents=True, exist_ok=True)
         outcomes: list[StageOutcome] = []
         with self._serving:
             for stage in stages:
                 outcomes.append(self._stage(stage))
         return outcomes
+
+    def declared(self) -> list[Stage]:
+        """The recipe's stages in pipeline order, checked against each other (BadInputError if not)."""
+        wanted = set(self.recipe.run.stages)
+        stages = [s for s in STAGES if s.name in wanted]
+        self._check_declared([s.name for s in stages])
+        return stages
 
     def _check_declared(self, stages: list[str]) -> None:
         r = self.recipe
@@ -102,18 +112,12 @@ class Pipeline:
             )
         if r.run.data and r.data.sources:
             raise BadInputError("run.data and data.sources both name the data", hint="keep one of them")
-        if "filter" in stages and "collect" not in stages:
-            raise BadInputError("the filter stage needs the collect stage", hint="add collect to run.stages")
-        needs = {
-            "cache_teacher": "format",
-            "distill": "format",
-            "merge": "distill",
-            "stage2_distill": "stage2_format",
-            "stage2_merge": "stage2_distill",
-        }
-        for stage, before in needs.items():
-            if stage in stages and before not in stages:
-                raise BadInputError(f"the {stage} stage needs the {before} stage", hint=f"add {before} to run.stages")
+        for stage in stages:
+            for before in STAGE[stage].needs:
+                if before not in stages:
+                    raise BadInputError(
+                        f"the {stage} stage needs the {before} stage", hint=f"add {before} to run.stages"
+                    )
         from_logprobs = "cache_teacher" in stages and r.cache_teacher.source == "collect"
         if from_logprobs and ("collect" not in stages or not r.collect.teacher.top_logprobs):
             raise BadInputError(
@@ -122,60 +126,80 @@ class Pipeline:
             )
         if any(s.startswith("stage2") for s in stages) and r.stage2 is None:
             raise BadInputError("stage2 stages declared but the recipe has no stage2: section")
-        if "stage2_distill" in stages and "merge" not in stages:
-            raise BadInputError("stage 2 trains the merged stage-1 model", hint="add merge to run.stages")
+        held_out = r.eval is not None and r.eval.tasks == HELD_OUT
+        if held_out and not {"format", "distill"} <= set(stages):
+            raise BadInputError("eval.tasks held_out are the rows distill held out", hint="add format and distill")
         if "eval" in stages and not {"merge", "stage2_merge"} & set(stages) and not self._eval_base_url():
             raise BadInputError(
                 "the eval stage needs a merged model or eval.endpoint.base_url", hint="add merge to run.stages"
             )
 
-    def _stage(self, stage: str) -> StageOutcome:
-        out = self.work / STAGE_DIRS[stage]
+    def plan(self) -> list[PlannedStage]:
+        """What ``run`` would do, stage by stage, without doing any of it (``tracegen run --dry-run``)."""
+        chained = ""
+        planned: list[PlannedStage] = []
+        for spec in self.declared():
+            settings = spec.fingerprinted(self.recipe)
+            chained = fingerprint([chained, spec.name, settings])
+            done = self._marker(spec)
+            if done is None:
+                action = "run"
+            elif done.get("fingerprint") == chained:
+                action = "skip (done earlier)"
+            else:
+                action = "refuse: " + self._changed(spec, done, settings)
+            planned.append(PlannedStage(spec.name, self.work / spec.folder, action, settings))
+        return planned
+
+    def _marker(self, spec: Stage) -> dict[str, Any] | None:
+        marker = self.work / MARKERS / f"{spec.name}.json"
+        if not marker.is_file():
+            return None
+        done: dict[str, Any] = json.loads(marker.read_text(encoding="utf-8"))
+        return done
+
+    @staticmethod
+    def _changed(spec: Stage, done: dict[str, Any], settings: Any) -> str:
+        if "settings" not in done:  # a marker from before settings were kept in it
+            return f"the {spec.name} stage finished with different settings (or different earlier stages)"
+        changes = changed_settings(done["settings"], settings)
+        if not changes:
+            return f"the {spec.name} stage finished after different earlier stages"
+        return f"the {spec.name} stage finished with different settings: " + "; ".join(changes)
+
+    def _stage(self, spec: Stage) -> StageOutcome:
+        stage = spec.name
+        out = self.work / spec.folder
         marker = self.work / MARKERS / f"{stage}.json"
-        self._fingerprint = fingerprint([self._fingerprint, stage, self._settings(stage)])
-        if marker.is_file():
-            done = json.loads(marker.read_text(encoding="utf-8"))
+        settings = spec.fingerprinted(self.recipe)
+        self._fingerprint = fingerprint([self._fingerprint, stage, settings])
+        done = self._marker(spec)
+        if done is not None:
             if done.get("fingerprint") == self._fingerprint:
                 self.say(f"run: {stage}: done earlier ({out}), skipped")
                 return StageOutcome(stage, "skipped", out, 0.0, done.get("facts", {}))
             raise BadInputError(
-                f"{out}: the {stage} stage finished with different settings (or different earlier stages)",
+                f"{out}: {self._changed(spec, done, settings)}",
                 hint=f"use a new --out, or delete {out} and {marker} to redo it",
             )
-        if stage not in ENDPOINT_STAGES:
+        if not spec.endpoints:
             self._serving.close()  # frees its memory and CPU for training; restarted if needed later
             self._served = None
         self.say(f"run: {stage} -> {out}")
         started = time.perf_counter()
-        facts = getattr(self, f"_do_{stage}")(out)
+        facts = spec.run(self, out)
         seconds = time.perf_counter() - started
         write_json_atomic(
-            marker, {"stage": stage, "fingerprint": self._fingerprint, "seconds": seconds, "facts": facts}
+            marker,
+            {
+                "stage": stage,
+                "fingerprint": self._fingerprint,
+                "settings": settings,
+                "seconds": seconds,
+                "facts": facts,
+            },
         )
         return StageOutcome(stage, "ran", out, seconds, facts)
-
-    def _settings(self, stage: str) -> Any:
-        """What a stage's output depends on: its ``HOW`` settings (endpoint URLs among them) left out."""
-        r = self.recipe
-        section: Any = {
-            "collect": r.collect,
-            "filter": r.filter,
-            "format": [_format_settings(r.format), r.run.data, *([r.data] if r.data.sources else [])],
-            "cache_teacher": [
-                r.cache_teacher,
-                r.distill.top_k,
-                r.distill.temperature,
-                r.distill.max_length,
-                r.distill.model_dtype,
-            ],
-            "distill": r.distill,
-            "merge": r.run.merge_best,
-            "stage2_format": r.stage2 and [_format_settings(r.stage2.format), r.stage2.data],
-            "stage2_distill": r.stage2 and r.stage2.distill,
-            "stage2_merge": r.run.merge_best,
-            "eval": [r.eval, r.run.probes, r.run.probe_max_new_tokens],
-        }[stage]
-        return _dump(section)
 
     # --- endpoints -------------------------------------------------------------------------------
 
@@ -216,10 +240,12 @@ class Pipeline:
         summary = run_collect(config, out, show_progress=self.show_progress)
         if summary.interrupted:
             raise RunInterrupted(f"collect interrupted: {summary.completed} trajectories saved in {out}")
+        self.on_summary("collect", summary)
         summary.check_errors(config.fail_on_error, "fail_on_error")
         return {
             "trajectories": summary.already_done + summary.completed,
             "stop_reasons": dict(summary.by_stop_reason),
+            "tool_calls": {s: summary.by_observation[s] for s in ("executed", "simulated", "error")},
             "completion_tokens": summary.completion_tokens,
         }
 
@@ -229,7 +255,7 @@ class Pipeline:
         config = self.recipe.filter.model_copy(deep=True)
         if "judge" in config.verifiers:
             self._fill(config.judge, "filter.judge")
-        summary = run_filter(self.work / STAGE_DIRS["collect"], out, config, show_progress=self.show_progress)
+        summary = run_filter(self.work / STAGE["collect"].folder, out, config, show_progress=self.show_progress)
         if summary.interrupted:
             raise RunInterrupted(f"filter interrupted: verdicts so far are journaled in {out}")
         report = summary.report
@@ -249,9 +275,9 @@ class Pipeline:
         """What format reads; None: the table of ``data.sources``, built by the format stage."""
         stages = self.recipe.run.stages
         if "filter" in stages:
-            return self.work / STAGE_DIRS["filter"] / "kept.jsonl"
+            return self.work / STAGE["filter"].folder / "kept.jsonl"
         if "collect" in stages:
-            return self.work / STAGE_DIRS["collect"] / "trajectories.jsonl"
+            return self.work / STAGE["collect"].folder / "trajectories.jsonl"
         return Path(self.recipe.run.data) if self.recipe.run.data else None
 
     def _format(self, source: Path, out: Path, config: FormatConfig, student: str | None) -> dict[str, Any]:
@@ -289,7 +315,7 @@ class Pipeline:
                 "cache_teacher.teacher is not set", hint="name a local teacher with the student's tokenizer"
             )
         summary = build_cache(
-            self.work / STAGE_DIRS["format"],
+            self.work / STAGE["format"].folder,
             resolve_model(c.teacher),
             out,
             top_k=d.top_k,
@@ -307,7 +333,7 @@ class Pipeline:
         kept = self._format_input()
         assert kept is not None  # _check_declared: source collect needs the collect stage
         summary = build_cache_from_logprobs(
-            self.work / STAGE_DIRS["format"],
+            self.work / STAGE["format"].folder,
             kept,
             out,
             tokenizer=_format_tokenizer(self.recipe.format, d.student),
@@ -340,8 +366,8 @@ class Pipeline:
         d = self.recipe.distill
         if not d.student:
             raise BadInputError("distill.student is not set", hint="name the student model in the recipe")
-        cache = self.work / STAGE_DIRS["cache_teacher"] if "cache_teacher" in self.recipe.run.stages else None
-        return self._train(d, self.work / STAGE_DIRS["format"], out, d.student, cache)
+        cache = self.work / STAGE["cache_teacher"].folder if "cache_teacher" in self.recipe.run.stages else None
+        return self._train(d, self.work / STAGE["format"].folder, out, d.student, cache)
 
     def _merge(self, adapter: Path, out: Path) -> dict[str, Any]:
         from tracegen.distill.merge import merge_adapter
@@ -353,23 +379,23 @@ class Pipeline:
         return {"adapter": str(chosen)}
 
     def _do_merge(self, out: Path) -> dict[str, Any]:
-        return self._merge(self.work / STAGE_DIRS["distill"], out)
+        return self._merge(self.work / STAGE["distill"].folder, out)
 
     def _do_stage2_format(self, out: Path) -> dict[str, Any]:
         s2 = self.recipe.stage2
         assert s2 is not None  # _check_declared
         if not s2.data:
             raise BadInputError("stage2.data is not set", hint="name the stage-2 dataset (.jsonl, .parquet or folder)")
-        return self._format(Path(s2.data), out, s2.format, str(self.work / STAGE_DIRS["merge"]))
+        return self._format(Path(s2.data), out, s2.format, str(self.work / STAGE["merge"].folder))
 
     def _do_stage2_distill(self, out: Path) -> dict[str, Any]:
         s2 = self.recipe.stage2
         assert s2 is not None
-        student = str(self.work / STAGE_DIRS["merge"])
-        return self._train(s2.distill, self.work / STAGE_DIRS["stage2_format"], out, student, None)
+        student = str(self.work / STAGE["merge"].folder)
+        return self._train(s2.distill, self.work / STAGE["stage2_format"].folder, out, student, None)
 
     def _do_stage2_merge(self, out: Path) -> dict[str, Any]:
-        return self._merge(self.work / STAGE_DIRS["stage2_distill"], out)
+        return self._merge(self.work / STAGE["stage2_distill"].folder, out)
 
     def _measure(self, evaluation: EvalConfig, model: Path | None, out: Path) -> dict[str, Any]:
         """``tracegen eval`` on the recipe's tasks: against eval.endpoint.base_url, or the final model served here."""
@@ -377,6 +403,8 @@ class Pipeline:
         from tracegen.serve import serve
 
         config = evaluation.model_copy(deep=True)
+        if config.tasks == HELD_OUT:
+            config.tasks = str(self._held_out_tasks(out))
         with contextlib.ExitStack() as stack:
             if not config.endpoint.base_url:
                 assert model is not None  # _check_declared
@@ -386,13 +414,30 @@ class Pipeline:
             summary = run_eval(config, out, show_progress=self.show_progress)
         if summary.interrupted:
             raise RunInterrupted(f"eval interrupted: answers so far are saved in {out}")
+        self.on_summary("eval", summary)
         totals = summary.totals()
-        return {k: totals[k] for k in ("answers", "accuracy", "converged", "hit_length")}
+        keep = ("answers", "accuracy", "converged", "hit_length", "with_markers", "empty_answers", "parse_fail")
+        return {k: totals[k] for k in (*keep, "median_completion_tokens", "p90_completion_tokens")}
+
+    def _held_out_tasks(self, out: Path) -> Path:
+        """``eval.tasks: held_out``: the rows distill held out of the formatted dataset, as a task file."""
+        from tracegen.distill.data import held_out_tasks
+
+        d = self.recipe.distill
+        tasks = held_out_tasks(self.work / STAGE["format"].folder, d.eval_fraction, d.split_seed, d.split_method)
+        if not tasks:
+            raise BadInputError(
+                "eval.tasks held_out: distill held no rows out", hint="set distill.eval_fraction above 0"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "held-out-tasks.jsonl"
+        write_lines_atomic(path, (json.dumps(t, ensure_ascii=False) for t in tasks))
+        return path
 
     def final_model(self) -> Path | None:
         for stage in ("stage2_merge", "merge"):
             if stage in self.recipe.run.stages:
-                return self.work / STAGE_DIRS[stage]
+                return self.work / STAGE[stage].folder
         return None
 
     def _do_eval(self, out: Path) -> dict[str, Any]:
@@ -417,6 +462,78 @@ class Pipeline:
                 )
             facts["probes"] = {r.template: r.completion[:60] for r in results}
         return facts
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of ``tracegen run``: everything the loop needs to know about it, in one place."""
+
+    name: str
+    folder: str
+    """Where it writes, inside WORK_DIR."""
+    run: Callable[[Pipeline, Path], dict[str, Any]]
+    """Does the work into the folder; returns the facts shown in the summary."""
+    settings: Callable[[Recipe], Any]
+    """What its output depends on (fingerprinted; a change to a finished stage is refused)."""
+    needs: tuple[str, ...] = ()
+    """Stages that must be declared with it."""
+    endpoints: bool = False
+    """May call an endpoint served from ``run.serve`` (other stages stop that server to free memory)."""
+
+    def fingerprinted(self, recipe: Recipe) -> Any:
+        """Its settings as JSON, endpoint URLs excluded: a served port changes every run."""
+        return _dump(self.settings(recipe))
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("collect", "collect", Pipeline._do_collect, lambda r: r.collect, endpoints=True),
+    Stage("filter", "filter", Pipeline._do_filter, lambda r: r.filter, needs=("collect",), endpoints=True),
+    Stage(
+        "format",
+        "dataset",
+        Pipeline._do_format,
+        lambda r: [_format_settings(r.format), r.run.data, *([r.data] if r.data.sources else [])],
+        endpoints=True,
+    ),
+    Stage(
+        "cache_teacher",
+        "teacher-cache",
+        Pipeline._do_cache_teacher,
+        lambda r: [
+            r.cache_teacher,
+            r.distill.top_k,
+            r.distill.temperature,
+            r.distill.max_length,
+            r.distill.model_dtype,
+        ],
+        needs=("format",),
+    ),
+    Stage("distill", "adapter", Pipeline._do_distill, lambda r: r.distill, needs=("format",)),
+    Stage("merge", "merged", Pipeline._do_merge, lambda r: r.run.merge_best, needs=("distill",)),
+    Stage(
+        "stage2_format",
+        "stage2-dataset",
+        Pipeline._do_stage2_format,
+        lambda r: r.stage2 and [_format_settings(r.stage2.format), r.stage2.data],
+        endpoints=True,
+    ),
+    Stage(
+        "stage2_distill",
+        "stage2-adapter",
+        Pipeline._do_stage2_distill,
+        lambda r: r.stage2 and r.stage2.distill,
+        needs=("stage2_format", "merge"),
+    ),
+    Stage(
+        "stage2_merge",
+        "stage2-merged",
+        Pipeline._do_stage2_merge,
+        lambda r: r.run.merge_best,
+        needs=("stage2_distill",),
+    ),
+    Stage("eval", "eval", Pipeline._do_eval, lambda r: [r.eval, r.run.probes, r.run.probe_max_new_tokens]),
+)
+STAGE: dict[str, Stage] = {s.name: s for s in STAGES}
 
 
 def _format_tokenizer(config: FormatConfig, student: str | None) -> str:

@@ -183,9 +183,13 @@ StopReason = Literal["answer", "max_turns", "length", "error", "budget"]
 
 
 class TrajectoryError(Record):
-    """A typed, recorded failure: a bad episode is data, never an exception."""
+    """A typed, recorded failure: a bad episode is data, never an exception.
 
-    kind: Literal["teacher", "runtime", "tool_call", "budget", "internal"]
+    ``endpoint``: the teacher could not be reached or refused the request (key, URL, model), so the
+    record is not a sample of its behaviour (collect retries it on resume); ``teacher``: any other
+    failure of the teacher's API."""
+
+    kind: Literal["endpoint", "teacher", "runtime", "tool_call", "budget", "internal"]
     message: str
     turn: int | None = None
 

@@ -286,6 +286,21 @@ def serve(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def tool_protocol_for(model_dir: Path) -> str:
+    """``native`` when the model's chat template renders the ``tools`` it is given (the server then
+    offers function calling), else ``hermes``: the tools go in the prompt and calls are parsed as text."""
+    template = ""
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
+    config = model_dir / "tokenizer_config.json"
+    if not template and config.is_file():
+        import json
+
+        template = str(json.loads(config.read_text(encoding="utf-8")).get("chat_template") or "")
+    return "native" if "tools" in template else "hermes"
+
+
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:

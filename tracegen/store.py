@@ -3,15 +3,20 @@
 Guarantees: a record :meth:`JsonlStore.append` returned from is on disk (flushed and fsynced) and
 survives ``kill -9`` or power loss of the process. A crash mid-write leaves at most one torn last
 line, which :meth:`JsonlStore.open` cuts off before anything new is appended, so the file is always
-a sequence of complete lines. Not guaranteed: durability when the filesystem lies about fsync, or
-safety with two processes appending to one file at once (one run directory, one writer).
+a sequence of complete lines. A record may be appended again under the same id (a retried
+trajectory): readers see the newest one, in its place. One run directory has one writer:
+:func:`writer_lock` refuses a second process. Not guaranteed: durability when the filesystem lies
+about fsync.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -20,7 +25,7 @@ from typing import Any, TextIO
 
 from pydantic import ValidationError
 
-from tracegen.errors import BadInputError
+from tracegen.errors import BadInputError, TracegenError
 from tracegen.records import SCHEMA_VERSION, Trajectory
 
 
@@ -40,10 +45,16 @@ class JsonlStore:
         """Write one JSON line and fsync it; blocking, so call it from a worker thread in async code."""
         assert self._fd is not None, "open() first"
         data = (line + "\n").encode()
+        start = os.lseek(self._fd, 0, os.SEEK_END)
         written = 0
-        while written < len(data):
-            written += os.write(self._fd, data[written:])
-        os.fsync(self._fd)
+        try:
+            while written < len(data):
+                written += os.write(self._fd, data[written:])
+            os.fsync(self._fd)
+        except OSError:  # a full disk: take the partial line back, so the file stays whole lines
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, start)
+            raise
 
     def close(self) -> None:
         if self._fd is not None:
@@ -88,6 +99,49 @@ def _check_only_tail(path: Path, good_end: int, line_no: int) -> None:
         )
 
 
+@contextlib.contextmanager
+def writer_lock(lock_file: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_file`` (holding our pid) for the block; refuse when another
+    process holds it. The kernel drops the lock when the holder exits, ``kill -9`` included."""
+    with disk_errors(lock_file.parent):
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise TracegenError(
+                f"{what} is being written by another tracegen process (pid {holder})",
+                hint="wait for it to finish (or stop it), or use another --out",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+_DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded"}
+_DISK_ERRORS |= {errno.EFBIG: "the file size limit is reached", errno.EROFS: "it is on a read-only file system"}
+_DISK_ERRORS |= {errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+
+
+@contextlib.contextmanager
+def disk_errors(where: Path) -> Iterator[None]:
+    """Turn a full disk, a quota or a read-only/unwritable folder into one TracegenError naming ``where``."""
+    try:
+        yield
+    except OSError as exc:
+        reason = _DISK_ERRORS.get(exc.errno or 0)
+        if reason is None:
+            raise
+        raise TracegenError(
+            f"cannot write to {where}: {reason} ({exc.filename or where})",
+            hint="free some space or choose a writable --out; re-running the same command resumes",
+        ) from exc
+
+
 def read_trajectories(path: Path) -> Iterator[Trajectory]:
     """Every trajectory in a JSONL file; a bad line is an error naming file:line."""
     for _, _, trajectory in read_trajectory_lines(path):
@@ -95,10 +149,14 @@ def read_trajectories(path: Path) -> Iterator[Trajectory]:
 
 
 def read_trajectory_lines(path: Path) -> Iterator[tuple[int, str, Trajectory]]:
-    """(line number, raw line, trajectory) for every record; a bad line is an error naming file:line."""
+    """(line number, raw line, trajectory) for every record; a bad line is an error naming file:line.
+
+    A record appended again under the same id (a retried trajectory) supersedes the earlier one: only
+    the newest is yielded, so each (task, sample) is seen once."""
+    superseded = _superseded_lines(path)
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
-            if not line.strip():
+            if not line.strip() or line_no in superseded:
                 continue
             try:
                 trajectory = Trajectory.model_validate_json(line)
@@ -109,6 +167,31 @@ def read_trajectory_lines(path: Path) -> Iterator[tuple[int, str, Trajectory]]:
                 raise BadInputError(f"{path}:{line_no}: not a trajectory record ({where}: {first['msg']})") from exc
             _refuse_newer(path, line_no, trajectory.schema_version)
             yield line_no, line, trajectory
+
+
+_ID_PREFIX = re.compile(r'\{"schema_version":\d+,"id":"([^"\\]*)"')
+
+
+def _superseded_lines(path: Path) -> set[int]:
+    """Line numbers of records a later line with the same id replaces (usually none)."""
+    last: dict[str, int] = {}
+    superseded: set[int] = set()
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            match = _ID_PREFIX.match(line)  # tracegen's own lines: no JSON parse needed
+            if match:
+                record_id: object = match.group(1)
+            else:
+                try:
+                    record_id = json.loads(line).get("id")
+                except (ValueError, AttributeError):
+                    continue  # the typed read below reports it with its line number
+            if not isinstance(record_id, str):
+                continue
+            if record_id in last:
+                superseded.add(last[record_id])
+            last[record_id] = line_no
+    return superseded
 
 
 def _declared_version(line: str) -> int | None:

@@ -8,6 +8,7 @@ Results go to stdout, progress and logs to stderr. Heavy libraries are imported 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -109,14 +110,24 @@ def collect(
         typer.Option(help="How tool calls are expressed (default auto: detected per reply)."),
     ] = None,
     fail_on_error: Annotated[
-        float | None, typer.Option(help="Exit 1 when more than this fraction of trajectories errored (default 0.5).")
+        float | None, typer.Option(help="Exit 1 when more than this fraction of trajectories errored.")
     ] = None,
+    retry_errors: Annotated[
+        bool,
+        typer.Option(
+            "--retry-errors",
+            help="Sample again every (task, sample) whose record is an error (unreachable-teacher and "
+            "refused-key errors always are).",
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON (for scripts).")] = False,
 ) -> None:
     """Generate thinking-on, multi-turn tool-calling trajectories from an OpenAI-compatible teacher.
 
     Writes OUT/trajectories.jsonl (one trajectory per line) and OUT/manifest.json. The API key is read
-    from $TRACEGEN_TEACHER_API_KEY (or $OPENAI_API_KEY) and is never written anywhere.
+    from $TRACEGEN_TEACHER_API_KEY (or $OPENAI_API_KEY) and is never written anywhere. Re-running
+    resumes; a retried record supersedes its error record when the file is read.
     """
     from tracegen.config import CollectConfig
     from tracegen.recipe import apply_overrides, load_recipe
@@ -149,8 +160,11 @@ def collect(
     from tracegen.collect.driver import run_collect
     from tracegen.collect.report import print_collect_summary
 
-    summary = run_collect(config, out, show_progress=not quiet)
-    print_collect_summary(summary)
+    summary = run_collect(config, out, show_progress=not quiet, retry_errors=retry_errors)
+    if as_json:
+        typer.echo(json.dumps(summary.as_dict(), indent=2))
+    else:
+        print_collect_summary(summary)
     if summary.interrupted:
         typer.echo(f"Interrupted: {summary.completed} trajectories saved; re-run the same command to resume.", err=True)
         raise typer.Exit(130)
@@ -246,7 +260,8 @@ def format_(
         typer.Option(help="Training layout (default chat)."),
     ] = None,
     tokenizer: Annotated[
-        str | None, typer.Option(help="Student tokenizer: qwen3, smollm2, or a local folder with tokenizer.json.")
+        str | None,
+        typer.Option(help="Student tokenizer: qwen3, smollm2, tiny:FAMILY, a model folder or a Hub model's tokenizer."),
     ] = None,
     recipe: Annotated[Path | None, typer.Option(help="Recipe YAML; flags override its `format:` section.")] = None,
     chat_template: Annotated[
@@ -302,8 +317,13 @@ def format_(
         "import_columns": parse_columns(import_columns),
         "workers": workers,
     }
+    config = format_config(recipe, overrides)
+    if config.tokenizer:
+        from tracegen.model_aliases import local_tokenizer
+
+        config.tokenizer = local_tokenizer(config.tokenizer)
     try:
-        result = format_dataset(input_path, out, format_config(recipe, overrides), show_progress=sys.stderr.isatty())
+        result = format_dataset(input_path, out, config, show_progress=sys.stderr.isatty())
     except KeyboardInterrupt:
         typer.echo(f"Interrupted: nothing written ({out} is as it was).", err=True)
         raise typer.Exit(130) from None
@@ -331,6 +351,8 @@ def audit(
     from tracegen.data.audit import run_audit
 
     report = run_audit(dataset_dir, index=index, html=html, tokenizer=tokenizer, max_tokens=max_tokens)
+    if html is not None:
+        typer.echo(f"HTML page: {html.resolve()}")
     if report.violations:
         raise TracegenError(
             f"{len(report.violations)} masking invariant violation(s); first: {report.violations[0]}",
@@ -441,6 +463,10 @@ def run_(
         typer.Option(help="Where collect's tool calls run (overrides the recipe)."),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the stages, their settings and what would be skipped; run none.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary (or the plan) as JSON.")] = False,
 ) -> None:
     """Run every stage the recipe declares (collect, filter, format, cache-teacher, distill, merge, stage 2, eval).
 
@@ -461,15 +487,106 @@ def run_(
     if runtime:
         config.collect.runtime = runtime
     console = Console(stderr=True)
-    pipeline = Pipeline(config, out, scale, show_progress=not quiet, say=lambda m: console.print(m, markup=False))
+
+    def show(stage: str, summary: Any) -> None:  # a stage's own table, as its command prints it
+        if as_json:
+            return
+        if stage == "collect":
+            from tracegen.collect.report import print_collect_summary
+
+            print_collect_summary(summary)
+        elif stage == "eval":
+            from tracegen.evaluate import print_eval
+
+            print_eval(summary)
+
+    pipeline = Pipeline(
+        config, out, scale, show_progress=not quiet, say=lambda m: console.print(m, markup=False), on_summary=show
+    )
+    if dry_run:
+        _print_plan(pipeline, as_json)
+        return
     outcomes = pipeline.run()
+    path = write_summary(out, outcomes)
+    if as_json:
+        typer.echo(path.read_text(encoding="utf-8"))
+        return
     table = Table(title=f"tracegen run {config.name or recipe.stem} ({scale})")
     for column in ("stage", "status", "seconds", "output and facts"):
         table.add_column(column, overflow="fold")
     for row in summary_rows(outcomes):
         table.add_row(*row)
     Console().print(table)
-    typer.echo(f"Summary: {write_summary(out, outcomes)}")
+    typer.echo(f"Summary: {path}")
+
+
+def _print_plan(pipeline: Any, as_json: bool) -> None:
+    """``run --dry-run``: one line per stage (what it would do, where), then each stage's settings."""
+    plan = pipeline.plan()
+    if as_json:
+        rows = [{"stage": p.stage, "out": str(p.out), "action": p.action, "settings": p.settings} for p in plan]
+        typer.echo(json.dumps({"stages": rows}, indent=2))
+        return
+    width = max(len(p.stage) for p in plan)
+    for p in plan:
+        typer.echo(f"{p.stage:<{width}}  {p.action:<20}  {p.out}")
+    for p in plan:
+        typer.echo(f"\n{p.stage} settings:")
+        for line in _flatten(p.settings):
+            typer.echo(f"  {line}")
+
+
+def _flatten(value: Any, path: str = "") -> list[str]:
+    if isinstance(value, dict) and value:
+        return [line for k, v in value.items() for line in _flatten(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(value, list) and any(isinstance(v, dict) for v in value):
+        return [line for i, v in enumerate(value) for line in _flatten(v, f"{path}[{i}]")]
+    return [f"{path or '(value)'}: {json.dumps(value)}"]
+
+
+@app.command("serve")
+def serve_(
+    model: Annotated[
+        str,
+        typer.Argument(metavar="MODEL", help="A local model folder, a Hub id, smollm2 or tiny:FAMILY[:SEED]."),
+    ],
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one).")] = 8000,
+    threads: Annotated[int, typer.Option(help="torch threads in the server.")] = 1,
+) -> None:
+    """Serve a model with `transformers serve` on 127.0.0.1 as an OpenAI-compatible teacher, until Ctrl-C.
+
+    The same set-up `tracegen run` uses for `run.serve` (aliases included). Prints the base URL and the
+    flags to pass to collect, including the tool protocol the model's chat template needs.
+    """
+    import signal
+
+    from tracegen.model_aliases import resolve_model
+    from tracegen.serve import serve, tool_protocol_for
+
+    model_dir = Path(resolve_model(model))
+    if not model_dir.is_dir():
+        raise TracegenError(f"{model}: serve needs a local model folder", hint="download it first, or use an alias")
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # the server is in its own session: stop it on these too
+        signal.signal(sig, stop)
+    typer.echo(f"serve: starting transformers serve on {model_dir} ...", err=True)
+    with serve(model_dir, port, threads=threads) as teacher:
+        protocol = tool_protocol_for(model_dir)
+        typer.echo(f"base_url: {teacher.base_url}\nmodel:    {teacher.model}\ntool protocol: {protocol}")
+        typer.echo(
+            f"collect with:\n  tracegen collect --tasks TASKS --out RUN_DIR --teacher-base-url {teacher.base_url} "
+            f"--teacher-model {teacher.model} --tool-protocol {protocol}\n(Ctrl-C to stop)"
+        )
+        sys.stdout.flush()
+        try:
+            teacher.process.wait()
+        except KeyboardInterrupt:
+            typer.echo("serve: stopped.", err=True)
+            raise typer.Exit(130) from None
+    raise TracegenError(f"transformers serve exited with code {teacher.process.returncode}", hint=teacher.log_tail())
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from typer.core import TyperGroup
 
 if TYPE_CHECKING:
     from tracegen.distill.dtypes import DtypeName
+from tracegen.model_aliases import local_tokenizer, resolve_model
 
 
 class _DefaultTrainGroup(TyperGroup):
@@ -45,15 +46,33 @@ distill_app = typer.Typer(
 )
 
 
-def _print(result: dict[str, Any]) -> None:
-    typer.echo(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in result.items()}, indent=2))
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the summary as JSON (for scripts).")]
+
+
+def _print(title: str, result: dict[str, Any], as_json: bool) -> None:
+    """The command's summary on stdout: a table like the other commands', or JSON with ``--json``."""
+    plain = {k: str(v) if isinstance(v, Path) else v for k, v in result.items()}
+    if as_json:
+        typer.echo(json.dumps(plain, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right", overflow="fold")
+    for key, value in plain.items():
+        table.add_row(key.replace("_", " "), f"{value:.4g}" if isinstance(value, float) else str(value))
+    Console().print(table)
 
 
 @distill_app.command("train")
 def train_command(
     dataset_dir: Annotated[Path, typer.Argument(help="A formatted dataset folder (`tracegen format` output).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Adapter folder (PEFT format, metrics, config).")],
-    student: Annotated[str | None, typer.Option(help="Student model: local folder or Hub id.")] = None,
+    student: Annotated[
+        str | None, typer.Option(help="Student model: local folder, Hub id, smollm2 or tiny:FAMILY[:SEED].")
+    ] = None,
     recipe: Annotated[
         Path | None, typer.Option("--recipe", "-r", help="Recipe YAML; flags override `distill:`.")
     ] = None,
@@ -88,6 +107,7 @@ def train_command(
         ),
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint if there is one.")] = False,
+    as_json: JsonFlag = False,
 ) -> None:
     """Train a LoRA adapter (or, with --method full, the whole student) on the trained tokens of DATASET_DIR
     (proof-weighted CE, plus KD with a teacher cache)."""
@@ -114,6 +134,11 @@ def train_command(
     if any(v is not None for v in lora.values()):
         overrides["lora"] = lora
     config = apply_overrides(base, overrides)
+    from tracegen.distill.data import parquet_files  # torch: imported only when a command runs
+
+    parquet_files(dataset_dir)  # a wrong dataset path fails before any model is loaded
+    if config.student:
+        config.student = resolve_model(config.student)
 
     from tracegen.distill.trainer import train
 
@@ -121,7 +146,7 @@ def train_command(
     from accelerate import PartialState
 
     if PartialState().is_main_process:  # under `accelerate launch`, one summary, not one per process
-        _print(asdict(summary))
+        _print(f"distill: {out}", asdict(summary), as_json)
     if summary.interrupted:
         raise typer.Exit(130)
 
@@ -131,7 +156,10 @@ def cache_teacher_command(
     dataset_dir: Annotated[Path, typer.Argument(help="The formatted dataset the student will train on.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Cache folder (memory-mappable .npy shards).")],
     teacher: Annotated[
-        str | None, typer.Option(help="Local teacher model (folder or Hub id), same tokenizer as the student.")
+        str | None,
+        typer.Option(
+            help="Local teacher model (folder, Hub id, smollm2 or tiny:FAMILY[:SEED]), the student's tokenizer."
+        ),
     ] = None,
     from_logprobs: Annotated[
         Path | None,
@@ -150,9 +178,11 @@ def cache_teacher_command(
     dtype: Annotated[
         str, typer.Option(help="Teacher dtype: auto (its checkpoint's), bf16, fp16 or fp32 (distill.model_dtype).")
     ] = "auto",
+    as_json: JsonFlag = False,
 ) -> None:
     """Per supervised token, top-k ids + fp16 log-probs + logsumexp: from one forward pass of a local
     teacher, or from the top log-probs an API teacher returned during collect."""
+    from tracegen.distill.data import parquet_files
     from tracegen.errors import BadInputError
 
     if (teacher is None) == (from_logprobs is None):
@@ -162,19 +192,26 @@ def cache_teacher_command(
 
         if tokenizer is None:
             raise BadInputError("--from-logprobs needs --tokenizer (the dataset's tokenizer, shared by the teacher)")
+        parquet_files(dataset_dir)
         api = build_cache_from_logprobs(
-            dataset_dir, from_logprobs, out, tokenizer=tokenizer, temperature=temperature, max_length=max_length
+            dataset_dir,
+            from_logprobs,
+            out,
+            tokenizer=local_tokenizer(tokenizer),
+            temperature=temperature,
+            max_length=max_length,
         )
-        _print(asdict(api))
+        _print(f"cache-teacher: {out}", asdict(api), as_json)
         return
     from tracegen.distill.cache import build_cache
 
     assert teacher is not None
     if dtype not in ("auto", "bf16", "fp16", "fp32"):
         raise BadInputError(f"--dtype {dtype}: not a model dtype", hint="use auto, bf16, fp16 or fp32")
+    parquet_files(dataset_dir)
     summary = build_cache(
         dataset_dir,
-        teacher,
+        resolve_model(teacher),
         out,
         top_k=top_k,
         temperature=temperature,
@@ -182,7 +219,7 @@ def cache_teacher_command(
         max_length=max_length,
         dtype=cast("DtypeName", dtype),
     )
-    _print(asdict(summary))
+    _print(f"cache-teacher: {out}", asdict(summary), as_json)
 
 
 @distill_app.command("merge")
@@ -192,9 +229,11 @@ def merge_command(
     base: Annotated[
         str | None, typer.Option(help="Base model (default: the adapter's base_model_name_or_path).")
     ] = None,
+    as_json: JsonFlag = False,
 ) -> None:
     """Fold the adapter into its full-precision base (written in the base's dtype); the merged logits equal
     base+adapter. A full-training output is already the model: its files are linked into OUT."""
     from tracegen.distill.merge import merge_adapter
 
-    _print(asdict(merge_adapter(adapter_dir, out, base)))
+    summary = merge_adapter(adapter_dir, out, resolve_model(base) if base else None)
+    _print(f"merge: {out}", asdict(summary), as_json)

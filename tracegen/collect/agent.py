@@ -99,7 +99,8 @@ class Agent:
                         seed_offset=sample_index,
                     )
                 except TeacherError as exc:
-                    errors.append(TrajectoryError(kind="teacher", message=exc.message, turn=turn))
+                    kind = "endpoint" if _endpoint_failure(exc) else "teacher"
+                    errors.append(TrajectoryError(kind=kind, message=exc.message, turn=turn))
                     stop = "error"
                     break
                 finally:
@@ -190,6 +191,20 @@ class Agent:
             return _error_message(call, f"{problem}. Fix the call and try again.")
         output = await episode.call(call, arguments, spec)
         return ToolMessage(tool_call_id=call.id, name=call.name, content=output.content, observation=output.observation)
+
+
+_REFUSED = {401, 403, 404}  # bad key, no access, wrong URL or model name
+
+
+def _endpoint_failure(exc: TeacherError) -> bool:
+    """The teacher was unreachable (connection refused, unknown host) or refused the request itself:
+    the error says nothing about how the teacher behaves on this task."""
+    if exc.status in _REFUSED:
+        return True
+    cause = exc.__cause__  # after the retries: the last attempt's RetryableTeacherError, and its cause
+    inner = cause.__cause__ if cause is not None else None
+    unreachable = isinstance(inner, OSError) and not isinstance(inner, TimeoutError)
+    return unreachable or type(inner).__name__ == "APIConnectionError"
 
 
 def _error_message(call: ToolCall, problem: str) -> ToolMessage:

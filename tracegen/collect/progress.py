@@ -6,7 +6,7 @@ import time
 from types import TracebackType
 
 from tracegen.config import Prices
-from tracegen.progress_bar import stage_bar
+from tracegen.progress_bar import ProgressLines, stage_bar
 from tracegen.records import AssistantMessage, Trajectory
 
 
@@ -17,17 +17,30 @@ class CollectProgress:
         self.done = self.failed = self.in_flight = self.turns = 0
         self.prompt_tokens = self.completion_tokens = 0
         self._started = time.monotonic()
+        self.total = total
         self._progress, self._task = stage_bar("collect", total, enabled)
+        self._lines = ProgressLines(self.line, enabled)
 
     def __enter__(self) -> CollectProgress:
         self._progress.start()
+        self._lines.__enter__()
         return self
+
+    def line(self) -> str:
+        """One plain progress line, for logs that are not a terminal."""
+        elapsed = max(time.monotonic() - self._started, 1e-9)
+        return (
+            f"collect: {self.done}/{self.total} done, {self.failed} failed, {self.in_flight} in flight, "
+            f"{self.turns} turns, {self.done / elapsed:.2f} trajectories/s, "
+            f"{self.completion_tokens / elapsed:,.0f} tok/s, {elapsed:.0f} s"
+        )
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._refresh()
         self._progress.stop()
+        self._lines.__exit__(exc_type, exc, tb)
 
     def started(self) -> None:
         self.in_flight += 1

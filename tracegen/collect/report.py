@@ -15,9 +15,14 @@ def print_collect_summary(summary: CollectSummary) -> None:
     table.add_row("trajectories planned (tasks x K)", str(summary.planned))
     table.add_row("already done (resumed)", str(summary.already_done))
     table.add_row("completed this run", str(summary.completed))
+    if summary.retrying:
+        table.add_row("  of which earlier errors sampled again", str(summary.retrying))
     for reason in ("answer", "max_turns", "length", "budget", "error"):
         table.add_row(f"  stop_reason={reason}", str(summary.by_stop_reason.get(reason, 0)))
     table.add_row("turns", str(summary.turns))
+    table.add_row("tool calls", str(summary.by_observation.total()))
+    for source in ("executed", "simulated", "error"):
+        table.add_row(f"  answered: {source}", str(summary.by_observation.get(source, 0)))
     table.add_row(
         "prompt / completion / reasoning tokens",
         f"{summary.prompt_tokens:,} / {summary.completion_tokens:,} / {summary.reasoning_tokens:,}",

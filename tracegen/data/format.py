@@ -42,7 +42,7 @@ from tracegen.errors import BadInputError, TracegenError
 from tracegen.fingerprint import deciding
 from tracegen.progress_bar import stage_bar
 from tracegen.records import AssistantMessage, SystemMessage, ToolMessage, Trajectory, UserMessage
-from tracegen.store import read_trajectories
+from tracegen.store import disk_errors, read_trajectories, writer_lock
 
 
 @dataclass
@@ -497,6 +497,14 @@ def format_dataset(input_path: Path, out: Path, config: FormatConfig, show_progr
         raise BadInputError("no tokenizer given", hint="pass --tokenizer qwen3|smollm2|PATH")
     trajs = load_input(input_path, config)
     tok = load_tokenizer(config.tokenizer)
+    # One writer per dataset folder; the lock sits beside it, since the folder itself is replaced.
+    with writer_lock(out.with_name(f".{out.name}.lock"), str(out)), disk_errors(out.parent):
+        return _format_loaded(trajs, tok, input_path, out, config, show_progress)
+
+
+def _format_loaded(
+    trajs: list[Trajectory], tok: Tok, input_path: Path, out: Path, config: FormatConfig, show_progress: bool
+) -> FormatResult:
     critiques = critiques_for(trajs, config) if config.template == "dualmind" else None
     table, kept_idx, stats = format_rows(trajs, config, tok, critiques, show_progress)
     kept = [trajs[i] for i in kept_idx]

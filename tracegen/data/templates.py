@@ -12,6 +12,7 @@ The fixed-text templates (exact strings: these are the formats published models 
 
     proof     Solve the following problem carefully and show a rigorous derivation.\\n\\nProblem:\\n{question}
               \\n\\nProof:\\n{derivation}\\n\\nFinal Answer:\\n{answer}<EOS>
+              (a trajectory with no reasoning and no tool calls has no ``Proof:`` block at all)
     dualmind  ##USER:\\n{prompt}\\n\\n<explore>\\n{derivation}\\n</explore>\\n\\n<examine>\\n{critique}
               \\n</examine>\\n\\n<response>\\n{answer}\\n</response><EOS>
     instruct  ### Instruction:\\n{instruction}\\n\\n### Response:\\n{output}<EOS>
@@ -242,8 +243,9 @@ def _t(text: str, train: bool = False) -> Piece:
 
 def render_proof(traj: Trajectory, policy: MaskPolicy, eos: str) -> Rendered:
     parts = _require_answer(traj, policy)
-    pieces = [_t(PROOF_HEAD), Piece(parts.question, "prompt", False), _t(PROOF_MID)]
-    pieces += parts.derivation
+    pieces = [_t(PROOF_HEAD), Piece(parts.question, "prompt", False)]
+    if any(piece.text.strip() for piece in parts.derivation):  # no empty `Proof:` block without one
+        pieces += [_t(PROOF_MID), *parts.derivation]
     pieces += [_t(PROOF_TAIL, True), Piece(parts.answer or "", "answer", True), Piece(eos, "template", True, eos=True)]
     return Rendered(traj.id, "proof", pieces)
 

@@ -178,8 +178,10 @@ def copy_image(src: docker.DockerClient, dst: docker.DockerClient, name: str) ->
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+    """The engine's own message, whole (docker's ``explanation``: the reason, without the request URL)."""
+    explanation = getattr(exc, "explanation", None)
+    text = (explanation if isinstance(explanation, str) and explanation.strip() else str(exc)).strip()
+    return " ".join(text.split()) if text else type(exc).__name__
 
 
 def _build_log_tail(exc: BaseException) -> str:
