@@ -146,3 +146,28 @@ def test_eval_fails_past_its_error_limit_before_writing_a_report(tmp_path: Path)
         with pytest.raises(TracegenError, match=r"2 of 2 trajectories ended in error .* eval.fail_on_error 50%"):
             run_eval(config, tmp_path / "eval", show_progress=False)
     assert not (tmp_path / "eval" / "eval.json").exists()
+
+
+def test_eval_counts_markers_empty_answers_parse_failures_and_length_percentiles(tmp_path: Path) -> None:
+    from tracegen.testing.fake_server import tool_call_reply
+
+    def reply(request: dict[str, Any]) -> Reply:
+        i = int(re.search(r"What is (\d+) \+", request["messages"][-1]["content"]).group(1))  # type: ignore[union-attr]
+        if i == 0:
+            return text_reply("0 + 0 adds nothing.\n\nFinal Answer:\n0")
+        if i == 1:
+            return text_reply("")  # an empty answer
+        return tool_call_reply([("python", '{"code": "print(')])  # arguments that do not parse
+
+    tasks = write_tasks(tmp_path / "tasks.jsonl", 3)
+    config = eval_config("", tasks, require_markers=["Final Answer:"], max_turns=1, tools=["python"])
+    with FakeServer(reply) as server:
+        config.endpoint.base_url = server.base_url
+        summary = run_eval(config, tmp_path / "eval", show_progress=False)
+    totals = summary.totals()
+    assert (totals["with_markers"], totals["empty_answers"], totals["parse_fail"]) == (1, 2, 1)
+    rows = {r.task_id: r for r in summary.rows}
+    assert rows["t0"].markers_missing == [] and rows["t1"].markers_missing == ["Final Answer:"]
+    tokens = sorted(r.completion_tokens for r in summary.rows)
+    assert totals["median_completion_tokens"] == tokens[1]
+    assert totals["p90_completion_tokens"] == pytest.approx(tokens[1] + 0.8 * (tokens[2] - tokens[1]), abs=0.05)

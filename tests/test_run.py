@@ -121,7 +121,10 @@ CARDS: dict[str, dict[str, Any]] = {
         "distill.packing": False,
         "eval.endpoint.temperature": 0.6,
         "eval.endpoint.top_p": 0.95,
-        "eval.endpoint.max_tokens": 32768,
+        "eval.endpoint.max_tokens": 32000,  # the card's harness: 4 at a time, streamed, 1,800 s, 32,000 tokens
+        "eval.endpoint.stream": True,
+        "eval.endpoint.timeout_s": 1800,
+        "eval.concurrency": 4,
     },
     "qwen3.6-27b-agentic-react-lora-as-released.yaml": {
         "run.stages": ["collect", "format", "distill", "merge", "eval"],  # no filter: no rejection sampling

@@ -616,6 +616,11 @@ class EvalConfig(AgentLoopConfig):
         description="The model under test (OpenAI-compatible; temperature 0.6, top_p 0.95, max_tokens 32768).",
     )
     samples: int = Field(1, ge=1, description="Answers sampled per task (accuracy averages over them).")
+    require_markers: list[str] = Field(
+        default_factory=list,
+        description="Strings every answer's text must contain, counted per answer (with_markers): e.g. "
+        "'Final Answer:' (proof cards), '</explore>', '<examine>', '<response>' (DualMind; <explore> is prompt).",
+    )
     prompt_template: Literal["none", "proof", "dualmind", "instruct"] = Field(
         "none",
         description="Wrap each task prompt in a training template's prompt part (what a student trained on "

@@ -9,6 +9,9 @@ them. Each answer is then scored:
   An answer is correct when every check that applied passed; a task with neither is not scored.
 - ``finish_reason`` of the answer's last turn: ``stop`` means the model converged on an answer,
   ``length`` that it ran into the token wall (the metric the agentic card reports per question).
+- What the cards also report: ``require_markers`` present in the answer (``Final Answer:``, the
+  DualMind tags), empty answers, tool calls whose arguments did not parse (``parse_fail``), and the
+  median and 90th percentile of the completion length.
 
 ``OUT/eval.json`` (written atomically) carries one row per answer and the totals. Re-running resumes
 the collect part; scoring is recomputed (it is cheap, tests aside). Changing what is asked (template,
@@ -49,6 +52,8 @@ class AnswerRow:
     completion_tokens: int
     turns: int
     answer: str
+    markers_missing: list[str] = field(default_factory=list)  # of eval.require_markers, in the answer's text
+    parse_failures: int = 0  # tool calls whose arguments did not parse
 
 
 @dataclass
@@ -73,12 +78,29 @@ class EvalSummary:
             "by_finish_reason": dict(finish),
             "by_stop_reason": dict(collections.Counter(r.stop_reason for r in self.rows)),
             "mean_completion_tokens": round(sum(r.completion_tokens for r in self.rows) / n, 1) if n else None,
+            "median_completion_tokens": _percentile([r.completion_tokens for r in self.rows], 50),
+            "p90_completion_tokens": _percentile([r.completion_tokens for r in self.rows], 90),
+            "empty_answers": sum(1 for r in self.rows if not r.answer),
+            "parse_fail": sum(r.parse_failures for r in self.rows),
+            "with_markers": sum(1 for r in self.rows if not r.markers_missing),
         }
+
+
+def _percentile(values: list[int], q: float) -> float | None:
+    """The q-th percentile, linear between the closest ranks (numpy's default)."""
+    if not values:
+        return None
+    ranked = sorted(values)
+    at = (len(ranked) - 1) * q / 100
+    low = int(at)
+    high = min(low + 1, len(ranked) - 1)
+    return round(ranked[low] + (ranked[high] - ranked[low]) * (at - low), 1)
 
 
 def settings_key(config: EvalConfig) -> str:
     """What decides the answers: the collect fingerprint (model, sampling, tools...) plus the prompt wrapping."""
     blob = json.dumps([config.collect_config().fingerprint(), config.prompt_template], sort_keys=True)
+    # require_markers only changes the scoring, recomputed on every run: not part of the key.
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -106,7 +128,7 @@ def run_eval(config: EvalConfig, out: Path, show_progress: bool = True) -> EvalS
     tests = asyncio.run(_run_tests(trajectories, config)) if config.tests else {}
     for t in trajectories:
         verdicts = [v for v in (reference_verdict(t, config.reference), tests.get(t.id)) if v is not None]
-        summary.rows.append(_row(t, verdicts))
+        summary.rows.append(_row(t, verdicts, config.require_markers))
     summary.rows.sort(key=lambda r: (r.task_id, r.sample))
     write_json_atomic(
         out / EVAL_JSON,
@@ -166,9 +188,10 @@ async def _run_tests(trajectories: list[Trajectory], config: EvalConfig) -> dict
         await runtime.aclose()
 
 
-def _row(t: Trajectory, verdicts: list[Verdict]) -> AnswerRow:
+def _row(t: Trajectory, verdicts: list[Verdict], markers: list[str]) -> AnswerRow:
     turns = [m for m in t.messages if isinstance(m, AssistantMessage)]
     answer = (t.final_answer or "").strip()
+    said = "\n".join(m.content or "" for m in turns)
     return AnswerRow(
         task_id=t.task.id,
         sample=t.sample_index,
@@ -179,6 +202,8 @@ def _row(t: Trajectory, verdicts: list[Verdict]) -> AnswerRow:
         completion_tokens=t.usage.completion_tokens,
         turns=len(turns),
         answer=answer if len(answer) <= ANSWER_CHARS else answer[: ANSWER_CHARS - 3] + "...",
+        markers_missing=[m for m in markers if m not in said],
+        parse_failures=sum(1 for m in turns for c in m.tool_calls if c.parse_error),
     )
 
 
@@ -206,5 +231,7 @@ def print_eval(summary: EvalSummary, max_rows: int = 40) -> None:
     wall = "n/a" if t["hit_length"] is None else f"{t['hit_length']:.1%}"
     console.print(
         f"{t['questions']} questions, {t['answers']} answers: accuracy {accuracy}; converged (finish_reason=stop) "
-        f"{converged}, hit the token wall (length) {wall}; {summary.out / EVAL_JSON}"
+        f"{converged}, hit the token wall (length) {wall}; completion tokens median {t['median_completion_tokens']}, "
+        f"p90 {t['p90_completion_tokens']}; empty answers {t['empty_answers']}, parse_fail {t['parse_fail']}, "
+        f"with the required markers {t['with_markers']}/{t['answers']}; {summary.out / EVAL_JSON}"
     )
