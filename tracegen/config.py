@@ -608,6 +608,10 @@ class EvalEndpointConfig(TeacherConfig):
     max_tokens: int = Field(32768, ge=1, description="Completion tokens per request (per turn).")
 
 
+HELD_OUT = "held_out"
+"""``eval.tasks: held_out`` in a recipe: the rows the distill stage held out of the formatted dataset."""
+
+
 class EvalConfig(AgentLoopConfig):
     """``tracegen eval``: a served model on a task set, through the collect loop and filter's verifiers."""
 
@@ -765,7 +769,7 @@ def _resolve_paths(recipe: Recipe, base: Path) -> None:
     if stage2 is not None:
         stage2.data = data(stage2.data)
     evaluation = recipe.eval
-    if evaluation is not None and evaluation.tasks:
+    if evaluation is not None and evaluation.tasks and evaluation.tasks != HELD_OUT:
         evaluation.tasks = file(evaluation.tasks)
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tracegen.config import (
+    HELD_OUT,
     STAGE_ORDER,
     DistillConfig,
     EndpointConfig,
@@ -42,7 +43,7 @@ from tracegen.config import (
     Recipe,
 )
 from tracegen.errors import BadInputError, TracegenError
-from tracegen.store import write_json_atomic
+from tracegen.store import write_json_atomic, write_lines_atomic
 
 STAGE_DIRS: dict[str, str] = {
     "collect": "collect",
@@ -129,6 +130,9 @@ class Pipeline:
             raise BadInputError("stage2 stages declared but the recipe has no stage2: section")
         if "stage2_distill" in stages and "merge" not in stages:
             raise BadInputError("stage 2 trains the merged stage-1 model", hint="add merge to run.stages")
+        held_out = r.eval is not None and r.eval.tasks == HELD_OUT
+        if held_out and not {"format", "distill"} <= set(stages):
+            raise BadInputError("eval.tasks held_out are the rows distill held out", hint="add format and distill")
         if "eval" in stages and not {"merge", "stage2_merge"} & set(stages) and not self._eval_base_url():
             raise BadInputError(
                 "the eval stage needs a merged model or eval.endpoint.base_url", hint="add merge to run.stages"
@@ -374,6 +378,8 @@ class Pipeline:
         from tracegen.serve import serve
 
         config = evaluation.model_copy(deep=True)
+        if config.tasks == HELD_OUT:
+            config.tasks = str(self._held_out_tasks(out))
         with contextlib.ExitStack() as stack:
             if not config.endpoint.base_url:
                 assert model is not None  # _check_declared
@@ -384,7 +390,23 @@ class Pipeline:
         if summary.interrupted:
             raise RunInterrupted(f"eval interrupted: answers so far are saved in {out}")
         totals = summary.totals()
-        return {k: totals[k] for k in ("answers", "accuracy", "converged", "hit_length")}
+        keep = ("answers", "accuracy", "converged", "hit_length", "with_markers", "empty_answers", "parse_fail")
+        return {k: totals[k] for k in (*keep, "median_completion_tokens", "p90_completion_tokens")}
+
+    def _held_out_tasks(self, out: Path) -> Path:
+        """``eval.tasks: held_out``: the rows distill held out of the formatted dataset, as a task file."""
+        from tracegen.distill.data import held_out_tasks
+
+        d = self.recipe.distill
+        tasks = held_out_tasks(self.work / STAGE_DIRS["format"], d.eval_fraction, d.split_seed, d.split_method)
+        if not tasks:
+            raise BadInputError(
+                "eval.tasks held_out: distill held no rows out", hint="set distill.eval_fraction above 0"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "held-out-tasks.jsonl"
+        write_lines_atomic(path, (json.dumps(t, ensure_ascii=False) for t in tasks))
+        return path
 
     def final_model(self) -> Path | None:
         for stage in ("stage2_merge", "merge"):
