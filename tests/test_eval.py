@@ -171,3 +171,25 @@ def test_eval_counts_markers_empty_answers_parse_failures_and_length_percentiles
     tokens = sorted(r.completion_tokens for r in summary.rows)
     assert totals["median_completion_tokens"] == tokens[1]
     assert totals["p90_completion_tokens"] == pytest.approx(tokens[1] + 0.8 * (tokens[2] - tokens[1]), abs=0.05)
+
+
+def test_eval_compares_several_models_served_the_same_way(tmp_path: Path) -> None:
+    def by_model(request: dict[str, Any]) -> Reply:  # the base model is wrong, the distilled one right
+        i = int(re.search(r"What is (\d+) \+", request["messages"][-1]["content"]).group(1))  # type: ignore[union-attr]
+        return text_reply(f"The answer is {i + i if request['model'] == 'org/merged' else 7}.")
+
+    tasks = write_tasks(tmp_path / "tasks.jsonl", 2)
+    with FakeServer(by_model) as server:
+        result = tracegen(
+            "eval", "--tasks", str(tasks), "--base-url", server.base_url, "--model", "base", "--model", "org/merged",
+            "-q", "--out", str(tmp_path / "eval"),
+        )  # fmt: skip
+        asked = {r["model"] for r in server.requests}
+    assert result.returncode == 0, result.stderr
+    assert asked == {"base", "org/merged"}
+    assert json.loads((tmp_path / "eval" / "base" / "eval.json").read_text())["totals"]["accuracy"] == 0.0
+    assert json.loads((tmp_path / "eval" / "org_merged" / "eval.json").read_text())["totals"]["accuracy"] == 1.0
+    compared = json.loads((tmp_path / "eval" / "compare.json").read_text())
+    assert compared["models"] == ["base", "org/merged"] and compared["metrics"]["accuracy"] == [0.0, 1.0]
+    assert compared["difference"]["accuracy"] == [1.0]
+    assert re.search(r"accuracy\s.*0\s.*1\s.*\+1", " ".join(result.stdout.split()))

@@ -13,7 +13,9 @@ them. Each answer is then scored:
   DualMind tags), empty answers, tool calls whose arguments did not parse (``parse_fail``), and the
   median and 90th percentile of the completion length.
 
-``OUT/eval.json`` (written atomically) carries one row per answer and the totals. Re-running resumes
+``OUT/eval.json`` (written atomically) carries one row per answer and the totals. Several models
+served the same way (one endpoint, the same sampling and prompts; :func:`run_comparison`) are
+measured one after another into ``OUT/<model>/`` and compared side by side in ``OUT/compare.json``. Re-running resumes
 the collect part; scoring is recomputed (it is cheap, tests aside). Changing what is asked (template,
 sampling, model) while reusing OUT is refused, since old answers would be mixed with new ones.
 """
@@ -24,6 +26,7 @@ import asyncio
 import collections
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +41,9 @@ from tracegen.records import AssistantMessage, Task, Trajectory, Verdict
 from tracegen.store import read_trajectories, write_json_atomic
 
 EVAL_JSON = "eval.json"
+COMPARE_JSON = "compare.json"
+COMPARED = ("accuracy", "converged", "hit_length", "with_markers", "empty_answers", "parse_fail",
+            "median_completion_tokens", "p90_completion_tokens")  # fmt: skip
 ANSWER_CHARS = 200  # of each final answer kept in eval.json (the full text is in trajectories.jsonl)
 
 
@@ -235,3 +241,68 @@ def print_eval(summary: EvalSummary, max_rows: int = 40) -> None:
         f"p90 {t['p90_completion_tokens']}; empty answers {t['empty_answers']}, parse_fail {t['parse_fail']}, "
         f"with the required markers {t['with_markers']}/{t['answers']}; {summary.out / EVAL_JSON}"
     )
+
+
+def model_dir(out: Path, model: str) -> Path:
+    """``OUT/<model>``, the model name made a safe folder name."""
+    return out / (re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("._") or "model")
+
+
+def run_comparison(config: EvalConfig, models: list[str], out: Path, show_progress: bool = True) -> list[EvalSummary]:
+    """Every model on the same endpoint, tasks and sampling, each into ``OUT/<model>``; then ``OUT/compare.json``.
+
+    Stops at the first interrupted run (its answers are kept; re-running resumes every model).
+    """
+    dirs = [model_dir(out, m) for m in models]
+    if len(set(dirs)) != len(dirs):
+        raise BadInputError(f"--model names {', '.join(models)} repeat (or map to one folder)", hint="name each once")
+    summaries = []
+    for model, folder in zip(models, dirs, strict=True):
+        summary = run_eval(config.model_copy(update={"endpoint": config.endpoint.model_copy(update={"model": model})}),
+                           folder, show_progress)  # fmt: skip
+        summaries.append(summary)
+        if summary.interrupted:
+            return summaries
+    write_json_atomic(out / COMPARE_JSON, comparison(summaries))
+    return summaries
+
+
+def comparison(summaries: list[EvalSummary]) -> dict[str, Any]:
+    """The compared totals per model, and each later model's difference from the first (the baseline)."""
+    totals = [s.totals() for s in summaries]
+    first = totals[0]
+
+    def diff(value: Any, base: Any) -> float | None:
+        return round(value - base, 4) if isinstance(value, int | float) and isinstance(base, int | float) else None
+
+    return {
+        "models": [s.model for s in summaries],
+        "baseline": summaries[0].model,
+        "metrics": {k: [t[k] for t in totals] for k in COMPARED},
+        "difference": {k: [diff(t[k], first[k]) for t in totals[1:]] for k in COMPARED},
+    }
+
+
+def print_comparison(summaries: list[EvalSummary]) -> None:
+    """One table: a row per metric, a column per model, then each model's difference from the first."""
+    from rich.console import Console
+    from rich.table import Table
+
+    data = comparison(summaries)
+    models = data["models"]
+    table = Table(title=f"eval: {len(models)} models, difference from {models[0]}", show_header=True)
+    table.add_column("metric")
+    for m in models:
+        table.add_column(m, justify="right")
+    for m in models[1:]:
+        table.add_column(f"{m} - {models[0]}", justify="right")
+
+    def cell(value: Any, signed: bool = False) -> str:
+        if value is None:
+            return "n/a"
+        return f"{value:+g}" if signed else f"{value:g}"
+
+    for k in COMPARED:
+        values = [cell(v) for v in data["metrics"][k]]
+        table.add_row(k, *values, *(cell(d, signed=True) for d in data["difference"][k]))
+    Console().print(table)
