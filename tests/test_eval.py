@@ -193,3 +193,37 @@ def test_eval_compares_several_models_served_the_same_way(tmp_path: Path) -> Non
     assert compared["models"] == ["base", "org/merged"] and compared["metrics"]["accuracy"] == [0.0, 1.0]
     assert compared["difference"]["accuracy"] == [1.0]
     assert re.search(r"accuracy\s.*0\s.*1\s.*\+1", " ".join(result.stdout.split()))
+
+
+def test_multiple_choice_tasks_with_k_shot_are_scored_by_letter(tmp_path: Path) -> None:
+    from tracegen.collect.tasks import load_tasks
+    from tracegen.config import TaskColumns
+
+    sample = Path(__file__).parent.parent / "recipes" / "tasks" / "mc-sample.jsonl"
+    columns = TaskColumns(prompt="question", reference="answer", choices="choices", shots=1)
+    tasks = load_tasks(sample, columns)
+    assert [t.id for t in tasks] == ["mc-1", "mc-2", "mc-3"]  # mc-0 is the worked example
+    assert [t.reference for t in tasks] == ["A", "C", "D"]  # letters, from letters or 0-based indices
+    assert tasks[0].prompt.startswith("Which particle carries the electromagnetic force?\nA. Gluon\nB. Photon")
+    assert "Answer: B\n\nWhat is the derivative of sin(x)?\nA. cos(x)" in tasks[0].prompt
+    assert tasks[0].prompt.endswith("D. -sin(x)\nAnswer with the letter of the correct option.")
+
+    def answer(request: dict[str, Any]) -> Reply:  # always C: right only on mc-2
+        return text_reply("The answer is C.")
+
+    config = eval_config("", sample, task_columns=columns.model_dump(), tools=[], max_turns=1)
+    with FakeServer(answer) as server:
+        config.endpoint.base_url = server.base_url
+        totals = run_eval(config, tmp_path / "eval", show_progress=False).totals()
+    assert (totals["answers"], totals["correct"]) == (3, 1)
+
+
+def test_multiple_choice_answer_out_of_range_names_the_row(tmp_path: Path) -> None:
+    from tracegen.collect.tasks import load_tasks
+    from tracegen.config import TaskColumns
+    from tracegen.errors import BadInputError
+
+    bad = tmp_path / "mc.jsonl"
+    bad.write_text(json.dumps({"id": "x", "prompt": "Q?", "choices": ["a", "b"], "reference": 5}) + "\n")
+    with pytest.raises(BadInputError, match=r"mc.jsonl:1: the answer 5 is neither an option letter"):
+        load_tasks(bad, TaskColumns(choices="choices"))

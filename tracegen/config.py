@@ -107,6 +107,14 @@ class TaskColumns(Strict):
     reference: str = "reference"
     tests: str = "tests"
     metadata: list[str] = Field(default_factory=list, description="Extra columns kept in task.metadata.")
+    choices: str | None = Field(
+        None,
+        description="Multiple choice (GPQA / MMLU style): the column with the list of options. The prompt gets "
+        "them lettered A, B, ...; the reference column holds the right letter or its 0-based index.",
+    )
+    shots: int = Field(
+        0, ge=0, description="Multiple choice, k-shot: the set's first k rows become worked examples (not asked)."
+    )
 
 
 DEFAULT_CALLS_PER_REPLY = 32
