@@ -24,7 +24,7 @@ def test_smoke_blocks_run_on_cpu() -> None:
 
 
 def run_smoke(recipe: str, work: Path) -> list[dict[str, Any]]:
-    proc = tracegen("run", str(RECIPES / recipe), "--out", str(work), "--scale", "smoke", timeout=300)
+    proc = tracegen("run", str(RECIPES / recipe), "--out", str(work), "--scale", "smoke", timeout=900)  # eval stage included
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = (work / "adapter" / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
