@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from tracegen.distill.data import split_indices
+from tracegen.distill.data import held_out_tasks, split_indices
 
 
 @pytest.mark.parametrize(
@@ -35,3 +37,21 @@ def test_the_cards_counts_hf_against_torch() -> None:
 
 def test_no_eval_fraction_holds_out_nothing() -> None:
     assert split_indices(4, 0.0, 42, "hf") == ([0, 1, 2, 3], [])
+
+
+def test_held_out_tasks_are_the_split_eval_rows_with_question_and_answer(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def message(role: str, content: str) -> dict[str, str]:
+        return {"role": role, "content": content}
+
+    rows = {
+        "id": [f"r{i}" for i in range(10)],
+        "messages": [[message("user", f"Q{i}"), message("assistant", f"A{i}")] for i in range(10)],
+    }
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.table(rows), tmp_path / "data" / "train-00000-of-00001.parquet")
+    tasks = held_out_tasks(tmp_path, 0.25, 42, "hf")
+    want = split_indices(10, 0.25, 42, "hf").eval  # ceil(2.5) = 3 rows
+    assert tasks == [{"id": f"r{i}", "prompt": f"Q{i}", "reference": f"A{i}"} for i in want] and len(want) == 3

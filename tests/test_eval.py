@@ -146,3 +146,84 @@ def test_eval_fails_past_its_error_limit_before_writing_a_report(tmp_path: Path)
         with pytest.raises(TracegenError, match=r"2 of 2 trajectories ended in error .* eval.fail_on_error 50%"):
             run_eval(config, tmp_path / "eval", show_progress=False)
     assert not (tmp_path / "eval" / "eval.json").exists()
+
+
+def test_eval_counts_markers_empty_answers_parse_failures_and_length_percentiles(tmp_path: Path) -> None:
+    from tracegen.testing.fake_server import tool_call_reply
+
+    def reply(request: dict[str, Any]) -> Reply:
+        i = int(re.search(r"What is (\d+) \+", request["messages"][-1]["content"]).group(1))  # type: ignore[union-attr]
+        if i == 0:
+            return text_reply("0 + 0 adds nothing.\n\nFinal Answer:\n0")
+        if i == 1:
+            return text_reply("")  # an empty answer
+        return tool_call_reply([("python", '{"code": "print(')])  # arguments that do not parse
+
+    tasks = write_tasks(tmp_path / "tasks.jsonl", 3)
+    config = eval_config("", tasks, require_markers=["Final Answer:"], max_turns=1, tools=["python"])
+    with FakeServer(reply) as server:
+        config.endpoint.base_url = server.base_url
+        summary = run_eval(config, tmp_path / "eval", show_progress=False)
+    totals = summary.totals()
+    assert (totals["with_markers"], totals["empty_answers"], totals["parse_fail"]) == (1, 2, 1)
+    rows = {r.task_id: r for r in summary.rows}
+    assert rows["t0"].markers_missing == [] and rows["t1"].markers_missing == ["Final Answer:"]
+    tokens = sorted(r.completion_tokens for r in summary.rows)
+    assert totals["median_completion_tokens"] == tokens[1]
+    assert totals["p90_completion_tokens"] == pytest.approx(tokens[1] + 0.8 * (tokens[2] - tokens[1]), abs=0.05)
+
+
+def test_eval_compares_several_models_served_the_same_way(tmp_path: Path) -> None:
+    def by_model(request: dict[str, Any]) -> Reply:  # the base model is wrong, the distilled one right
+        i = int(re.search(r"What is (\d+) \+", request["messages"][-1]["content"]).group(1))  # type: ignore[union-attr]
+        return text_reply(f"The answer is {i + i if request['model'] == 'org/merged' else 7}.")
+
+    tasks = write_tasks(tmp_path / "tasks.jsonl", 2)
+    with FakeServer(by_model) as server:
+        result = tracegen(
+            "eval", "--tasks", str(tasks), "--base-url", server.base_url, "--model", "base", "--model", "org/merged",
+            "-q", "--out", str(tmp_path / "eval"),
+        )  # fmt: skip
+        asked = {r["model"] for r in server.requests}
+    assert result.returncode == 0, result.stderr
+    assert asked == {"base", "org/merged"}
+    assert json.loads((tmp_path / "eval" / "base" / "eval.json").read_text())["totals"]["accuracy"] == 0.0
+    assert json.loads((tmp_path / "eval" / "org_merged" / "eval.json").read_text())["totals"]["accuracy"] == 1.0
+    compared = json.loads((tmp_path / "eval" / "compare.json").read_text())
+    assert compared["models"] == ["base", "org/merged"] and compared["metrics"]["accuracy"] == [0.0, 1.0]
+    assert compared["difference"]["accuracy"] == [1.0]
+    assert re.search(r"accuracy\s.*0\s.*1\s.*\+1", " ".join(result.stdout.split()))
+
+
+def test_multiple_choice_tasks_with_k_shot_are_scored_by_letter(tmp_path: Path) -> None:
+    from tracegen.collect.tasks import load_tasks
+    from tracegen.config import TaskColumns
+
+    sample = Path(__file__).parent.parent / "recipes" / "tasks" / "mc-sample.jsonl"
+    columns = TaskColumns(prompt="question", reference="answer", choices="choices", shots=1)
+    tasks = load_tasks(sample, columns)
+    assert [t.id for t in tasks] == ["mc-1", "mc-2", "mc-3"]  # mc-0 is the worked example
+    assert [t.reference for t in tasks] == ["A", "C", "D"]  # letters, from letters or 0-based indices
+    assert tasks[0].prompt.startswith("Which particle carries the electromagnetic force?\nA. Gluon\nB. Photon")
+    assert "Answer: B\n\nWhat is the derivative of sin(x)?\nA. cos(x)" in tasks[0].prompt
+    assert tasks[0].prompt.endswith("D. -sin(x)\nAnswer with the letter of the correct option.")
+
+    def answer(request: dict[str, Any]) -> Reply:  # always C: right only on mc-2
+        return text_reply("The answer is C.")
+
+    config = eval_config("", sample, task_columns=columns.model_dump(), tools=[], max_turns=1)
+    with FakeServer(answer) as server:
+        config.endpoint.base_url = server.base_url
+        totals = run_eval(config, tmp_path / "eval", show_progress=False).totals()
+    assert (totals["answers"], totals["correct"]) == (3, 1)
+
+
+def test_multiple_choice_answer_out_of_range_names_the_row(tmp_path: Path) -> None:
+    from tracegen.collect.tasks import load_tasks
+    from tracegen.config import TaskColumns
+    from tracegen.errors import BadInputError
+
+    bad = tmp_path / "mc.jsonl"
+    bad.write_text(json.dumps({"id": "x", "prompt": "Q?", "choices": ["a", "b"], "reference": 5}) + "\n")
+    with pytest.raises(BadInputError, match=r"mc.jsonl:1: the answer 5 is neither an option letter"):
+        load_tasks(bad, TaskColumns(choices="choices"))

@@ -126,7 +126,10 @@ CARDS: dict[str, dict[str, Any]] = {
         "distill.packing": False,
         "eval.endpoint.temperature": 0.6,
         "eval.endpoint.top_p": 0.95,
-        "eval.endpoint.max_tokens": 32768,
+        "eval.endpoint.max_tokens": 32000,  # the card's harness: 4 at a time, streamed, 1,800 s, 32,000 tokens
+        "eval.endpoint.stream": True,
+        "eval.endpoint.timeout_s": 1800,
+        "eval.concurrency": 4,
     },
     "qwen3.6-27b-agentic-react-lora-as-released.yaml": {
         "run.stages": ["collect", "format", "distill", "merge", "eval"],  # no filter: no rejection sampling
@@ -234,7 +237,13 @@ def test_stem_recipe_smoke_runs_every_stage_then_resumes(tmp_path: Path) -> None
     recipe = RECIPES / "qwen3-0.6b-stem-proof-thinking.yaml"
     proc = tracegen("run", str(recipe), "--out", str(work), "--scale", "smoke", "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _stages(work) == {s: "ran" for s in ("format", "cache_teacher", "distill", "merge")}
+    assert _stages(work) == {s: "ran" for s in ("format", "cache_teacher", "distill", "merge", "eval")}
+    # The card's evaluation: the proof prompt, greedy, on the rows distill held out (ceil(12 * 0.2) = 3).
+    held_out = (work / "eval" / "held-out-tasks.jsonl").read_text().splitlines()
+    assert len(held_out) == 3 and all(json.loads(line)["reference"] for line in held_out)
+    report = json.loads((work / "eval" / "eval.json").read_text())
+    assert report["totals"]["answers"] == 3 and report["sampling"]["temperature"] == 0.0
+    assert "with_markers" in report["totals"] and all("markers_missing" in a for a in report["answers"])
     assert (work / "adapter" / "adapter_model.safetensors").is_file()
     assert (work / "merged" / "config.json").is_file()
     facts = json.loads((work / ".run" / "distill.json").read_text())["facts"]
@@ -247,7 +256,8 @@ def test_stem_recipe_smoke_runs_every_stage_then_resumes(tmp_path: Path) -> None
     (work / ".run" / "merge.json").unlink()
     again = tracegen("run", str(recipe), "--out", str(work), "--scale", "smoke", "--quiet")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert _stages(work) == {"format": "skipped", "cache_teacher": "skipped", "distill": "skipped", "merge": "ran"}
+    skipped = {"format": "skipped", "cache_teacher": "skipped", "distill": "skipped", "eval": "skipped"}
+    assert _stages(work) == {**skipped, "merge": "ran"}
 
     # The same work directory with different training settings is refused, not mixed.
     changed = tmp_path / "changed.yaml"

@@ -24,7 +24,9 @@ def test_smoke_blocks_run_on_cpu() -> None:
 
 
 def run_smoke(recipe: str, work: Path) -> list[dict[str, Any]]:
-    proc = tracegen("run", str(RECIPES / recipe), "--out", str(work), "--scale", "smoke", timeout=300)
+    proc = tracegen(
+        "run", str(RECIPES / recipe), "--out", str(work), "--scale", "smoke", timeout=900
+    )  # eval stage included
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = (work / "adapter" / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
@@ -51,3 +53,8 @@ def test_tkd_recipe_smoke_trains_windows_with_the_ramp_and_curriculum(tmp_path: 
     plan = json.loads((tmp_path / "work" / "adapter" / "topology.json").read_text())
     assert plan["pieces"] > plan["rows"]  # the smoke rows were cut into windows
     assert all(w[2] - w[1] <= 96 for w in plan["windows"])
+    assert all(m["drift"] >= 0 for m in steps)  # the drift channel is on (drift_weight 0.02)
+    evaluation = json.loads((tmp_path / "work" / "eval" / "eval.json").read_text())
+    assert evaluation["totals"]["answers"] == 2  # the rows distill held out: ceil(8 * 0.25)
+    answers = evaluation["answers"]
+    assert evaluation["totals"]["with_markers"] == sum(1 for a in answers if not a["markers_missing"])

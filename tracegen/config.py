@@ -148,6 +148,14 @@ class TaskColumns(Strict):
     reference: str = "reference"
     tests: str = "tests"
     metadata: list[str] = Field(default_factory=list, description="Extra columns kept in task.metadata.")
+    choices: str | None = Field(
+        None,
+        description="Multiple choice (GPQA / MMLU style): the column with the list of options. The prompt gets "
+        "them lettered A, B, ...; the reference column holds the right letter or its 0-based index.",
+    )
+    shots: int = Field(
+        0, ge=0, description="Multiple choice, k-shot: the set's first k rows become worked examples (not asked)."
+    )
 
 
 DEFAULT_CALLS_PER_REPLY = 32
@@ -726,6 +734,10 @@ class EvalEndpointConfig(TeacherConfig):
     max_tokens: int = Field(32768, ge=1, description="Completion tokens per request (per turn).")
 
 
+HELD_OUT = "held_out"
+"""``eval.tasks: held_out`` in a recipe: the rows the distill stage held out of the formatted dataset."""
+
+
 class EvalConfig(AgentLoopConfig):
     """``tracegen eval``: a served model on a task set, through the collect loop and filter's verifiers."""
 
@@ -734,6 +746,11 @@ class EvalConfig(AgentLoopConfig):
         description="The model under test (OpenAI-compatible; temperature 0.6, top_p 0.95, max_tokens 32768).",
     )
     samples: int = Field(1, ge=1, description="Answers sampled per task (accuracy averages over them).")
+    require_markers: list[str] = Field(
+        default_factory=list,
+        description="Strings every answer's text must contain, counted per answer (with_markers): e.g. "
+        "'Final Answer:' (proof cards), '</explore>', '<examine>', '<response>' (DualMind; <explore> is prompt).",
+    )
     prompt_template: Literal["none", "proof", "dualmind", "instruct"] = Field(
         "none",
         description="Wrap each task prompt in a training template's prompt part (what a student trained on "

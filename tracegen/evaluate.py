@@ -9,8 +9,13 @@ them. Each answer is then scored:
   An answer is correct when every check that applied passed; a task with neither is not scored.
 - ``finish_reason`` of the answer's last turn: ``stop`` means the model converged on an answer,
   ``length`` that it ran into the token wall (the metric the agentic card reports per question).
+- What the cards also report: ``require_markers`` present in the answer (``Final Answer:``, the
+  DualMind tags), empty answers, tool calls whose arguments did not parse (``parse_fail``), and the
+  median and 90th percentile of the completion length.
 
-``OUT/eval.json`` (written atomically) carries one row per answer and the totals. Re-running resumes
+``OUT/eval.json`` (written atomically) carries one row per answer and the totals. Several models
+served the same way (one endpoint, the same sampling and prompts; :func:`run_comparison`) are
+measured one after another into ``OUT/<model>/`` and compared side by side in ``OUT/compare.json``. Re-running resumes
 the collect part; scoring is recomputed (it is cheap, tests aside). Changing what is asked (template,
 sampling, model) while reusing OUT is refused, since old answers would be mixed with new ones.
 """
@@ -21,6 +26,7 @@ import asyncio
 import collections
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +41,9 @@ from tracegen.records import AssistantMessage, Task, Trajectory, Verdict
 from tracegen.store import read_trajectories, write_json_atomic
 
 EVAL_JSON = "eval.json"
+COMPARE_JSON = "compare.json"
+COMPARED = ("accuracy", "converged", "hit_length", "with_markers", "empty_answers", "parse_fail",
+            "median_completion_tokens", "p90_completion_tokens")  # fmt: skip
 ANSWER_CHARS = 200  # of each final answer kept in eval.json (the full text is in trajectories.jsonl)
 
 
@@ -49,6 +58,8 @@ class AnswerRow:
     completion_tokens: int
     turns: int
     answer: str
+    markers_missing: list[str] = field(default_factory=list)  # of eval.require_markers, in the answer's text
+    parse_failures: int = 0  # tool calls whose arguments did not parse
 
 
 @dataclass
@@ -73,12 +84,29 @@ class EvalSummary:
             "by_finish_reason": dict(finish),
             "by_stop_reason": dict(collections.Counter(r.stop_reason for r in self.rows)),
             "mean_completion_tokens": round(sum(r.completion_tokens for r in self.rows) / n, 1) if n else None,
+            "median_completion_tokens": _percentile([r.completion_tokens for r in self.rows], 50),
+            "p90_completion_tokens": _percentile([r.completion_tokens for r in self.rows], 90),
+            "empty_answers": sum(1 for r in self.rows if not r.answer),
+            "parse_fail": sum(r.parse_failures for r in self.rows),
+            "with_markers": sum(1 for r in self.rows if not r.markers_missing),
         }
+
+
+def _percentile(values: list[int], q: float) -> float | None:
+    """The q-th percentile, linear between the closest ranks (numpy's default)."""
+    if not values:
+        return None
+    ranked = sorted(values)
+    at = (len(ranked) - 1) * q / 100
+    low = int(at)
+    high = min(low + 1, len(ranked) - 1)
+    return round(ranked[low] + (ranked[high] - ranked[low]) * (at - low), 1)
 
 
 def settings_key(config: EvalConfig) -> str:
     """What decides the answers: the collect fingerprint (model, sampling, tools...) plus the prompt wrapping."""
     blob = json.dumps([config.collect_config().fingerprint(), config.prompt_template], sort_keys=True)
+    # require_markers only changes the scoring, recomputed on every run: not part of the key.
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -106,7 +134,7 @@ def run_eval(config: EvalConfig, out: Path, show_progress: bool = True) -> EvalS
     tests = asyncio.run(_run_tests(trajectories, config)) if config.tests else {}
     for t in trajectories:
         verdicts = [v for v in (reference_verdict(t, config.reference), tests.get(t.id)) if v is not None]
-        summary.rows.append(_row(t, verdicts))
+        summary.rows.append(_row(t, verdicts, config.require_markers))
     summary.rows.sort(key=lambda r: (r.task_id, r.sample))
     write_json_atomic(
         out / EVAL_JSON,
@@ -166,9 +194,10 @@ async def _run_tests(trajectories: list[Trajectory], config: EvalConfig) -> dict
         await runtime.aclose()
 
 
-def _row(t: Trajectory, verdicts: list[Verdict]) -> AnswerRow:
+def _row(t: Trajectory, verdicts: list[Verdict], markers: list[str]) -> AnswerRow:
     turns = [m for m in t.messages if isinstance(m, AssistantMessage)]
     answer = (t.final_answer or "").strip()
+    said = "\n".join(m.content or "" for m in turns)
     return AnswerRow(
         task_id=t.task.id,
         sample=t.sample_index,
@@ -179,6 +208,8 @@ def _row(t: Trajectory, verdicts: list[Verdict]) -> AnswerRow:
         completion_tokens=t.usage.completion_tokens,
         turns=len(turns),
         answer=answer if len(answer) <= ANSWER_CHARS else answer[: ANSWER_CHARS - 3] + "...",
+        markers_missing=[m for m in markers if m not in said],
+        parse_failures=sum(1 for m in turns for c in m.tool_calls if c.parse_error),
     )
 
 
@@ -206,5 +237,72 @@ def print_eval(summary: EvalSummary, max_rows: int = 40) -> None:
     wall = "n/a" if t["hit_length"] is None else f"{t['hit_length']:.1%}"
     console.print(
         f"{t['questions']} questions, {t['answers']} answers: accuracy {accuracy}; converged (finish_reason=stop) "
-        f"{converged}, hit the token wall (length) {wall}; {summary.out / EVAL_JSON}"
+        f"{converged}, hit the token wall (length) {wall}; completion tokens median {t['median_completion_tokens']}, "
+        f"p90 {t['p90_completion_tokens']}; empty answers {t['empty_answers']}, parse_fail {t['parse_fail']}, "
+        f"with the required markers {t['with_markers']}/{t['answers']}; {summary.out / EVAL_JSON}"
     )
+
+
+def model_dir(out: Path, model: str) -> Path:
+    """``OUT/<model>``, the model name made a safe folder name."""
+    return out / (re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("._") or "model")
+
+
+def run_comparison(config: EvalConfig, models: list[str], out: Path, show_progress: bool = True) -> list[EvalSummary]:
+    """Every model on the same endpoint, tasks and sampling, each into ``OUT/<model>``; then ``OUT/compare.json``.
+
+    Stops at the first interrupted run (its answers are kept; re-running resumes every model).
+    """
+    dirs = [model_dir(out, m) for m in models]
+    if len(set(dirs)) != len(dirs):
+        raise BadInputError(f"--model names {', '.join(models)} repeat (or map to one folder)", hint="name each once")
+    summaries = []
+    for model, folder in zip(models, dirs, strict=True):
+        summary = run_eval(config.model_copy(update={"endpoint": config.endpoint.model_copy(update={"model": model})}),
+                           folder, show_progress)  # fmt: skip
+        summaries.append(summary)
+        if summary.interrupted:
+            return summaries
+    write_json_atomic(out / COMPARE_JSON, comparison(summaries))
+    return summaries
+
+
+def comparison(summaries: list[EvalSummary]) -> dict[str, Any]:
+    """The compared totals per model, and each later model's difference from the first (the baseline)."""
+    totals = [s.totals() for s in summaries]
+    first = totals[0]
+
+    def diff(value: Any, base: Any) -> float | None:
+        return round(value - base, 4) if isinstance(value, int | float) and isinstance(base, int | float) else None
+
+    return {
+        "models": [s.model for s in summaries],
+        "baseline": summaries[0].model,
+        "metrics": {k: [t[k] for t in totals] for k in COMPARED},
+        "difference": {k: [diff(t[k], first[k]) for t in totals[1:]] for k in COMPARED},
+    }
+
+
+def print_comparison(summaries: list[EvalSummary]) -> None:
+    """One table: a row per metric, a column per model, then each model's difference from the first."""
+    from rich.console import Console
+    from rich.table import Table
+
+    data = comparison(summaries)
+    models = data["models"]
+    table = Table(title=f"eval: {len(models)} models, difference from {models[0]}", show_header=True)
+    table.add_column("metric")
+    for m in models:
+        table.add_column(m, justify="right")
+    for m in models[1:]:
+        table.add_column(f"{m} - {models[0]}", justify="right")
+
+    def cell(value: Any, signed: bool = False) -> str:
+        if value is None:
+            return "n/a"
+        return f"{value:+g}" if signed else f"{value:g}"
+
+    for k in COMPARED:
+        values = [cell(v) for v in data["metrics"][k]]
+        table.add_row(k, *values, *(cell(d, signed=True) for d in data["difference"][k]))
+    Console().print(table)

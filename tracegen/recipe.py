@@ -13,7 +13,16 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import ValidationError
 
-from tracegen.config import CollectConfig, DistillConfig, EvalConfig, FilterConfig, FormatConfig, Recipe, Strict
+from tracegen.config import (
+    HELD_OUT,
+    CollectConfig,
+    DistillConfig,
+    EvalConfig,
+    FilterConfig,
+    FormatConfig,
+    Recipe,
+    Strict,
+)
 from tracegen.errors import RecipeError
 
 # Error messages name a flag's key as it would appear in a recipe (collect.teacher.model, ...).
@@ -90,7 +99,7 @@ def _resolve_paths(recipe: Recipe, base: Path) -> None:
     if stage2 is not None:
         stage2.data = data(stage2.data)
     evaluation = recipe.eval
-    if evaluation is not None and evaluation.tasks:
+    if evaluation is not None and evaluation.tasks and evaluation.tasks != HELD_OUT:
         evaluation.tasks = file(evaluation.tasks)
 
 

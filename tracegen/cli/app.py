@@ -382,7 +382,13 @@ def eval_(
     base_url: Annotated[
         str | None, typer.Option(envvar="TRACEGEN_EVAL_BASE_URL", help="Endpoint of the model under test.")
     ] = None,
-    model: Annotated[str | None, typer.Option(envvar="TRACEGEN_EVAL_MODEL", help="Model name under test.")] = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            envvar="TRACEGEN_EVAL_MODEL",
+            help="Model under test; repeat it (--model base --model merged) to compare models served the same way.",
+        ),
+    ] = None,
     samples: Annotated[int | None, typer.Option("--samples", "-k", help="Answers per task (default 1).")] = None,
     prompt_template: Annotated[
         Literal["none", "proof", "dualmind", "instruct"] | None,
@@ -408,16 +414,18 @@ def eval_(
 
     The model answers through the same agent loop as collect (thinking on, tools offered); each answer
     is scored by filter's reference check. Reports the share that converged (finish_reason=stop) and
-    the share that ran into the token wall (length). Writes OUT/eval.json and OUT/trajectories.jsonl.
+    the share that ran into the token wall (length). Writes OUT/eval.json and OUT/trajectories.jsonl;
+    with several --model, OUT/<model>/ each and OUT/compare.json, and prints them side by side.
     The API key is read from $TRACEGEN_EVAL_API_KEY (or $OPENAI_API_KEY), never written anywhere.
     """
     from tracegen.config import EvalConfig
     from tracegen.recipe import apply_overrides, load_recipe
 
     base = (load_recipe(recipe).eval or EvalConfig()) if recipe else EvalConfig()
+    models = model or []
     endpoint = {
         "base_url": base_url,
-        "model": model,
+        "model": models[0] if models else None,
         "temperature": temperature,
         "top_p": top_p,
         "max_tokens": max_tokens,
@@ -435,13 +443,19 @@ def eval_(
     }
     config = apply_overrides(base, overrides)
 
-    from tracegen.evaluate import print_eval, run_eval
+    from tracegen.evaluate import print_comparison, print_eval, run_comparison, run_eval
 
-    summary = run_eval(config, out, show_progress=not quiet)
-    if summary.interrupted:
+    if len(models) > 1:
+        summaries = run_comparison(config, models, out, show_progress=not quiet)
+    else:
+        summaries = [run_eval(config, out, show_progress=not quiet)]
+    if summaries[-1].interrupted:
         typer.echo("Interrupted: answers so far are saved; re-run the same command to resume.", err=True)
         raise typer.Exit(130)
-    print_eval(summary)
+    for summary in summaries:
+        print_eval(summary)
+    if len(summaries) > 1:
+        print_comparison(summaries)
 
 
 @app.command("run")

@@ -25,8 +25,14 @@ def load_tasks(path: Path, columns: TaskColumns, limit: int | None = None) -> li
         rows = _jsonl_rows(path)
     tasks: list[Task] = []
     seen: dict[str, str] = {}
+    examples: list[Task] = []  # multiple choice, k-shot: the first rows, shown before every question
     for where, row in rows:
         task = _to_task(where, row, columns)
+        if columns.choices is not None:
+            if len(examples) < columns.shots:
+                examples.append(task)
+                continue
+            task = task.model_copy(update={"prompt": _with_shots(examples, task.prompt)})
         if task.id in seen:
             raise BadInputError(f"{where}: duplicate task id {task.id!r} (first at {seen[task.id]})")
         seen[task.id] = where
@@ -85,6 +91,8 @@ def _to_task(where: str, row: Mapping[str, Any], columns: TaskColumns) -> Task:
         )
     reference = row.get(columns.reference)
     tests = row.get(columns.tests)
+    if columns.choices is not None:
+        prompt, reference = _multiple_choice(where, row, prompt, reference, columns.choices)
     return Task(
         id=str(row[columns.id]),
         prompt=prompt,
@@ -92,3 +100,29 @@ def _to_task(where: str, row: Mapping[str, Any], columns: TaskColumns) -> Task:
         tests=None if tests is None else str(tests),
         metadata={k: row[k] for k in columns.metadata if k in row},
     )
+
+
+MC_INSTRUCTION = "Answer with the letter of the correct option."
+
+
+def _multiple_choice(where: str, row: Mapping[str, Any], question: str, answer: Any, column: str) -> tuple[str, str]:
+    """The question with its options lettered A, B, ...; the reference as the right letter."""
+    options = row.get(column)
+    if not isinstance(options, list) or not 2 <= len(options) <= 26 or not all(isinstance(o, str) for o in options):
+        raise BadInputError(
+            f"{where}: field {column!r} must be a list of 2 to 26 option strings",
+            hint="set task_columns.choices to the column holding the options",
+        )
+    letters = [chr(ord("A") + i) for i in range(len(options))]
+    if isinstance(answer, int) and 0 <= answer < len(options):
+        answer = letters[answer]
+    if not isinstance(answer, str) or answer.strip().upper() not in letters:
+        raise BadInputError(f"{where}: the answer {answer!r} is neither an option letter nor a 0-based option index")
+    lines = [question.strip(), *(f"{letter}. {option}" for letter, option in zip(letters, options, strict=True))]
+    return "\n".join(lines), answer.strip().upper()
+
+
+def _with_shots(examples: list[Task], prompt: str) -> str:
+    """k-shot: each example question with its answer, then the question; the instruction once at the end."""
+    shots = [f"{e.prompt}\nAnswer: {e.reference}" for e in examples]
+    return "\n\n".join([*shots, f"{prompt}\n{MC_INSTRUCTION}"])

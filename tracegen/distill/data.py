@@ -224,6 +224,27 @@ def split_indices(n: int, eval_fraction: float, seed: int = 42, method: SplitMet
     return Split(sorted(order[n_eval:]), sorted(order[:n_eval]))
 
 
+def held_out_tasks(dataset_dir: Path, eval_fraction: float, seed: int, method: SplitMethod) -> list[dict[str, Any]]:
+    """The rows distill holds out (the same split as training), as eval tasks: id, prompt, reference.
+
+    The prompt is the row's first user message, the reference its last assistant message's content
+    (the answer the card scores against). Rows without either are left out.
+    """
+    import pyarrow.parquet as pq
+
+    rows: list[dict[str, Any]] = []
+    for path in parquet_files(dataset_dir):
+        rows += pq.read_table(path, columns=["id", "messages"]).to_pylist()
+    tasks = []
+    for i in split_indices(len(rows), eval_fraction, seed, method).eval:
+        messages = rows[i]["messages"] or []
+        prompt = next((m["content"] for m in messages if m["role"] == "user" and m["content"]), None)
+        answer = next((m["content"] for m in reversed(messages) if m["role"] == "assistant" and m["content"]), None)
+        if prompt and answer:
+            tasks.append({"id": str(rows[i]["id"]), "prompt": prompt, "reference": answer})
+    return tasks
+
+
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
