@@ -7,7 +7,8 @@ Data: synthetic multi-turn tool-calling trajectories (``tracegen.testing.synthet
 ``tracegen format --template chat`` with TRL's ``qwen3_training.jinja`` and the student's tokenizer; the
 formatter drops rows longer than ``max_length``, so nothing is cut at training time.
 
-1. Throughput. Each engine runs in a fresh subprocess on the same student (default ``tiny:smollm2``:
+1. Throughput. Each engine (tracegen with LoRA, TRL with LoRA, and tracegen training every weight,
+   ``distill.method: full``) runs in a fresh subprocess on the same student (default ``tiny:smollm2``:
    SmolLM2's real tokenizer and 49,152-id vocabulary, 2 random layers of width 64), fp32 on CPU, with
    the same LoRA (r, alpha, dropout, target modules from tracegen's preset), batch size, grad
    accumulation, max_length, optimizer (torch AdamW), lr and steps; activation checkpointing off.
@@ -61,7 +62,7 @@ LR = 2e-4
 SEED = 42
 TOP_K = 64
 TEMPERATURE = 2.0
-ENGINES = ("tracegen", "trl")
+ENGINES = ("tracegen", "trl", "tracegen-full")  # tracegen-full: the same run with distill.method full
 
 
 # --- measuring -------------------------------------------------------------------------------------
@@ -167,12 +168,13 @@ class StepClock:
         return {"wall": self.wall, "cpu": self.cpu, "step_peak_alloc": self.step_peak_alloc, "rss": peak_rss_bytes()}
 
 
-def child_tracegen(p: dict[str, Any]) -> dict[str, Any]:
+def child_tracegen(p: dict[str, Any], method: str = "lora") -> dict[str, Any]:
     from tracegen.config import DistillConfig, LoraSettings
     from tracegen.distill.trainer import train
 
     config = DistillConfig(
         student=p["student"],
+        method=method,
         lora=LoraSettings(**LORA),
         batch_size=p["batch_size"],
         grad_accum=p["grad_accum"],
@@ -191,7 +193,7 @@ def child_tracegen(p: dict[str, Any]) -> dict[str, Any]:
         clock.step_end(m.step)
         seen.append([m.supervised_tokens, m.tokens])
 
-    train(config, Path(p["data"]), Path(p["out"]) / "tracegen", on_step=on_step)
+    train(config, Path(p["data"]), Path(p["out"]) / f"tracegen-{method}", on_step=on_step)
     return {**clock.result(), "seen": seen}
 
 
@@ -361,7 +363,11 @@ def print_throughput(
     window = stats[warmup : warmup + timed]
     trained, tokens = sum(s["trained"] for s in window), sum(s["tokens"] for s in window)
     best = {engine: fastest(r, warmup, timed) for engine, r in runs.items()}
-    names = {"tracegen": "tracegen distill (CE, no cache)", "trl": f"TRL {trl.__version__} SFTTrainer"}
+    names = {
+        "tracegen": "tracegen distill (CE, no cache)",
+        "trl": f"TRL {trl.__version__} SFTTrainer",
+        "tracegen-full": "tracegen distill, method full (every weight)",
+    }
     print("| engine | trained tok/s | non-padding tok/s | s/step | CPU s/step | peak RSS | peak alloc, 1 step |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for engine, b in best.items():
@@ -376,6 +382,11 @@ def print_throughput(
         f"tracegen/TRL: {ratio:.2f}x tokens/s ({'faster' if ratio >= 1 else 'SLOWER'}), "
         f"{theirs['cpu_s'] / ours['cpu_s']:.2f}x tokens per CPU-second; peak RSS {ours['rss'] / theirs['rss']:.2f}x, "
         f"peak step alloc {ours['step_peak_alloc'] / theirs['step_peak_alloc']:.2f}x"
+    )
+    full = best["tracegen-full"]
+    print(
+        f"tracegen full/LoRA: {ours['wall_s'] / full['wall_s']:.2f}x tokens/s, "
+        f"peak RSS {full['rss'] / ours['rss']:.2f}x"
     )
 
 
@@ -428,7 +439,10 @@ def main() -> None:
 
         params = json.loads(args.params.read_text())
         torch.set_num_threads(params["threads"])
-        print(json.dumps(child_tracegen(params) if args.child == "tracegen" else child_trl(params)), flush=True)
+        result = (
+            child_trl(params) if args.child == "trl" else child_tracegen(params, args.child.partition("-")[2] or "lora")
+        )
+        print(json.dumps(result), flush=True)
         return
 
     import trl
@@ -467,7 +481,7 @@ def main() -> None:
             for engine in ENGINES:
                 runs[engine].append(run_child(engine, params, root))
         kd = kd_memory(root, dataset, student, teacher, 1 if args.quick else 2)
-    for r in runs["tracegen"]:  # both engines trained on exactly the scheduled batches
+    for r in runs["tracegen"] + runs["tracegen-full"]:  # every engine trained on exactly the scheduled batches
         assert r["seen"] == [[s["trained"], s["tokens"]] for s in stats], "tracegen trained on other batches"
     for r in runs["trl"]:
         assert r["tokens_seen"] == sum(s["tokens"] for s in stats), "TRL saw other batches"

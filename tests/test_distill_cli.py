@@ -139,3 +139,14 @@ def test_without_a_cache_distill_says_it_is_sequence_level(tmp_path: Path) -> No
     )
     assert result.returncode == 0, result.stderr
     assert "sequence-level" in result.stderr and json.loads(result.stdout)["mode"] == "ce"
+
+
+def test_cache_teacher_refuses_an_unknown_dtype_with_exit_2(tmp_path: Path) -> None:
+    student = save_model(tmp_path / "student", seed=0)
+    dataset = write_dataset(tmp_path / "data", student, n=2)
+    args = ("distill", "cache-teacher", str(dataset), "--teacher", str(student), "--dtype", "bf17")
+    result = tracegen(*args, "--out", str(tmp_path / "cache"))
+    assert result.returncode == 2, result.stderr
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1 and "--dtype bf17" in errors[0]
+    assert not (tmp_path / "cache").exists()

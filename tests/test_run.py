@@ -244,8 +244,10 @@ def test_stem_recipe_smoke_runs_every_stage_then_resumes(tmp_path: Path) -> None
     report = json.loads((work / "eval" / "eval.json").read_text())
     assert report["totals"]["answers"] == 3 and report["sampling"]["temperature"] == 0.0
     assert "with_markers" in report["totals"] and all("markers_missing" in a for a in report["answers"])
-    assert (work / "adapter" / "adapter_model.safetensors").is_file()
+    # the card's method: full-parameter, so the distill output is the model and merge links it
+    assert not (work / "adapter" / "adapter_config.json").exists()
     assert (work / "merged" / "config.json").is_file()
+    assert (work / "merged" / "model.safetensors").samefile(work / "adapter" / "model.safetensors")
     facts = json.loads((work / ".run" / "distill.json").read_text())["facts"]
     assert facts["mode"] == "kd" and facts["steps"] == 3
 
@@ -278,8 +280,8 @@ def test_two_stage_recipe_smoke_keeps_both_prompt_formats(tmp_path: Path) -> Non
     probes = {p["template"]: p for p in json.loads((work / "eval" / "probes.json").read_text())["probes"]}
     assert set(probes) == {"proof", "instruct"} and all(p["generated"] for p in probes.values())
     # stage 2 trained the merged stage-1 model, and the final model is stage 2's merge
-    adapter_config = json.loads((work / "stage2-adapter" / "adapter_config.json").read_text())
-    assert Path(adapter_config["base_model_name_or_path"]) == work / "merged"
+    trained = json.loads((work / "stage2-adapter" / "distill_config.json").read_text())
+    assert Path(trained["student"]) == work / "merged" and trained["config"]["method"] == "full"
     dataset_meta = json.loads((work / "stage2-dataset" / "tracegen.json").read_text())
     assert "instruct" in json.dumps(dataset_meta)
 

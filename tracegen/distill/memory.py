@@ -6,13 +6,16 @@ Printed before the student is loaded, so a user learns in seconds that a run wil
 
     weights      P x dtype bytes (full: fp32 master weights) + LoRA weights in fp32
     grads        P_t x 4 (fp32); DDP keeps a second copy in its buckets
-    optimizer    P_t x 8 (AdamW: two fp32 moments) or P_t x 2 (8-bit AdamW); plus P_t x 4 of
-                 temporaries while it steps (torch's multi-tensor AdamW)
+    optimizer    P_t x 8 (AdamW: two fp32 moments) or P_t x 2 (8-bit AdamW)
     activations  what backward keeps per layer and token (about 6h + 5q + 4kv + 4i values; with
                  gradient checkpointing only the layers' inputs and one layer), plus on CPU the
                  attention probabilities (heads x T per token; GPU kernels keep none)
     loss         the [N, V] fp32 copies of the loss forward and backward: 3 for CE, 4 with KD, 6 with DISC
     runtime      the process itself (Python, torch, transformers; the CUDA context on a GPU)
+    temporaries  P_t x 4 while the optimizer steps (torch's multi-tensor AdamW), when activations and
+                 loss are already freed: the peak holds the larger of the two
+
+    peak = weights + grads + optimizer + runtime + max(activations + loss, temporaries)
 
 FSDP divides weights, grads and optimizer by the processes (plus one gathered layer).
 
@@ -41,14 +44,19 @@ class MemoryEstimate(NamedTuple):
     activations: int
     loss: int
     runtime: int
+    temporaries: int
 
     @property
     def total(self) -> int:
-        return sum(self)
+        steady = self.weights + self.grads + self.optimizer + self.runtime
+        return steady + max(self.activations + self.loss, self.temporaries)
 
     def line(self) -> str:
         parts = ", ".join(f"{name} {value / GIB:.2f}" for name, value in zip(self._fields, self, strict=True))
-        return f"expected peak memory per process: {self.total / GIB:.2f} GiB ({parts} GiB)"
+        return (
+            f"expected peak memory per process: {self.total / GIB:.2f} GiB ({parts} GiB; the optimizer's "
+            "temporaries reuse what activations and loss free)"
+        )
 
 
 class ModelSize(NamedTuple):
@@ -119,10 +127,12 @@ def estimate_peak(
     weights = size.params * (4 if full else weight_bytes) + (0 if full else size.lora_params * 4)
     grads = trained * 4
     per_moment = 1 if config.optimizer in ("adamw_8bit", "paged_adamw_8bit") else 4
-    optimizer = trained * (2 * per_moment + 4)
+    optimizer = trained * 2 * per_moment
+    temporaries = trained * 4
     if sharded and processes > 1:
         gathered = size.largest_layer * (4 if full else weight_bytes)
         weights, grads, optimizer = weights // processes + gathered, grads // processes, optimizer // processes
+        temporaries //= processes
     elif processes > 1:
         grads *= 2  # DDP's buckets
     tokens = batch_rows * seq_len
@@ -137,4 +147,4 @@ def estimate_peak(
     copies = 6 if config.discrepancy is not None else 4 if config.teacher_cache else 3
     loss = copies * supervised * size.vocab * 4
     runtime = RUNTIME_BYTES.get(device_type, RUNTIME_BYTES["cuda"])
-    return MemoryEstimate(weights, grads, optimizer, activations, loss, runtime)
+    return MemoryEstimate(weights, grads, optimizer, activations, loss, runtime, temporaries)

@@ -38,7 +38,7 @@ def merge_adapter(adapter_dir: Path, out: Path, base: str | None = None) -> Merg
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config_path = adapter_dir / "adapter_config.json"
-    if not config_path.is_file() and is_full_model(adapter_dir):
+    if is_full_model(adapter_dir):  # nothing to fold in: the folder is the model
         link_model(adapter_dir, out)
         return MergeSummary(adapter_dir, str(adapter_dir), out)
     if not config_path.is_file():

@@ -63,6 +63,9 @@ def full_optimizer_state(root: torch.nn.Module, optimizer: torch.optim.Optimizer
     """The optimizer state, whole and keyed by parameter names (a collective)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+    # A forward (evaluation's) leaves the root unit's weights gathered, registered in place of the shards
+    # the optimizer holds; full training trains those weights, and the state dict maps them by identity.
+    getattr(root, "reshard", lambda: None)()
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return dict(get_optimizer_state_dict(root, optimizer, options=options))
 
