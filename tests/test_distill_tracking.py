@@ -53,11 +53,18 @@ def _env(tmp: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def tracked(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny student and a dataset formatted with its tokenizer."""
+    tmp = tmp_path_factory.mktemp("assets")
+    student = save_model(tmp / "student")
+    return {"student": student, "dataset": write_dataset(tmp / "data", student, n=8)}
+
+
+@pytest.fixture(scope="module")
+def tracked(assets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One real 3-step distill run through the CLI with report_to [tensorboard, wandb]; its output folder."""
     tmp = tmp_path_factory.mktemp("tracked")
-    student = save_model(tmp / "student")
-    dataset = write_dataset(tmp / "data", student, n=8)
+    student, dataset = assets["student"], assets["dataset"]
     recipe = tmp / "recipe.yaml"
     recipe.write_text(RECIPE.format(student=student))
     out = tmp / "adapter"
@@ -137,11 +144,13 @@ def test_wandb_offline_run_holds_the_settings_and_the_metrics(tracked: Path) -> 
     assert SECRET.encode() not in written
 
 
-def test_a_tracker_without_its_package_is_refused_before_anything_loads(tmp_path: Path) -> None:
+def test_a_tracker_without_its_package_is_refused_before_anything_loads(
+    assets: dict[str, Path], tmp_path: Path
+) -> None:
     """wandb is installed here: hiding it (as Python does for a module set to None) proves the check looks."""
     hide_wandb = "import sys; sys.modules['wandb'] = None; from tracegen.cli import main; main()"
     out = tmp_path / "adapter"
-    args = ["distill", str(tmp_path / "data"), "--student", str(tmp_path / "nowhere"), "--out", str(out)]
+    args = ["distill", str(assets["dataset"]), "--student", str(assets["student"]), "--out", str(out)]
     done = subprocess.run(
         [sys.executable, "-c", hide_wandb, *args, "--report-to", "tensorboard", "--report-to", "wandb"],
         capture_output=True,
@@ -154,7 +163,7 @@ def test_a_tracker_without_its_package_is_refused_before_anything_loads(tmp_path
     errors = [ln for ln in done.stderr.splitlines() if ln.startswith("Error:")]
     assert len(errors) == 1 and "wandb" in errors[0], done.stderr
     assert "pip install wandb" in done.stderr
-    assert not out.exists()  # refused before the (missing) student or dataset was touched
+    assert "LoRA" not in done.stderr and not out.exists()  # refused before the student loaded or a file was written
 
 
 def test_report_to_spellings_and_it_changes_no_fingerprint() -> None:
