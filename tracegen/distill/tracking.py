@@ -63,6 +63,12 @@ class Tracking:
 
     def attach(self, accelerator: Any) -> None:
         """The accelerator built with :meth:`accelerator_kwargs`, whose trackers :meth:`log` feeds."""
+        dropped = [name for name in self.names if name not in {str(t) for t in accelerator.log_with}]
+        if dropped:  # accelerate found the package unusable (its own check) and left it out without a word
+            raise BadInputError(
+                f"distill.report_to: accelerate cannot use {dropped[0]} here",
+                hint=f"pip install --upgrade {PACKAGES[dropped[0]]}, or drop {dropped[0]} from report_to",
+            )
         self._accelerator = accelerator
 
     def log(self, step: int, scalars: dict[str, Any]) -> None:
