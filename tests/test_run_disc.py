@@ -23,10 +23,8 @@ def test_smoke_blocks_run_on_cpu() -> None:
     assert topology is not None and topology.window < 120  # the smoke rows are ~120-170 tokens long
 
 
-def run_smoke(recipe: str, work: Path) -> list[dict[str, Any]]:
-    proc = tracegen(
-        "run", str(RECIPES / recipe), "--out", str(work), "--scale", "smoke", timeout=900
-    )  # eval stage included
+def run_smoke(recipe: str, work: Path) -> list[dict[str, Any]]:  # 900 s: the eval stage serves the model too
+    proc = tracegen("run", str(RECIPES / recipe), "--out", str(work), "--scale", "smoke", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = (work / "adapter" / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
