@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperGroup
 
+from tracegen.cli.help import PlainFlagsGroup, default
+from tracegen.config import DistillConfig
 from tracegen.model_aliases import local_tokenizer, resolve_model
 
 
-class _DefaultTrainGroup(TyperGroup):
+class _DefaultTrainGroup(PlainFlagsGroup):
     """Routes ``distill DATASET ...`` to ``distill train DATASET ...``."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
@@ -78,14 +79,32 @@ def train_command(
         Path | None, typer.Option(help="Teacher cache folder for KD (without one: CE only, sequence-level).")
     ] = None,
     max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides epochs).")] = None,
-    epochs: Annotated[float | None, typer.Option(help="Passes over the training split (default 1).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Sequences per micro-batch (default 4).")] = None,
-    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step (default 4).")] = None,
-    learning_rate: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (default 2e-4).")] = None,
-    max_length: Annotated[int | None, typer.Option(help="Cut sequences to this many tokens (default 4096).")] = None,
-    lora_r: Annotated[int | None, typer.Option(help="LoRA rank (default 64).")] = None,
-    lora_alpha: Annotated[int | None, typer.Option(help="LoRA alpha (default 128).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed (default 42).")] = None,
+    epochs: Annotated[
+        float | None,
+        typer.Option(help="Passes over the training split.", show_default=default(DistillConfig, "epochs")),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Sequences per micro-batch.", show_default=default(DistillConfig, "batch_size"))
+    ] = None,
+    grad_accum: Annotated[
+        int | None,
+        typer.Option(help="Micro-batches per optimizer step.", show_default=default(DistillConfig, "grad_accum")),
+    ] = None,
+    learning_rate: Annotated[
+        float | None,
+        typer.Option("--lr", help="Peak learning rate.", show_default=default(DistillConfig, "learning_rate")),
+    ] = None,
+    max_length: Annotated[
+        int | None,
+        typer.Option(help="Cut sequences to this many tokens.", show_default=default(DistillConfig, "max_length")),
+    ] = None,
+    lora_r: Annotated[
+        int | None, typer.Option(help="LoRA rank.", show_default=default(DistillConfig, "lora.r"))
+    ] = None,
+    lora_alpha: Annotated[
+        int | None, typer.Option(help="LoRA alpha.", show_default=default(DistillConfig, "lora.alpha"))
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed.", show_default=default(DistillConfig, "seed"))] = None,
     gradient_checkpointing: Annotated[
         bool | None,
         typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory."),
