@@ -8,6 +8,7 @@ Results go to stdout, progress and logs to stderr. Heavy libraries are imported 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -239,6 +240,7 @@ def filter_(
         float | None, typer.Option(help="Also drop near duplicates at this MinHash Jaccard similarity (0-1).")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON (for scripts).")] = False,
 ) -> None:
     """Keep the sampled trajectories that genuinely solved their task, and say why each other one was dropped.
 
@@ -268,7 +270,10 @@ def filter_(
             f"Interrupted: finished verdicts are in {out}/verdicts.jsonl; re-run the same command to resume.", err=True
         )
         raise typer.Exit(130)
-    print_summary(summary)
+    if as_json:
+        typer.echo(json.dumps(summary.report, indent=2, default=str))
+    else:
+        print_summary(summary)
     errors = summary.report["check_errors"]
     if errors:
         typer.echo(
@@ -332,6 +337,7 @@ def format_(
             show_default=default(FormatConfig, "workers"),
         ),
     ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON (for scripts).")] = False,
 ) -> None:
     """Render trajectories with a training template, tokenize them with masks, and write a Hub-ready dataset.
 
@@ -363,6 +369,9 @@ def format_(
     except KeyboardInterrupt:
         typer.echo(f"Interrupted: nothing written ({out} is as it was).", err=True)
         raise typer.Exit(130) from None
+    if as_json:
+        typer.echo(json.dumps({"out": str(result.out), **result.stats.as_dict()}, indent=2))
+        return
     for line in summary_lines(result):
         typer.echo(line)
 
@@ -456,6 +465,7 @@ def eval_(
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Sampling seed, where the server supports it.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON (for scripts).")] = False,
 ) -> None:
     """Measure a served model on a task set: accuracy by reference (and tests), and finish_reason per question.
 
@@ -493,7 +503,11 @@ def eval_(
     if summary.interrupted:
         typer.echo("Interrupted: answers so far are saved; re-run the same command to resume.", err=True)
         raise typer.Exit(130)
-    print_eval(summary)
+    if as_json:
+        rows = [dataclasses.asdict(r) for r in summary.rows]
+        typer.echo(json.dumps({"model": summary.model, "totals": summary.totals(), "rows": rows}, indent=2))
+    else:
+        print_eval(summary)
 
 
 @app.command("run")
