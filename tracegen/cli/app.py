@@ -20,7 +20,6 @@ import typer
 from tracegen.cli.distill import distill_app
 from tracegen.cli.help import PlainFlagsGroup, default
 from tracegen.cli.sandbox import sandbox_app
-from tracegen.config import CollectConfig, EvalConfig, FilterConfig, FormatConfig
 from tracegen.errors import TracegenError
 
 # Typer's own copy of click (newer Typer vendors it) raises these, not the click package's classes.
@@ -101,37 +100,38 @@ def collect(
     concurrency: Annotated[
         int | None,
         typer.Option(
-            "--concurrency", "-c", help="Trajectories in flight.", show_default=default(CollectConfig, "concurrency")
+            "--concurrency", "-c", help="Trajectories in flight.", show_default=default("CollectConfig", "concurrency")
         ),
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N tasks.")] = None,
     max_turns: Annotated[
-        int | None, typer.Option(help="Teacher turns per trajectory.", show_default=default(CollectConfig, "max_turns"))
+        int | None,
+        typer.Option(help="Teacher turns per trajectory.", show_default=default("CollectConfig", "max_turns")),
     ] = None,
     temperature: Annotated[
         float | None,
-        typer.Option(help="Sampling temperature.", show_default=default(CollectConfig, "teacher.temperature")),
+        typer.Option(help="Sampling temperature.", show_default=default("CollectConfig", "teacher.temperature")),
     ] = None,
     top_p: Annotated[
-        float | None, typer.Option(help="Nucleus sampling.", show_default=default(CollectConfig, "teacher.top_p"))
+        float | None, typer.Option(help="Nucleus sampling.", show_default=default("CollectConfig", "teacher.top_p"))
     ] = None,
     max_tokens: Annotated[
         int | None,
-        typer.Option(help="Completion tokens per turn.", show_default=default(CollectConfig, "teacher.max_tokens")),
+        typer.Option(help="Completion tokens per turn.", show_default=default("CollectConfig", "teacher.max_tokens")),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Sampling seed, where the server supports it.")] = None,
     tool_protocol: Annotated[
         Literal["auto", "native", "hermes", "function_tag"] | None,
         typer.Option(
             help="How tool calls are expressed (auto: detected per reply).",
-            show_default=default(CollectConfig, "teacher.tool_protocol"),
+            show_default=default("CollectConfig", "teacher.tool_protocol"),
         ),
     ] = None,
     fail_on_error: Annotated[
         float | None,
         typer.Option(
             help="Exit 1 when more than this fraction of trajectories errored.",
-            show_default=default(CollectConfig, "fail_on_error"),
+            show_default=default("CollectConfig", "fail_on_error"),
         ),
     ] = None,
     retry_errors: Annotated[
@@ -225,7 +225,7 @@ def filter_(
     ] = None,
     judge_concurrency: Annotated[
         int | None,
-        typer.Option(help="Samples being judged at once.", show_default=default(FilterConfig, "judge.concurrency")),
+        typer.Option(help="Samples being judged at once.", show_default=default("FilterConfig", "judge.concurrency")),
     ] = None,
     concurrency: Annotated[
         int | None,
@@ -233,7 +233,7 @@ def filter_(
             "--concurrency",
             "-c",
             help="Samples in the sandbox checks at once.",
-            show_default=default(FilterConfig, "concurrency"),
+            show_default=default("FilterConfig", "concurrency"),
         ),
     ] = None,
     near_duplicates: Annotated[
@@ -294,7 +294,7 @@ def format_(
     out: Annotated[Path, typer.Option("--out", "-o", help="Dataset folder to write (replaced atomically).")],
     template: Annotated[
         Literal["proof", "dualmind", "chat", "instruct"] | None,
-        typer.Option(help="Training layout.", show_default=default(FormatConfig, "template")),
+        typer.Option(help="Training layout.", show_default=default("FormatConfig", "template")),
     ] = None,
     tokenizer: Annotated[
         str | None,
@@ -334,7 +334,7 @@ def format_(
         int | None,
         typer.Option(
             help="Processes that render and tokenize (0: one per two CPU cores).",
-            show_default=default(FormatConfig, "workers"),
+            show_default=default("FormatConfig", "workers"),
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON (for scripts).")] = False,
@@ -430,13 +430,13 @@ def eval_(
     model: Annotated[str | None, typer.Option(envvar="TRACEGEN_EVAL_MODEL", help="Model name under test.")] = None,
     samples: Annotated[
         int | None,
-        typer.Option("--samples", "-k", help="Answers per task.", show_default=default(EvalConfig, "samples")),
+        typer.Option("--samples", "-k", help="Answers per task.", show_default=default("EvalConfig", "samples")),
     ] = None,
     prompt_template: Annotated[
         Literal["none", "proof", "dualmind", "instruct"] | None,
         typer.Option(
             help="Wrap prompts in a training template's prompt part (none: as is).",
-            show_default=default(EvalConfig, "prompt_template"),
+            show_default=default("EvalConfig", "prompt_template"),
         ),
     ] = None,
     runtime: Annotated[
@@ -448,20 +448,20 @@ def eval_(
     concurrency: Annotated[
         int | None,
         typer.Option(
-            "--concurrency", "-c", help="Questions in flight.", show_default=default(EvalConfig, "concurrency")
+            "--concurrency", "-c", help="Questions in flight.", show_default=default("EvalConfig", "concurrency")
         ),
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N tasks.")] = None,
     temperature: Annotated[
         float | None,
-        typer.Option(help="Sampling temperature.", show_default=default(EvalConfig, "endpoint.temperature")),
+        typer.Option(help="Sampling temperature.", show_default=default("EvalConfig", "endpoint.temperature")),
     ] = None,
     top_p: Annotated[
-        float | None, typer.Option(help="Nucleus sampling.", show_default=default(EvalConfig, "endpoint.top_p"))
+        float | None, typer.Option(help="Nucleus sampling.", show_default=default("EvalConfig", "endpoint.top_p"))
     ] = None,
     max_tokens: Annotated[
         int | None,
-        typer.Option(help="Completion tokens per turn.", show_default=default(EvalConfig, "endpoint.max_tokens")),
+        typer.Option(help="Completion tokens per turn.", show_default=default("EvalConfig", "endpoint.max_tokens")),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Sampling seed, where the server supports it.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,

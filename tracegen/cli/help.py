@@ -4,13 +4,35 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
 from typer.core import TyperGroup
 
 
-def default(section: type[BaseModel], dotted: str) -> str:
-    """The default of ``section.dotted`` as help shows it (``[default: ...]``), read from the settings
-    themselves so help never repeats (and drifts from) a number held there."""
+class _SettingsDefault(str):
+    """A ``show_default`` text computed when help is rendered: importing the settings (pydantic, yaml)
+    at start-up would slow every command, ``--help`` included."""
+
+    def __new__(cls, section: str, dotted: str) -> _SettingsDefault:
+        text = super().__new__(cls, f"{section}.{dotted}")
+        text.section, text.dotted = section, dotted  # type: ignore[attr-defined]
+        return text
+
+    def __str__(self) -> str:
+        import tracegen.config
+
+        section = getattr(tracegen.config, self.section)  # type: ignore[attr-defined]
+        return _default_of(section, self.dotted)  # type: ignore[attr-defined]
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
+def default(section: str, dotted: str) -> str:
+    """The default of setting ``dotted`` of ``tracegen.config.<section>``, for ``show_default=``: read
+    from the settings themselves, so help never repeats (and drifts from) a number held there."""
+    return _SettingsDefault(section, dotted)
+
+
+def _default_of(section: Any, dotted: str) -> str:
     model: Any = section
     *parents, leaf = dotted.split(".")
     for name in parents:
