@@ -30,3 +30,13 @@ def test_defaults_shown_are_the_settings_defaults() -> None:
     assert f"Trajectories in flight. [default: ({CollectConfig().concurrency})]" in collect
     train = tracegen("distill", "train", "--help", env={**os.environ, "COLUMNS": "200"}).stdout
     assert f"LoRA rank. [default: ({DistillConfig().lora.r})]" in train
+
+
+def test_fake_server_help_says_what_it_scripts() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "tracegen.testing.fake_server", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "TURNS-1 replies carries" in " ".join(out.split()) and "python" in out and "(default: 4)" in out
