@@ -14,6 +14,7 @@ Run it through `bash scripts/quickstart.sh` (which sets up the virtualenv first)
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -51,10 +52,21 @@ def main() -> int:
     code = tracegen("run", str(ROOT / "recipes" / "quickstart.yaml"), "--out", str(work), "--runtime", runtime)
     if code:
         return code
+    print(f"quickstart: {tool_calls(work)}", file=sys.stderr)
     code = tracegen("audit", str(work / "dataset"), "--max-tokens", "200")
     if code == 0:
         print(f"quickstart: everything is in {work} (run.json lists each stage's output)", file=sys.stderr)
     return code
+
+
+def tool_calls(work: Path) -> str:
+    """How many tool calls the teacher made and where they ran, from the run's summary (say it when 0)."""
+    stages = json.loads((work / "run.json").read_text(encoding="utf-8"))["stages"]
+    calls = next(s["facts"].get("tool_calls", {}) for s in stages if s["stage"] == "collect")
+    total = sum(calls.values())
+    if not total:
+        return "the teacher made 0 tool calls, so neither the sandbox nor the simulator ran"
+    return f"the teacher made {total} tool calls: " + ", ".join(f"{n} {source}" for source, n in calls.items())
 
 
 def tracegen(*args: str) -> int:

@@ -107,7 +107,8 @@ def test_unreachable_teacher_fails_with_exit_1_and_no_secret(tmp_path: Path) -> 
         env={**os.environ, "TRACEGEN_TEACHER_API_KEY": SECRET},
     )
     assert result.returncode == 1
-    assert "Error: 2 of 2 trajectories ended in error" in result.stderr
+    assert "Error: stopped at the first endpoint error: teacher m@127.0.0.1:9 " in result.stderr
+    assert "connection failed" in result.stderr, "the first error's cause, not only 'read the errors field'"
     assert SECRET not in result.stderr + result.stdout
     for path in (tmp_path / "run").iterdir():
         assert SECRET not in path.read_text()

@@ -81,9 +81,9 @@ def test_retry_errors_samples_other_errors_again_and_readers_see_one_record(fake
     kept = list(read_trajectories(run / "trajectories.jsonl"))
     assert sorted(t.task.id for t in kept) == ["t0", "t1", "t2"] and all(t.stop_reason == "answer" for t in kept)
 
-    proc = tracegen("filter", str(run), "--out", str(tmp_path / "f"))
+    proc = tracegen("filter", str(run), "--out", str(tmp_path / "f"), "--json")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads((tmp_path / "f" / "report.json").read_text())["trajectories"] == 3
+    assert json.loads(proc.stdout)["trajectories"] == 3, "filter sees one record per (task, sample)"
 
 
 def test_fail_on_error_names_the_first_cause(fake_server: Start, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ Results go to stdout, progress and logs to stderr. Heavy libraries are imported 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -15,9 +16,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
-from typer.core import TyperGroup
 
 from tracegen.cli.distill import distill_app
+from tracegen.cli.help import PlainFlagsGroup, default
 from tracegen.cli.sandbox import sandbox_app
 from tracegen.errors import TracegenError
 
@@ -31,7 +32,7 @@ class _Interrupted(Exception):  # a signal, not an error
     """Ctrl-C that reached the top of a command which has no clean stop of its own."""
 
 
-class _InterruptibleGroup(TyperGroup):
+class _InterruptibleGroup(PlainFlagsGroup):
     """Carries a Ctrl-C out of Typer, which would turn it into a silent exit code 130."""
 
     def invoke(self, ctx: Any) -> Any:
@@ -97,20 +98,41 @@ def collect(
         int | None, typer.Option("--samples-per-task", "-k", help="Trajectories per task (K).")
     ] = None,
     concurrency: Annotated[
-        int | None, typer.Option("--concurrency", "-c", help="Trajectories in flight (default 32).")
+        int | None,
+        typer.Option(
+            "--concurrency", "-c", help="Trajectories in flight.", show_default=default("CollectConfig", "concurrency")
+        ),
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N tasks.")] = None,
-    max_turns: Annotated[int | None, typer.Option(help="Teacher turns per trajectory (default 8).")] = None,
-    temperature: Annotated[float | None, typer.Option(help="Sampling temperature (default 0.6).")] = None,
-    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling (default 0.95).")] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="Completion tokens per turn (default 4096).")] = None,
+    max_turns: Annotated[
+        int | None,
+        typer.Option(help="Teacher turns per trajectory.", show_default=default("CollectConfig", "max_turns")),
+    ] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option(help="Sampling temperature.", show_default=default("CollectConfig", "teacher.temperature")),
+    ] = None,
+    top_p: Annotated[
+        float | None, typer.Option(help="Nucleus sampling.", show_default=default("CollectConfig", "teacher.top_p"))
+    ] = None,
+    max_tokens: Annotated[
+        int | None,
+        typer.Option(help="Completion tokens per turn.", show_default=default("CollectConfig", "teacher.max_tokens")),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Sampling seed, where the server supports it.")] = None,
     tool_protocol: Annotated[
         Literal["auto", "native", "hermes", "function_tag"] | None,
-        typer.Option(help="How tool calls are expressed (default auto: detected per reply)."),
+        typer.Option(
+            help="How tool calls are expressed (auto: detected per reply).",
+            show_default=default("CollectConfig", "teacher.tool_protocol"),
+        ),
     ] = None,
     fail_on_error: Annotated[
-        float | None, typer.Option(help="Exit 1 when more than this fraction of trajectories errored.")
+        float | None,
+        typer.Option(
+            help="Exit 1 when more than this fraction of trajectories errored.",
+            show_default=default("CollectConfig", "fail_on_error"),
+        ),
     ] = None,
     retry_errors: Annotated[
         bool,
@@ -181,7 +203,10 @@ def filter_(
     verifier: Annotated[
         list[str] | None,
         typer.Option(
-            "--verifier", "-v", help="Check after structural + duplicate, repeatable: reference, tests, replay, judge."
+            "--verifier",
+            "-v",
+            metavar="CHECK",
+            help="Check after structural + duplicate, repeatable: reference, tests, replay, judge.",
         ),
     ] = None,
     all_checks: Annotated[
@@ -199,14 +224,24 @@ def filter_(
     judge_samples: Annotated[
         int | None, typer.Option(help="Judge replies per sample; the verdict is their majority vote.")
     ] = None,
-    judge_concurrency: Annotated[int | None, typer.Option(help="Samples being judged at once (default 16).")] = None,
+    judge_concurrency: Annotated[
+        int | None,
+        typer.Option(help="Samples being judged at once.", show_default=default("FilterConfig", "judge.concurrency")),
+    ] = None,
     concurrency: Annotated[
-        int | None, typer.Option("--concurrency", "-c", help="Samples in the sandbox checks at once (default 8).")
+        int | None,
+        typer.Option(
+            "--concurrency",
+            "-c",
+            help="Samples in the sandbox checks at once.",
+            show_default=default("FilterConfig", "concurrency"),
+        ),
     ] = None,
     near_duplicates: Annotated[
         float | None, typer.Option(help="Also drop near duplicates at this MinHash Jaccard similarity (0-1).")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON (for scripts).")] = False,
 ) -> None:
     """Keep the sampled trajectories that genuinely solved their task, and say why each other one was dropped.
 
@@ -236,7 +271,10 @@ def filter_(
             f"Interrupted: finished verdicts are in {out}/verdicts.jsonl; re-run the same command to resume.", err=True
         )
         raise typer.Exit(130)
-    print_summary(summary)
+    if as_json:
+        typer.echo(json.dumps(summary.report, indent=2, default=str))
+    else:
+        print_summary(summary)
     errors = summary.report["check_errors"]
     if errors:
         typer.echo(
@@ -257,7 +295,7 @@ def format_(
     out: Annotated[Path, typer.Option("--out", "-o", help="Dataset folder to write (replaced atomically).")],
     template: Annotated[
         Literal["proof", "dualmind", "chat", "instruct"] | None,
-        typer.Option(help="Training layout (default chat)."),
+        typer.Option(help="Training layout.", show_default=default("FormatConfig", "template")),
     ] = None,
     tokenizer: Annotated[
         str | None,
@@ -283,7 +321,7 @@ def format_(
         str | None, typer.Option(envvar="TRACEGEN_TEACHER_MODEL", help="Teacher model for --examine teacher.")
     ] = None,
     export: Annotated[
-        list[str] | None, typer.Option(help="Extra row format: sharegpt (LLaMA-Factory / axolotl).")
+        list[str] | None, typer.Option(metavar="FORMAT", help="Extra row format: sharegpt (LLaMA-Factory / axolotl).")
     ] = None,
     import_format: Annotated[
         Literal["trajectories", "cot"] | None,
@@ -294,8 +332,13 @@ def format_(
         typer.Option(help="Column mapping for --import cot, e.g. question=problem,reasoning=cot,answer=answer."),
     ] = None,
     workers: Annotated[
-        int | None, typer.Option(help="Processes that render and tokenize (default 0: one per two CPU cores).")
+        int | None,
+        typer.Option(
+            help="Processes that render and tokenize (0: one per two CPU cores).",
+            show_default=default("FormatConfig", "workers"),
+        ),
     ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON (for scripts).")] = False,
 ) -> None:
     """Render trajectories with a training template, tokenize them with masks, and write a Hub-ready dataset.
 
@@ -327,6 +370,9 @@ def format_(
     except KeyboardInterrupt:
         typer.echo(f"Interrupted: nothing written ({out} is as it was).", err=True)
         raise typer.Exit(130) from None
+    if as_json:
+        typer.echo(json.dumps({"out": str(result.out), **result.stats.as_dict()}, indent=2))
+        return
     for line in summary_lines(result):
         typer.echo(line)
 
@@ -389,10 +435,16 @@ def eval_(
             help="Model under test; repeat it (--model base --model merged) to compare models served the same way.",
         ),
     ] = None,
-    samples: Annotated[int | None, typer.Option("--samples", "-k", help="Answers per task (default 1).")] = None,
+    samples: Annotated[
+        int | None,
+        typer.Option("--samples", "-k", help="Answers per task.", show_default=default("EvalConfig", "samples")),
+    ] = None,
     prompt_template: Annotated[
         Literal["none", "proof", "dualmind", "instruct"] | None,
-        typer.Option(help="Wrap prompts in a training template's prompt part (default none: as is)."),
+        typer.Option(
+            help="Wrap prompts in a training template's prompt part (none: as is).",
+            show_default=default("EvalConfig", "prompt_template"),
+        ),
     ] = None,
     runtime: Annotated[
         Literal["docker", "simulated"] | None, typer.Option(help="Where the model's tool calls run.")
@@ -401,14 +453,26 @@ def eval_(
         bool | None, typer.Option("--tests/--no-tests", help="Also run the tasks' tests in the Docker sandbox.")
     ] = None,
     concurrency: Annotated[
-        int | None, typer.Option("--concurrency", "-c", help="Questions in flight (default 8).")
+        int | None,
+        typer.Option(
+            "--concurrency", "-c", help="Questions in flight.", show_default=default("EvalConfig", "concurrency")
+        ),
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N tasks.")] = None,
-    temperature: Annotated[float | None, typer.Option(help="Sampling temperature (default 0.6).")] = None,
-    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling (default 0.95).")] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="Completion tokens per turn (default 32768).")] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option(help="Sampling temperature.", show_default=default("EvalConfig", "endpoint.temperature")),
+    ] = None,
+    top_p: Annotated[
+        float | None, typer.Option(help="Nucleus sampling.", show_default=default("EvalConfig", "endpoint.top_p"))
+    ] = None,
+    max_tokens: Annotated[
+        int | None,
+        typer.Option(help="Completion tokens per turn.", show_default=default("EvalConfig", "endpoint.max_tokens")),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Sampling seed, where the server supports it.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON (for scripts).")] = False,
 ) -> None:
     """Measure a served model on a task set: accuracy by reference (and tests), and finish_reason per question.
 
@@ -452,10 +516,16 @@ def eval_(
     if summaries[-1].interrupted:
         typer.echo("Interrupted: answers so far are saved; re-run the same command to resume.", err=True)
         raise typer.Exit(130)
-    for summary in summaries:
-        print_eval(summary)
-    if len(summaries) > 1:
-        print_comparison(summaries)
+    if as_json:
+        payload = [
+            {"model": s.model, "totals": s.totals(), "rows": [dataclasses.asdict(r) for r in s.rows]} for s in summaries
+        ]
+        typer.echo(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2))
+    else:
+        for summary in summaries:
+            print_eval(summary)
+        if len(summaries) > 1:
+            print_comparison(summaries)
 
 
 @app.command("run")

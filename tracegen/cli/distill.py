@@ -9,8 +9,8 @@ Command shape (a group whose default command is ``train``)::
 
 Any first argument that is not a subcommand name is routed to ``train`` (a dataset folder literally
 named ``merge`` needs ``distill train merge`` or ``./merge``). torch, transformers and peft are
-imported inside the commands, so ``tracegen --help`` never loads them. Results go to stdout as one
-JSON object, progress to stderr; failures are tracegen errors the main CLI maps to exit codes.
+imported inside the commands, so ``tracegen --help`` never loads them. Results go to stdout as a
+table (``--json``: one JSON object), progress to stderr; failures are tracegen errors the main CLI maps to exit codes.
 """
 
 from __future__ import annotations
@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
-from typer.core import TyperGroup
 
 if TYPE_CHECKING:
     from tracegen.distill.dtypes import DtypeName
-from tracegen.model_aliases import local_tokenizer, resolve_model
+from tracegen.cli.help import PlainFlagsGroup, default
 
 
-class _DefaultTrainGroup(TyperGroup):
+class _DefaultTrainGroup(PlainFlagsGroup):
     """Routes ``distill DATASET ...`` to ``distill train DATASET ...``."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
@@ -80,14 +79,32 @@ def train_command(
         Path | None, typer.Option(help="Teacher cache folder for KD (without one: CE only, sequence-level).")
     ] = None,
     max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides epochs).")] = None,
-    epochs: Annotated[float | None, typer.Option(help="Passes over the training split (default 1).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Sequences per micro-batch (default 4).")] = None,
-    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step (default 4).")] = None,
-    learning_rate: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (default 2e-4).")] = None,
-    max_length: Annotated[int | None, typer.Option(help="Cut sequences to this many tokens (default 4096).")] = None,
-    lora_r: Annotated[int | None, typer.Option(help="LoRA rank (default 64).")] = None,
-    lora_alpha: Annotated[int | None, typer.Option(help="LoRA alpha (default 128).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed (default 42).")] = None,
+    epochs: Annotated[
+        float | None,
+        typer.Option(help="Passes over the training split.", show_default=default("DistillConfig", "epochs")),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Sequences per micro-batch.", show_default=default("DistillConfig", "batch_size"))
+    ] = None,
+    grad_accum: Annotated[
+        int | None,
+        typer.Option(help="Micro-batches per optimizer step.", show_default=default("DistillConfig", "grad_accum")),
+    ] = None,
+    learning_rate: Annotated[
+        float | None,
+        typer.Option("--lr", help="Peak learning rate.", show_default=default("DistillConfig", "learning_rate")),
+    ] = None,
+    max_length: Annotated[
+        int | None,
+        typer.Option(help="Cut sequences to this many tokens.", show_default=default("DistillConfig", "max_length")),
+    ] = None,
+    lora_r: Annotated[
+        int | None, typer.Option(help="LoRA rank.", show_default=default("DistillConfig", "lora.r"))
+    ] = None,
+    lora_alpha: Annotated[
+        int | None, typer.Option(help="LoRA alpha.", show_default=default("DistillConfig", "lora.alpha"))
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed.", show_default=default("DistillConfig", "seed"))] = None,
     gradient_checkpointing: Annotated[
         bool | None,
         typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory."),
@@ -135,6 +152,7 @@ def train_command(
         overrides["lora"] = lora
     config = apply_overrides(base, overrides)
     from tracegen.distill.data import parquet_files  # torch: imported only when a command runs
+    from tracegen.model_aliases import resolve_model
 
     parquet_files(dataset_dir)  # a wrong dataset path fails before any model is loaded
     if config.student:
@@ -184,6 +202,7 @@ def cache_teacher_command(
     teacher, or from the top log-probs an API teacher returned during collect."""
     from tracegen.distill.data import parquet_files
     from tracegen.errors import BadInputError
+    from tracegen.model_aliases import local_tokenizer, resolve_model
 
     if (teacher is None) == (from_logprobs is None):
         raise BadInputError("pass exactly one of --teacher MODEL and --from-logprobs TRAJECTORIES.jsonl")
@@ -234,6 +253,7 @@ def merge_command(
     """Fold the adapter into its full-precision base (written in the base's dtype); the merged logits equal
     base+adapter. A full-training output is already the model: its files are linked into OUT."""
     from tracegen.distill.merge import merge_adapter
+    from tracegen.model_aliases import resolve_model
 
     summary = merge_adapter(adapter_dir, out, resolve_model(base) if base else None)
     _print(f"merge: {out}", asdict(summary), as_json)

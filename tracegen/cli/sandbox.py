@@ -33,7 +33,9 @@ ImageOpt = Annotated[
 EngineOpt = Annotated[
     list[str] | None,
     typer.Option(
-        "--engine", help="Docker engine URL (unix://, tcp://, ssh://); repeat for several. Default: DOCKER_HOST."
+        "--engine",
+        metavar="URL",
+        help="Docker engine URL (unix://, tcp://, ssh://); repeat for several. Default: DOCKER_HOST.",
     ),
 ]
 

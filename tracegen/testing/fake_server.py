@@ -429,10 +429,24 @@ def _completion(events: list[dict[str, Any]], usage: dict[str, Any] | None, mode
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Fake OpenAI-compatible server playing a ReAct episode.")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--turns", type=int, default=4)
-    parser.add_argument("--latency", type=float, default=0.2, help="seconds per response")
+    parser = argparse.ArgumentParser(
+        description="A fake OpenAI-compatible chat-completions server on 127.0.0.1 (streaming SSE or plain JSON) "
+        "that plays the same ReAct episode for every trajectory: each of the first TURNS-1 replies carries "
+        "reasoning and one `python` tool call (print(...)), the last reply is the answer 'The answer is 42.'. "
+        "Requests that carry no tools (a simulator's) get a plain tool-output reply. It prints its base URL; "
+        "point `tracegen collect --teacher-base-url` (and the simulator) at it to test a recipe without a model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: a free one)")
+    parser.add_argument(
+        "--turns", type=int, default=4, help="teacher replies per trajectory: TURNS-1 tool calls, then the answer"
+    )
+    parser.add_argument(
+        "--latency",
+        type=float,
+        default=0.2,
+        help="seconds per response: half before the first token, half over the deltas",
+    )
     parser.add_argument("--chunks", type=int, default=16, help="stream deltas per response")
     args = parser.parse_args()
 
