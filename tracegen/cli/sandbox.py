@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from tracegen.errors import TracegenError
-from tracegen.runtime.docker.settings import DockerRuntimeConfig
+
+if TYPE_CHECKING:
+    from tracegen.runtime.docker.settings import DockerRuntimeConfig
 
 sandbox_app = typer.Typer(
     help="The Docker sandbox: build its image, run the hostile-code self-test, remove leftover containers.",
@@ -44,6 +46,8 @@ err = Console(stderr=True)
 
 
 def _config(recipe: Path | None, image: str | None, engines: list[str] | None) -> DockerRuntimeConfig:
+    from tracegen.runtime.docker.settings import DockerRuntimeConfig  # not at start-up: --help stays fast
+
     config = DockerRuntimeConfig()
     if recipe is not None:
         from tracegen.recipe import load_recipe
