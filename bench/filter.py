@@ -6,8 +6,8 @@
    3 turns, 3 tool calls, ~4 KB of JSON each), pinned to one core. Final answers mix the notations
    the reference rules meet: 40 % "The answer is N.", 20 % ``\\boxed{N}``, 15 % thousands separators
    and units ("1,234 apples"), 10 % fractions against decimal references (``\\frac{1}{4}`` vs 0.25),
-   10 % wrong answers, 5 % symbolic answers from a pool of 20 expressions (sympy; its results are
-   cached, as they are in a real run where many samples share an answer). Reported:
+   10 % wrong answers, 5 % symbolic answers from a pool of 20 expressions (math-verify; its results
+   are cached, as they are in a real run where many samples share an answer). Reported:
 
    - checks/s: ``structural + duplicate + reference`` over records already in memory (the target:
      >= 20,000/s);

@@ -7,14 +7,17 @@ import os
 import signal
 import subprocess
 import time
+import unicodedata
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tracegen.config import FormatConfig
-from tracegen.data.chat_template import compile_template
+from tracegen.data import chat_template as chat_template_module
+from tracegen.data.chat_template import WRITTEN_FOR, PublicTemplate, compile_template, memo_supported
 from tracegen.data.format import format_dataset
-from tracegen.data.templates import Piece, Rendered
+from tracegen.data.templates import MaskPolicy, Piece, Rendered, compile_chat_template, render_chat
 from tracegen.data.tokenize import Stats, assemble, encode, lay_out, load_tokenizer
 from tracegen.errors import BadInputError, TracegenError
 from tracegen.testing.synthetic import HOSTILE, make_trajectory, write_trajectories
@@ -61,6 +64,7 @@ def test_run_offsets_equal_the_tokenizers_own(tok_spec: str, byte_path: bool, mo
     encode(batch)
     assemble(batch, tok, None, Stats())
     for text in texts:
+        text = unicodedata.normalize("NFC", text) if tok.unicode_form == "NFC" else text  # as lay_out puts it
         expected = tok.plain.encode(text, add_special_tokens=False)
         ids, offsets = tok.run_cache[text]
         assert ids.tolist() == expected.ids, text
@@ -116,23 +120,68 @@ def test_bad_input_in_a_worker_keeps_its_message_and_exit_code(tmp_path: Path) -
     assert not out.exists()
 
 
-def test_memoised_sandbox_still_refuses_what_the_sandbox_refuses() -> None:
-    """Memoising the attribute checks never hands out what Jinja's sandbox would not."""
-    from jinja2.exceptions import SecurityError
+def _outcome(template: Any) -> tuple[str, str]:
+    try:
+        return "ok", str(template.render(message={"a": 1}))
+    except Exception as exc:  # noqa: BLE001 - the outcome is the exception's type
+        return type(exc).__name__, ""
+
+
+@pytest.mark.parametrize("memo", [True, False], ids=["memo", "public"])
+def test_memoised_sandbox_still_refuses_what_the_sandbox_refuses(memo: bool) -> None:
+    """Memoising the attribute checks never hands out what Jinja's sandbox would not; nor does the public path."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     template = compile_template(
-        "{{ message.content.upper() }}|{{ message.items() | list | length }}|{{ ''.__class__ }}|{{ message.mro }}"
+        "{{ message.content.upper() }}|{{ message.items() | list | length }}|{{ ''.__class__ }}|{{ message.mro }}",
+        memo,
     )
+    assert isinstance(template, PublicTemplate) is not memo
     out = template.render(message={"content": "hi", "mro": "key"})
     assert out.startswith("HI|2||")  # the dunder is refused (empty), a dict key named like a type method works
     assert out.endswith("key")
-    for source in ("{{ ''.__class__.__mro__ }}", "{{ [].append(1) }}", "{{ message.clear() }}"):
-        with pytest.raises(SecurityError):
-            for _ in range(2):  # twice: the second call goes through the memoised path
-                compile_template(source).render(message={"a": 1})
+    # each one as Jinja's own sandbox does it: refused (SecurityError, UndefinedError) or rendered empty
+    sandbox = ImmutableSandboxedEnvironment()
+    unsafe = (
+        "{{ ''.__class__.__mro__ }}",
+        "{{ [].append(1) }}",
+        "{{ message.clear() }}",
+        "{{ message.update({'x': 1}) }}",
+        "{{ ''.format.__globals__ }}",
+        "{{ (message.items() | list)[0].__class__.__subclasses__() }}",
+        "{{ message.a.__class__.__base__ }}",
+        "{% set ns = namespace() %}{{ ns.__init__.__globals__ }}",
+    )
+    for source in unsafe:
+        expected = _outcome(sandbox.from_string(source))
+        assert expected in (("SecurityError", ""), ("UndefinedError", ""), ("ok", "")), (source, expected)
+        for _ in range(2):  # twice: the second call goes through the memoised path
+            assert _outcome(compile_template(source, memo)) == expected, source
     # a string attribute approved once stays a fresh value per object
-    values = compile_template("{% for s in xs %}{{ s.upper() }}{% endfor %}").render(xs=["a", "b"])
+    values = compile_template("{% for s in xs %}{{ s.upper() }}{% endfor %}", memo).render(xs=["a", "b"])
     assert values == "AB"
+
+
+def test_the_memo_is_used_only_with_the_transformers_it_was_written_for() -> None:
+    import transformers
+
+    assert memo_supported(WRITTEN_FOR + ".0") and memo_supported(WRITTEN_FOR + ".3")
+    assert not memo_supported("4.57.1") and not memo_supported("5.99.0") and not memo_supported(None)
+    assert memo_supported(transformers.__version__) == chat_template_module.MEMO
+
+
+@pytest.mark.parametrize("tok_spec", ["qwen3", "smollm2"])
+def test_the_public_path_renders_the_same_text(tok_spec: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fallback on another transformers writes exactly what the memoised template writes."""
+    tok = load_tokenizer(tok_spec)
+    assert tok.chat_template is not None
+    trajectories = [make_trajectory(i, turns=3, hostile=i % 2 == 0) for i in range(4)]
+    texts = {}
+    for memo in (True, False):
+        monkeypatch.setattr(chat_template_module, "MEMO", memo)
+        chat = compile_chat_template(tok.chat_template, tok.special_map, tok.eos)
+        texts[memo] = [render_chat(t, MaskPolicy(), chat).text for t in trajectories]
+    assert texts[True] == texts[False]
 
 
 def test_ctrl_c_stops_the_workers_and_writes_nothing(tmp_path: Path) -> None:

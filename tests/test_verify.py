@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from tracegen.checks.answers import compare, extract_answers, to_sympy_text
+from tracegen.checks.answers import compare, extract_answers
 from tracegen.checks.duplicates import DuplicateCheck
 from tracegen.checks.reference import reference_verdict
 from tracegen.checks.structural import structural_verdict
@@ -23,12 +23,12 @@ REFERENCE_CASES: list[tuple[str, str, bool, str]] = [
     ("$42$", "42", True, "exact"),
     ("\\text{blue}", "blue", True, "exact"),
     ("**yes**", "Yes", True, "exact"),
-    ("Final answer: London", "Paris", False, "mismatch"),
+    ("Final answer: London", "Paris", False, "phrase"),
     # numbers: tolerance, separators, units, currency, percent, scientific
     ("391", "391", True, "exact"),
     ("The answer is 391.", "391", True, "exact"),
     ('The answer is "2 + 2 = 4"', "4", True, "exact"),
-    ("The answer is 2 + 2 = 5.", "4", False, "mismatch"),
+    ("The answer is 2 + 2 = 5.", "4", False, "symbolic"),
     ("5050", "5,050", True, "numeric"),
     ("1,000,000", "1000000", True, "numeric"),
     ("3.5 cm", "3.5", True, "numeric"),
@@ -80,9 +80,18 @@ REFERENCE_CASES: list[tuple[str, str, bool, str]] = [
     # no answer / refusals
     ("", "5", False, "no_answer"),
     ("I cannot solve this problem.", "5", False, "mismatch"),
-    # hostile input never reaches eval
+    # hostile input never reaches eval; a tower is computed by sympy, not Python's int power
     ("__import__('os').system('true')", "0", False, "mismatch"),
-    ("10^10^10", "1", False, "mismatch"),
+    ("10^10^10", "1", False, "symbolic"),
+    # text around a boxed answer (the last box counts), and a worked solution as the reference
+    ("We need x in [0, 1), so the answer is \\boxed{[0, 1)}.", "(0,1]", False, "list"),
+    ("We need x in [0, 1), so the answer is \\boxed{[0, 1)}.", "[0,1)", True, "list"),
+    ("First \\boxed{2}; no wait, re-checking gives \\boxed{3}", "3", True, "exact"),
+    ("The roots are $x = 1$ and $x = 2$, so \\boxed{1, 2}", "\\{2, 1\\}", True, "list"),
+    ("Thus the probability is $\\boxed{\\dfrac{1}{4}}$ (25%).", "0.25", True, "numeric"),
+    ("Solving, $x = \\boxed{\\pm 3}$.", "3, -3", True, "list"),
+    ("\\boxed{\\frac{1}{2}}", "Halving twice and doubling once gives \\boxed{0.5}.", True, "numeric"),
+    ("So the result is $x^2+1$", "(x+1)^2", False, "symbolic"),
 ]
 
 
@@ -102,10 +111,112 @@ def test_extraction_prefers_the_last_boxed() -> None:
     assert extract_answers("<answer> 7 </answer>") == ["7"]
 
 
-def test_unsafe_text_never_becomes_sympy_source() -> None:
-    for text in ("__import__('os')", "x.__class__", "lambda: 1", "open(1)", "a[0]", "globals()"):
-        assert to_sympy_text(text) is None, text
-    assert to_sympy_text("\\frac{1}{\\sqrt{2}}") == "((1)/(sqrt(2)))"
+# Bare answers, each compared in both directions (answer against reference and back): intervals, sets,
+# tuples and multiple answers, fractions against decimals, units, percentages, scientific notation,
+# expressions. Where the old hand-written engine (before math-verify) differed, the line says so and why
+# the value here is the right one.
+EQUIVALENCE_PAIRS: list[tuple[str, str, bool]] = [
+    # intervals: bounds matter
+    ("[0, 1)", "[0,1)", True),
+    ("[0, 1)", "(0, 1]", False),  # old: equal (brackets ignored under `list`)
+    ("(0, 1)", "[0, 1]", False),  # old: equal; an open interval is not a closed one
+    ("(-\\infty, 3)", "(-\\infty, 3]", False),  # old: equal
+    ("(-\\infty, 3)", "x < 3", True),  # old: mismatch; the same set written as an inequality
+    ("[0,1) \\cup (2,3]", "(2,3] \\cup [0,1)", True),  # old: mismatch; a union in any order
+    ("[0,1) \\cup (2,3]", "[0,1] \\cup (2,3]", False),
+    ("[1, 2]", "1 \\le x \\le 2", True),  # old: mismatch
+    # sets: any order
+    ("\\{1, 2, 3\\}", "\\{3, 2, 1\\}", True),
+    ("\\{1, 2\\}", "\\{1, 2, 3\\}", False),
+    ("\\{1, 2\\}", "\\{1, 3\\}", False),
+    ("\\{-2, 2\\}", "\\pm 2", True),  # old: mismatch; \\pm names both roots
+    ("\\{\\frac{1}{2}, 3\\}", "\\{0.5, 3\\}", True),
+    ("\\emptyset", "\\{1\\}", False),
+    # tuples (order matters) and multiple answers (a bare comma list: any order)
+    ("(1, 2)", "(1,2)", True),
+    ("(2, 1)", "(1, 2)", False),
+    ("(1, 2, 3)", "(1, 2)", False),
+    ("(3, -1)", "(3,-1)", True),
+    ("1, 2", "2, 1", True),  # old: unequal; roots listed without brackets are a set, not a point
+    ("x = 1, x = 2", "1, 2", True),
+    ("x = 1/2, 3", "0.5, 3", True),
+    ("1, 2", "1, 3", False),
+    # fractions against decimals
+    ("\\frac{1}{2}", "0.5", True),
+    ("\\frac{3}{4}", "0.75", True),
+    ("\\frac{1}{3}", "0.33", False),
+    ("\\dfrac{22}{7}", "\\pi", False),
+    ("0.125", "1/8", True),
+    ("\\frac{2}{4}", "\\frac{1}{2}", True),
+    ("-\\frac{2}{3}", "\\frac{-2}{3}", True),
+    ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}", True),
+    ("\\frac{\\sqrt{3}}{2}", "0.8660254", True),
+    ("\\frac{5}{8}", "0.6", False),
+    # units
+    ("3.5 \\text{ cm}", "3.5", True),
+    ("12 apples", "12", True),
+    ("5 \\text{ m/s}", "5", True),
+    ("90^\\circ", "90", True),
+    ("\\$12.50", "12.5", True),
+    ("10 \\text{ km}", "100", False),
+    ("5\\,\\mathrm{kg}", "5", True),
+    # percentages
+    ("50\\%", "0.5", True),
+    ("50%", "50", True),
+    ("12.5\\%", "\\frac{1}{8}", True),
+    ("25\\%", "0.3", False),
+    ("20%", "\\frac{1}{4}", False),
+    # scientific notation
+    ("1.2 \\times 10^{3}", "1200", True),
+    ("1.2e3", "1200", True),
+    ("6.02 \\times 10^{23}", "6.02e23", True),
+    ("1.5 \\times 10^{-3}", "0.0015", True),
+    ("3 \\cdot 10^{8}", "3e8", True),
+    ("1.2 \\times 10^{3}", "120", False),
+    ("2.5 \\times 10^{-2}", "0.25", False),
+    # expressions, equations, inequalities, matrices
+    ("(x+1)^2", "x^2 + 2x + 1", True),
+    ("x^2 - 1", "(x-1)(x+1)", True),
+    ("x^2 + 1", "(x-1)(x+1)", False),
+    ("\\sqrt{8}", "2\\sqrt{2}", True),
+    ("\\sqrt{3}", "\\sqrt{2}", False),
+    ("\\frac{\\pi}{2}", "pi/2", True),
+    ("e^{2}", "exp(2)", True),
+    ("sin(x)^2 + cos(x)^2", "1", True),
+    ("\\sqrt[3]{27}", "3", True),
+    ("2\\pi r", "2r\\pi", True),
+    ("\\ln(e^3)", "3", True),
+    ("\\log_2 8", "3", True),  # old: mismatch (no \\log_b)
+    ("y = 2x + 1", "2x + 1", True),
+    # old: mismatch (no matrices)
+    ("\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "\\begin{bmatrix} 1 & 2 \\\\ 3 & 4 \\end{bmatrix}", True),
+    ("\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "\\begin{pmatrix} 1 & 3 \\\\ 2 & 4 \\end{pmatrix}", False),
+    ("3 + 4i", "4i + 3", True),
+    ("x > 3", "3 < x", True),  # old: mismatch
+    ("x \\ge 3", "x > 3", False),
+]
+
+
+@pytest.mark.parametrize(("a", "b", "equal"), EQUIVALENCE_PAIRS)
+def test_equivalence_both_directions(a: str, b: str, equal: bool) -> None:
+    forward, backward = compare(a, b), compare(b, a)
+    assert forward.equal is equal, forward
+    assert backward.equal is equal, backward
+    assert forward.rule != "mismatch" and backward.rule != "mismatch"  # a rule decided, not a parse failure
+
+
+def test_equivalence_table_is_big_enough() -> None:
+    assert len(EQUIVALENCE_PAIRS) >= 60
+    assert sum(1 for c in EQUIVALENCE_PAIRS if not c[2]) >= 20
+
+
+def test_a_tower_is_undecided_after_the_timeout_not_a_hang() -> None:
+    import time
+
+    started = time.monotonic()
+    result = compare("\\boxed{10^{10^{10}}}", "1", ReferenceCheckConfig(timeout_s=1))
+    assert (result.equal, result.rule) == (False, "mismatch")
+    assert time.monotonic() - started < 30
 
 
 def test_reference_verdict_names_the_rule_and_skips_missing() -> None:
@@ -171,3 +282,40 @@ def test_duplicates_exact_and_near() -> None:
     v, original = asyncio.run(near(long_b))
     assert not v.passed and v.reason.startswith(f"near duplicate of {long_a.id}") and original == long_a.id
     assert asyncio.run(near(make_trajectory(6, words=200).model_copy(update={"task": long_a.task}))).verdict.passed
+
+
+# Short string references (issue 17): the reference as the whole last word or phrase of the answer's last
+# sentence, quotes and final punctuation ignored; strict against answers listing or negating candidates.
+PHRASE_CASES: list[tuple[str, str, bool]] = [
+    ("The capital of Italy is Rome.", "Rome", True),
+    ('The opposite of "hot" is "cold".', "cold", True),
+    ("Rome", "Rome", True),
+    ("**Rome**", "rome", True),
+    ("It is 'Rome'!", "Rome", True),
+    ("Paris is in France. The capital of Italy is Rome.", "Rome", True),
+    ("The largest city is Milan, but the capital is Rome.", "Rome", True),
+    ("The city you are looking for is New York City.", "New York City", True),
+    ("Answer: the Moon", "The Moon", True),
+    ("The chemical symbol for gold is Au.", "Au", True),
+    ("So the statement is true.", "True", True),
+    ("\\boxed{\\text{Rome}}", "Rome", True),
+    ("Rome or Milan", "Rome", False),
+    ("It is either Milan or Rome.", "Rome", False),
+    ("Milan, Rome", "Rome", False),
+    ("Milan/Rome", "Rome", False),
+    ("Milan and Rome", "Rome", False),
+    ("The capital of Italy is not Rome.", "Rome", False),
+    ("Rome is the capital of Italy.", "Rome", False),  # the reference must close the answer
+    ("The hero is Romeo.", "Rome", False),
+    ('The opposite of "cold" is "hot".', "cold", False),
+    ("Is it Rome? No, it is Milan.", "Rome", False),
+    ("The capital of Italy is Rome (or maybe Milan).", "Rome", False),
+    ("So the statement is false.", "True", False),
+]
+
+
+@pytest.mark.parametrize(("answer", "reference", "equal"), PHRASE_CASES)
+def test_short_string_references(answer: str, reference: str, equal: bool) -> None:
+    result = compare(answer, reference)
+    assert result.equal is equal, result
+    assert result.rule in ("exact", "phrase"), result

@@ -577,7 +577,10 @@ class ReferenceCheckConfig(Strict):
 
     rel_tol: float = Field(1e-6, ge=0, description="Relative tolerance of numeric comparisons.")
     abs_tol: float = Field(1e-9, ge=0, description="Absolute tolerance of numeric comparisons.")
-    symbolic: bool = Field(True, description="Try symbolic equivalence with sympy when both sides parse.")
+    symbolic: bool = Field(
+        True, description="When the fast rules do not decide, ask math-verify (the list and symbolic rules)."
+    )
+    timeout_s: int = Field(5, ge=1, description="math-verify's limit for each parse and comparison, in seconds.")
     missing: Literal["skip", "reject"] = Field(
         "skip", description="Tasks without a reference: skip the check (no verdict), or reject the sample."
     )

@@ -1,24 +1,35 @@
 """Answer equivalence: is the answer in a final-answer text equal to a reference? (filter and eval)
 
-The ``reference`` rules, tried in order on the answer extracted from the final answer (the last
-``\\boxed{}``, ``<answer>`` tag, or "answer is / Answer:" phrase; else a short answer itself; else its
-last number):
+The ``reference`` rules, tried in order on each answer extracted from the final answer (the last
+``\\boxed{}``, ``<answer>`` tag, or "answer is / Answer:" phrase; else a short answer itself or its
+last line; else its last number). A reference holding a ``\\boxed{}`` (a worked solution) is its last
+boxed answer.
 
-1. ``exact``: equal after normalisation (case, whitespace, ``$``, ``\\text{}``, ``\\left``, a leading
-   ``x =``, a trailing period);
-2. ``choice``: a reference that is a multiple-choice letter (``B``, ``(B)``) against the letter the
+1. ``choice``: a reference that is a multiple-choice letter (``B``, ``(B)``) against the letter the
    answer picks (``(B)``, ``B.``, ``option B``);
-3. ``numeric``: both sides numbers (thousands separators, currency, units and ``%`` stripped;
+2. ``exact``: equal after normalisation (case, whitespace, ``$``, ``\\text{}``, ``\\left``, a leading
+   ``x =``, a trailing period);
+3. ``numeric``: both sides plain numbers (thousands separators, currency, units and ``%`` stripped;
    fractions ``3/4`` and ``\\frac{3}{4}``, scientific ``1.2e3`` / ``1.2 \\times 10^{3}``) equal within
    ``rel_tol`` / ``abs_tol``; a percentage also matches its fraction (``50%`` = ``0.5``);
-4. ``list``: comma-separated tuples compared element by element (sets ``\\{...\\}`` in any order);
-5. ``symbolic``: sympy equivalence (``simplify(a - b) == 0``, or numeric closeness when neither side
-   has free symbols), for expressions with ``\\frac``, ``\\sqrt``, ``^``, ``\\pi`` ...
+4. ``phrase``: a text reference (words, not maths: ``Rome``, ``New York``) is the whole last word or
+   phrase of the answer's last sentence, normalised, quotes and final punctuation ignored; refused
+   when the word before it lists or negates (``Milan or Rome``, ``Milan, Rome``, ``not Rome``);
+5. ``list`` / ``symbolic``: Hugging Face's ``math-verify`` (the verifier open-r1 and lighteval use)
+   parses both sides as LaTeX or plain maths and decides: ``list`` when the reference is a tuple,
+   set or interval (bounds and order matter, sets in any order), ``symbolic`` for anything else
+   (expressions, equations, matrices, ``\\pm``); floats are compared rounded to 6 decimals.
 
-What ``symbolic`` does not do: parse arbitrary LaTeX (matrices, integrals, ``\\pm``) or decide
-equivalences sympy's ``simplify`` cannot; those fall through to ``mismatch`` (not equal). Safety:
-sympy's parser evaluates Python, so only strings made of digits, operators, single-letter symbols
-and a fixed list of function names reach it, and powers with exponents above 100 are refused.
+Rules 1-3 are the fast path (microseconds, no parser); ``math-verify`` costs milliseconds and is
+cached per (answer, reference). ``mismatch``: no rule could decide (math-verify parsed neither side
+as maths), so not equal; ``no_answer``: nothing to compare.
+
+What this does not do: decide equivalences sympy cannot, or read words as maths (a text reference
+never reaches math-verify, which would read ``paris`` as the product ``p*a*r*i*s``). Safety:
+math-verify parses LaTeX into sympy objects with ANTLR (no ``eval``) and plain expressions made of
+digits and operators only; every parse and comparison runs under its ``timeout_s`` alarm, so
+``10^{10^{10}}`` gives ``mismatch`` after the timeout, not a hung filter. The alarm is SIGALRM:
+math-verify raises ``ValueError`` when called off the main thread, and filter and eval call it there.
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ import re
 from collections.abc import Sequence
 from fractions import Fraction
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from tracegen.config import ReferenceCheckConfig
 
@@ -38,7 +49,7 @@ _WS = re.compile(r"\s+")
 class RefResult(NamedTuple):
     equal: bool
     rule: str
-    """exact | choice | numeric | list | symbolic | mismatch | no_answer"""
+    """exact | choice | numeric | phrase | list | symbolic | mismatch | no_answer"""
     candidate: str
     """The answer as extracted from the final answer text."""
 
@@ -49,15 +60,22 @@ def compare(answer: str, reference: str, config: ReferenceCheckConfig | None = N
     candidates = extract_answers(answer)
     if not candidates:
         return RefResult(False, "no_answer", "")
-    first: RefResult | None = None
-    for candidate in candidates:
-        equal, rule = _compare_one(candidate, reference, cfg)
-        result = RefResult(equal, rule, candidate)
-        if equal:
-            return result
-        first = first or result
-    assert first is not None
-    return first
+    boxed = _last_braced(reference, ("\\boxed", "\\fbox"))
+    reference = boxed if boxed is not None else reference
+    # Fast rules on every candidate before math-verify on any: "... so 15" is decided in microseconds.
+    fast = [_fast_rules(c, reference, cfg) for c in candidates]
+    for candidate, decided in zip(candidates, fast, strict=True):
+        if decided is not None and decided[0]:
+            return RefResult(*decided, candidate)
+    results: list[RefResult] = []
+    for candidate, decided in zip(candidates, fast, strict=True):
+        if decided is None:
+            slow = math_verify_equal(candidate, reference, cfg.timeout_s) if cfg.symbolic else None
+            decided = slow or (False, "mismatch")
+            if decided[0]:
+                return RefResult(*decided, candidate)
+        results.append(RefResult(*decided, candidate))
+    return results[0]
 
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S | re.I)
@@ -145,33 +163,20 @@ def normalise(text: str) -> str:
     return _ASSIGN.sub("", s)
 
 
-def _compare_one(candidate: str, reference: str, cfg: ReferenceCheckConfig) -> tuple[bool, str]:
+def _fast_rules(candidate: str, reference: str, cfg: ReferenceCheckConfig) -> tuple[bool, str] | None:
+    """choice, exact, numeric, phrase: (equal, rule), or None when only math-verify can decide."""
     letter = _choice_letter_of_reference(reference)
     if letter is not None:
-        picked = _picked_letter(candidate)
-        return picked == letter, "choice"
+        return _picked_letter(candidate) == letter, "choice"
     a, b = normalise(candidate), normalise(reference)
     if a == b:
         return True, "exact"
     x, y = parse_number(a), parse_number(b)
     if x is not None and y is not None:
         return _numbers_equal(x, y, cfg), "numeric"
-    la, lb = _split_list(a), _split_list(b)
-    if la is not None and lb is not None and len(la[0]) == len(lb[0]) and la[1] == lb[1]:
-        if la[1]:  # sets: any order
-            remaining = list(lb[0])
-            for item in la[0]:
-                match = next((r for r in remaining if _compare_one(item, r, cfg)[0]), None)
-                if match is None:
-                    return False, "list"
-                remaining.remove(match)
-            return True, "list"
-        return all(_compare_one(p, q, cfg)[0] for p, q in zip(la[0], lb[0], strict=True)), "list"
-    if cfg.symbolic:
-        decided = symbolic_equal(a, b, cfg.rel_tol, cfg.abs_tol)
-        if decided is not None:
-            return decided, "symbolic"
-    return False, "mismatch"
+    if is_text(b):
+        return phrase_equal(candidate, reference), "phrase"
+    return None
 
 
 _REF_CHOICE = re.compile(r"^\(?([A-J])\)?$")
@@ -253,179 +258,97 @@ def _numbers_equal(x: Number, y: Number, cfg: ReferenceCheckConfig) -> bool:
     return False
 
 
-def _split_list(s: str) -> tuple[list[str], bool] | None:
-    """Top-level comma-separated items of a tuple/list/set (``(1, 2)``, ``1, 2``, ``\\{1, 2\\}``)."""
-    is_set = False
-    if s.startswith("\\{") and s.endswith("\\}"):
-        s, is_set = s[2:-2], True
-    elif s[:1] in "([" and s[-1:] in ")]" and _balanced_outer(s):
-        s = s[1:-1]
-    elif s.startswith("{") and s.endswith("}") and _balanced_outer(s):
-        s, is_set = s[1:-1], True
-    items: list[str] = []
-    depth = 0
-    current = ""
-    for ch in s:
-        if ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        if ch == "," and depth == 0:
-            items.append(current.strip())
-            current = ""
-        else:
-            current += ch
-    items.append(current.strip())
-    if len(items) < 2 or any(not item for item in items):
-        return None
-    return items, is_set
+# Words that are maths, not text: function names, constants, and the joiners of multiple answers.
+_MATH_WORDS = frozenset(
+    {
+        *("sin", "cos", "tan", "sec", "csc", "cot", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh"),
+        *("log", "ln", "exp", "sqrt", "pi", "infty", "inf", "oo", "min", "max", "gcd", "lcm", "mod", "det"),
+        *("and", "or"),
+    }
+)
+_LETTER_RUN = re.compile(r"[^\W\d_]{2,}")
+_LATEX_COMMAND = re.compile(r"\\(?:begin|end)\s*\{\w*\*?\}|\\[a-zA-Z]+")
 
 
-def _balanced_outer(s: str) -> bool:
-    """True when the first bracket of ``s`` closes at its last character."""
-    depth = 0
-    for i, ch in enumerate(s):
-        if ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-            if depth == 0 and i != len(s) - 1:
-                return False
-    return depth == 0
+@lru_cache(maxsize=65536)
+def is_text(reference: str) -> bool:
+    """A reference made of words (``rome``, ``new york``) rather than maths (``2x + 1``, ``\\sin x``); normalised."""
+    bare = _LATEX_COMMAND.sub(" ", reference)
+    return any(run not in _MATH_WORDS for run in _LETTER_RUN.findall(bare))
 
 
-_FUNCTIONS = {"sqrt", "sin", "cos", "tan", "log", "ln", "exp", "pi", "oo", "abs"}
-_IDENT = re.compile(r"[a-z]+")
-_SAFE = re.compile(r"^[0-9a-z+\-*/().\s]*$")
-_LATEX_NAMES = {
-    "\\pi": " pi ",
-    "\\infty": " oo ",
-    "\\cdot": "*",
-    "\\times": "*",
-    "\\ln": " log",
-    "\\log": " log",
-    "\\sin": " sin",
-    "\\cos": " cos",
-    "\\tan": " tan",
-    "\\exp": " exp",
-}
+_QUOTES = re.compile(r"[\"'`“”‘’«»]")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_TRAILING = re.compile(r"[\s.!?;:,]+$")
+_ARTICLE = re.compile(r"^(?:the|a|an)\s+")
+# A word just before the reference that makes it one of several candidates, or denies it.
+_LISTING = frozenset({"or", "and", "nor", "either", "vs", "versus", "not", "no", "never", "than"})
 
 
-def to_sympy_text(s: str) -> str | None:
-    """Simple LaTeX / plain math to sympy syntax, or None when it is outside what is parsed safely."""
-    if len(s) > 200:
-        return None
-    out = s
-    for _ in range(8):  # \frac{a}{b} and \sqrt{x}, innermost rewrites repeated for nesting
-        i = max(out.rfind("\\frac{"), out.rfind("\\sqrt{"), out.rfind("\\sqrt["))
-        if i < 0:
-            break
-        if out.startswith("\\frac{", i):
-            num = _braced_at(out, i + 5)
-            if num is None:
-                return None
-            j = i + 5 + len(num) + 2
-            j = _skip_ws(out, j)
-            if j >= len(out) or out[j] != "{":
-                return None
-            den = _braced_at(out, j)
-            if den is None:
-                return None
-            end = _group_end(out, j)
-            out = out[:i] + f"(({num})/({den}))" + out[end:]
-        elif out.startswith("\\sqrt[", i):
-            close = out.find("]", i)
-            if close < 0 or close + 1 >= len(out) or out[close + 1] != "{":
-                return None
-            degree = out[i + 6 : close]
-            arg = _braced_at(out, close + 1)
-            if arg is None:
-                return None
-            end = _group_end(out, close + 1)
-            out = out[:i] + f"(({arg})**(1/({degree})))" + out[end:]
-        else:
-            arg = _braced_at(out, i + 5)
-            if arg is None:
-                return None
-            end = _group_end(out, i + 5)
-            out = out[:i] + f"sqrt({arg})" + out[end:]
-    for name, repl in _LATEX_NAMES.items():
-        out = out.replace(name, repl)
-    out = out.replace("{", "(").replace("}", ")").replace("^", "**").replace("√", "sqrt")
-    if "\\" in out or not _SAFE.match(out):
-        return None
-    if re.search(r"[a-z]\s*\.", out):  # attribute access is never maths
-        return None
-    for ident in _IDENT.findall(out):
-        if len(ident) > 1 and ident not in _FUNCTIONS:
-            return None
-    return out
+def _words(text: str) -> str:
+    s = _QUOTES.sub("", normalise(text))
+    return _WS.sub(" ", _TRAILING.sub("", s)).strip()
 
 
-def _skip_ws(s: str, i: int) -> int:
-    while i < len(s) and s[i].isspace():
-        i += 1
-    return i
+@lru_cache(maxsize=65536)
+def phrase_equal(candidate: str, reference: str) -> bool:
+    """The ``phrase`` rule: ``reference`` is the whole last word or phrase of the candidate's last sentence.
+
+    ``The capital of Italy is Rome.`` and ``The opposite of "hot" is "cold".`` pass against ``Rome`` and
+    ``cold``; ``Milan or Rome``, ``Milan, Rome``, ``Rome/Milan``, ``not Rome`` and ``Romeo`` do not.
+    """
+    ref = _ARTICLE.sub("", _words(reference))
+    sentences = [s for s in _SENTENCE_END.split(candidate.strip()) if s.strip()]
+    text = _words(sentences[-1]) if sentences else ""
+    if not ref or not text.endswith(ref):
+        return False
+    head = text[: -len(ref)]
+    if not head:
+        return True
+    if not head.endswith(" ") and head[-1] not in ":(":  # a whole word: "romeo" does not end in "rome"
+        return False
+    head = head.rstrip()
+    if head.endswith((",", "/", "&", ";")):
+        return False
+    return head.split()[-1].strip(":(") not in _LISTING
 
 
-def _group_end(s: str, i: int) -> int:
-    """Just past the group opening at ``s[i]``; the end of ``s`` when it never closes."""
-    j = _closing_brace(s, i)
-    return len(s) if j is None else j + 1
+# Plain-text function names math-verify reads only in LaTeX form (it reads ``sin`` as s*i*n).
+_PLAIN_FUNCTION = re.compile(
+    r"(?<![\\a-zA-Z])(arcsin|arccos|arctan|sinh|cosh|tanh|sin|cos|tan|sec|csc|cot|log|ln|exp|pi)(?![a-zA-Z])"
+)
+_DELIMITERS = re.compile(r"\\\(|\\\)|\\\[|\\\]|(?<!\\)\$")
+
+
+def _as_latex(text: str) -> str:
+    """Maths as one ``$...$`` formula for math-verify; text with words as it is (math-verify finds the maths in it)."""
+    if is_text(normalise(text)):
+        return text
+    s = _DELIMITERS.sub(" ", text).strip().rstrip(".").strip()
+    s = _PLAIN_FUNCTION.sub(r"\\\1", s.replace("**", "^"))
+    return f"${s}$"
 
 
 @lru_cache(maxsize=16384)
-def _sympify(text: str) -> Any:
-    """A sympy expression for ``text`` (already normalised), or None."""
-    source = to_sympy_text(text)
-    if source is None or not source.strip():
-        return None
-    import sympy
-    from sympy.parsing.sympy_parser import (
-        convert_xor,
-        implicit_multiplication,
-        parse_expr,
-        standard_transformations,
-    )
+def math_verify_equal(candidate: str, reference: str, timeout_s: int = 5) -> tuple[bool, str] | None:
+    """math-verify's verdict and the rule that names it (``list`` or ``symbolic``); None: a side is not maths.
 
-    names: dict[str, Any] = {"e": sympy.E, "pi": sympy.pi, "oo": sympy.oo, "ln": sympy.log}
-    for ch in "abcdfghijklmnopqrstuvwxyz":
-        names.setdefault(ch, sympy.Symbol(ch))
+    None too when the comparison errs or runs out of time (``10^{10^{10}}``): undecided, not unequal.
+    """
+    from math_verify import parse, verify
+    from math_verify.errors import TimeoutException
+    from sympy import Set, Tuple
+
+    gold = [g for g in parse(_as_latex(reference), parsing_timeout=timeout_s) if not isinstance(g, str)]
+    if not gold:
+        return None
+    answer = [p for p in parse(_as_latex(candidate), parsing_timeout=timeout_s) if not isinstance(p, str)]
+    if not answer:
+        return None
+    rule = "list" if isinstance(gold[0], Set | Tuple) else "symbolic"
     try:
-        expr = parse_expr(
-            source,
-            local_dict=names,
-            transformations=(*standard_transformations, implicit_multiplication, convert_xor),
-            evaluate=False,
-        )
-    except Exception:  # noqa: BLE001 - sympy raises many types for text it cannot read; not an expression
+        # allow_set_relation_comp: ``x < 3`` answers ``(-\infty, 3)`` as ``(-\infty, 3)`` answers ``x < 3``
+        equal = verify(gold, answer, timeout_seconds=timeout_s, allow_set_relation_comp=True, raise_on_error=True)
+    except (Exception, TimeoutException):  # noqa: BLE001 - sympy raises many types on odd input; undecided
         return None
-    if not isinstance(expr, sympy.Expr):
-        return None
-    try:
-        # Innermost first, so each exponent evaluated here is itself made of small powers.
-        for node in sympy.postorder_traversal(expr):
-            if isinstance(node, sympy.Pow) and not node.exp.free_symbols and abs(complex(sympy.N(node.exp, 15))) > 100:
-                return None  # towers like 10^10^10 would never finish
-    except (TypeError, ValueError):
-        return None
-    return expr
-
-
-@lru_cache(maxsize=16384)
-def symbolic_equal(a: str, b: str, rel_tol: float = 1e-6, abs_tol: float = 1e-9) -> bool | None:
-    """Equivalent by sympy (True/False), or None when either side does not parse."""
-    x, y = _sympify(a), _sympify(b)
-    if x is None or y is None:
-        return None
-    import sympy
-
-    try:
-        if not x.free_symbols and not y.free_symbols:
-            u, v = complex(sympy.N(x, 30)), complex(sympy.N(y, 30))
-            return math.isclose(u.real, v.real, rel_tol=rel_tol, abs_tol=abs_tol) and math.isclose(
-                u.imag, v.imag, rel_tol=rel_tol, abs_tol=abs_tol
-            )
-        return bool(sympy.simplify(x - y) == 0)
-    except Exception:  # noqa: BLE001 - e.g. comparing unbounded values; undecided rather than a crash
-        return None
+    return bool(equal), rule

@@ -11,13 +11,36 @@ own path, so what a template may reach is unchanged: only the repeated work goes
 
 The environment is a fresh one (transformers caches its own per template source, and patching that
 one would also speed up every ``apply_chat_template`` call of the process, a benchmark's baseline
-included).
+included). It comes from transformers' private ``_cached_compile_jinja_template``, so the memo is used
+only with the transformers release it was written and tested against (:data:`WRITTEN_FOR`, checked
+once at import); with any other, templates render through the public ``render_jinja_template``:
+the same output, without the memo's speed-up.
 """
 
 from __future__ import annotations
 
 import functools
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
+
+WRITTEN_FOR = "5.24"
+"""The transformers release (major.minor) whose private template compiler the memo was written against."""
+
+
+def memo_supported(installed: str | None) -> bool:
+    """Whether the memo may patch this transformers version's compiled environment."""
+    return installed is not None and ".".join(installed.split(".")[:2]) == WRITTEN_FOR
+
+
+def _installed_transformers() -> str | None:
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        return None
+
+
+MEMO = memo_supported(_installed_transformers())
+"""Decided at import: False on any other transformers, and then every template takes the public path."""
 
 # exact builtin types whose methods are safe to hand out once the sandbox has approved the name
 _PLAIN_TYPES = frozenset({str, list, tuple, int, float, bool, type(None)})
@@ -26,19 +49,41 @@ _FORMATTERS = frozenset({"format", "format_map"})  # the sandbox wraps these: ne
 
 
 @functools.lru_cache(maxsize=16)
-def compile_template(source: str) -> Any:
-    """A ``jinja2.Template`` for ``source``, built by transformers' own compiler, with memoised checks.
+def compile_template(source: str, memo: bool | None = None) -> Any:
+    """Something with ``render(**kwargs) -> str`` for ``source``: a ``jinja2.Template`` from transformers'
+    own compiler with memoised checks when ``memo`` (default :data:`MEMO`), else a :class:`PublicTemplate`.
 
     Cached per source, as transformers caches its own: compiling costs about 0.1 s.
     """
+    if not (MEMO if memo is None else memo):
+        return PublicTemplate(source)
     from transformers.utils import chat_template_utils
 
-    uncached = getattr(chat_template_utils, "_cached_compile_jinja_template", None)
-    if uncached is None:  # a transformers without the uncached builder: use its shared one untouched
-        return chat_template_utils._compile_jinja_template(source)
-    template = uncached(source)
+    template = chat_template_utils._cached_compile_jinja_template(source)
     _memoise_attribute_checks(template.environment)
     return template
+
+
+class PublicTemplate:
+    """``source`` rendered by transformers' public ``render_jinja_template`` (what ``apply_chat_template`` calls)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def render(
+        self, messages: list[Any] | None = None, tools: Any = None, add_generation_prompt: bool = False, **kwargs: Any
+    ) -> str:
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        # annotated ``-> str``, it returns (one text per conversation, generation indices)
+        result: Any = render_jinja_template(
+            [messages or []],
+            tools=tools,
+            chat_template=self.source,
+            add_generation_prompt=add_generation_prompt,
+            **kwargs,
+        )
+        return str(result[0][0])
 
 
 def _memoise_attribute_checks(env: Any) -> None:

@@ -16,8 +16,15 @@ masked span is masked and counted (``straddled``). ``proof_mask`` is 1 on tokens
 the derivation region. Truncation to ``max_length`` cuts only at a token that does not start inside
 a tool call; a sample whose answer would be cut is dropped and counted.
 
-Not guaranteed: normalisers that change text (Qwen's NFC) make ``decode(input_ids)`` differ from a
-non-NFC ``text``; tracegen NFC-normalises nothing itself, so the audit reports such samples.
+Unicode: a tokenizer whose normaliser applies a Unicode normal form (Qwen's NFC; NFD, NFKC, NFKD,
+alone or inside a ``Sequence``) would decode a decomposed ``e`` + U+0301 or U+212B (as macOS file names
+produce) differently from the text it was given. So the pieces' text is put in that form first, before
+spans are computed, leaving control tokens in template text as they are; the row then says so
+(``normalised``: the form) and :class:`Stats` counts it. Text already in the form, and text of a
+tokenizer without such a normaliser (zero-width characters included), is left untouched. Not
+guaranteed: a piece that starts with a combining mark composing with the previous piece's last
+character (each piece is normalised on its own), and other normalisers (lower-casing, accent
+stripping), whose changes the audit reports.
 """
 
 from __future__ import annotations
@@ -30,14 +37,14 @@ import json
 import re
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from tracegen.data.templates import KINDS, Rendered, Span
+from tracegen.data.templates import KINDS, Piece, Rendered, Span
 from tracegen.data.token_bytes import byte_level_lengths, token_char_extents
 from tracegen.errors import BadInputError
 
@@ -67,6 +74,8 @@ class Tok:
     path: Path
     normaliser: str | None = None
     """The type of the tokenizer's normaliser (``NFC`` for Qwen), or None."""
+    unicode_form: str | None = None
+    """The Unicode normal form its normaliser applies (``NFC``, ``NFD``, ``NFKC``, ``NFKD``), or None."""
     byte_lengths: I64 | None = None
     """Byte-level BPE only: each token's length in bytes, which is its length in characters in ASCII text."""
     control_re: re.Pattern[str] | None = field(default=None)
@@ -180,6 +189,7 @@ def load_tokenizer(spec: str) -> Tok:
         full=full,
         plain_data=plain_data,
         normaliser=(plain_data.get("normalizer") or {}).get("type"),
+        unicode_form=unicode_form(plain_data.get("normalizer")),
         byte_lengths=byte_level_lengths(data),
         added=added,
         eos=eos,
@@ -195,6 +205,45 @@ def load_tokenizer(spec: str) -> Tok:
     return tok
 
 
+UNICODE_FORMS = ("NFC", "NFD", "NFKC", "NFKD")
+
+
+def unicode_form(normalizer: dict[str, Any] | None) -> str | None:
+    """The Unicode normal form a ``tokenizer.json`` normaliser applies (itself or inside a Sequence), or None."""
+    if not normalizer:
+        return None
+    kind = normalizer.get("type")
+    if kind in UNICODE_FORMS:
+        return str(kind)
+    if kind == "Sequence":
+        forms = [f for n in normalizer.get("normalizers") or [] if (f := unicode_form(n)) is not None]
+        return forms[-1] if forms else None
+    return None
+
+
+def normalise_unicode(sample: Rendered, tok: Tok) -> Rendered | None:
+    """``sample`` with its text in the tokenizer's Unicode form, or None when it already is (the usual case)."""
+    form = tok.unicode_form
+    if form is None or unicodedata.is_normalized(form, sample.text):  # type: ignore[arg-type]
+        return None
+    pieces = [p if p.eos else replace(p, text=_normalise_piece(p, form, tok.control_re)) for p in sample.pieces]
+    return replace(sample, pieces=pieces)
+
+
+def _normalise_piece(piece: Piece, form: str, controls: re.Pattern[str] | None) -> str:
+    """The piece's text in ``form``; control tokens in template text stay as written (the tokenizer matches them)."""
+    text = piece.text
+    if not piece.control_ok or controls is None:
+        return unicodedata.normalize(form, text)  # type: ignore[arg-type]
+    out: list[str] = []
+    prev = 0
+    for m in controls.finditer(text):
+        out += [unicodedata.normalize(form, text[prev : m.start()]), m.group()]  # type: ignore[arg-type]
+        prev = m.end()
+    out.append(unicodedata.normalize(form, text[prev:]))  # type: ignore[arg-type]
+    return "".join(out)
+
+
 def _token_str(value: Any) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
@@ -202,12 +251,14 @@ def _token_str(value: Any) -> str | None:
 
 
 class Tokenized(dict[str, Any]):
-    """One sample's columns: input_ids, labels, proof_mask (numpy), spans, text, stats."""
+    """One sample's columns: input_ids, labels, proof_mask (numpy), spans, text, stats, normalised (form or None)."""
 
 
 @dataclass
 class Stats:
     samples: int = 0
+    normalised: int = 0
+    """Samples whose text was put in the tokenizer's Unicode normal form."""
     tokens: int = 0
     trained: int = 0
     straddled: int = 0
@@ -283,9 +334,13 @@ class TokenBatch:
     """Runs to encode, each group with its encoder and whether its offsets come from byte lengths
     (a byte-level vocabulary and no normaliser touching the text): then the tokenizer's are not needed."""
     encodings: list[list[Any]] = field(default_factory=list)
+    normalised: list[bool] = field(default_factory=list)
+    """Per sample: its text was put in the tokenizer's Unicode form (:func:`normalise_unicode`)."""
 
 
 def lay_out(samples: Sequence[Rendered], tok: Tok) -> TokenBatch:
+    changed = [normalise_unicode(s, tok) for s in samples]
+    samples = [c or s for c, s in zip(changed, samples, strict=True)]
     texts = [s.text for s in samples]
     layouts = [_layout(text, _controls(s, tok)) for s, text in zip(samples, texts, strict=True)]
     cache = tok.run_cache
@@ -303,7 +358,7 @@ def lay_out(samples: Sequence[Rendered], tok: Tok) -> TokenBatch:
         groups = [(tok.unnormalised, [r for r, ok in zip(todo, nfc, strict=True) if ok], byte_level)]
         if not all(nfc):
             groups.append((tok.plain, [r for r, ok in zip(todo, nfc, strict=True) if not ok], False))
-    return TokenBatch(samples, texts, layouts, known, groups)
+    return TokenBatch(samples, texts, layouts, known, groups, normalised=[c is not None for c in changed])
 
 
 def encode(batch: TokenBatch) -> None:
@@ -346,7 +401,9 @@ def assemble(batch: TokenBatch, tok: Tok, max_length: int | None, stats: Stats) 
     for k, (sample, text) in enumerate(zip(batch.samples, batch.texts, strict=True)):
         a, b = bounds[k], bounds[k + 1]
         mine = states.part(a, b)
-        out.append(_finish(sample, text, spans[k], all_ids[a:b], all_offs[a:b, 0], mine, max_length, stats))
+        form = tok.unicode_form if batch.normalised[k] else None
+        row = _finish(sample, text, spans[k], all_ids[a:b], all_offs[a:b, 0], mine, max_length, stats, form)
+        out.append(row)
     return out
 
 
@@ -454,6 +511,7 @@ def _finish(
     states: _TokenStates,
     max_length: int | None,
     stats: Stats,
+    normalised: str | None = None,
 ) -> Tokenized | None:
     """One sample's columns from its token states; truncation and the dataset counts."""
     trained, straddle, tok_kind, proof = states.trained, states.straddle, states.kind, states.proof
@@ -483,6 +541,7 @@ def _finish(
     labels = np.where(trained, ids, IGNORE)
     n_straddled = int(straddle.sum())
     stats.samples += 1
+    stats.normalised += normalised is not None
     stats.tokens += len(ids)
     stats.trained += n_trained
     stats.straddled += n_straddled
@@ -506,6 +565,7 @@ def _finish(
         proof_mask=proof.astype(np.int8),
         truncated=truncated,
         straddled=n_straddled,
+        normalised=normalised,
     )
 
 
