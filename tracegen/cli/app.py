@@ -17,6 +17,7 @@ import typer
 from typer.core import TyperGroup
 
 from tracegen.cli.distill import distill_app
+from tracegen.cli.export import export_app
 from tracegen.cli.sandbox import sandbox_app
 from tracegen.errors import TracegenError
 
@@ -493,6 +494,7 @@ def main() -> None:
 
 app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(distill_app, name="distill")
+app.add_typer(export_app, name="export")
 
 if __name__ == "__main__":
     main()
