@@ -53,6 +53,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tracegen.testing.alloc_peak import AllocPeak, peak_alloc
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -65,37 +67,6 @@ ENGINES = ("tracegen", "trl")
 
 
 # --- measuring -------------------------------------------------------------------------------------
-class AllocPeak:
-    """Peak tensor bytes allocated on the CPU between ``start()`` and ``stop()`` (torch profiler events)."""
-
-    def __init__(self) -> None:
-        from torch.profiler import ProfilerActivity, profile
-
-        self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-
-    def start(self) -> None:
-        self.prof.start()
-
-    def stop(self) -> int:
-        self.prof.stop()
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "trace.json"
-            self.prof.export_chrome_trace(str(path))
-            events = json.loads(path.read_text())["traceEvents"]
-        mem = [e["args"] for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
-        if not mem:
-            return 0
-        base = mem[0]["Total Allocated"] - mem[0]["Bytes"]
-        return int(max(m["Total Allocated"] for m in mem) - base)
-
-
-def peak_alloc(fn: Any) -> int:
-    peak = AllocPeak()
-    peak.start()
-    fn()
-    return peak.stop()
-
-
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 

@@ -63,6 +63,7 @@ import torch
 
 from tracegen.config import DistillConfig
 from tracegen.distill.cache import TeacherCache
+from tracegen.distill.chunked_loss import loss_terms, per_token_terms
 from tracegen.distill.data import (
     Batch,
     collate,
@@ -74,16 +75,14 @@ from tracegen.distill.data import (
     rows_fingerprint,
     split_indices,
 )
-from tracegen.distill.discrepancy import TopologyPlan, disc_kd, plan_topology
-from tracegen.distill.forward import SupervisedLogits, supervised_logits
+from tracegen.distill.discrepancy import TopologyPlan, plan_topology
+from tracegen.distill.forward import SupervisedHidden, supervised_hidden
 from tracegen.distill.lora import is_hybrid, wrap_lora
 from tracegen.distill.losses import (
     TeacherTopK,
     kd_alpha,
     proof_weight,
-    sparse_kd_per_token,
     token_weights,
-    weighted_ce_sum,
 )
 from tracegen.distill.sharding import (
     fsdp_requested,
@@ -200,20 +199,25 @@ def _use_bf16(config: DistillConfig, device: torch.device) -> bool:
 
 
 class _SupervisedForward(torch.nn.Module):
-    """The PEFT model behind a forward that is ``supervised_logits``: the module DDP wraps.
+    """The PEFT model behind a forward that is ``supervised_hidden``: the module DDP wraps.
 
-    DDP all-reduces gradients only for forward calls through its wrapper, and ``supervised_logits``
-    calls the decoder directly (to run the output layer on supervised positions only). Wrapping this
-    module rather than the PEFT model keeps both; on one process it is a plain call.
+    DDP all-reduces gradients only for forward calls through its wrapper, and ``supervised_hidden``
+    calls the decoder directly (the loss runs the output layer on supervised positions only, in
+    chunks). Wrapping this module rather than the PEFT model keeps both; on one process it is a plain call.
+    Under FSDP the output layer runs inside the forward (its weights are gathered there), unchunked.
     """
 
-    def __init__(self, lm: Any, device: torch.device) -> None:
+    def __init__(self, lm: Any, device: torch.device, logits_in_forward: bool = False) -> None:
         super().__init__()
         self.lm = lm
         self._device = device
+        self._logits_in_forward = logits_in_forward
 
-    def forward(self, batch: Batch) -> SupervisedLogits:
-        return supervised_logits(self.lm, batch, self._device)
+    def forward(self, batch: Batch) -> SupervisedHidden:
+        out = supervised_hidden(self.lm, batch, self._device)
+        if self._logits_in_forward:  # logits as the "hidden states" of an identity output layer
+            return SupervisedHidden(out.output_layer(out.hidden), out.targets, torch.nn.Identity())
+        return out
 
 
 def _sum_over_processes(accelerator: Any, *values: float) -> list[float]:
@@ -400,7 +404,7 @@ def train(
             )
         set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))  # before sharding
     if sharded:
-        trained, units = shard(_SupervisedForward(model, device), model)
+        trained, units = shard(_SupervisedForward(model, device, logits_in_forward=True), model)
         local = sum(p.to_local().numel() for p in trained.parameters())
         say(f"FSDP: {units} decoder layers and the root sharded over {world} processes ({local:,} weights here)")
         params = [p for p in trained.parameters() if p.requires_grad]
@@ -505,36 +509,35 @@ def train(
         """This process's share of the window's sums; ``n`` counts the whole window (every process reads it all)."""
         totals = WindowTotals(n=max(1, sum(b.n_supervised() for b in window)))
         disc = config.discrepancy
+        chunk = 0 if sharded else config.loss_chunk_tokens  # FSDP: logits come whole from the forward
         mine = window[accelerator.process_index :: world]
         for k, batch in enumerate(mine):
             # DDP all-reduces once per step, in the backward of this process's last micro-batch; FSDP
             # reduce-scatters every backward into the sharded gradients.
             with nullcontext() if sharded or k == len(mine) - 1 else accelerator.no_sync(trained):
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    logits, targets = trained(batch)
                 sel = batch.supervised()
                 weights = token_weights(batch.proof_mask[:, 1:][sel].to(device), weight)
-                ce = weighted_ce_sum(logits, targets, weights)
+                counts = batch.counts()
+                topk = teacher(batch, counts) if cache is not None else None
+                kd_weights = None
+                if plan is not None:
+                    kd_weights = torch.cat([plan.kd_weight[i][:c] for i, c in zip(batch.rows, counts, strict=True)]).to(
+                        device
+                    )
+                    totals.topology_jumps += int((kd_weights != 1.0).sum())
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    terms = loss_terms(
+                        trained(batch), weights, topk, counts, config.temperature, disc, kd_weights, chunk
+                    )
+                ce = terms.ce_sum
                 loss = ce if cache is None else config.alpha_ce * ce
-                if cache is not None:
-                    counts = batch.counts()
-                    topk = teacher(batch, counts)
-                    kd_weights = None
-                    if plan is not None:
-                        kd_weights = torch.cat(
-                            [plan.kd_weight[i][:c] for i, c in zip(batch.rows, counts, strict=True)]
-                        ).to(device)
-                        totals.topology_jumps += int((kd_weights != 1.0).sum())
-                    if disc is not None:
-                        terms = disc_kd(logits, topk, counts, config.temperature, disc, kd_weights)
-                        kd = terms.kd_sum
+                if terms.kd_sum is not None:
+                    kd = terms.kd_sum
+                    if terms.energy_sum is not None and disc is not None:
                         loss = loss + disc.gap_energy_weight * terms.energy_sum
                         totals.energy += float(terms.energy_sum.detach())
                         totals.jumps += terms.jumps
                         totals.smoothed += terms.smoothed
-                    else:
-                        per_token = sparse_kd_per_token(logits, topk, config.temperature)
-                        kd = (per_token if kd_weights is None else per_token * kd_weights).sum()
                     loss = loss + alpha_kd * kd
                     totals.kd += float(kd.detach())
                 # DDP averages the processes' gradients, and each process's loss is its share of the
@@ -673,10 +676,10 @@ def evaluate(
         for k in range(rounds):
             i = mine[k] if k < len(mine) else starts[0]
             batch = collate(rows, indices[i : i + config.batch_size], config.max_length, pad_id)
-            logits, targets = trained(batch)
+            out = trained(batch)
             if k < len(mine):
-                total += float(torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum"))
-                count += int(targets.numel())
+                total += float(per_token_terms(out, None, 1.0, config.loss_chunk_tokens)[0].sum())
+                count += int(out.targets.numel())
     trained.train()
     total, all_count = _sum_over_processes(accelerator, total, count)
     return total / max(all_count, 1)
