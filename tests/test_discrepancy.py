@@ -316,3 +316,17 @@ def test_paged_adamw_8bit_is_refused_without_cuda(assets: dict[str, Path], tmp_p
         train(small(assets, optimizer="paged_adamw_8bit"), assets["dataset"], tmp_path / "o")
     assert err.value.hint == "use optimizer: adamw_torch (the smoke block does)"
     assert not (tmp_path / "o").exists()
+
+
+def test_a_chunked_disc_run_trains_as_the_unchunked_one(assets: dict[str, Path], tmp_path: Path) -> None:
+    disc = DiscrepancySettings(jump_sigma=1.0)
+    kw: dict[str, Any] = {"discrepancy": disc, "eval_fraction": 0.25, "eval_every": 2}
+    train(small(assets, loss_chunk_tokens=0, **kw), assets["dataset"], tmp_path / "whole")
+    train(small(assets, loss_chunk_tokens=7, **kw), assets["dataset"], tmp_path / "chunked")  # ~40 tokens a batch
+    whole, chunked = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "chunked")
+    assert any(m["smoothed_fraction"] > 0 for m in whole)
+    for a, b in zip(whole, chunked, strict=True):
+        for key in ("loss", "ce", "kd", "gap_energy", "grad_norm", "eval_loss"):
+            assert b[key] == (None if a[key] is None else pytest.approx(a[key], rel=1e-4, abs=1e-6)), key
+        assert (a["eval_loss"] is None) == (a["step"] % 2 == 1)
+        assert (b["jump_fraction"], b["smoothed_fraction"]) == (a["jump_fraction"], a["smoothed_fraction"])
