@@ -342,6 +342,7 @@ def chunked_loss_memory(student: str, chunk: int, unchunked_up_to: int, ns: tupl
             t0 = time.perf_counter()  # one run, profiled: the profiler adds little next to [*, V] kernels
             peak = peak_alloc(step)
             results.append({"n": n, "chunk": c, "peak": peak, "tok_s": n / (time.perf_counter() - t0), "vocab": vocab})
+            print(f"loss memory: N {n:,}, chunk {c}: peak {peak / 2**20:,.0f} MiB", file=sys.stderr, flush=True)
     return results
 
 
