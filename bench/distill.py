@@ -51,8 +51,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+from tracegen.testing.alloc_peak import AllocPeak, peak_alloc
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -66,37 +69,6 @@ ENGINES = ("tracegen", "trl", "tracegen-full")  # tracegen-full: the same run wi
 
 
 # --- measuring -------------------------------------------------------------------------------------
-class AllocPeak:
-    """Peak tensor bytes allocated on the CPU between ``start()`` and ``stop()`` (torch profiler events)."""
-
-    def __init__(self) -> None:
-        from torch.profiler import ProfilerActivity, profile
-
-        self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-
-    def start(self) -> None:
-        self.prof.start()
-
-    def stop(self) -> int:
-        self.prof.stop()
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "trace.json"
-            self.prof.export_chrome_trace(str(path))
-            events = json.loads(path.read_text())["traceEvents"]
-        mem = [e["args"] for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
-        if not mem:
-            return 0
-        base = mem[0]["Total Allocated"] - mem[0]["Bytes"]
-        return int(max(m["Total Allocated"] for m in mem) - base)
-
-
-def peak_alloc(fn: Any) -> int:
-    peak = AllocPeak()
-    peak.start()
-    fn()
-    return peak.stop()
-
-
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
@@ -337,6 +309,83 @@ def kd_memory(root: Path, dataset: Path, student: str, teacher: str, n_rows: int
     }
 
 
+# --- chunked loss memory (this process) ------------------------------------------------------------
+LOSS_NS = (1024, 4096, 16384)
+
+
+def chunked_loss_memory(student: str, chunk: int, unchunked_up_to: int, ns: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Peak bytes and tokens/s of CE + top-k KD, forward + backward, on N supervised rows through the
+    student's own output layer (frozen, as under LoRA), chunked and unchunked (``loss_chunk_tokens: 0``)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tracegen.distill.forward import SupervisedHidden
+    from tracegen.distill.losses import TeacherTopK, topk_from_logits
+
+    layer = AutoModelForCausalLM.from_pretrained(student).get_output_embeddings().requires_grad_(False)
+    vocab, width = layer.weight.shape
+    results = []
+    for n in ns:
+        torch.manual_seed(SEED)
+        hidden = torch.randn(n, width) * 4  # logits of a few units, like a trained model's
+        with torch.no_grad():  # the teacher's top-k, built 1k rows at a time (never [N, V] at once)
+            parts = [
+                topk_from_logits(torch.randn(min(1024, n - s), vocab) * 3, TOP_K, TEMPERATURE)
+                for s in range(0, n, 1024)
+            ]
+        topk = TeacherTopK(*(torch.cat(t) for t in zip(*parts, strict=True)))
+        targets = torch.randint(0, vocab, (n,))
+        for c in (0, chunk):
+            if c == 0 and n > unchunked_up_to:
+                continue
+            step = partial(_loss_step, SupervisedHidden(hidden, targets, layer), topk, c)
+            if not results:
+                step()  # warm-up: first-call allocations
+            t0 = time.perf_counter()  # one run, profiled: the profiler adds little next to [*, V] kernels
+            peak = peak_alloc(step)
+            results.append({"n": n, "chunk": c, "peak": peak, "tok_s": n / (time.perf_counter() - t0), "vocab": vocab})
+            print(f"loss memory: N {n:,}, chunk {c}: peak {peak / 2**20:,.0f} MiB", file=sys.stderr, flush=True)
+    return results
+
+
+def _loss_step(out: Any, topk: Any, chunk: int) -> None:
+    """One forward + backward of the distill loss (0.55 CE + 0.45 KD) from the hidden states ``out``."""
+    import torch
+
+    from tracegen.distill.chunked_loss import loss_terms
+
+    n = out.hidden.shape[0]
+    out = out._replace(hidden=out.hidden.clone().requires_grad_(True))
+    terms = loss_terms(out, torch.ones(n), topk, [n], TEMPERATURE, None, None, chunk)
+    assert terms.kd_sum is not None
+    (0.55 * terms.ce_sum + 0.45 * terms.kd_sum).backward()
+
+
+def print_chunked(results: list[dict[str, Any]], chunk: int, unchunked_up_to: int) -> None:
+    vocab = results[0]["vocab"]
+    row = vocab * 4
+    print(
+        f"Loss memory (CE + top-{TOP_K} KD, forward + backward, the student's {vocab:,}-row output layer, frozen), "
+        f"chunked (`loss_chunk_tokens: {chunk}`) vs unchunked (`0`):"
+    )
+    print()
+    print(
+        "| supervised tokens N | unchunked peak | in [N, V] fp32 | unchunked tok/s "
+        "| chunked peak | in [chunk, V] fp32 | chunked tok/s |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    by = {(r["n"], r["chunk"]): r for r in results}
+    per_token = next(r["peak"] / r["n"] for r in results if r["chunk"] == 0)
+    for n in sorted({r["n"] for r in results}):
+        whole, part = by.get((n, 0)), by[(n, chunk)]
+        if whole is not None:
+            w = f"{whole['peak'] / 2**20:,.0f} MiB | {whole['peak'] / (n * row):.1f} | {whole['tok_s']:,.0f}"
+        else:
+            w = f"~{per_token * n / 2**20:,.0f} MiB (not run: linear in N, N > {unchunked_up_to}) | | "
+        p = f"{part['peak'] / 2**20:,.0f} MiB | {part['peak'] / (min(n, chunk) * row):.1f} | {part['tok_s']:,.0f}"
+        print(f"| {n:,} | {w} | {p} |")
+
+
 def output_layer_share(student: str) -> float:
     """Output-layer weights / all the matmul weights one position goes through (embedding lookups are free)."""
     from transformers import AutoModelForCausalLM
@@ -430,9 +479,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per engine (1: robust to other load)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per engine (alternating); the fastest counts")
+    parser.add_argument("--loss-chunk", type=int, default=2048, help="loss_chunk_tokens for the loss memory table")
+    parser.add_argument(
+        "--loss-unchunked-up-to",
+        type=int,
+        default=1024,
+        help="largest N the unchunked loss runs at (RAM: ~3 [N, V] copies)",
+    )
+    parser.add_argument("--loss-only", action="store_true", help="only the chunked-loss memory table")
     parser.add_argument("--child", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--params", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+
+    from tracegen.model_aliases import resolve_model
 
     if args.child:
         import torch
@@ -445,13 +504,20 @@ def main() -> None:
         print(json.dumps(result), flush=True)
         return
 
+    if args.quick:
+        args.batch_size, args.grad_accum, args.warmup, args.steps, args.repeats = 1, 1, 1, 1, 1
+    loss_student = resolve_model("tiny:qwen3")  # Qwen3's vocabulary
+    loss_ns = (256, 1024) if args.quick else LOSS_NS
+    loss_chunk = 128 if args.quick else args.loss_chunk
+    chunked = chunked_loss_memory(loss_student, loss_chunk, args.loss_unchunked_up_to, loss_ns)
+    if args.loss_only:
+        print_chunked(chunked, loss_chunk, args.loss_unchunked_up_to)
+        return
+
     import trl
 
     from tracegen.distill.data import load_rows, n_supervised
-    from tracegen.model_aliases import resolve_model
 
-    if args.quick:
-        args.batch_size, args.grad_accum, args.warmup, args.steps, args.repeats = 1, 1, 1, 1, 1
     warmup, timed = args.warmup, args.steps
     steps = warmup + timed + 1  # + the profiled step
     started, load_before = time.perf_counter(), os.getloadavg()[0]
@@ -506,6 +572,8 @@ def main() -> None:
     print_throughput(runs, stats, warmup, timed)
     print()
     print_kd(kd)
+    print()
+    print_chunked(chunked, loss_chunk, args.loss_unchunked_up_to)
     print()
     trained = sum(s["trained"] for s in stats)
     row_share = sum(n_supervised(r) / len(r.input_ids) for r in rows) / len(rows)

@@ -35,7 +35,7 @@ def build_tokenizer(vocab_size: int = 160, corpus: list[str] | None = None) -> A
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
 
 
-def build_model(vocab_size: int, seed: int = 0, arch: str = "qwen3") -> Any:
+def build_model(vocab_size: int, seed: int = 0, arch: str = "qwen3", init_range: float = 0.3) -> Any:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
@@ -51,17 +51,22 @@ def build_model(vocab_size: int, seed: int = 0, arch: str = "qwen3") -> Any:
         "max_position_embeddings": 256,
         "pad_token_id": 0,
         "tie_word_embeddings": arch == "llama",
-        "initializer_range": 0.3,  # larger output rows, so a LoRA on a 32-wide model can move the logits
+        "initializer_range": init_range,  # 0.3: larger output rows, so a LoRA on a 32-wide model can move the logits
     }
     config = Qwen3Config(**kwargs) if arch == "qwen3" else LlamaConfig(**kwargs)
     return AutoModelForCausalLM.from_config(config)
 
 
 def save_model(
-    path: Path, vocab_size: int = 160, seed: int = 0, arch: str = "qwen3", corpus: list[str] | None = None
+    path: Path,
+    vocab_size: int = 160,
+    seed: int = 0,
+    arch: str = "qwen3",
+    corpus: list[str] | None = None,
+    init_range: float = 0.3,
 ) -> Path:
     tokenizer = build_tokenizer(vocab_size, corpus)
-    model = build_model(len(tokenizer), seed, arch)
+    model = build_model(len(tokenizer), seed, arch, init_range)
     model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     return path

@@ -375,3 +375,17 @@ def test_drift_channel_enters_the_loss_and_is_logged(assets: dict[str, Path], tm
     assert all(m["drift"] > 0 for m in got)
     for m in got:
         assert m["loss"] == pytest.approx(0.55 * m["ce"] + 0.45 * m["kd"] + 0.5 * m["drift"], rel=1e-6)
+
+
+def test_a_chunked_disc_run_trains_as_the_unchunked_one(assets: dict[str, Path], tmp_path: Path) -> None:
+    disc = DiscrepancySettings(jump_sigma=1.0)
+    kw: dict[str, Any] = {"discrepancy": disc, "eval_fraction": 0.25, "eval_every": 2}
+    train(small(assets, loss_chunk_tokens=0, **kw), assets["dataset"], tmp_path / "whole")
+    train(small(assets, loss_chunk_tokens=7, **kw), assets["dataset"], tmp_path / "chunked")  # ~40 tokens a batch
+    whole, chunked = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "chunked")
+    assert any(m["smoothed_fraction"] > 0 for m in whole)
+    for a, b in zip(whole, chunked, strict=True):
+        for key in ("loss", "ce", "kd", "gap_energy", "grad_norm", "eval_loss"):
+            assert b[key] == (None if a[key] is None else pytest.approx(a[key], rel=1e-4, abs=1e-6)), key
+        assert (a["eval_loss"] is None) == (a["step"] % 2 == 1)
+        assert (b["jump_fraction"], b["smoothed_fraction"]) == (a["jump_fraction"], a["smoothed_fraction"])

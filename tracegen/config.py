@@ -383,6 +383,12 @@ class DistillConfig(Strict):
         "auto", description="auto: bf16 autocast on a GPU that supports it, fp32 otherwise (CPU)."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    loss_chunk_tokens: int = Field(
+        2048,
+        ge=0,
+        description="Output layer, CE and KD on this many supervised tokens at a time (recomputed in backward): "
+        "the loss's peak memory stays a few [chunk, vocabulary] copies however long the batch. 0: never chunk.",
+    )
     packing: bool = Field(
         False,
         description="Padding-free packing: each micro-batch's rows end to end in one sequence (restarting "

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 import typer
 
 from tracegen.cli.distill import distill_app
+from tracegen.cli.export import export_app
 from tracegen.cli.help import PlainFlagsGroup, default
 from tracegen.cli.sandbox import sandbox_app
 from tracegen.errors import TracegenError
@@ -696,6 +697,7 @@ def main() -> None:
 
 app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(distill_app, name="distill")
+app.add_typer(export_app, name="export")
 
 if __name__ == "__main__":
     main()

@@ -144,18 +144,25 @@ def smooth_logits(
     if window <= 1:
         return logits, torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     flagged = exceeds_mean_sigma(entropy(logits.detach()), counts, sigma)
+    return window_mean_rows(logits, flagged, counts, window), flagged
+
+
+def window_mean_rows(x: torch.Tensor, flagged: torch.Tensor, counts: list[int], window: int) -> torch.Tensor:
+    """``x`` ``[N, X]`` with each ``flagged`` row replaced by the mean of the original rows in its centred
+    window (clipped at its sequence's edges). The output layer is linear, so applying this to hidden
+    states and then the output layer equals applying it to the logits (the chunked loss relies on it)."""
     if not bool(flagged.any()):
-        return logits, flagged
-    seg = segment_ids(counts, logits.device)
+        return x
+    seg = segment_ids(counts, x.device)
     at = flagged.nonzero().squeeze(1)
-    total = torch.zeros((at.numel(), logits.shape[-1]), dtype=torch.float32, device=logits.device)
-    size = torch.zeros((at.numel(), 1), dtype=torch.float32, device=logits.device)
+    total = torch.zeros((at.numel(), x.shape[-1]), dtype=torch.float32, device=x.device)
+    size = torch.zeros((at.numel(), 1), dtype=torch.float32, device=x.device)
     for offset in range(-((window - 1) // 2), window // 2 + 1):
-        other = (at + offset).clamp(0, logits.shape[0] - 1)
+        other = (at + offset).clamp(0, x.shape[0] - 1)
         inside = ((at + offset == other) & (seg[other] == seg[at])).float().unsqueeze(1)
-        total = total + logits[other].float() * inside
+        total = total + x[other].float() * inside
         size = size + inside
-    return logits.index_copy(0, at, (total / size).to(logits.dtype)), flagged
+    return x.index_copy(0, at, (total / size).to(x.dtype))
 
 
 class DiscKD(NamedTuple):
@@ -176,12 +183,19 @@ def disc_kd(
     """The DISC KD terms of one micro-batch; ``kd_weights`` (e.g. TKD's) multiply the jump weights."""
     logits, smoothed = smooth_logits(logits, counts, settings.smoothing_sigma, settings.smoothing_window)
     kd = sparse_kd_per_token(logits, topk, temperature)
+    return disc_from_kd(kd, counts, settings, kd_weights, int(smoothed.sum()))
+
+
+def disc_from_kd(
+    kd: torch.Tensor, counts: list[int], settings: DiscrepancySettings, kd_weights: torch.Tensor | None, smoothed: int
+) -> DiscKD:
+    """The DISC terms from the per-token KD ``[N]`` (on smoothed logits): D, jump weights, gap energy."""
     d = discrepancy(kd, counts, settings.horizon)
     jumps = exceeds_mean_sigma(d, counts, settings.jump_sigma)  # detaches: weights carry no gradient
     weights = weight_where(jumps, settings.jump_amplifier)
     if kd_weights is not None:
         weights = weights * kd_weights
-    return DiscKD((kd * weights).sum(), 0.5 * (d * d).sum(), int(jumps.sum()), int(smoothed.sum()))
+    return DiscKD((kd * weights).sum(), 0.5 * (d * d).sum(), int(jumps.sum()), smoothed)
 
 
 def gap_energy(d: torch.Tensor) -> torch.Tensor:

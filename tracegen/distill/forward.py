@@ -23,6 +23,14 @@ class SupervisedLogits(NamedTuple):
     targets: torch.Tensor  # [N]
 
 
+class SupervisedHidden(NamedTuple):
+    """What the output layer would turn into ``SupervisedLogits`` (the chunked loss applies it chunk by chunk)."""
+
+    hidden: torch.Tensor  # [N, H]
+    targets: torch.Tensor  # [N]
+    output_layer: torch.nn.Module
+
+
 def _causal_lm(model: Any) -> Any:
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
@@ -30,6 +38,12 @@ def _causal_lm(model: Any) -> Any:
 
 def supervised_logits(model: Any, batch: Batch, device: torch.device) -> SupervisedLogits:
     """``(logits [N, V], targets [N])`` for the N supervised positions of ``batch``, in row-major order."""
+    hidden, targets, output_layer = supervised_hidden(model, batch, device)
+    return SupervisedLogits(output_layer(hidden), targets)
+
+
+def supervised_hidden(model: Any, batch: Batch, device: torch.device) -> SupervisedHidden:
+    """The decoder's last hidden states ``[N, H]`` at the N supervised positions, their targets, the output layer."""
     lm = _causal_lm(model)
     # Packed: restarting positions give the block-diagonal mask (an attention mask would override it).
     masking = (
@@ -40,6 +54,5 @@ def supervised_logits(model: Any, batch: Batch, device: torch.device) -> Supervi
     out = lm.get_decoder()(input_ids=batch.input_ids.to(device), use_cache=False, **masking)
     hidden: torch.Tensor = out.last_hidden_state[:, :-1]
     sel = batch.supervised().to(device)
-    logits: torch.Tensor = lm.get_output_embeddings()(hidden[sel])
     targets = batch.labels[:, 1:].to(device)[sel]
-    return SupervisedLogits(logits, targets)
+    return SupervisedHidden(hidden[sel], targets, lm.get_output_embeddings())

@@ -66,12 +66,13 @@ from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import torch
 
 from tracegen.config import DistillConfig
 from tracegen.distill.cache import TeacherCache
+from tracegen.distill.chunked_loss import loss_terms, per_token_terms
 from tracegen.distill.data import (
     Batch,
     Row,
@@ -85,17 +86,15 @@ from tracegen.distill.data import (
     rows_fingerprint,
     split_indices,
 )
-from tracegen.distill.discrepancy import TopologyPlan, disc_kd, drift_sum, plan_topology, weight_where
+from tracegen.distill.discrepancy import TopologyPlan, drift_sum, plan_topology, weight_where
 from tracegen.distill.dtypes import resolve_dtype
-from tracegen.distill.forward import SupervisedLogits, supervised_logits
+from tracegen.distill.forward import SupervisedHidden, supervised_hidden
 from tracegen.distill.lora import is_hybrid, wrap_lora
 from tracegen.distill.losses import (
     TeacherTopK,
     kd_alpha,
     proof_weight,
-    sparse_kd_per_token,
     token_weights,
-    weighted_ce_sum,
 )
 from tracegen.distill.memory import MemoryEstimate, estimate_peak, model_size
 from tracegen.distill.sharding import (
@@ -219,20 +218,25 @@ def _use_bf16(config: DistillConfig, device: torch.device) -> bool:
 
 
 class _SupervisedForward(torch.nn.Module):
-    """The PEFT model behind a forward that is ``supervised_logits``: the module DDP wraps.
+    """The PEFT model behind a forward that is ``supervised_hidden``: the module DDP wraps.
 
-    DDP all-reduces gradients only for forward calls through its wrapper, and ``supervised_logits``
-    calls the decoder directly (to run the output layer on supervised positions only). Wrapping this
-    module rather than the PEFT model keeps both; on one process it is a plain call.
+    DDP all-reduces gradients only for forward calls through its wrapper, and ``supervised_hidden``
+    calls the decoder directly (the loss runs the output layer on supervised positions only, in
+    chunks). Wrapping this module rather than the PEFT model keeps both; on one process it is a plain call.
+    Under FSDP the output layer runs inside the forward (its weights are gathered there), unchunked.
     """
 
-    def __init__(self, lm: Any, device: torch.device) -> None:
+    def __init__(self, lm: Any, device: torch.device, logits_in_forward: bool = False) -> None:
         super().__init__()
         self.lm = lm
         self._device = device
+        self._logits_in_forward = logits_in_forward
 
-    def forward(self, batch: Batch) -> SupervisedLogits:
-        return supervised_logits(self.lm, batch, self._device)
+    def forward(self, batch: Batch) -> SupervisedHidden:
+        out = supervised_hidden(self.lm, batch, self._device)
+        if self._logits_in_forward:  # logits as the "hidden states" of an identity output layer
+            return SupervisedHidden(out.output_layer(out.hidden), out.targets, torch.nn.Identity())
+        return out
 
 
 def _sum_over_processes(accelerator: Any, *values: float) -> list[float]:
@@ -630,7 +634,7 @@ def setup_optimizer(
     if checkpoint is not None and config.method == "lora":  # before sharding: the saved tensors are whole
         set_peft_model_state_dict(model, load_file(str(out / CHECKPOINT / "adapter_model.safetensors")))
     if sharded:
-        trained, units = shard(_SupervisedForward(model, device), model)
+        trained, units = shard(_SupervisedForward(model, device, logits_in_forward=True), model)
         if accelerator.is_main_process:
             local = sum(p.to_local().numel() for p in trained.parameters())
             _say(f"FSDP: {units} decoder layers and the root sharded over {world} processes ({local:,} weights here)")
@@ -826,13 +830,12 @@ def window_loss(state: TrainState, window: list[Batch], weight: float, alpha_kd:
     """
     config, data, accelerator, device, world = state.config, state.data, state.accelerator, state.device, state.world
     totals = WindowTotals(n=max(1, sum(b.n_supervised() for b in window)))
+    chunk = 0 if state.sharded else config.loss_chunk_tokens  # FSDP: logits come whole from the forward
     mine = window[accelerator.process_index :: world]
     for k, batch in enumerate(mine):
         # DDP all-reduces once per step, in the backward of this process's last micro-batch; FSDP
         # reduce-scatters every backward into the sharded gradients.
         with nullcontext() if state.sharded or k == len(mine) - 1 else accelerator.no_sync(state.trained):
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=state.use_bf16):
-                logits, targets = state.trained(batch)
             sel = batch.supervised()
             weights = token_weights(batch.proof_mask[:, 1:][sel].to(device), weight)
             counts = batch.counts()
@@ -844,23 +847,27 @@ def window_loss(state: TrainState, window: list[Batch], weight: float, alpha_kd:
                 if topo.jump_target == "loss":  # the card: the jump token's loss weight, CE included
                     weights = weights * kd_weights
                 totals.topology_jumps += int(jumps.sum())
-            ce = weighted_ce_sum(logits, targets, weights)
-            loss = ce if data.cache is None else config.alpha_ce * ce
-            if data.cache is not None:
-                topk = _teacher(data, batch, counts, device)
-                if jumps is not None and topo is not None and topo.drift_weight > 0:
-                    drift = drift_sum(logits, topk, counts, jumps)
+            topk = _teacher(data, batch, counts, device) if data.cache is not None else None
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=state.use_bf16):
+                out = state.trained(batch)
+                disc = config.discrepancy
+                terms = loss_terms(out, weights, topk, counts, config.temperature, disc, kd_weights, chunk)
+                ce = terms.ce_sum
+                loss = ce if topk is None else config.alpha_ce * ce
+                if topk is not None and jumps is not None and topo is not None and topo.drift_weight > 0:
+                    # TKD's drift channel reads the micro-batch's logits whole (it is not chunked).
+                    drift = drift_sum(out.output_layer(out.hidden), topk, counts, jumps)
                     loss = loss + topo.drift_weight * drift
                     totals.drift += float(drift.detach())
-                term = kd_term(logits, topk, counts, config, kd_weights)
-                if term.energy is not None:
+            if terms.kd_sum is not None:
+                if terms.energy_sum is not None:
                     assert config.discrepancy is not None
-                    loss = loss + config.discrepancy.gap_energy_weight * term.energy
-                    totals.energy += float(term.energy.detach())
-                    totals.jumps += term.jumps
-                    totals.smoothed += term.smoothed
-                loss = loss + alpha_kd * term.kd
-                totals.kd += float(term.kd.detach())
+                    loss = loss + config.discrepancy.gap_energy_weight * terms.energy_sum
+                    totals.energy += float(terms.energy_sum.detach())
+                    totals.jumps += terms.jumps
+                    totals.smoothed += terms.smoothed
+                loss = loss + alpha_kd * terms.kd_sum
+                totals.kd += float(terms.kd_sum.detach())
             # DDP averages the processes' gradients, and each process's loss is its share of the
             # window's sum: scaling by the process count turns that average back into the sum.
             accelerator.backward(loss / (totals.n / world))
@@ -876,29 +883,6 @@ def _teacher(data: TrainData, batch: Batch, counts: list[int], device: torch.dev
         return data.cache.batch(batch.rows, counts, device)
     rows_of = [plan.windows[i].row for i in batch.rows]
     return data.cache.batch(rows_of, counts, device, [plan.cache_skip[i] for i in batch.rows])
-
-
-class KdTerm(NamedTuple):
-    kd: torch.Tensor  # sum_t a_t * KD_t over the micro-batch's supervised tokens
-    energy: torch.Tensor | None  # DISC: 0.5 * sum_t D_t^2, differentiable (None without DISC)
-    jumps: int = 0  # DISC: tokens whose KD weight was amplified
-    smoothed: int = 0  # DISC: tokens whose logits were smoothed
-
-
-def kd_term(
-    logits: torch.Tensor,
-    topk: TeacherTopK,
-    counts: list[int],
-    config: DistillConfig,
-    kd_weights: torch.Tensor | None = None,
-) -> KdTerm:
-    """The KD term of one micro-batch, for every variant: plain top-k KD, with TKD's per-token
-    ``kd_weights``, or DISC's (jump weights, smoothed logits and gap energy, times ``kd_weights``)."""
-    if config.discrepancy is not None:
-        terms = disc_kd(logits, topk, counts, config.temperature, config.discrepancy, kd_weights)
-        return KdTerm(terms.kd_sum, terms.energy_sum, terms.jumps, terms.smoothed)
-    per_token = sparse_kd_per_token(logits, topk, config.temperature)
-    return KdTerm((per_token if kd_weights is None else per_token * kd_weights).sum(), None)
 
 
 def _all_processes(accelerator: Any, part: WindowTotals) -> WindowTotals:
@@ -1013,10 +997,10 @@ def evaluate(
         for k in range(rounds):
             i = mine[k] if k < len(mine) else starts[0]
             batch = collate(rows, indices[i : i + config.batch_size], config.max_length, pad_id)
-            logits, targets = trained(batch)
+            out = trained(batch)
             if k < len(mine):
-                total += float(torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum"))
-                count += int(targets.numel())
+                total += float(per_token_terms(out, None, 1.0, config.loss_chunk_tokens)[0].sum())
+                count += int(out.targets.numel())
     trained.train()
     total, all_count = _sum_over_processes(accelerator, total, count)
     return total / max(all_count, 1)
