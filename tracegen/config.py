@@ -365,6 +365,11 @@ class FormatConfig(Strict):
         description="Tool outputs to train on: none (default) or executed (sandbox output). Simulated observations "
         "can never be trained; 'all' is refused for that reason.",
     )
+    allow_dropped: list[Literal["reasoning", "tool_calls"]] = Field(
+        default_factory=list,
+        description="Trajectory content the chat template may leave out of the text (reasoning, tool_calls); "
+        "without it, a template that drops either is refused.",
+    )
     max_length: int | None = Field(
         None,
         ge=8,

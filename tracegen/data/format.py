@@ -28,12 +28,16 @@ from tracegen import __version__
 from tracegen.config import FormatConfig
 from tracegen.data.hub import dataset_card, rows_table, save_dataset
 from tracegen.data.templates import (
+    DROPPABLE,
     TEMPLATE_TEXTS,
     ChatTemplate,
     MaskPolicy,
     NoAnswer,
     Rendered,
+    allow_dropped_fix,
+    chat_messages,
     compile_chat_template,
+    missing_capabilities,
     renderer_for,
     trajectory_parts,
 )
@@ -135,23 +139,19 @@ def critiques_for(trajs: list[Trajectory], config: FormatConfig) -> list[str | N
     return existing
 
 
-def _message_rows(traj: Trajectory) -> list[dict[str, Any]]:
+MESSAGE_FIELDS = ("role", "content", "reasoning_content", "tool_calls", "tool_call_id", "name", "observation_source")
+
+
+def message_rows(traj: Trajectory) -> list[dict[str, Any]]:
+    """The ``messages`` column: exactly the messages ``--template chat`` renders (OpenAI tool-call shape,
+    reasoning in ``reasoning_content``), plus each tool message's ``observation_source``; absent fields are None,
+    which transformers' ``apply_chat_template`` drops before rendering."""
     rows = []
-    for m in traj.messages:
-        row: dict[str, Any] = {
-            "role": m.role,
-            "content": m.content,
-            "reasoning": None,
-            "tool_calls": None,
-            "tool_call_id": None,
-            "name": None,
-            "observation_source": None,
-        }
-        if isinstance(m, AssistantMessage):
-            row["reasoning"] = m.reasoning
-            row["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in m.tool_calls]
-        elif isinstance(m, ToolMessage):
-            row.update(tool_call_id=m.tool_call_id, name=m.name, observation_source=m.observation.source)
+    for m, msg in zip(traj.messages, chat_messages(traj), strict=True):
+        row = dict.fromkeys(MESSAGE_FIELDS)
+        row.update(msg)
+        if isinstance(m, ToolMessage):
+            row["observation_source"] = m.observation.source
         rows.append(row)
     return rows
 
@@ -220,7 +220,7 @@ def build_row(traj: Trajectory, tok_row: Tokenized) -> dict[str, Any]:
         "input_ids": ids,
         "labels": tok_row["labels"],
         "proof_mask": tok_row["proof_mask"],
-        "messages": _message_rows(traj),
+        "messages": message_rows(traj),
         "tools": json.dumps([t.openai_schema() for t in traj.tools], ensure_ascii=False),
         "task_id": traj.task.id,
         "sample_index": traj.sample_index,
@@ -286,6 +286,30 @@ def provenance(trajs: list[Trajectory], input_path: Path, config: FormatConfig) 
             "checks": {k: f"{p} / {n}" for k, (p, n) in checks.items()},
         }
     return prov
+
+
+def content_counts(trajs: list[Trajectory]) -> dict[str, int]:
+    """How many samples have reasoning, and how many have tool calls (what a template must be able to render)."""
+    counts = dict.fromkeys(DROPPABLE, 0)
+    for t in trajs:
+        turns = [m for m in t.messages if isinstance(m, AssistantMessage)]
+        counts["reasoning"] += any(m.reasoning and m.reasoning.strip() for m in turns)
+        counts["tool_calls"] += any(m.tool_calls for m in turns)
+    return counts
+
+
+def refuse_missing_capabilities(chat: ChatTemplate, trajs: list[Trajectory], config: FormatConfig) -> None:
+    """Before any work: a chat template that cannot render content the samples have is refused, unless allowed."""
+    have = content_counts(trajs)
+    missing = [k for k in missing_capabilities(chat) if have[k] and k not in config.allow_dropped]
+    if missing:
+        which = config.chat_template or f"the tokenizer {config.tokenizer}'s own"
+        names = " or ".join(k.replace("_", " ") for k in missing)
+        raise BadInputError(
+            f"the chat template ({which}) cannot render {names}, which "
+            + ", ".join(f"{have[k]} of {len(trajs)} samples have {k.replace('_', ' ')}" for k in missing)
+            + f": {allow_dropped_fix(missing)}"
+        )
 
 
 def chat_template_for(config: FormatConfig, tok: Tok) -> ChatTemplate:
@@ -403,7 +427,9 @@ def format_rows(
 
     policy = MaskPolicy(train_observations="executed" if config.train_observations == "executed" else "none")
     chat = chat_template_for(config, tok) if config.template == "chat" else None
-    render = renderer_for(config.template, policy, tok.eos, chat, critiques)
+    if chat is not None:
+        refuse_missing_capabilities(chat, trajs, config)
+    render = renderer_for(config.template, policy, tok.eos, chat, critiques, frozenset(config.allow_dropped))
     workers = resolve_workers(config.workers)
     n = len(trajs)
     if workers == 1:
@@ -519,7 +545,14 @@ def format_dataset(input_path: Path, out: Path, config: FormatConfig, show_progr
             "vocab_size": int(tok.full.get_vocab_size(with_added_tokens=True)),
             "eos_token": tok.eos,
         },
-        "policy": {"train_observations": config.train_observations, "max_length": config.max_length},
+        "policy": {
+            "train_observations": config.train_observations,
+            "max_length": config.max_length,
+            "allow_dropped": permitted_drops(config),
+        },
+        "template_cannot_render": missing_capabilities(chat_template_for(config, tok))
+        if config.template == "chat"
+        else [],
         "stats": stats.as_dict(),
         "provenance": provenance(trajs, input_path, config),
         "exports": list(config.export),
@@ -528,6 +561,11 @@ def format_dataset(input_path: Path, out: Path, config: FormatConfig, show_progr
     extra = {"sharegpt": _sharegpt_table(kept)} if "sharegpt" in config.export else None
     save_dataset(out, table, metadata, dataset_card(metadata), config.shard_rows, extra)
     return FormatResult(out=out, stats=stats, metadata=metadata)
+
+
+def permitted_drops(config: FormatConfig) -> list[str]:
+    """Content the text may lack: what ``allow_dropped`` names; ``instruct`` has no slot for either, by design."""
+    return list(DROPPABLE) if config.template == "instruct" else sorted(config.allow_dropped)
 
 
 def format_config(recipe: Path | None, overrides: dict[str, Any]) -> FormatConfig:

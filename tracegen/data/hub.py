@@ -69,13 +69,14 @@ def rows_table(rows: Sequence[dict[str, Any]]) -> Any:
     import pyarrow as pa
 
     span_type = pa.list_(pa.struct([(n, getattr(pa, t)()) for n, t in SPAN_FIELDS]))
-    call_type = pa.list_(pa.struct([("id", pa.string()), ("name", pa.string()), ("arguments", pa.string())]))
+    function_type = pa.struct([("name", pa.string()), ("arguments", pa.string())])
+    call_type = pa.list_(pa.struct([("id", pa.string()), ("type", pa.string()), ("function", function_type)]))
     message_type = pa.list_(
         pa.struct(
             [
                 ("role", pa.string()),
                 ("content", pa.string()),
-                ("reasoning", pa.string()),
+                ("reasoning_content", pa.string()),
                 ("tool_calls", call_type),
                 ("tool_call_id", pa.string()),
                 ("name", pa.string()),
@@ -174,6 +175,40 @@ def _yaml_list(items: Sequence[str]) -> str:
     return "[" + ", ".join(items) + "]"
 
 
+KIND_NAMES = {
+    "reasoning": "reasoning",
+    "tool_call": "tool calls",
+    "answer": "answer",
+    "critique": "critique",
+    "template": "the template text the student must generate (and the closing EOS)",
+}
+
+
+def _trained_and_dropped(meta: dict[str, Any]) -> tuple[str, str]:
+    """What the rows train (from the token counts, not a promise), and what the template left out of the text."""
+    stats = meta["stats"]
+    trained = [name for kind, name in KIND_NAMES.items() if stats["kind_trained"].get(kind)]
+    lost = {
+        "reasoning": stats.get("reasoning_dropped_by_template", 0),
+        "tool_calls": stats.get("tool_calls_dropped_by_template", 0),
+    }
+    cannot = meta.get("template_cannot_render") or []
+    permitted = (meta.get("policy") or {}).get("allow_dropped") or []
+    parts = [f"{n:,} {k.replace('_', ' ')} block(s)" for k, n in lost.items() if n]
+    if meta.get("template") == "instruct":
+        dropped = "Not in the text, by the template's design: reasoning and tool calls (instruct trains the answer)."
+    elif parts or cannot:
+        dropped = (
+            "**Left out of the text by the chat template**"
+            + (f" (it cannot render {' or '.join(c.replace('_', ' ') for c in cannot)})" if cannot else "")
+            + f": {', '.join(parts) or 'none in these samples'}; permitted with "
+            f"`--allow-dropped {','.join(permitted)}`. The student is not trained on them."
+        )
+    else:
+        dropped = "Nothing the trajectories had was left out of the text by the template."
+    return ", ".join(trained) or "nothing", dropped
+
+
 def dataset_card(meta: dict[str, Any], repo_id: str | None = None) -> str:
     """The README.md: Hub YAML metadata, then honest provenance taken from the records themselves."""
     stats = meta["stats"]
@@ -232,6 +267,7 @@ def dataset_card(meta: dict[str, Any], repo_id: str | None = None) -> str:
     policy = meta["policy"]
     origin = f"imported: {prov['imported_from']}" if prov.get("imported_from") else "collected trajectories"
     template_text = meta["template_text"]
+    trained_kinds, dropped_text = _trained_and_dropped(meta)
     trained_frac = stats["trained"] / max(1, stats["tokens"])
     return f"""{head}
 
@@ -260,14 +296,15 @@ Template `{meta["template"]}`:
 {template_text}
 ```
 
-Trained: reasoning, tool calls, answer, critique, the template text the student must generate, and
-the closing EOS. Masked (label -100): template text of the prompt, system, prompt, and observations
+Trained: {trained_kinds}. Masked (label -100): template text of the prompt, system, prompt, and observations
 ({policy["train_observations"]!r} observations trained; simulated tool output is never trained).
 A token that straddles a trained and a masked span is masked ({stats["straddled"]:,} such tokens).
 
 | kind | tokens | trained |
 |---|---:|---:|
 {kinds}
+
+{dropped_text}
 
 {stats["tokens"]:,} tokens, {stats["trained"]:,} trained ({trained_frac:.1%}); {stats["truncated"]} samples truncated,
 {stats["dropped_too_long"]} dropped because the answer would be cut,

@@ -216,6 +216,7 @@ class Stats:
     dropped_no_answer: int = 0
     dropped_no_trained: int = 0
     reasoning_dropped_by_template: int = 0
+    tool_calls_dropped_by_template: int = 0
     kind_tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     kind_trained: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     observations: dict[str, int] = field(default_factory=dict)
@@ -488,6 +489,7 @@ def _finish(
     stats.straddled += n_straddled
     stats.truncated += int(truncated)
     stats.reasoning_dropped_by_template += sample.reasoning_dropped
+    stats.tool_calls_dropped_by_template += sample.tool_calls_dropped
     counts = np.bincount(tok_kind, minlength=len(KINDS)).tolist()
     tcounts = np.bincount(tok_kind[trained], minlength=len(KINDS)).tolist()
     for i, kname in enumerate(KINDS):
