@@ -306,8 +306,8 @@ def refuse_missing_capabilities(chat: ChatTemplate, trajs: list[Trajectory], con
     if have["tool_calls"] and needs_mapping_arguments(chat):
         raise BadInputError(
             f"the chat template ({which}) reads tool-call arguments as a mapping, and tracegen renders them as "
-            "the JSON string the OpenAI shape carries (what the `messages` column holds): use a template that takes string arguments "
-            "(Qwen3, DeepSeek-V3, TRL's qwen3_training.jinja) or --template proof"
+            "the JSON string the OpenAI shape carries (what the `messages` column holds): use a template that "
+            "takes string arguments (Qwen3, DeepSeek-V3, TRL's qwen3_training.jinja) or --template proof"
         )
     missing = [k for k in missing_capabilities(chat) if have[k] and k not in config.allow_dropped]
     if missing:
