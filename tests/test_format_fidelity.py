@@ -169,3 +169,39 @@ def test_templates_that_need_mapping_arguments_are_refused_by_name(template: str
     with pytest.raises(BadInputError, match="reads tool-call arguments as a mapping"):
         format_dataset(src, tmp_path / "ds", config)
     assert not (tmp_path / "ds").exists()
+
+
+def test_sharegpt_export_keeps_every_turns_reasoning_and_text_and_names_itself(tmp_path: Path) -> None:
+    """Every assistant turn of the sharegpt export carries its reasoning and text (tool-call turns too, around a
+    <tool_call> block of JSON, as LLaMA-Factory's FunctionFormatter splits it); dataset_info.json names the
+    folder for LLaMA-Factory; the default rows carry attention_mask beside input_ids and labels."""
+    import datasets
+
+    from tracegen.config import FormatConfig
+    from tracegen.data.format import LLAMA_FACTORY_ENTRY, format_dataset
+
+    src = tmp_path / "kept.jsonl"
+    t = make_trajectory(0, turns=4)
+    calls_turn = next(m for m in t.messages if isinstance(m, AssistantMessage) and m.tool_calls)
+    t.messages[t.messages.index(calls_turn)] = calls_turn.model_copy(update={"content": "Text before the call."})
+    src.write_text(t.model_dump_json() + "\n")
+    out = tmp_path / "ds"
+    format_dataset(src, out, FormatConfig(template="chat", tokenizer="qwen3", export=["sharegpt"], workers=1))
+    cache = str(tmp_path / "hf-cache")
+    sg = datasets.load_dataset(str(out), "sharegpt", split="train", cache_dir=cache)[0]["conversations"]
+    turns = [c for c in sg if c["from"] in ("function_call", "gpt")]
+    assistants = [m for m in t.messages if isinstance(m, AssistantMessage)]
+    assert len(turns) == len(assistants)
+    for turn, m in zip(turns, assistants, strict=True):
+        assert turn["value"].startswith(f"<think>\n{m.reasoning.strip()}\n</think>\n\n")  # type: ignore[union-attr]
+        assert m.content in turn["value"]
+        if m.tool_calls:
+            block = turn["value"].split("<tool_call>", 1)[1].split("</tool_call>", 1)[0]
+            calls = json.loads(block)
+            calls = calls if isinstance(calls, list) else [calls]
+            assert [c["name"] for c in calls] == [c.name for c in m.tool_calls]
+            assert [c["arguments"] for c in calls] == [json.loads(c.arguments) for c in m.tool_calls]
+    info = json.loads((out / "dataset_info.json").read_text())
+    assert info == {"tracegen": LLAMA_FACTORY_ENTRY} and (out / info["tracegen"]["file_name"]).is_dir()
+    rows = datasets.load_dataset(str(out), split="train", cache_dir=cache)
+    assert rows[0]["attention_mask"] == [1] * len(rows[0]["input_ids"]) == [1] * len(rows[0]["labels"])

@@ -157,12 +157,20 @@ def message_rows(traj: Trajectory) -> list[dict[str, Any]]:
     return rows
 
 
-def sharegpt_row(traj: Trajectory) -> dict[str, Any]:
-    """LLaMA-Factory / axolotl sharegpt: human / function_call / observation / gpt, ``tools`` as JSON.
+def _think(reasoning: str | None) -> str:
+    """Reasoning as the ``<think>`` block LLaMA-Factory's reasoning templates read (their ``thought_words``)."""
+    text = (reasoning or "").strip("\n")
+    return f"<think>\n{text}\n</think>\n\n" if text.strip() else ""
 
-    Parallel tool calls become one ``function_call`` turn holding a JSON list, and their outputs one
-    ``observation`` turn (joined by newlines). Reasoning is kept only on the final ``gpt`` turn, as a
-    ``<think>`` block (sharegpt has no field for it on tool-call turns).
+
+def sharegpt_row(traj: Trajectory) -> dict[str, Any]:
+    """LLaMA-Factory sharegpt: human / function_call / observation / gpt, ``tools`` as JSON.
+
+    Every assistant turn keeps its reasoning (a leading ``<think>`` block) and its text. A tool-call
+    turn is ``{think}{text}\n<tool_call>\n{calls}\n</tool_call>``, the shape LLaMA-Factory's
+    ``FunctionFormatter`` splits with its ``tool_call_words``: the text around the block is kept
+    verbatim, the block's JSON (one call, or a list for parallel calls) becomes the template's calls.
+    Parallel calls' outputs are one ``observation`` turn (joined by newlines).
     """
     system = next((m.content for m in traj.messages if isinstance(m, SystemMessage)), "")
     conv: list[dict[str, str]] = []
@@ -177,6 +185,7 @@ def sharegpt_row(traj: Trajectory) -> dict[str, Any]:
         if isinstance(m, UserMessage):
             conv.append({"from": "human", "value": m.content})
         elif isinstance(m, AssistantMessage):
+            content = m.content.lstrip("\n")
             if m.tool_calls:
                 calls = []
                 for c in m.tool_calls:
@@ -185,15 +194,32 @@ def sharegpt_row(traj: Trajectory) -> dict[str, Any]:
                     except ValueError:
                         args = c.arguments
                     calls.append({"name": c.name, "arguments": args})
-                value = json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
+                block = json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
+                text = content + "\n" if content else ""
+                value = f"{_think(m.reasoning)}{text}<tool_call>\n{block}\n</tool_call>"
                 conv.append({"from": "function_call", "value": value})
             else:
-                think = f"<think>\n{m.reasoning.strip()}\n</think>\n\n" if m.reasoning else ""
-                conv.append({"from": "gpt", "value": think + m.content})
+                conv.append({"from": "gpt", "value": _think(m.reasoning) + content})
     if pending_obs:
         conv.append({"from": "observation", "value": "\n".join(pending_obs)})
     tools = json.dumps([t.openai_schema()["function"] for t in traj.tools], ensure_ascii=False)
     return {"id": traj.id, "conversations": conv, "system": system, "tools": tools}
+
+
+LLAMA_FACTORY_ENTRY = {
+    "file_name": "sharegpt",
+    "formatting": "sharegpt",
+    "columns": {"messages": "conversations", "system": "system", "tools": "tools"},
+    "tags": {
+        "role_tag": "from",
+        "content_tag": "value",
+        "user_tag": "human",
+        "assistant_tag": "gpt",
+        "observation_tag": "observation",
+        "function_tag": "function_call",
+    },
+}
+"""The ``dataset_info.json`` entry LLaMA-Factory needs for ``sharegpt/`` (``dataset_dir`` = the dataset folder)."""
 
 
 def _sharegpt_table(trajs: list[Trajectory]) -> Any:
@@ -566,7 +592,8 @@ def format_dataset(input_path: Path, out: Path, config: FormatConfig, show_progr
         "config": config.model_dump(mode="json", exclude={"teacher", *FormatConfig.HOW_NOT_WHAT}),
     }
     extra = {"sharegpt": _sharegpt_table(kept)} if "sharegpt" in config.export else None
-    save_dataset(out, table, metadata, dataset_card(metadata), config.shard_rows, extra)
+    files = {"dataset_info.json": {"tracegen": LLAMA_FACTORY_ENTRY}} if extra else None
+    save_dataset(out, table, metadata, dataset_card(metadata), config.shard_rows, extra, files)
     return FormatResult(out=out, stats=stats, metadata=metadata)
 
 

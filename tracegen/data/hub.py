@@ -104,8 +104,13 @@ def rows_table(rows: Sequence[dict[str, Any]]) -> Any:
     columns["messages"] = pa.array([r["messages"] for r in rows], message_type)
     columns["input_ids"] = _list_array([r["input_ids"] for r in rows], pa.int32())
     columns["labels"] = _list_array([r["labels"] for r in rows], pa.int32())
+    # all ones (no padding in a row): axolotl and other pre-tokenised loaders expect the column beside input_ids
+    columns["attention_mask"] = pa.ListArray.from_arrays(
+        columns["input_ids"].offsets, pa.array(np.ones(len(columns["input_ids"].values), np.int8), pa.int8())
+    )
     columns["proof_mask"] = _list_array([r["proof_mask"] for r in rows], pa.int8())
-    order = ["id", "template", "text", "spans", "input_ids", "labels", "proof_mask", "messages", "tools"]
+    order = ["id", "template", "text", "spans", "input_ids", "attention_mask", "labels", "proof_mask", "messages"]
+    order += ["tools"]
     order += [c for c in columns if c not in order]
     return pa.table({c: columns[c] for c in order})
 
@@ -130,12 +135,15 @@ def save_dataset(
     card: str,
     shard_rows: int,
     extra_tables: dict[str, Any] | None = None,
+    json_files: dict[str, Any] | None = None,
 ) -> None:
     """Write the whole folder in a temporary sibling, then swap it into place (``store.staged_dir``)."""
     with staged_dir(out.resolve()) as tmp:
         write_shards(table, tmp / "data", shard_rows)
         for name, extra in (extra_tables or {}).items():
             write_shards(extra, tmp / name, shard_rows)
+        for name, content in (json_files or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(card, encoding="utf-8")
 
