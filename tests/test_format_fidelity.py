@@ -205,3 +205,34 @@ def test_sharegpt_export_keeps_every_turns_reasoning_and_text_and_names_itself(t
     assert info == {"tracegen": LLAMA_FACTORY_ENTRY} and (out / info["tracegen"]["file_name"]).is_dir()
     rows = datasets.load_dataset(str(out), split="train", cache_dir=cache)
     assert rows[0]["attention_mask"] == [1] * len(rows[0]["input_ids"]) == [1] * len(rows[0]["labels"])
+
+
+def test_overflow_truncate_keeps_the_start_and_the_card_sets_trls_max_length(
+    tiny_tokenizer: Path, tmp_path: Path
+) -> None:
+    import re
+
+    import datasets
+    from tracegen.config import FormatConfig
+    from tracegen.data.format import format_dataset
+
+    src = tmp_path / "kept.jsonl"
+    write_trajectories(str(src), 4, turns=4)
+    base = FormatConfig(template="chat", tokenizer=str(tiny_tokenizer), workers=1)
+    full = format_dataset(src, tmp_path / "full", base).metadata["longest_sample"]
+    limit = full // 2
+    dropped = format_dataset(src, tmp_path / "drop", base.model_copy(update={"max_length": limit, "overflow": "drop"}))
+    cut = format_dataset(src, tmp_path / "cut", base.model_copy(update={"max_length": limit, "overflow": "truncate"}))
+    assert dropped.stats.dropped_too_long > 0
+    assert (
+        cut.stats.dropped_too_long == 0
+        and cut.stats.truncated == dropped.stats.dropped_too_long + dropped.stats.truncated
+    )
+    rows = datasets.load_dataset(str(tmp_path / "cut"), split="train", cache_dir=str(tmp_path / "hf-cache"))
+    assert len(rows) == 4 and all(len(r["input_ids"]) <= limit for r in rows) and any(r["truncated"] for r in rows)
+    card = (tmp_path / "cut" / "README.md").read_text()
+    assert f"{cut.stats.truncated} samples\ntruncated" in card and "overflow `truncate`" in card
+    set_length = int(re.search(r"max_length=(\d+)", card).group(1))  # type: ignore[union-attr]
+    assert set_length == cut.metadata["longest_sample"] <= limit
+    full_card = (tmp_path / "full" / "README.md").read_text()
+    assert f"max_length={full}" in full_card

@@ -373,7 +373,12 @@ class FormatConfig(Strict):
     max_length: int | None = Field(
         None,
         ge=8,
-        description="Longest sample in tokens: cut outside tool calls; a sample whose answer would be cut is dropped.",
+        description="Longest sample in tokens: cut outside tool calls (see overflow).",
+    )
+    overflow: Literal["drop", "truncate"] = Field(
+        "drop",
+        description="A sample past max_length whose answer the cut would lose: drop it, or truncate it (it trains "
+        "on its beginning; its row says truncated). Both are counted.",
     )
     examine: Literal["none", "teacher", "judge"] = Field(
         "none",

@@ -367,6 +367,7 @@ class _Job:
     render: Callable[[int, Trajectory], Rendered]
     tok: Tok
     max_length: int | None
+    overflow: str
     batch_size: int
     progress: Callable[[int], None] | None
     """Samples done, reported per batch (in-process only; workers report whole ranges)."""
@@ -400,7 +401,7 @@ def _format_range(bounds: tuple[int, int]) -> Chunk:
 
     def finish(indices: list[int], batch: TokenBatch, encoded: Future[None]) -> None:
         encoded.result()
-        for i, tok_row in zip(indices, assemble(batch, job.tok, job.max_length, stats), strict=True):
+        for i, tok_row in zip(indices, assemble(batch, job.tok, job.max_length, stats, job.overflow), strict=True):
             if tok_row is not None:
                 rows.append(build_row(job.trajs[i], tok_row))
                 kept.append(i)
@@ -485,7 +486,15 @@ def format_rows(
     try:
         with contextlib.ExitStack() as stack:
             progress = stack.enter_context(_progress(n, show_progress))
-            _JOB = _Job(trajs, render, tok, config.max_length, config.batch_size, progress if workers == 1 else None)
+            _JOB = _Job(
+                trajs,
+                render,
+                tok,
+                config.max_length,
+                config.overflow,
+                config.batch_size,
+                progress if workers == 1 else None,
+            )
             chunks: Iterator[Chunk]
             if workers > 1:
                 if chat is not None:  # check the template once here, not once per worker
@@ -551,6 +560,8 @@ def _progress(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
 
 
 def format_dataset(input_path: Path, out: Path, config: FormatConfig, show_progress: bool = False) -> FormatResult:
+    import pyarrow.compute as pc
+
     if not config.tokenizer:
         raise BadInputError("no tokenizer given", hint="pass --tokenizer qwen3|smollm2|PATH")
     trajs = load_input(input_path, config)
@@ -581,8 +592,10 @@ def format_dataset(input_path: Path, out: Path, config: FormatConfig, show_progr
         "policy": {
             "train_observations": config.train_observations,
             "max_length": config.max_length,
+            "overflow": config.overflow,
             "allow_dropped": permitted_drops(config),
         },
+        "longest_sample": int(pc.max(table.column("num_tokens")).as_py()),
         "template_cannot_render": missing_capabilities(chat_template_for(config, tok))
         if config.template == "chat"
         else [],
@@ -628,6 +641,7 @@ def summary_lines(result: FormatResult) -> list[str]:
     return [
         f"{s.samples} samples, {s.tokens:,} tokens, {s.trained:,} trained ({frac:.1%}), {s.straddled} straddled",
         f"dropped: {s.dropped_no_answer} without answer, {s.dropped_too_long} too long, "
-        f"{s.dropped_no_trained} nothing to train; {s.truncated} truncated",
+        f"{s.dropped_no_trained} nothing to train; {s.truncated} truncated "
+        f"(overflow: {result.metadata['policy']['overflow']})",
         f"wrote {result.out}",
     ]

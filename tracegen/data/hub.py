@@ -276,6 +276,7 @@ def dataset_card(meta: dict[str, Any], repo_id: str | None = None) -> str:
     origin = f"imported: {prov['imported_from']}" if prov.get("imported_from") else "collected trajectories"
     template_text = meta["template_text"]
     trained_kinds, dropped_text = _trained_and_dropped(meta)
+    max_length = max(meta.get("longest_sample") or 0, policy.get("max_length") or 0) or 1024
     trained_frac = stats["trained"] / max(1, stats["tokens"])
     return f"""{head}
 
@@ -314,8 +315,10 @@ A token that straddles a trained and a masked span is masked ({stats["straddled"
 
 {dropped_text}
 
-{stats["tokens"]:,} tokens, {stats["trained"]:,} trained ({trained_frac:.1%}); {stats["truncated"]} samples truncated,
-{stats["dropped_too_long"]} dropped because the answer would be cut,
+{stats["tokens"]:,} tokens, {stats["trained"]:,} trained ({trained_frac:.1%}). Longer than
+{policy.get("max_length") or "(no limit)"} tokens (overflow `{policy.get("overflow", "drop")}`): {stats["truncated"]} samples
+truncated (they train on their beginning; column `truncated`), {stats["dropped_too_long"]} dropped because the answer
+would be cut;
 {stats["dropped_no_answer"]} without a final answer,
 {stats["dropped_no_trained"]} with nothing to train.
 
@@ -324,8 +327,9 @@ Tokenizer: `{tok["name"]}` (vocabulary hash `{tok["vocab_hash"]}`, {tok["vocab_s
 ## Columns
 
 `text` and its character `spans` (`start`, `end`, `kind`, `train`, `source`, `weight_class`);
-`input_ids`, `labels` (-100 where masked), `proof_mask` (1 on derivation tokens); `messages`
-(tool-call arguments as raw JSON strings), `tools` (JSON string); provenance columns.
+`input_ids`, `attention_mask` (all ones), `labels` (-100 where masked), `proof_mask` (1 on derivation
+tokens); `messages` (OpenAI chat shape: `tool_calls` as `{{id, type: "function", function: {{name, arguments}}}}`
+with arguments as JSON strings, reasoning in `reasoning_content`), `tools` (JSON string); provenance columns.
 
 ## Use
 
@@ -335,7 +339,7 @@ ds = load_dataset("{repo_id or "path/to/DATASET_DIR"}", split="train")
 
 from trl import SFTConfig, SFTTrainer  # pre-tokenized: input_ids + labels are used as they are
 trainer = SFTTrainer(model="<student>", train_dataset=ds.select_columns(["input_ids", "labels"]),
-                     args=SFTConfig(output_dir="out"))
+                     args=SFTConfig(output_dir="out", max_length={max_length}))  # the longest row: TRL cuts at 1024 otherwise
 trainer.train()
 ```
 

@@ -14,7 +14,8 @@ Labels come from character offsets with numpy, never a Python loop per token: a 
 when every character it covers lies in a trained span; a token that straddles a trained and a
 masked span is masked and counted (``straddled``). ``proof_mask`` is 1 on tokens that start inside
 the derivation region. Truncation to ``max_length`` cuts only at a token that does not start inside
-a tool call; a sample whose answer would be cut is dropped and counted.
+a tool call; a sample whose answer would be cut is dropped (``overflow="drop"``) or kept cut
+(``"truncate"``), and counted either way.
 
 Not guaranteed: normalisers that change text (Qwen's NFC) make ``decode(input_ids)`` differ from a
 non-NFC ``text``; tracegen NFC-normalises nothing itself, so the audit reports such samples.
@@ -317,7 +318,9 @@ def encode(batch: TokenBatch) -> None:
     batch.encodings = [call(runs, add_special_tokens=False) if runs else [] for call, runs in calls]
 
 
-def assemble(batch: TokenBatch, tok: Tok, max_length: int | None, stats: Stats) -> list[Tokenized | None]:
+def assemble(
+    batch: TokenBatch, tok: Tok, max_length: int | None, stats: Stats, overflow: str = "drop"
+) -> list[Tokenized | None]:
     """ids, labels and proof_mask of every sample of an encoded batch; ``None`` for a dropped sample."""
     fresh: dict[str, tuple[I64, I64]] = {}
     for (encoder, group, by_bytes), encodings in zip(batch.groups, batch.encodings, strict=True):
@@ -347,12 +350,12 @@ def assemble(batch: TokenBatch, tok: Tok, max_length: int | None, stats: Stats) 
     for k, (sample, text) in enumerate(zip(batch.samples, batch.texts, strict=True)):
         a, b = bounds[k], bounds[k + 1]
         mine = states.part(a, b)
-        out.append(_finish(sample, text, spans[k], all_ids[a:b], all_offs[a:b, 0], mine, max_length, stats))
+        out.append(_finish(sample, text, spans[k], all_ids[a:b], all_offs[a:b, 0], mine, max_length, overflow, stats))
     return out
 
 
 def tokenize_batch(
-    samples: Sequence[Rendered], tok: Tok, max_length: int | None, stats: Stats
+    samples: Sequence[Rendered], tok: Tok, max_length: int | None, stats: Stats, overflow: str = "drop"
 ) -> list[Tokenized | None]:
     """Tokenize a batch: one batched tokenizer call for every new run of every sample, masks with numpy.
 
@@ -360,7 +363,7 @@ def tokenize_batch(
     """
     batch = lay_out(samples, tok)
     encode(batch)
-    return assemble(batch, tok, max_length, stats)
+    return assemble(batch, tok, max_length, stats, overflow)
 
 
 def _runs_from_encodings(
@@ -454,9 +457,15 @@ def _finish(
     starts: I64,
     states: _TokenStates,
     max_length: int | None,
+    overflow: str,
     stats: Stats,
 ) -> Tokenized | None:
-    """One sample's columns from its token states; truncation and the dataset counts."""
+    """One sample's columns from its token states; truncation and the dataset counts.
+
+    Past ``max_length`` the sample is cut at the last token that does not start inside a tool call;
+    with ``overflow="drop"`` one whose answer that cut would lose is dropped instead, with
+    ``"truncate"`` it is kept and trains on its beginning (its row says ``truncated``).
+    """
     trained, straddle, tok_kind, proof = states.trained, states.straddle, states.kind, states.proof
     truncated = False
     if max_length is not None and len(ids) > max_length:
@@ -470,7 +479,7 @@ def _finish(
         ok = np.flatnonzero(in_call[starts[: max_length + 1]] == 0)
         cut = int(ok[-1]) if len(ok) else 0
         cut_char = int(starts[cut]) if cut < len(starts) else len(text)
-        if answer_end and cut_char < answer_end:
+        if overflow == "drop" and answer_end and cut_char < answer_end:
             stats.dropped_too_long += 1
             return None
         ids, trained, straddle, tok_kind, proof = ids[:cut], trained[:cut], straddle[:cut], tok_kind[:cut], proof[:cut]
