@@ -236,3 +236,40 @@ def test_overflow_truncate_keeps_the_start_and_the_card_sets_trls_max_length(
     assert set_length == cut.metadata["longest_sample"] <= limit
     full_card = (tmp_path / "full" / "README.md").read_text()
     assert f"max_length={full}" in full_card
+
+
+def test_dualmind_empty_teacher_critique_is_re_asked_then_skipped_and_counted(  # type: ignore[no-untyped-def]
+    tiny_tokenizer: Path, tmp_path: Path, fake_server
+) -> None:
+    from tracegen.config import FormatConfig
+    from tracegen.data.format import EXAMINE_RETRIES, format_dataset
+    from tracegen.data.hub import read_rows
+    from tracegen.testing.fake_server import Reply, Request, text_reply
+
+    asked: dict[bool, int] = {True: 0, False: 0}
+
+    def critic(request: Request) -> Reply:
+        """Problem 0's critique comes back empty once, then real; problem 1's is blank every time."""
+        first = "Problem 0:" in request["messages"][-1]["content"]
+        asked[first] += 1
+        return text_reply("Step 1 checks out." if first and asked[first] > 1 else "  ")
+
+    server = fake_server(critic)
+    src = tmp_path / "t.jsonl"
+    write_trajectories(str(src), 2)
+    cfg = FormatConfig.model_validate(
+        {
+            "template": "dualmind",
+            "tokenizer": str(tiny_tokenizer),
+            "examine": "teacher",
+            "workers": 1,
+            "teacher": {"base_url": server.base_url, "model": "critic"},
+        }
+    )
+    result = format_dataset(src, tmp_path / "d", cfg)
+    rows = read_rows(tmp_path / "d").to_pylist()
+    assert [r["critique"] for r in rows] == ["Step 1 checks out."]
+    assert result.stats.dropped_no_critique == 1 and asked == {True: 2, False: 1 + EXAMINE_RETRIES}
+    assert len(server.requests) == 3 + EXAMINE_RETRIES
+    assert all("<examine>\n\n</examine>" not in r["text"] for r in rows)
+    assert "1 with an empty critique" in (tmp_path / "d" / "README.md").read_text()

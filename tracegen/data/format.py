@@ -33,6 +33,7 @@ from tracegen.data.templates import (
     ChatTemplate,
     MaskPolicy,
     NoAnswer,
+    NoCritique,
     Rendered,
     allow_dropped_fix,
     chat_messages,
@@ -87,6 +88,10 @@ CRITIQUE_PROMPT = (
 )
 
 
+EXAMINE_RETRIES = 2
+"""Times an empty critique is asked for again before its sample is skipped."""
+
+
 async def _examine_teacher(trajs: list[Trajectory], config: FormatConfig) -> list[str | None]:
     from tracegen.client.chat import ChatClient
 
@@ -94,15 +99,19 @@ async def _examine_teacher(trajs: list[Trajectory], config: FormatConfig) -> lis
     gate = asyncio.Semaphore(config.examine_concurrency)
 
     async def one(t: Trajectory) -> str | None:
-        if t.critique:
+        if t.critique and t.critique.strip():
             return t.critique
         parts = trajectory_parts(t, MaskPolicy())
         prompt = CRITIQUE_PROMPT.format(
             question=parts.question, derivation=derivation_text(t), answer=parts.answer or "(none)"
         )
-        async with gate:
-            reply = await client.complete([{"role": "user", "content": prompt}])
-        return reply.content.strip() or None
+        # an empty reply (a thinking teacher stopped by its token cap, say) is asked again, a bounded number of times
+        for _ in range(1 + EXAMINE_RETRIES):
+            async with gate:
+                reply = await client.complete([{"role": "user", "content": prompt}])
+            if reply.content.strip():
+                return reply.content.strip()
+        return None  # the sample is skipped and counted: an empty <examine> block is never trained
 
     try:
         return list(await asyncio.gather(*(one(t) for t in trajs)))
@@ -130,7 +139,7 @@ def critiques_for(trajs: list[Trajectory], config: FormatConfig) -> list[str | N
             )
         return out
     existing = [t.critique for t in trajs]
-    missing = sum(1 for c in existing if not c)
+    missing = sum(1 for c in existing if not (c and c.strip()))
     if missing:
         raise BadInputError(
             f"--template dualmind needs a self-critique per sample and {missing} of {len(trajs)} records have none",
@@ -415,6 +424,8 @@ def _format_range(bounds: tuple[int, int]) -> Chunk:
                 try:
                     rendered.append(job.render(i, job.trajs[i]))
                     indices.append(i)
+                except NoCritique:
+                    stats.dropped_no_critique += 1
                 except NoAnswer:
                     stats.dropped_no_answer += 1
             batch = lay_out(rendered, job.tok)
@@ -641,7 +652,8 @@ def summary_lines(result: FormatResult) -> list[str]:
     return [
         f"{s.samples} samples, {s.tokens:,} tokens, {s.trained:,} trained ({frac:.1%}), {s.straddled} straddled",
         f"dropped: {s.dropped_no_answer} without answer, {s.dropped_too_long} too long, "
-        f"{s.dropped_no_trained} nothing to train; {s.truncated} truncated "
+        f"{s.dropped_no_trained} nothing to train, {s.dropped_no_critique} with an empty critique; "
+        f"{s.truncated} truncated "
         f"(overflow: {result.metadata['policy']['overflow']})",
         f"wrote {result.out}",
     ]

@@ -320,7 +320,8 @@ A token that straddles a trained and a masked span is masked ({stats["straddled"
 truncated (they train on their beginning; column `truncated`), {stats["dropped_too_long"]} dropped because the answer
 would be cut;
 {stats["dropped_no_answer"]} without a final answer,
-{stats["dropped_no_trained"]} with nothing to train.
+{stats["dropped_no_trained"]} with nothing to train,
+{stats.get("dropped_no_critique", 0)} with an empty critique (dualmind: never trained as an empty block).
 
 Tokenizer: `{tok["name"]}` (vocabulary hash `{tok["vocab_hash"]}`, {tok["vocab_size"]:,} tokens).
 

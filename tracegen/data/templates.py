@@ -251,6 +251,8 @@ def render_proof(traj: Trajectory, policy: MaskPolicy, eos: str) -> Rendered:
 
 
 def render_dualmind(traj: Trajectory, policy: MaskPolicy, eos: str, critique: str) -> Rendered:
+    if not critique.strip():
+        raise NoCritique(traj.id)  # an empty <examine> block would teach the student to skip the check
     parts = _require_answer(traj, policy)
     pieces = [_t(DUALMIND[0]), Piece(parts.question, "prompt", False), _t(DUALMIND[1])]
     pieces += parts.derivation
@@ -279,6 +281,10 @@ def render_instruct(traj: Trajectory, policy: MaskPolicy, eos: str) -> Rendered:
 
 class NoAnswer(Exception):
     """The trajectory has no final answer: the text templates skip it (counted)."""
+
+
+class NoCritique(NoAnswer):
+    """dualmind: the sample's critique is empty (counted separately, never trained as an empty block)."""
 
 
 def _require_answer(traj: Trajectory, policy: MaskPolicy) -> Parts:

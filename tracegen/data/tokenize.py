@@ -216,6 +216,7 @@ class Stats:
     dropped_too_long: int = 0
     dropped_no_answer: int = 0
     dropped_no_trained: int = 0
+    dropped_no_critique: int = 0
     reasoning_dropped_by_template: int = 0
     tool_calls_dropped_by_template: int = 0
     kind_tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
