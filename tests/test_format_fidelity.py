@@ -213,6 +213,7 @@ def test_overflow_truncate_keeps_the_start_and_the_card_sets_trls_max_length(
     import re
 
     import datasets
+
     from tracegen.config import FormatConfig
     from tracegen.data.format import format_dataset
 
@@ -220,7 +221,7 @@ def test_overflow_truncate_keeps_the_start_and_the_card_sets_trls_max_length(
     write_trajectories(str(src), 4, turns=4)
     base = FormatConfig(template="chat", tokenizer=str(tiny_tokenizer), workers=1)
     full = format_dataset(src, tmp_path / "full", base).metadata["longest_sample"]
-    limit = full // 2
+    limit = full - 12  # cuts into the longest sample's answer (about 8 tokens, then its end of turn)
     dropped = format_dataset(src, tmp_path / "drop", base.model_copy(update={"max_length": limit, "overflow": "drop"}))
     cut = format_dataset(src, tmp_path / "cut", base.model_copy(update={"max_length": limit, "overflow": "truncate"}))
     assert dropped.stats.dropped_too_long > 0

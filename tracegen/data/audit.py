@@ -10,7 +10,9 @@ over the whole dataset:
 4. ``decode(input_ids) == text``;
 5. no token inside a prompt, system or observation span is trained (unless the dataset's policy opted
    executed observations in), no simulated observation is ever trained, and no trained token covers
-   a character of a masked span.
+   a character of a masked span;
+6. every reasoning block and tool call of the trajectory (the ``messages`` column) is in ``text``,
+   unless the dataset's policy permits dropping it (``--allow-dropped``; ``instruct`` by design).
 
 Violations name the sample (row and id) and the token position; ``tracegen audit`` exits 1 on any.
 Not checked: that the masking policy suits your training (that is the card's and your call).

@@ -583,7 +583,8 @@ def format_dataset(input_path: Path, out: Path, config: FormatConfig, show_progr
     if table is None:
         raise TracegenError(
             f"no sample left to write ({len(trajs)} read: {stats.dropped_no_answer} without a final answer, "
-            f"{stats.dropped_too_long} too long, {stats.dropped_no_trained} with nothing to train)"
+            f"{stats.dropped_too_long} too long, {stats.dropped_no_trained} with nothing to train, "
+            f"{stats.dropped_no_critique} with an empty critique)"
         )
     metadata: dict[str, Any] = {
         "tracegen_version": __version__,

@@ -7,6 +7,7 @@ because rows carry pre-tokenized ``input_ids`` and ``labels``)::
     DATASET_DIR/tracegen.json                          tokenizer (name, vocabulary hash), policy, stats
     DATASET_DIR/data/train-00000-of-0000N.parquet      the rows
     DATASET_DIR/sharegpt/train-00000-of-00001.parquet  with --export sharegpt
+    DATASET_DIR/dataset_info.json                      with --export sharegpt: LLaMA-Factory's entry for it
 
 The folder is written into a temporary sibling and renamed into place, so a failure never leaves a
 half-written dataset (an existing ``DATASET_DIR`` is replaced only once the new one is complete).
@@ -276,6 +277,9 @@ def dataset_card(meta: dict[str, Any], repo_id: str | None = None) -> str:
     origin = f"imported: {prov['imported_from']}" if prov.get("imported_from") else "collected trajectories"
     template_text = meta["template_text"]
     trained_kinds, dropped_text = _trained_and_dropped(meta)
+    overflow_text = (
+        f"Longer than {policy.get('max_length') or '(no limit)'} tokens (overflow `{policy.get('overflow', 'drop')}`):"
+    )
     max_length = max(meta.get("longest_sample") or 0, policy.get("max_length") or 0) or 1024
     trained_frac = stats["trained"] / max(1, stats["tokens"])
     return f"""{head}
@@ -315,8 +319,8 @@ A token that straddles a trained and a masked span is masked ({stats["straddled"
 
 {dropped_text}
 
-{stats["tokens"]:,} tokens, {stats["trained"]:,} trained ({trained_frac:.1%}). Longer than
-{policy.get("max_length") or "(no limit)"} tokens (overflow `{policy.get("overflow", "drop")}`): {stats["truncated"]} samples
+{stats["tokens"]:,} tokens, {stats["trained"]:,} trained ({trained_frac:.1%}).
+{overflow_text} {stats["truncated"]} samples
 truncated (they train on their beginning; column `truncated`), {stats["dropped_too_long"]} dropped because the answer
 would be cut;
 {stats["dropped_no_answer"]} without a final answer,
@@ -340,7 +344,7 @@ ds = load_dataset("{repo_id or "path/to/DATASET_DIR"}", split="train")
 
 from trl import SFTConfig, SFTTrainer  # pre-tokenized: input_ids + labels are used as they are
 trainer = SFTTrainer(model="<student>", train_dataset=ds.select_columns(["input_ids", "labels"]),
-                     args=SFTConfig(output_dir="out", max_length={max_length}))  # the longest row: TRL cuts at 1024 otherwise
+                     args=SFTConfig(output_dir="out", max_length={max_length}))  # longest row (TRL's default: 1024)
 trainer.train()
 ```
 
