@@ -12,6 +12,7 @@ from tracegen.config import FormatConfig
 from tracegen.data.format import format_dataset, sharegpt_row
 from tracegen.data.hub import read_rows
 from tracegen.data.templates import (
+    DROPPABLE,
     DUALMIND,
     PROOF_HEAD,
     PROOF_MID,
@@ -111,13 +112,14 @@ def test_hostile_special_tokens_inside_content_are_text(tok_spec: str) -> None:
         pytest.skip("no chat template")
     chat = compile_chat_template(tok.chat_template, tok.special_map, tok.eos)
     traj = make_trajectory(3, turns=3, hostile=True)
-    r = render_chat(traj, MaskPolicy(), chat)
+    allow = frozenset(DROPPABLE)  # SmolLM2's template renders neither reasoning nor tool calls
+    r = render_chat(traj, MaskPolicy(), chat, allow)
     row = tokenize_batch([r], tok, None, Stats())[0]
     assert row is not None
     ids = row["input_ids"]
     assert tok.decode(ids) == row["text"]
     assert row["text"].count(HOSTILE) >= 3  # prompt, observations, answer: all kept verbatim
-    clean = tokenize_batch([render_chat(make_trajectory(3, turns=3), MaskPolicy(), chat)], tok, None, Stats())[0]
+    clean = tokenize_batch([render_chat(make_trajectory(3, turns=3), MaskPolicy(), chat, allow)], tok, None, Stats())[0]
     assert clean is not None
     for control in ("<|im_end|>", "<|im_start|>", "<tool_call>", "</think>"):
         cid = tok.added.get(control)
@@ -241,9 +243,14 @@ def test_dataset_folder_loads_and_card_is_honest(tiny_tokenizer: Path, tmp_path:
     )
     assert r.returncode == 0, r.stderr
     assert "8 samples" in r.stdout
-    ds = datasets.load_dataset(str(out), split="train")
+    ds = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf-cache"))
     assert len(ds) == 8 and {"input_ids", "labels", "proof_mask", "spans", "messages", "tools"} <= set(ds.column_names)
-    assert isinstance(ds[0]["tools"], str) and isinstance(ds[0]["messages"][2]["tool_calls"][0]["arguments"], str)
+    call = ds[0]["messages"][2]["tool_calls"][0]
+    assert (
+        isinstance(ds[0]["tools"], str)
+        and call["type"] == "function"
+        and isinstance(call["function"]["arguments"], str)
+    )
     meta = json.loads((out / "tracegen.json").read_text())
     assert meta["tokenizer"]["vocab_hash"] == load_tokenizer(str(tiny_tokenizer)).vocab_hash
     card = (out / "README.md").read_text()
@@ -252,7 +259,7 @@ def test_dataset_folder_loads_and_card_is_honest(tiny_tokenizer: Path, tmp_path:
     assert obs["executed"] > 0 and obs["simulated"] > 0
     assert f"{obs['executed']} executed" in card and f"{obs['simulated']} simulated" in card
     assert "acceptance_rate=0.667" in card and "teacher-m" in card and "SFTTrainer" in card
-    sg = datasets.load_dataset(str(out), "sharegpt", split="train")
+    sg = datasets.load_dataset(str(out), "sharegpt", split="train", cache_dir=str(tmp_path / "hf-cache"))
     roles = [c["from"] for c in sg[0]["conversations"]]
     assert roles[0] == "human" and "function_call" in roles and "observation" in roles and roles[-1] == "gpt"
     from tracegen.distill.data import dataset_vocab_hash

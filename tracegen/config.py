@@ -492,10 +492,20 @@ class FormatConfig(Strict):
         description="Tool outputs to train on: none (default) or executed (sandbox output). Simulated observations "
         "can never be trained; 'all' is refused for that reason.",
     )
+    allow_dropped: list[Literal["reasoning", "tool_calls"]] = Field(
+        default_factory=list,
+        description="Trajectory content the chat template may leave out of the text (reasoning, tool_calls); "
+        "without it, a template that drops either is refused.",
+    )
     max_length: int | None = Field(
         None,
         ge=8,
-        description="Longest sample in tokens: cut outside tool calls; a sample whose answer would be cut is dropped.",
+        description="Longest sample in tokens: cut outside tool calls (see overflow).",
+    )
+    overflow: Literal["drop", "truncate"] = Field(
+        "drop",
+        description="A sample past max_length whose answer the cut would lose: drop it, or truncate it (it trains "
+        "on its beginning; its row says truncated). Both are counted.",
     )
     examine: Literal["none", "teacher", "judge"] = Field(
         "none",

@@ -311,6 +311,14 @@ def format_(
         typer.Option(help="Train tool outputs: none (default) or executed; simulated ones never."),
     ] = None,
     max_length: Annotated[int | None, typer.Option(help="Longest sample in tokens (cut outside tool calls).")] = None,
+    overflow: Annotated[
+        Literal["drop", "truncate"] | None,
+        typer.Option(help="Past --max-length: drop a sample whose answer would be cut, or truncate it."),
+    ] = None,
+    allow_dropped: Annotated[
+        str | None,
+        typer.Option(help="Content the chat template may leave out: reasoning,tool_calls (refused otherwise)."),
+    ] = None,
     examine: Annotated[
         Literal["none", "teacher", "judge"] | None,
         typer.Option(help="dualmind critique: teacher (ask it now) or judge (filter's rationale)."),
@@ -354,6 +362,8 @@ def format_(
         "chat_template": str(chat_template) if chat_template else None,
         "train_observations": train_observations,
         "max_length": max_length,
+        "overflow": overflow,
+        "allow_dropped": [k.strip() for k in allow_dropped.split(",") if k.strip()] if allow_dropped else None,
         "examine": examine,
         "teacher": {"base_url": teacher_base_url, "model": teacher_model},
         "export": export,

@@ -10,7 +10,9 @@ over the whole dataset:
 4. ``decode(input_ids) == text``;
 5. no token inside a prompt, system or observation span is trained (unless the dataset's policy opted
    executed observations in), no simulated observation is ever trained, and no trained token covers
-   a character of a masked span.
+   a character of a masked span;
+6. every reasoning block and tool call of the trajectory (the ``messages`` column) is in ``text``,
+   unless the dataset's policy permits dropping it (``--allow-dropped``; ``instruct`` by design).
 
 Violations name the sample (row and id) and the token position; ``tracegen audit`` exits 1 on any.
 Not checked: that the masking policy suits your training (that is the card's and your call).
@@ -82,6 +84,8 @@ class AuditReport:
     kind_trained: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     violations: list[str] = field(default_factory=list)
     violation_count: int = 0
+    missing: dict[str, int] = field(default_factory=lambda: {"reasoning": 0, "tool_calls": 0})
+    """Trajectory content (from ``messages``) absent from ``text``: reasoning blocks, tool calls."""
 
     def violate(self, message: str) -> None:
         self.violation_count += 1
@@ -209,6 +213,33 @@ def check_sample(
     return cs, ce, tok_kind, tok_state, labels
 
 
+def check_content(i: int, row: dict[str, Any], permitted: list[str], report: AuditReport) -> None:
+    """6. every reasoning block and tool call of the trajectory (``messages``) is in ``text``, unless permitted.
+
+    A truncated row is exempt (it says so); datasets of older versions name the fields differently.
+    """
+    if row.get("truncated") or not row.get("messages"):
+        return
+    text: str = row["text"]
+    lost = {"reasoning": 0, "tool_calls": 0}
+    for m in row["messages"]:
+        if m.get("role") != "assistant":
+            continue
+        reasoning = (m.get("reasoning_content") or m.get("reasoning") or "").strip()
+        lost["reasoning"] += bool(reasoning) and reasoning not in text
+        for call in m.get("tool_calls") or []:
+            arguments = (call.get("function") or call).get("arguments") or ""
+            lost["tool_calls"] += arguments.strip() not in text
+    for kind, n in lost.items():
+        report.missing[kind] += n
+        if n and kind not in permitted:
+            report.violate(
+                f"sample {i} ({row['id']}): {n} {kind.replace('_', ' ')} block(s) of the trajectory are not in the "
+                "text (the chat template left them out) and the dataset was not formatted with "
+                f"--allow-dropped {kind}"
+            )
+
+
 def _view(i: int, row: dict[str, Any], checked: tuple[Any, Any, Any, Any, Any], limit: int | None) -> SampleView:
     cs, ce, tok_kind, tok_state, labels = checked
     text: str = row["text"]
@@ -274,7 +305,8 @@ def run_audit(
     console: Any = None,
 ) -> AuditReport:
     meta = load_metadata(dataset_dir)
-    table = read_rows(dataset_dir, ["id", "text", "spans", "input_ids", "labels", "proof_mask", "truncated"])
+    columns = ["id", "text", "spans", "input_ids", "labels", "proof_mask", "truncated", "messages"]
+    table = read_rows(dataset_dir, columns)
     rows = table.to_pylist()
     if not 0 <= index < len(rows):
         raise BadInputError(f"--index {index}: the dataset has {len(rows)} samples (0..{len(rows) - 1})")
@@ -285,7 +317,9 @@ def run_audit(
     report = AuditReport()
     views: list[SampleView] = []
     shown: SampleView | None = None
+    permitted = (meta.get("policy") or {}).get("allow_dropped") or []
     for i, row in enumerate(rows):
+        check_content(i, row, permitted, report)
         checked = check_sample(i, row, btable, tok, decoded[i], report, allow_executed)
         if checked is None:
             continue
@@ -345,6 +379,13 @@ def print_report(report: AuditReport, view: SampleView | None, meta: dict[str, A
         f"truncated: {report.truncated}; dropped at format time: {fmt.get('dropped_too_long', 0)} too long, "
         f"{fmt.get('dropped_no_answer', 0)} without answer, {fmt.get('dropped_no_trained', 0)} nothing to train"
     )
+    if any(report.missing.values()):
+        permitted = (meta.get("policy") or {}).get("allow_dropped") or []
+        con.print(
+            "[bold yellow]left out of the text[/] (in the trajectories, not trained): "
+            + ", ".join(f"{n:,} {k.replace('_', ' ')} block(s)" for k, n in report.missing.items() if n)
+            + f"; permitted: {', '.join(permitted) or 'nothing'}"
+        )
     if report.violation_count:
         con.print(f"[bold red]INVARIANTS BROKEN: {report.violation_count} violation(s)[/]")
         for v in report.violations:

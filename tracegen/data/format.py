@@ -28,12 +28,18 @@ from tracegen import __version__
 from tracegen.config import FormatConfig
 from tracegen.data.hub import dataset_card, rows_table, save_dataset
 from tracegen.data.templates import (
+    DROPPABLE,
     TEMPLATE_TEXTS,
     ChatTemplate,
     MaskPolicy,
     NoAnswer,
+    NoCritique,
     Rendered,
+    allow_dropped_fix,
+    chat_messages,
     compile_chat_template,
+    missing_capabilities,
+    needs_mapping_arguments,
     renderer_for,
     trajectory_parts,
 )
@@ -83,6 +89,10 @@ CRITIQUE_PROMPT = (
 )
 
 
+EXAMINE_RETRIES = 2
+"""Times an empty critique is asked for again before its sample is skipped."""
+
+
 async def _examine_teacher(trajs: list[Trajectory], config: FormatConfig) -> list[str | None]:
     from tracegen.client.chat import ChatClient
 
@@ -90,15 +100,19 @@ async def _examine_teacher(trajs: list[Trajectory], config: FormatConfig) -> lis
     gate = asyncio.Semaphore(config.examine_concurrency)
 
     async def one(t: Trajectory) -> str | None:
-        if t.critique:
+        if t.critique and t.critique.strip():
             return t.critique
         parts = trajectory_parts(t, MaskPolicy())
         prompt = CRITIQUE_PROMPT.format(
             question=parts.question, derivation=derivation_text(t), answer=parts.answer or "(none)"
         )
-        async with gate:
-            reply = await client.complete([{"role": "user", "content": prompt}])
-        return reply.content.strip() or None
+        # an empty reply (a thinking teacher stopped by its token cap, say) is asked again, a bounded number of times
+        for _ in range(1 + EXAMINE_RETRIES):
+            async with gate:
+                reply = await client.complete([{"role": "user", "content": prompt}])
+            if reply.content.strip():
+                return reply.content.strip()
+        return None  # the sample is skipped and counted: an empty <examine> block is never trained
 
     try:
         return list(await asyncio.gather(*(one(t) for t in trajs)))
@@ -126,7 +140,7 @@ def critiques_for(trajs: list[Trajectory], config: FormatConfig) -> list[str | N
             )
         return out
     existing = [t.critique for t in trajs]
-    missing = sum(1 for c in existing if not c)
+    missing = sum(1 for c in existing if not (c and c.strip()))
     if missing:
         raise BadInputError(
             f"--template dualmind needs a self-critique per sample and {missing} of {len(trajs)} records have none",
@@ -136,33 +150,37 @@ def critiques_for(trajs: list[Trajectory], config: FormatConfig) -> list[str | N
     return existing
 
 
-def _message_rows(traj: Trajectory) -> list[dict[str, Any]]:
+MESSAGE_FIELDS = ("role", "content", "reasoning_content", "tool_calls", "tool_call_id", "name", "observation_source")
+
+
+def message_rows(traj: Trajectory) -> list[dict[str, Any]]:
+    """The ``messages`` column: exactly the messages ``--template chat`` renders (OpenAI tool-call shape,
+    reasoning in ``reasoning_content``), plus each tool message's ``observation_source``; absent fields are None,
+    which transformers' ``apply_chat_template`` drops before rendering."""
     rows = []
-    for m in traj.messages:
-        row: dict[str, Any] = {
-            "role": m.role,
-            "content": m.content,
-            "reasoning": None,
-            "tool_calls": None,
-            "tool_call_id": None,
-            "name": None,
-            "observation_source": None,
-        }
-        if isinstance(m, AssistantMessage):
-            row["reasoning"] = m.reasoning
-            row["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in m.tool_calls]
-        elif isinstance(m, ToolMessage):
-            row.update(tool_call_id=m.tool_call_id, name=m.name, observation_source=m.observation.source)
+    for m, msg in zip(traj.messages, chat_messages(traj), strict=True):
+        row = dict.fromkeys(MESSAGE_FIELDS)
+        row.update(msg)
+        if isinstance(m, ToolMessage):
+            row["observation_source"] = m.observation.source
         rows.append(row)
     return rows
 
 
-def sharegpt_row(traj: Trajectory) -> dict[str, Any]:
-    """LLaMA-Factory / axolotl sharegpt: human / function_call / observation / gpt, ``tools`` as JSON.
+def _think(reasoning: str | None) -> str:
+    """Reasoning as the ``<think>`` block LLaMA-Factory's reasoning templates read (their ``thought_words``)."""
+    text = (reasoning or "").strip("\n")
+    return f"<think>\n{text}\n</think>\n\n" if text.strip() else ""
 
-    Parallel tool calls become one ``function_call`` turn holding a JSON list, and their outputs one
-    ``observation`` turn (joined by newlines). Reasoning is kept only on the final ``gpt`` turn, as a
-    ``<think>`` block (sharegpt has no field for it on tool-call turns).
+
+def sharegpt_row(traj: Trajectory) -> dict[str, Any]:
+    """LLaMA-Factory sharegpt: human / function_call / observation / gpt, ``tools`` as JSON.
+
+    Every assistant turn keeps its reasoning (a leading ``<think>`` block) and its text. A tool-call
+    turn is ``{think}{text}\n<tool_call>\n{calls}\n</tool_call>``, the shape LLaMA-Factory's
+    ``FunctionFormatter`` splits with its ``tool_call_words``: the text around the block is kept
+    verbatim, the block's JSON (one call, or a list for parallel calls) becomes the template's calls.
+    Parallel calls' outputs are one ``observation`` turn (joined by newlines).
     """
     system = next((m.content for m in traj.messages if isinstance(m, SystemMessage)), "")
     conv: list[dict[str, str]] = []
@@ -177,6 +195,7 @@ def sharegpt_row(traj: Trajectory) -> dict[str, Any]:
         if isinstance(m, UserMessage):
             conv.append({"from": "human", "value": m.content})
         elif isinstance(m, AssistantMessage):
+            content = m.content.lstrip("\n")
             if m.tool_calls:
                 calls = []
                 for c in m.tool_calls:
@@ -185,15 +204,32 @@ def sharegpt_row(traj: Trajectory) -> dict[str, Any]:
                     except ValueError:
                         args = c.arguments
                     calls.append({"name": c.name, "arguments": args})
-                value = json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
+                block = json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
+                text = content + "\n" if content else ""
+                value = f"{_think(m.reasoning)}{text}<tool_call>\n{block}\n</tool_call>"
                 conv.append({"from": "function_call", "value": value})
             else:
-                think = f"<think>\n{m.reasoning.strip()}\n</think>\n\n" if m.reasoning else ""
-                conv.append({"from": "gpt", "value": think + m.content})
+                conv.append({"from": "gpt", "value": _think(m.reasoning) + content})
     if pending_obs:
         conv.append({"from": "observation", "value": "\n".join(pending_obs)})
     tools = json.dumps([t.openai_schema()["function"] for t in traj.tools], ensure_ascii=False)
     return {"id": traj.id, "conversations": conv, "system": system, "tools": tools}
+
+
+LLAMA_FACTORY_ENTRY = {
+    "file_name": "sharegpt",
+    "formatting": "sharegpt",
+    "columns": {"messages": "conversations", "system": "system", "tools": "tools"},
+    "tags": {
+        "role_tag": "from",
+        "content_tag": "value",
+        "user_tag": "human",
+        "assistant_tag": "gpt",
+        "observation_tag": "observation",
+        "function_tag": "function_call",
+    },
+}
+"""The ``dataset_info.json`` entry LLaMA-Factory needs for ``sharegpt/`` (``dataset_dir`` = the dataset folder)."""
 
 
 def _sharegpt_table(trajs: list[Trajectory]) -> Any:
@@ -221,7 +257,7 @@ def build_row(traj: Trajectory, tok_row: Tokenized) -> dict[str, Any]:
         "input_ids": ids,
         "labels": tok_row["labels"],
         "proof_mask": tok_row["proof_mask"],
-        "messages": _message_rows(traj),
+        "messages": message_rows(traj),
         "tools": json.dumps([t.openai_schema() for t in traj.tools], ensure_ascii=False),
         "task_id": traj.task.id,
         "sample_index": traj.sample_index,
@@ -289,6 +325,36 @@ def provenance(trajs: list[Trajectory], input_path: Path, config: FormatConfig) 
     return prov
 
 
+def content_counts(trajs: list[Trajectory]) -> dict[str, int]:
+    """How many samples have reasoning, and how many have tool calls (what a template must be able to render)."""
+    counts = dict.fromkeys(DROPPABLE, 0)
+    for t in trajs:
+        turns = [m for m in t.messages if isinstance(m, AssistantMessage)]
+        counts["reasoning"] += any(m.reasoning and m.reasoning.strip() for m in turns)
+        counts["tool_calls"] += any(m.tool_calls for m in turns)
+    return counts
+
+
+def refuse_missing_capabilities(chat: ChatTemplate, trajs: list[Trajectory], config: FormatConfig) -> None:
+    """Before any work: a chat template that cannot render content the samples have is refused, unless allowed."""
+    have = content_counts(trajs)
+    which = config.chat_template or f"the tokenizer {config.tokenizer}'s own"
+    if have["tool_calls"] and needs_mapping_arguments(chat):
+        raise BadInputError(
+            f"the chat template ({which}) reads tool-call arguments as a mapping, and tracegen renders them as "
+            "the JSON string the OpenAI shape carries (what the `messages` column holds): use a template that "
+            "takes string arguments (Qwen3, DeepSeek-V3, TRL's qwen3_training.jinja) or --template proof"
+        )
+    missing = [k for k in missing_capabilities(chat) if have[k] and k not in config.allow_dropped]
+    if missing:
+        names = " or ".join(k.replace("_", " ") for k in missing)
+        raise BadInputError(
+            f"the chat template ({which}) cannot render {names}, which "
+            + ", ".join(f"{have[k]} of {len(trajs)} samples have {k.replace('_', ' ')}" for k in missing)
+            + f": {allow_dropped_fix(missing)}"
+        )
+
+
 def chat_template_for(config: FormatConfig, tok: Tok) -> ChatTemplate:
     """The compiled chat template for ``--template chat``: ``--chat-template FILE`` or the tokenizer's own."""
     if config.chat_template:
@@ -311,6 +377,7 @@ class _Job:
     render: Callable[[int, Trajectory], Rendered]
     tok: Tok
     max_length: int | None
+    overflow: str
     batch_size: int
     progress: Callable[[int], None] | None
     """Samples done, reported per batch (in-process only; workers report whole ranges)."""
@@ -344,7 +411,7 @@ def _format_range(bounds: tuple[int, int]) -> Chunk:
 
     def finish(indices: list[int], batch: TokenBatch, encoded: Future[None]) -> None:
         encoded.result()
-        for i, tok_row in zip(indices, assemble(batch, job.tok, job.max_length, stats), strict=True):
+        for i, tok_row in zip(indices, assemble(batch, job.tok, job.max_length, stats, job.overflow), strict=True):
             if tok_row is not None:
                 rows.append(build_row(job.trajs[i], tok_row))
                 kept.append(i)
@@ -358,6 +425,8 @@ def _format_range(bounds: tuple[int, int]) -> Chunk:
                 try:
                     rendered.append(job.render(i, job.trajs[i]))
                     indices.append(i)
+                except NoCritique:
+                    stats.dropped_no_critique += 1
                 except NoAnswer:
                     stats.dropped_no_answer += 1
             batch = lay_out(rendered, job.tok)
@@ -404,7 +473,9 @@ def format_rows(
 
     policy = MaskPolicy(train_observations="executed" if config.train_observations == "executed" else "none")
     chat = chat_template_for(config, tok) if config.template == "chat" else None
-    render = renderer_for(config.template, policy, tok.eos, chat, critiques)
+    if chat is not None:
+        refuse_missing_capabilities(chat, trajs, config)
+    render = renderer_for(config.template, policy, tok.eos, chat, critiques, frozenset(config.allow_dropped))
     workers = resolve_workers(config.workers)
     n = len(trajs)
     if workers == 1:
@@ -427,7 +498,15 @@ def format_rows(
     try:
         with contextlib.ExitStack() as stack:
             progress = stack.enter_context(_progress(n, show_progress))
-            _JOB = _Job(trajs, render, tok, config.max_length, config.batch_size, progress if workers == 1 else None)
+            _JOB = _Job(
+                trajs,
+                render,
+                tok,
+                config.max_length,
+                config.overflow,
+                config.batch_size,
+                progress if workers == 1 else None,
+            )
             chunks: Iterator[Chunk]
             if workers > 1:
                 if chat is not None:  # check the template once here, not once per worker
@@ -505,13 +584,16 @@ def format_dataset(input_path: Path, out: Path, config: FormatConfig, show_progr
 def _format_loaded(
     trajs: list[Trajectory], tok: Tok, input_path: Path, out: Path, config: FormatConfig, show_progress: bool
 ) -> FormatResult:
+    import pyarrow.compute as pc
+
     critiques = critiques_for(trajs, config) if config.template == "dualmind" else None
     table, kept_idx, stats = format_rows(trajs, config, tok, critiques, show_progress)
     kept = [trajs[i] for i in kept_idx]
     if table is None:
         raise TracegenError(
             f"no sample left to write ({len(trajs)} read: {stats.dropped_no_answer} without a final answer, "
-            f"{stats.dropped_too_long} too long, {stats.dropped_no_trained} with nothing to train)"
+            f"{stats.dropped_too_long} too long, {stats.dropped_no_trained} with nothing to train, "
+            f"{stats.dropped_no_critique} with an empty critique)"
         )
     metadata: dict[str, Any] = {
         "tracegen_version": __version__,
@@ -528,15 +610,30 @@ def _format_loaded(
             "vocab_size": int(tok.full.get_vocab_size(with_added_tokens=True)),
             "eos_token": tok.eos,
         },
-        "policy": {"train_observations": config.train_observations, "max_length": config.max_length},
+        "policy": {
+            "train_observations": config.train_observations,
+            "max_length": config.max_length,
+            "overflow": config.overflow,
+            "allow_dropped": permitted_drops(config),
+        },
+        "longest_sample": int(pc.max(table.column("num_tokens")).as_py()),
+        "template_cannot_render": missing_capabilities(chat_template_for(config, tok))
+        if config.template == "chat"
+        else [],
         "stats": stats.as_dict(),
         "provenance": provenance(trajs, input_path, config),
         "exports": list(config.export),
         "config": deciding(config),
     }
     extra = {"sharegpt": _sharegpt_table(kept)} if "sharegpt" in config.export else None
-    save_dataset(out, table, metadata, dataset_card(metadata), config.shard_rows, extra)
+    files = {"dataset_info.json": {"tracegen": LLAMA_FACTORY_ENTRY}} if extra else None
+    save_dataset(out, table, metadata, dataset_card(metadata), config.shard_rows, extra, files)
     return FormatResult(out=out, stats=stats, metadata=metadata)
+
+
+def permitted_drops(config: FormatConfig) -> list[str]:
+    """Content the text may lack: what ``allow_dropped`` names; ``instruct`` has no slot for either, by design."""
+    return list(DROPPABLE) if config.template == "instruct" else sorted(config.allow_dropped)
 
 
 def format_config(recipe: Path | None, overrides: dict[str, Any]) -> FormatConfig:
@@ -565,6 +662,8 @@ def summary_lines(result: FormatResult) -> list[str]:
     return [
         f"{s.samples} samples, {s.tokens:,} tokens, {s.trained:,} trained ({frac:.1%}), {s.straddled} straddled",
         f"dropped: {s.dropped_no_answer} without answer, {s.dropped_too_long} too long, "
-        f"{s.dropped_no_trained} nothing to train; {s.truncated} truncated",
+        f"{s.dropped_no_trained} nothing to train, {s.dropped_no_critique} with an empty critique; "
+        f"{s.truncated} truncated "
+        f"(overflow: {result.metadata['policy']['overflow']})",
         f"wrote {result.out}",
     ]

@@ -7,6 +7,7 @@ because rows carry pre-tokenized ``input_ids`` and ``labels``)::
     DATASET_DIR/tracegen.json                          tokenizer (name, vocabulary hash), policy, stats
     DATASET_DIR/data/train-00000-of-0000N.parquet      the rows
     DATASET_DIR/sharegpt/train-00000-of-00001.parquet  with --export sharegpt
+    DATASET_DIR/dataset_info.json                      with --export sharegpt: LLaMA-Factory's entry for it
 
 The folder is written into a temporary sibling and renamed into place, so a failure never leaves a
 half-written dataset (an existing ``DATASET_DIR`` is replaced only once the new one is complete).
@@ -69,13 +70,14 @@ def rows_table(rows: Sequence[dict[str, Any]]) -> Any:
     import pyarrow as pa
 
     span_type = pa.list_(pa.struct([(n, getattr(pa, t)()) for n, t in SPAN_FIELDS]))
-    call_type = pa.list_(pa.struct([("id", pa.string()), ("name", pa.string()), ("arguments", pa.string())]))
+    function_type = pa.struct([("name", pa.string()), ("arguments", pa.string())])
+    call_type = pa.list_(pa.struct([("id", pa.string()), ("type", pa.string()), ("function", function_type)]))
     message_type = pa.list_(
         pa.struct(
             [
                 ("role", pa.string()),
                 ("content", pa.string()),
-                ("reasoning", pa.string()),
+                ("reasoning_content", pa.string()),
                 ("tool_calls", call_type),
                 ("tool_call_id", pa.string()),
                 ("name", pa.string()),
@@ -103,8 +105,13 @@ def rows_table(rows: Sequence[dict[str, Any]]) -> Any:
     columns["messages"] = pa.array([r["messages"] for r in rows], message_type)
     columns["input_ids"] = _list_array([r["input_ids"] for r in rows], pa.int32())
     columns["labels"] = _list_array([r["labels"] for r in rows], pa.int32())
+    # all ones (no padding in a row): axolotl and other pre-tokenised loaders expect the column beside input_ids
+    columns["attention_mask"] = pa.ListArray.from_arrays(
+        columns["input_ids"].offsets, pa.array(np.ones(len(columns["input_ids"].values), np.int8), pa.int8())
+    )
     columns["proof_mask"] = _list_array([r["proof_mask"] for r in rows], pa.int8())
-    order = ["id", "template", "text", "spans", "input_ids", "labels", "proof_mask", "messages", "tools"]
+    order = ["id", "template", "text", "spans", "input_ids", "attention_mask", "labels", "proof_mask", "messages"]
+    order += ["tools"]
     order += [c for c in columns if c not in order]
     return pa.table({c: columns[c] for c in order})
 
@@ -129,12 +136,15 @@ def save_dataset(
     card: str,
     shard_rows: int,
     extra_tables: dict[str, Any] | None = None,
+    json_files: dict[str, Any] | None = None,
 ) -> None:
     """Write the whole folder in a temporary sibling, then swap it into place (``store.staged_dir``)."""
     with staged_dir(out.resolve()) as tmp:
         write_shards(table, tmp / "data", shard_rows)
         for name, extra in (extra_tables or {}).items():
             write_shards(extra, tmp / name, shard_rows)
+        for name, content in (json_files or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(card, encoding="utf-8")
 
@@ -172,6 +182,40 @@ def read_rows(dataset_dir: Path, columns: list[str] | None = None) -> Any:
 
 def _yaml_list(items: Sequence[str]) -> str:
     return "[" + ", ".join(items) + "]"
+
+
+KIND_NAMES = {
+    "reasoning": "reasoning",
+    "tool_call": "tool calls",
+    "answer": "answer",
+    "critique": "critique",
+    "template": "the template text the student must generate (and the closing EOS)",
+}
+
+
+def _trained_and_dropped(meta: dict[str, Any]) -> tuple[str, str]:
+    """What the rows train (from the token counts, not a promise), and what the template left out of the text."""
+    stats = meta["stats"]
+    trained = [name for kind, name in KIND_NAMES.items() if stats["kind_trained"].get(kind)]
+    lost = {
+        "reasoning": stats.get("reasoning_dropped_by_template", 0),
+        "tool_calls": stats.get("tool_calls_dropped_by_template", 0),
+    }
+    cannot = meta.get("template_cannot_render") or []
+    permitted = (meta.get("policy") or {}).get("allow_dropped") or []
+    parts = [f"{n:,} {k.replace('_', ' ')} block(s)" for k, n in lost.items() if n]
+    if meta.get("template") == "instruct":
+        dropped = "Not in the text, by the template's design: reasoning and tool calls (instruct trains the answer)."
+    elif parts or cannot:
+        dropped = (
+            "**Left out of the text by the chat template**"
+            + (f" (it cannot render {' or '.join(c.replace('_', ' ') for c in cannot)})" if cannot else "")
+            + f": {', '.join(parts) or 'none in these samples'}; permitted with "
+            f"`--allow-dropped {','.join(permitted)}`. The student is not trained on them."
+        )
+    else:
+        dropped = "Nothing the trajectories had was left out of the text by the template."
+    return ", ".join(trained) or "nothing", dropped
 
 
 def dataset_card(meta: dict[str, Any], repo_id: str | None = None) -> str:
@@ -232,6 +276,11 @@ def dataset_card(meta: dict[str, Any], repo_id: str | None = None) -> str:
     policy = meta["policy"]
     origin = f"imported: {prov['imported_from']}" if prov.get("imported_from") else "collected trajectories"
     template_text = meta["template_text"]
+    trained_kinds, dropped_text = _trained_and_dropped(meta)
+    overflow_text = (
+        f"Longer than {policy.get('max_length') or '(no limit)'} tokens (overflow `{policy.get('overflow', 'drop')}`):"
+    )
+    max_length = max(meta.get("longest_sample") or 0, policy.get("max_length") or 0) or 1024
     trained_frac = stats["trained"] / max(1, stats["tokens"])
     return f"""{head}
 
@@ -260,8 +309,7 @@ Template `{meta["template"]}`:
 {template_text}
 ```
 
-Trained: reasoning, tool calls, answer, critique, the template text the student must generate, and
-the closing EOS. Masked (label -100): template text of the prompt, system, prompt, and observations
+Trained: {trained_kinds}. Masked (label -100): template text of the prompt, system, prompt, and observations
 ({policy["train_observations"]!r} observations trained; simulated tool output is never trained).
 A token that straddles a trained and a masked span is masked ({stats["straddled"]:,} such tokens).
 
@@ -269,18 +317,24 @@ A token that straddles a trained and a masked span is masked ({stats["straddled"
 |---|---:|---:|
 {kinds}
 
-{stats["tokens"]:,} tokens, {stats["trained"]:,} trained ({trained_frac:.1%}); {stats["truncated"]} samples truncated,
-{stats["dropped_too_long"]} dropped because the answer would be cut,
+{dropped_text}
+
+{stats["tokens"]:,} tokens, {stats["trained"]:,} trained ({trained_frac:.1%}).
+{overflow_text} {stats["truncated"]} samples
+truncated (they train on their beginning; column `truncated`), {stats["dropped_too_long"]} dropped because the answer
+would be cut;
 {stats["dropped_no_answer"]} without a final answer,
-{stats["dropped_no_trained"]} with nothing to train.
+{stats["dropped_no_trained"]} with nothing to train,
+{stats.get("dropped_no_critique", 0)} with an empty critique (dualmind: never trained as an empty block).
 
 Tokenizer: `{tok["name"]}` (vocabulary hash `{tok["vocab_hash"]}`, {tok["vocab_size"]:,} tokens).
 
 ## Columns
 
 `text` and its character `spans` (`start`, `end`, `kind`, `train`, `source`, `weight_class`);
-`input_ids`, `labels` (-100 where masked), `proof_mask` (1 on derivation tokens); `messages`
-(tool-call arguments as raw JSON strings), `tools` (JSON string); provenance columns.
+`input_ids`, `attention_mask` (all ones), `labels` (-100 where masked), `proof_mask` (1 on derivation
+tokens); `messages` (OpenAI chat shape: `tool_calls` as `{{id, type: "function", function: {{name, arguments}}}}`
+with arguments as JSON strings, reasoning in `reasoning_content`), `tools` (JSON string); provenance columns.
 
 ## Use
 
@@ -290,7 +344,7 @@ ds = load_dataset("{repo_id or "path/to/DATASET_DIR"}", split="train")
 
 from trl import SFTConfig, SFTTrainer  # pre-tokenized: input_ids + labels are used as they are
 trainer = SFTTrainer(model="<student>", train_dataset=ds.select_columns(["input_ids", "labels"]),
-                     args=SFTConfig(output_dir="out"))
+                     args=SFTConfig(output_dir="out", max_length={max_length}))  # longest row (TRL's default: 1024)
 trainer.train()
 ```
 

@@ -157,6 +157,8 @@ class Rendered:
     pieces: list[Piece]
     reasoning_dropped: int = 0
     """Assistant turns whose reasoning the chat template left out."""
+    tool_calls_dropped: int = 0
+    """Tool calls the chat template left out."""
 
     @property
     def text(self) -> str:
@@ -251,6 +253,8 @@ def render_proof(traj: Trajectory, policy: MaskPolicy, eos: str) -> Rendered:
 
 
 def render_dualmind(traj: Trajectory, policy: MaskPolicy, eos: str, critique: str) -> Rendered:
+    if not critique.strip():
+        raise NoCritique(traj.id)  # an empty <examine> block would teach the student to skip the check
     parts = _require_answer(traj, policy)
     pieces = [_t(DUALMIND[0]), Piece(parts.question, "prompt", False), _t(DUALMIND[1])]
     pieces += parts.derivation
@@ -279,6 +283,10 @@ def render_instruct(traj: Trajectory, policy: MaskPolicy, eos: str) -> Rendered:
 
 class NoAnswer(Exception):
     """The trajectory has no final answer: the text templates skip it (counted)."""
+
+
+class NoCritique(NoAnswer):
+    """dualmind: the sample's critique is empty (counted separately, never trained as an empty block)."""
 
 
 def _require_answer(traj: Trajectory, policy: MaskPolicy) -> Parts:
@@ -340,7 +348,21 @@ def chat_messages(traj: Trajectory) -> list[dict[str, Any]]:
     return out
 
 
-def render_chat(traj: Trajectory, policy: MaskPolicy, chat: ChatTemplate) -> Rendered:
+DROPPABLE = ("reasoning", "tool_calls")
+"""Trajectory content a chat template may leave out of the text, only with ``allow_dropped``."""
+
+
+def allow_dropped_fix(missing: Sequence[str]) -> str:
+    return (
+        "use a template that renders them (--chat-template FILE), --template proof, or train without them "
+        f"explicitly with --allow-dropped {','.join(missing)}"
+    )
+
+
+def render_chat(
+    traj: Trajectory, policy: MaskPolicy, chat: ChatTemplate, allow_dropped: frozenset[str] = frozenset()
+) -> Rendered:
+    """The conversation rendered by ``chat``; content the template leaves out is an error unless allowed."""
     messages = chat_messages(traj)
     fields: list[Field] = []
     sources = [m.observation.source if isinstance(m, ToolMessage) else None for m in traj.messages]
@@ -400,7 +422,13 @@ def render_chat(traj: Trajectory, policy: MaskPolicy, chat: ChatTemplate) -> Ren
         cursor = match.end()
     state.template_text(rendered[cursor:], chat, pieces)
     dropped = sum(1 for i, f in enumerate(fields) if i not in seen and f.kind == "reasoning")
-    out = Rendered(traj.id, "chat", pieces, reasoning_dropped=min(dropped, reasoning_turns))
+    calls_dropped = sum(1 for i, f in enumerate(fields) if i not in seen and f.kind == "tool_call")
+    out = Rendered(traj.id, "chat", pieces, min(dropped, reasoning_turns), calls_dropped)
+    lost = {"reasoning": out.reasoning_dropped, "tool_calls": calls_dropped}
+    refused = [k for k in DROPPABLE if lost[k] and k not in allow_dropped]
+    if refused:
+        what = " and ".join(f"{lost[k]} {k.replace('_', ' ')} block(s)" for k in refused)
+        raise BadInputError(f"trajectory {traj.id}: the chat template leaves out {what}; {allow_dropped_fix(refused)}")
     if not chat.verified:
         _verify_chat(out, messages, tools, chat)
     return out
@@ -469,6 +497,51 @@ def _verify_chat(out: Rendered, messages: list[dict[str, Any]], tools: Any, chat
     chat.verified = True
 
 
+PROBE_REASONING = "tracegen probe reasoning"
+PROBE_ARGUMENTS = '{"tracegen_probe": 1}'
+
+
+def _probe_messages(arguments: Any) -> list[dict[str, Any]]:
+    call = {"id": "call_0", "type": "function", "function": {"name": "probe", "arguments": arguments}}
+    return [
+        {"role": "user", "content": "question"},
+        {"role": "assistant", "content": "", "reasoning_content": PROBE_REASONING, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_0", "name": "probe", "content": "output"},
+        {"role": "assistant", "content": "answer", "reasoning_content": PROBE_REASONING},
+    ]
+
+
+_PROBE_TOOL = {"type": "function", "function": {"name": "probe", "description": "a probe", "parameters": {}}}
+
+
+def _renders(chat: ChatTemplate, messages: list[dict[str, Any]], tools: Any) -> str | None:
+    try:
+        return chat.render(messages=messages, tools=tools, add_generation_prompt=False)
+    except Exception:  # noqa: BLE001  # the template is user code: raising is its way to refuse the input
+        return None
+
+
+def missing_capabilities(chat: ChatTemplate) -> list[str]:
+    """What the template cannot render at all: ``reasoning`` and/or ``tool_calls``, probed on one conversation.
+
+    The probe's assistant turns follow the only user message, where every template that renders
+    reasoning renders it (Qwen3's drops it only before the last user message).
+    """
+    messages = _probe_messages(PROBE_ARGUMENTS)
+    text = _renders(chat, messages, [_PROBE_TOOL])
+    if text is None:  # it raises on a tool turn: probe reasoning alone
+        text = _renders(chat, [messages[0], messages[3]], None) or ""
+    return [k for k, probe in zip(DROPPABLE, (PROBE_REASONING, "tracegen_probe"), strict=True) if probe not in text]
+
+
+def needs_mapping_arguments(chat: ChatTemplate) -> bool:
+    """The template iterates tool-call arguments as a mapping (Qwen3.6, GLM-4.5, Nemotron 3, Llama 3.1) and
+    fails on the JSON string that OpenAI sends and tracegen renders, or re-encodes it (Llama 3.1's ``tojson``)."""
+    as_string = _renders(chat, _probe_messages(PROBE_ARGUMENTS), [_PROBE_TOOL]) or ""
+    as_mapping = _renders(chat, _probe_messages(json.loads(PROBE_ARGUMENTS)), [_PROBE_TOOL]) or ""
+    return PROBE_ARGUMENTS not in as_string and "tracegen_probe" in as_mapping
+
+
 def compile_chat_template(source: str, special: dict[str, str], end_of_turn: str) -> ChatTemplate:
     """Compile a Jinja chat template exactly as transformers' ``apply_chat_template`` runs it."""
     from tracegen.data.chat_template import compile_template
@@ -498,6 +571,7 @@ def renderer_for(
     eos: str,
     chat: ChatTemplate | None = None,
     critiques: Sequence[str | None] | None = None,
+    allow_dropped: frozenset[str] = frozenset(),
 ) -> Callable[[int, Trajectory], Rendered]:
     """``render(i, trajectory)`` for the chosen template; raises :class:`NoAnswer` to skip a sample."""
     if template == "proof":
@@ -510,4 +584,4 @@ def renderer_for(
         return lambda i, t: render_dualmind(t, policy, eos, crit[i] or "")
     assert chat is not None
     tmpl = chat
-    return lambda i, t: render_chat(t, policy, tmpl)
+    return lambda i, t: render_chat(t, policy, tmpl, allow_dropped)

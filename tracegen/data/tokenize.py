@@ -14,7 +14,8 @@ Labels come from character offsets with numpy, never a Python loop per token: a 
 when every character it covers lies in a trained span; a token that straddles a trained and a
 masked span is masked and counted (``straddled``). ``proof_mask`` is 1 on tokens that start inside
 the derivation region. Truncation to ``max_length`` cuts only at a token that does not start inside
-a tool call; a sample whose answer would be cut is dropped and counted.
+a tool call; a sample whose answer would be cut is dropped (``overflow="drop"``) or kept cut
+(``"truncate"``), and counted either way.
 
 Unicode: a tokenizer whose normaliser applies a Unicode normal form (Qwen's NFC; NFD, NFKC, NFKD,
 alone or inside a ``Sequence``) would decode a decomposed ``e`` + U+0301 or U+212B (as macOS file names
@@ -266,7 +267,9 @@ class Stats:
     dropped_too_long: int = 0
     dropped_no_answer: int = 0
     dropped_no_trained: int = 0
+    dropped_no_critique: int = 0
     reasoning_dropped_by_template: int = 0
+    tool_calls_dropped_by_template: int = 0
     kind_tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     kind_trained: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     observations: dict[str, int] = field(default_factory=dict)
@@ -371,7 +374,9 @@ def encode(batch: TokenBatch) -> None:
     batch.encodings = [call(runs, add_special_tokens=False) if runs else [] for call, runs in calls]
 
 
-def assemble(batch: TokenBatch, tok: Tok, max_length: int | None, stats: Stats) -> list[Tokenized | None]:
+def assemble(
+    batch: TokenBatch, tok: Tok, max_length: int | None, stats: Stats, overflow: str = "drop"
+) -> list[Tokenized | None]:
     """ids, labels and proof_mask of every sample of an encoded batch; ``None`` for a dropped sample."""
     fresh: dict[str, tuple[I64, I64]] = {}
     for (encoder, group, by_bytes), encodings in zip(batch.groups, batch.encodings, strict=True):
@@ -402,13 +407,13 @@ def assemble(batch: TokenBatch, tok: Tok, max_length: int | None, stats: Stats) 
         a, b = bounds[k], bounds[k + 1]
         mine = states.part(a, b)
         form = tok.unicode_form if batch.normalised[k] else None
-        row = _finish(sample, text, spans[k], all_ids[a:b], all_offs[a:b, 0], mine, max_length, stats, form)
+        row = _finish(sample, text, spans[k], all_ids[a:b], all_offs[a:b, 0], mine, max_length, overflow, stats, form)
         out.append(row)
     return out
 
 
 def tokenize_batch(
-    samples: Sequence[Rendered], tok: Tok, max_length: int | None, stats: Stats
+    samples: Sequence[Rendered], tok: Tok, max_length: int | None, stats: Stats, overflow: str = "drop"
 ) -> list[Tokenized | None]:
     """Tokenize a batch: one batched tokenizer call for every new run of every sample, masks with numpy.
 
@@ -416,7 +421,7 @@ def tokenize_batch(
     """
     batch = lay_out(samples, tok)
     encode(batch)
-    return assemble(batch, tok, max_length, stats)
+    return assemble(batch, tok, max_length, stats, overflow)
 
 
 def _runs_from_encodings(
@@ -510,10 +515,16 @@ def _finish(
     starts: I64,
     states: _TokenStates,
     max_length: int | None,
+    overflow: str,
     stats: Stats,
     normalised: str | None = None,
 ) -> Tokenized | None:
-    """One sample's columns from its token states; truncation and the dataset counts."""
+    """One sample's columns from its token states; truncation and the dataset counts.
+
+    Past ``max_length`` the sample is cut at the last token that does not start inside a tool call;
+    with ``overflow="drop"`` one whose answer that cut would lose is dropped instead, with
+    ``"truncate"`` it is kept and trains on its beginning (its row says ``truncated``).
+    """
     trained, straddle, tok_kind, proof = states.trained, states.straddle, states.kind, states.proof
     truncated = False
     if max_length is not None and len(ids) > max_length:
@@ -527,7 +538,7 @@ def _finish(
         ok = np.flatnonzero(in_call[starts[: max_length + 1]] == 0)
         cut = int(ok[-1]) if len(ok) else 0
         cut_char = int(starts[cut]) if cut < len(starts) else len(text)
-        if answer_end and cut_char < answer_end:
+        if overflow == "drop" and answer_end and cut_char < answer_end:
             stats.dropped_too_long += 1
             return None
         ids, trained, straddle, tok_kind, proof = ids[:cut], trained[:cut], straddle[:cut], tok_kind[:cut], proof[:cut]
@@ -547,6 +558,7 @@ def _finish(
     stats.straddled += n_straddled
     stats.truncated += int(truncated)
     stats.reasoning_dropped_by_template += sample.reasoning_dropped
+    stats.tool_calls_dropped_by_template += sample.tool_calls_dropped
     counts = np.bincount(tok_kind, minlength=len(KINDS)).tolist()
     tcounts = np.bincount(tok_kind[trained], minlength=len(KINDS)).tolist()
     for i, kname in enumerate(KINDS):
