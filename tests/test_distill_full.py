@@ -72,6 +72,7 @@ def test_full_training_changes_every_weight_and_lowers_held_out_loss(
     assert merged.out == tmp_path / "merged"
     assert os.path.samefile(out / "model.safetensors", tmp_path / "merged" / "model.safetensors")
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
+    assert (out / "best" / "model.safetensors").is_file() and (out / "best" / "tokenizer.json").is_file()
 
 
 def test_full_resume_reproduces_the_uninterrupted_run(assets: dict[str, Path], tmp_path: Path) -> None:

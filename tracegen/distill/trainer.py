@@ -916,6 +916,7 @@ def _write_model(state: TrainState, folder: Path, whole: dict[str, torch.Tensor]
     # Written beside and then renamed over: a merged folder may hold hard links to these files.
     with tempfile.TemporaryDirectory(dir=folder, prefix=".model-") as tmp:
         save_full_model(state.model, Path(tmp), state.data.dtype, whole)
+        state.data.tokenizer.save_pretrained(tmp)  # best/ too is a whole model: merge links it as it is
         for path in Path(tmp).iterdir():
             os.replace(path, folder / path.name)
     # A full model folder is a model on its own (best/ is what merge links, stage 2 trains and eval
