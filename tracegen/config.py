@@ -44,9 +44,13 @@ class EndpointConfig(Strict):
         description="Environment variable holding the API key (falls back to OPENAI_API_KEY). "
         "Keys never go in recipe files.",
     )
-    temperature: float = Field(0.6, ge=0, description="Sampling temperature (0.6 suits thinking models).")
-    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling.")
-    max_tokens: int = Field(4096, ge=1, description="Completion tokens per request (per turn).")
+    temperature: float | None = Field(
+        0.6, ge=0, description="Sampling temperature (0.6 suits thinking models); null: not sent (server default)."
+    )
+    top_p: float | None = Field(0.95, gt=0, le=1, description="Nucleus sampling; null: not sent.")
+    max_tokens: int | None = Field(
+        4096, ge=1, description="Completion tokens per request (per turn); null: not sent (server default)."
+    )
     seed: int | None = Field(None, description="Sampling seed, where the server supports one.")
     stream: bool = Field(True, description="Stream replies (SSE) so long thinking never hits a read timeout.")
     extra_body: dict[str, Any] = Field(
@@ -65,11 +69,31 @@ class EndpointConfig(Strict):
         """The key from the environment; servers that need none (vLLM, local) get a placeholder."""
         return os.environ.get(self.api_key_env) or os.environ.get("OPENAI_API_KEY") or "EMPTY"
 
+    def completion_limit(self) -> int | None:
+        """The per-request completion-token limit actually sent (``max_completion_tokens`` wins)."""
+        return self.max_tokens
 
-ToolProtocolSetting = Literal["auto", "native", "hermes", "function_tag"]
+
+ToolProtocolSetting = Literal[
+    "auto", "native", "hermes", "function_tag", "deepseek", "llama3_json", "mistral_text", "harmony"
+]
 
 
 class TeacherConfig(EndpointConfig):
+    max_completion_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Sent instead of max_tokens (OpenAI o-series and gpt-5 reasoning models refuse max_tokens); "
+        "counts reasoning tokens too.",
+    )
+    reasoning_effort: str | None = Field(
+        None, description="Sent as reasoning_effort (OpenAI reasoning models: minimal, low, medium, high)."
+    )
+    reasoning_field: Literal["auto", "reasoning_content", "reasoning"] = Field(
+        "auto",
+        description="Field that echoed reasoning goes back in: auto = the one the server sent (reasoning when "
+        "it sent both: current vLLM reads reasoning on input).",
+    )
     reasoning_echo: Literal["auto", "always", "never"] = Field(
         "auto",
         description="Send earlier turns' reasoning back to the server: auto = on tool-call turns, in the "
@@ -78,8 +102,10 @@ class TeacherConfig(EndpointConfig):
     tool_protocol: ToolProtocolSetting = Field(
         "auto",
         description="auto: native function calling when the server sends it, else the text forms "
-        "<tool_call>{...}</tool_call> (hermes) or <function=NAME>... (function_tag). Pin one for servers "
-        "without function calling: the tools are then described in the system prompt.",
+        "<tool_call>{...}</tool_call> (hermes), <function=NAME>... (function_tag), and calls a server left "
+        "unparsed: DeepSeek-V3 tokens (deepseek), Llama 3 JSON (llama3_json), Mistral [TOOL_CALLS] "
+        "(mistral_text), gpt-oss harmony (harmony). Pin hermes or function_tag for servers without function "
+        "calling (the tools are then described in the system prompt); the other pins keep sending tools.",
     )
     # Not in CollectConfig.fingerprint(): asking for log-probs does not change what is sampled.
     top_logprobs: int | None = Field(
@@ -89,6 +115,9 @@ class TeacherConfig(EndpointConfig):
         description="Store the teacher's top-k log-probs of every generated token (for KD): requests carry "
         "logprobs: true, top_logprobs: k (OpenAI allows k <= 20).",
     )
+
+    def completion_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
 
 
 class Prices(Strict):
@@ -195,6 +224,10 @@ class CollectConfig(AgentLoopConfig):
             "token_budget": self.token_budget,
             "observation_max_chars": self.observation_max_chars,
         }
+        # Settings added later join only when set, so runs made before they existed keep their ids.
+        for key, default in (("max_completion_tokens", None), ("reasoning_effort", None), ("reasoning_field", "auto")):
+            if getattr(self.teacher, key) != default:
+                generation["teacher"][key] = getattr(self.teacher, key)
         # The call caps change generation only when they bind; at their defaults they stay out, so
         # runs made before the caps existed keep their ids and resume.
         caps = (self.max_tool_calls_per_reply, self.max_tool_calls_per_trajectory)

@@ -40,10 +40,18 @@ from urllib.parse import urlsplit
 from pydantic import ValidationError
 
 from tracegen.client.http import Response, open_pool
-from tracegen.client.tools import parse_arguments, parse_text_calls
+from tracegen.client.tools import in_code, parse_arguments, parse_text_calls
 from tracegen.config import EndpointConfig, TeacherConfig, ToolProtocolSetting
 from tracegen.errors import RetryableTeacherError, TeacherError
-from tracegen.records import AssistantMessage, ReasoningFormat, TokenLogprob, ToolCall, TopLogprob, Usage
+from tracegen.records import (
+    AssistantMessage,
+    ReasoningFormat,
+    TokenLogprob,
+    ToolCall,
+    ToolProtocol,
+    TopLogprob,
+    Usage,
+)
 
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 520, 522, 524, 529}
 
@@ -125,22 +133,32 @@ class ChatClient:
     def body(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, seed_offset: int = 0
     ) -> dict[str, Any]:
+        """The request body; a setting that is None is not sent (reasoning models refuse sampling keys)."""
         cfg = self.config
-        body: dict[str, Any] = {
-            "model": self.model,
-            "messages": messages,
-            "temperature": cfg.temperature,
-            "top_p": cfg.top_p,
-            "max_tokens": cfg.max_tokens,
-        }
+        body: dict[str, Any] = {"model": self.model, "messages": messages}
+        if cfg.temperature is not None:
+            body["temperature"] = cfg.temperature
+        if cfg.top_p is not None:
+            body["top_p"] = cfg.top_p
+        teacher = cfg if isinstance(cfg, TeacherConfig) else None
+        if teacher and teacher.max_completion_tokens is not None:
+            body["max_completion_tokens"] = teacher.max_completion_tokens
+        elif cfg.max_tokens is not None:
+            body["max_tokens"] = cfg.max_tokens
+        if teacher and teacher.reasoning_effort is not None:
+            body["reasoning_effort"] = teacher.reasoning_effort
         if cfg.seed is not None:
             body["seed"] = cfg.seed + seed_offset
         if tools:
             body["tools"] = tools
-        if isinstance(cfg, TeacherConfig) and cfg.top_logprobs is not None:
+        if teacher and teacher.top_logprobs is not None:
             body["logprobs"] = True
-            body["top_logprobs"] = cfg.top_logprobs
-        body.update(cfg.extra_body)
+            body["top_logprobs"] = teacher.top_logprobs
+        for key, value in cfg.extra_body.items():
+            if value is None:
+                body.pop(key, None)  # extra_body {key: null} removes a key too
+            else:
+                body[key] = value
         return body
 
     async def complete(
@@ -197,9 +215,9 @@ class ChatClient:
         except TimeoutError as exc:
             raise RetryableTeacherError(f"no data for {self.config.timeout_s:g} s (read timeout)") from exc
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
-            raise RetryableTeacherError(f"connection failed ({self._scrub(str(exc)) or type(exc).__name__})") from exc
+            raise RetryableTeacherError(f"connection failed ({self.scrub(str(exc)) or type(exc).__name__})") from exc
         except ValueError as exc:  # a chunk or event that does not parse
-            raise RetryableTeacherError(f"malformed response ({self._scrub(str(exc))[:200]})") from exc
+            raise RetryableTeacherError(f"malformed response ({self.scrub(str(exc), 200)})") from exc
         if not done and reply.finish_reason is None:
             raise RetryableTeacherError("stream ended before a finish reason (dropped connection?)")
         reply.latency_s = time.monotonic() - started
@@ -212,7 +230,19 @@ class ChatClient:
             self._sdk = openai.AsyncOpenAI(
                 api_key=self._key, base_url=self.base_url, max_retries=0, timeout=self.config.timeout_s
             )
-        known = {"model", "messages", "temperature", "top_p", "max_tokens", "seed", "tools", "logprobs", "top_logprobs"}
+        known = {
+            "model",
+            "messages",
+            "temperature",
+            "top_p",
+            "max_tokens",
+            "max_completion_tokens",
+            "reasoning_effort",
+            "seed",
+            "tools",
+            "logprobs",
+            "top_logprobs",
+        }
         try:
             completion = await self._sdk.chat.completions.create(
                 **{k: v for k, v in body.items() if k in known},
@@ -236,8 +266,8 @@ class ChatClient:
         return reply
 
     def _status_error(self, status: int, text: str, retry_after: str | None) -> TeacherError:
-        detail = self._scrub(_error_detail(text))
-        message = f"{self.role} {self.model}@{self.host} answered HTTP {status}: {detail}"
+        detail, param = _error_detail(text)
+        message = f"{self.role} {self.model}@{self.host} answered HTTP {status}: {self.scrub(detail)}"
         if status in RETRYABLE_STATUS:
             return RetryableTeacherError(message, status=status, retry_after_s=_parse_retry_after(retry_after))
         hint = {
@@ -245,10 +275,29 @@ class ChatClient:
             403: f"the key in ${self.config.api_key_env} lacks access to this model",
             404: "check the base URL (it usually ends in /v1) and the model name",
         }.get(status, "check the request settings in the recipe")
+        if status == 400:
+            hint = _parameter_hint(param, detail, self.role) or hint
         return TeacherError(message, hint=hint, status=status)
 
-    def _scrub(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key and self._key != "EMPTY" else text
+    def scrub(self, text: str, limit: int = 300) -> str:
+        """Server text made safe to record: the key removed first, then cut (a cut key would survive)."""
+        if self._key and self._key != "EMPTY":
+            text = text.replace(self._key, "***")
+        return text[:limit]
+
+
+_SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "max_completion_tokens", "reasoning_effort", "seed")
+
+
+def _parameter_hint(param: str | None, detail: str, role: str) -> str | None:
+    """What to change when a 400 names a request parameter (OpenAI's reasoning models refuse several)."""
+    if param is None:
+        param = next((key for key in _SAMPLING_KEYS if f"'{key}'" in detail or f"`{key}`" in detail), None)
+    if param == "max_tokens":
+        return f"this model refuses max_tokens: set {role}.max_completion_tokens (it is sent instead)"
+    if param in _SAMPLING_KEYS:
+        return f"this model refuses {param}: set `{role}.{param}: null` in the recipe so it is not sent"
+    return None
 
 
 class RawReply:
@@ -257,11 +306,13 @@ class RawReply:
     __slots__ = (
         "content",
         "content_logprobs",
+        "details",
         "finish_reason",
         "latency_s",
         "reasoning",
         "reasoning_format",
         "reasoning_logprobs",
+        "refusal",
         "tools",
         "ttft_s",
         "usage",
@@ -270,10 +321,12 @@ class RawReply:
     def __init__(self) -> None:
         self.content: list[str] = []
         self.reasoning: list[str] = []
+        self.refusal: list[str] = []
+        self.details: list[Any] = []  # reasoning_details entries (OpenRouter), merged in assemble()
         self.content_logprobs: list[Any] = []  # the server's raw entries, checked in assemble()
         self.reasoning_logprobs: list[Any] = []
         self.reasoning_format: ReasoningFormat | None = None
-        self.tools: dict[int, dict[str, Any]] = {}
+        self.tools: list[dict[str, Any]] = []
         self.finish_reason: str | None = None
         self.usage = Usage()
         self.latency_s = 0.0
@@ -284,10 +337,14 @@ class RawReply:
         got = False
         text = delta.get("content")
         if text:
-            self.content.append(text)
+            if type(text) is str:
+                self.content.append(text)
+            else:
+                self.add_parts(text)
             got = True
+        # vLLM sends both during its rename and reads only `reasoning` back: prefer it.
         field: ReasoningFormat
-        for field in ("reasoning_content", "reasoning"):
+        for field in ("reasoning", "reasoning_content"):
             thought = delta.get(field)
             if thought and isinstance(thought, str):
                 self.reasoning.append(thought)
@@ -299,7 +356,33 @@ class RawReply:
             for call in calls:
                 self.add_tool_delta(call)
             got = True
+        refusal = delta.get("refusal")
+        if refusal and isinstance(refusal, str):
+            self.refusal.append(refusal)
+            got = True
+        details = delta.get("reasoning_details")
+        if details and isinstance(details, list):
+            self.details += details
         return got
+
+    def add_parts(self, parts: Any) -> None:
+        """``content`` as a list of typed parts: text parts are content, thinking parts reasoning (Mistral
+        Magistral, https://docs.mistral.ai/capabilities/reasoning/). A part of another type fails the turn."""
+        for part in parts if isinstance(parts, list) else [parts]:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in ("text", "output_text"):
+                self.content.append(str(part.get("text") or ""))
+            elif kind in ("thinking", "reasoning"):
+                thought = part.get("thinking", part.get("text"))
+                if isinstance(thought, list):
+                    thought = "".join(str(t.get("text") or "") for t in thought if isinstance(t, dict))
+                self.reasoning.append(str(thought or ""))
+                self.reasoning_format = "content_parts"
+            else:
+                raise TeacherError(
+                    f"unreadable content part (type {kind!r}) in the reply",
+                    hint="this server's reply shape is not supported; report it with the server's name",
+                )
 
     def add_logprobs(self, logprobs: Any, delta: dict[str, Any] | None) -> None:
         """Keep a choice's ``logprobs.content`` entries, as reasoning tokens when ``delta`` carries reasoning."""
@@ -312,14 +395,31 @@ class RawReply:
             self.content_logprobs += entries
 
     def add_tool_delta(self, call: dict[str, Any]) -> None:
-        slot = self.tools.setdefault(call.get("index", len(self.tools)), {"id": None, "name": "", "arguments": ""})
-        if call.get("id"):
-            slot["id"] = call["id"]
+        """One tool-call delta, matched to its call by ``index``, else by ``id`` (some servers send no
+        index), else to the call in progress; an index reused with a new id starts a new call."""
+        cid = call.get("id")
+        index = call.get("index")
+        slot = None
+        if cid:
+            slot = next((t for t in self.tools if t["id"] == cid), None)
+        if slot is None and index is not None:
+            slot = next((t for t in self.tools if t["index"] == index), None)
+            if slot is not None and cid and slot["id"] and slot["id"] != cid:
+                slot = None
+        if slot is None and index is None and not cid and self.tools:
+            slot = self.tools[-1]
+        if slot is None:
+            slot = {"id": None, "index": index, "name": "", "arguments": "", "echo": None}
+            self.tools.append(slot)
+        if cid:
+            slot["id"] = cid
         fn = call.get("function") or {}
         if fn.get("name"):
             slot["name"] += fn["name"]
         if fn.get("arguments"):
             slot["arguments"] += fn["arguments"]
+        if call.get("extra_content"):  # Gemini's thought signature: echoed back verbatim
+            slot["echo"] = {"extra_content": call["extra_content"]}
 
     def set_usage(self, usage: dict[str, Any] | None) -> None:
         if not usage:
@@ -391,10 +491,10 @@ def assemble(
         if reasoning is not None:
             reasoning_format = "inline"
     calls: list[ToolCall] = []
-    tool_protocol = None
+    tool_protocol: ToolProtocol | None = None
     if raw.tools and protocol in ("auto", "native"):
         tool_protocol = "native"
-        for i, (_, slot) in enumerate(sorted(raw.tools.items())):
+        for i, slot in enumerate(raw.tools):
             _, error = parse_arguments(slot["arguments"])
             calls.append(
                 ToolCall(
@@ -402,9 +502,10 @@ def assemble(
                     name=slot["name"],
                     arguments=slot["arguments"],
                     parse_error=error,
+                    echo=slot["echo"],
                 )
             )
-    elif protocol in ("auto", "hermes", "function_tag"):
+    elif protocol is not None and protocol != "native":
         found = parse_text_calls(content, call_id_prefix, only=None if protocol == "auto" else protocol)
         tool_protocol, calls = found.protocol, found.calls
     return AssistantMessage(
@@ -414,6 +515,8 @@ def assemble(
         tool_calls=calls,
         tool_protocol=tool_protocol,
         finish_reason=raw.finish_reason,
+        refusal="".join(raw.refusal) or None,
+        echo={"reasoning_details": _merge_details(raw.details)} if raw.details else None,
         usage=raw.usage,
         latency_s=raw.latency_s,
         ttft_s=raw.ttft_s,
@@ -421,6 +524,27 @@ def assemble(
         reasoning_logprobs=_token_logprobs(raw.reasoning_logprobs),
         content_logprobs=_token_logprobs(raw.content_logprobs),
     )
+
+
+def _merge_details(entries: list[Any]) -> list[Any]:
+    """Streamed ``reasoning_details`` pieces -> whole entries: pieces with one ``index`` are one entry
+    (their text fields concatenated, other fields such as ``signature`` kept as last sent). A whole
+    message's entries pass through as they came."""
+    merged: dict[Any, dict[str, Any]] = {}
+    for n, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            continue
+        key = entry.get("index", f"#{n}")
+        whole = merged.get(key)
+        if whole is None:
+            merged[key] = dict(entry)
+            continue
+        for field, value in entry.items():
+            if field in ("text", "summary", "data") and isinstance(value, str):
+                whole[field] = (whole.get(field) or "") + value
+            elif value is not None:
+                whole[field] = value
+    return list(merged.values())
 
 
 def _token_logprobs(entries: list[Any]) -> list[TokenLogprob] | None:
@@ -456,31 +580,38 @@ LOGPROB_FLOOR = -1e4  # stands for a non-finite log-prob: probability 0 in float
 def _split_inline_think(content: str) -> tuple[str, str | None]:
     """Split inline thinking off the content: ``<think>r</think>c`` -> (c, r).
 
-    Also ``r</think>c``, when the chat template put the opening tag in the prompt (Qwen3 thinking
-    models, DeepSeek-R1), and an unclosed ``<think>r`` (cut off by max_tokens), which is all reasoning.
+    Also ``r</think>`` + a line break + ``c``, when the chat template put the opening tag in the prompt
+    (Qwen3 thinking models, DeepSeek-R1), and an unclosed ``<think>r`` (cut off by max_tokens), which is
+    all reasoning. A tag quoted in an answer (in code, or mid-sentence) is text, not a reasoning block.
     """
-    if "</think>" in content:
-        before, after = content.split("</think>", 1)
-        before = before.lstrip()
-        if before.startswith("<think>"):
-            before = before[len("<think>") :]
-        elif "<think>" in before:
-            return content, None  # an opening tag mid-text is not a reasoning block: leave it alone
-        return after.lstrip("\n"), before.strip("\n")
     stripped = content.lstrip()
-    if stripped.startswith("<think>"):
+    opened = stripped.startswith("<think>")
+    end = content.find("</think>")
+    if end >= 0 and not in_code(content, end):
+        before, after = content[:end].lstrip(), content[end + len("</think>") :]
+        if opened:
+            before = before[len("<think>") :]
+        elif "<think>" in before or (after and not after.startswith(("\n", "\r"))):
+            return content, None  # an opening tag mid-text, or a tag mid-sentence: not a reasoning block
+        return after.lstrip("\n"), before.strip("\n")
+    if opened and end < 0:
         return "", stripped[len("<think>") :].strip("\n")
     return content, None
 
 
-def _error_detail(text: str) -> str:
+def _error_detail(text: str) -> tuple[str, str | None]:
+    """An error body's message (whole: the caller scrubs, then cuts) and the parameter it names."""
     try:
         data = json.loads(text)
-        err = data.get("error", data) if isinstance(data, dict) else data
-        detail = err.get("message", err) if isinstance(err, dict) else err
-        return str(detail)[:300]
-    except (ValueError, AttributeError):
-        return text.strip()[:300] or "(empty body)"
+    except ValueError:
+        return text.strip() or "(empty body)", None
+    err = data.get("error", data) if isinstance(data, dict) else data
+    if isinstance(err, list) and err:  # Gemini wraps its error object in a list
+        err = err[0].get("error", err[0]) if isinstance(err[0], dict) else err[0]
+    if not isinstance(err, dict):
+        return str(err), None
+    param = err.get("param")
+    return str(err.get("message", err)), param if isinstance(param, str) else None
 
 
 def _parse_retry_after(value: str | None) -> float | None:

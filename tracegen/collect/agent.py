@@ -64,7 +64,12 @@ class Agent:
             model=self.teacher.model,
             base_url_host=self.teacher.host,
             sampling=SamplingParams(
-                temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=cfg.seed
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                max_tokens=cfg.max_tokens,
+                seed=cfg.seed,
+                max_completion_tokens=cfg.max_completion_tokens,
+                reasoning_effort=cfg.reasoning_effort,
             ),
         )
         text_protocol = cfg.tool_protocol in ("hermes", "function_tag")
@@ -88,13 +93,14 @@ class Agent:
         episode: Episode | None = None
         turn = tool_calls = 0
         try:
+            cfg = self.config.teacher
             for turn in range(self.config.max_turns):
                 t0 = time.monotonic()
                 try:
                     reply = await self.teacher.complete(
-                        to_wire(messages, self.config.teacher.reasoning_echo),
+                        to_wire(messages, cfg.reasoning_echo, cfg.reasoning_field),
                         self.native_tools,
-                        tool_protocol=self.config.teacher.tool_protocol,
+                        tool_protocol=cfg.tool_protocol,
                         call_id_prefix=f"call-{turn}",
                         seed_offset=sample_index,
                     )

@@ -41,6 +41,8 @@ class Reply:
     usage: dict[str, Any] | None = None
     headers: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    error_body: Any = None
+    """The whole JSON error body, when a provider's documented error shape matters (else built from ``error``)."""
     delay_s: float = 0.0
     """Wait before the response starts (a slow server, or time to first token)."""
     event_delay_s: float = 0.0
@@ -120,15 +122,18 @@ def tool_call_reply(
     content: str = "",
     pieces: int = 3,
     logprobs: int | None = None,
+    shape: str = "reasoning_content",
     **kwargs: Any,
 ) -> Reply:
     """Native tool calls (name, raw arguments JSON), each split into ``pieces`` argument deltas.
 
-    ``logprobs`` as for :func:`text_reply`; each argument delta counts as one token.
+    ``logprobs`` as for :func:`text_reply`; each argument delta counts as one token. ``shape``: the
+    reasoning field, or ``both`` (vLLM during its rename sends ``reasoning`` and ``reasoning_content``).
     """
     events: list[dict[str, Any]] = [{"delta": {"role": "assistant"}}]
     if reasoning:
-        events += [_event({"reasoning_content": part}, part, logprobs) for part in _split(reasoning, pieces)]
+        fields = ("reasoning", "reasoning_content") if shape == "both" else (shape,)
+        events += [_event(dict.fromkeys(fields, part), part, logprobs) for part in _split(reasoning, pieces)]
     if content:
         events.append(_event({"content": content}, content, logprobs))
     for index, (name, arguments) in enumerate(calls):
@@ -144,6 +149,157 @@ def tool_call_reply(
 def error_reply(status: int, message: str = "fake error", retry_after: float | None = None) -> Reply:
     headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
     return Reply(status=status, error=message, headers=headers)
+
+
+# --- Provider shapes, from the providers' documented examples ------------------------------------
+
+
+def unindexed_tool_call_reply(calls: list[tuple[str, str]], **kwargs: Any) -> Reply:
+    """Tool-call deltas carrying an ``id`` but no ``index`` (some OpenAI-compatible servers)."""
+    events: list[dict[str, Any]] = [{"delta": {"role": "assistant"}}]
+    for n, (name, arguments) in enumerate(calls):
+        cid = f"srv-call-{n}"
+        events.append({"delta": {"tool_calls": [{"id": cid, "type": "function", "function": {"name": name}}]}})
+        events += [{"delta": {"tool_calls": [{"id": cid, "function": {"arguments": p}}]}} for p in _split(arguments, 2)]
+    events.append({"delta": {}, "finish_reason": "tool_calls"})
+    return Reply(events=events, usage=_usage(60, 20), **kwargs)
+
+
+def refusal_reply(refusal: str, **kwargs: Any) -> Reply:
+    """A streamed refusal (https://platform.openai.com/docs/guides/structured-outputs#refusals)."""
+    events: list[dict[str, Any]] = [{"delta": {"role": "assistant", "content": None, "refusal": ""}}]
+    events += [{"delta": {"refusal": part}} for part in _split(refusal, 2)]
+    events.append({"delta": {}, "finish_reason": "stop"})
+    return Reply(events=events, usage=_usage(20, 5), **kwargs)
+
+
+def mistral_thinking_reply(content: str, thinking: str, **kwargs: Any) -> Reply:
+    """Magistral: ``content`` as a list of typed chunks, thinking chunks first
+    (https://docs.mistral.ai/capabilities/reasoning/, "Usage" response example)."""
+    events: list[dict[str, Any]] = [{"delta": {"role": "assistant", "content": ""}}]
+    for part in _split(thinking, 2):
+        events.append({"delta": {"content": [{"type": "thinking", "thinking": [{"type": "text", "text": part}]}]}})
+    events += [{"delta": {"content": [{"type": "text", "text": part}]}} for part in _split(content, 2)]
+    events.append({"delta": {}, "finish_reason": "stop"})
+    return Reply(events=events, usage=_usage(30, 10), **kwargs)
+
+
+def gemini_tool_call_reply(name: str, arguments: str, signature: str, **kwargs: Any) -> Reply:
+    """Gemini's OpenAI-compatible endpoint: the call carries ``extra_content.google.thought_signature``
+    (https://ai.google.dev/gemini-api/docs/thought-signatures, "OpenAI compatibility")."""
+    call: dict[str, Any] = {
+        "index": 0,
+        "id": "function-call-1",
+        "type": "function",
+        "function": {"name": name, "arguments": arguments},
+        "extra_content": {"google": {"thought_signature": signature}},
+    }
+    events: list[dict[str, Any]] = [
+        {"delta": {"role": "assistant", "tool_calls": [call]}},
+        {"delta": {}, "finish_reason": "tool_calls"},
+    ]
+    return Reply(events=events, usage=_usage(40, 10), **kwargs)
+
+
+def openrouter_reasoning_reply(name: str, arguments: str, thought: str, signature: str, **kwargs: Any) -> Reply:
+    """OpenRouter: reasoning streamed as ``reasoning`` plus ``reasoning_details`` pieces, the signature on the
+    last piece (https://openrouter.ai/docs/use-cases/reasoning-tokens, "Preserving reasoning blocks")."""
+    events: list[dict[str, Any]] = [{"delta": {"role": "assistant", "content": ""}}]
+    for part in _split(thought, 2):
+        detail = {"type": "reasoning.text", "text": part, "format": "anthropic-claude-v1", "index": 0}
+        events.append({"delta": {"reasoning": part, "reasoning_details": [detail]}})
+    last = {"type": "reasoning.text", "signature": signature, "format": "anthropic-claude-v1", "index": 0}
+    events.append({"delta": {"reasoning_details": [last]}})
+    head = {"index": 0, "id": "toolu_01", "type": "function", "function": {"name": name, "arguments": arguments}}
+    events += [{"delta": {"tool_calls": [head]}}, {"delta": {}, "finish_reason": "tool_calls"}]
+    return Reply(events=events, usage=_usage(40, 10), **kwargs)
+
+
+def _openai_error(message: str, param: str, code: str) -> Reply:
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
+    return Reply(status=400, error=message, error_body=body)
+
+
+class Provider:
+    """A script behind a provider's request checks: a request the real provider refuses gets its
+    documented 400 instead of the script's reply, so a test fails when parameters or echoes are wrong.
+
+    - ``openai_reasoning``: o-series / gpt-5 refuse ``max_tokens`` and non-default sampling
+      (https://platform.openai.com/docs/guides/reasoning; the error bodies are the API's).
+    - ``gemini``: every earlier tool call must carry back the thought signature it was sent with
+      (https://ai.google.dev/gemini-api/docs/thought-signatures: "missing thought_signature" 400).
+    - ``openrouter``: an Anthropic model behind OpenRouter needs its ``reasoning_details`` (signature
+      included) back on tool-use turns, else Anthropic's 400 passes through
+      (https://openrouter.ai/docs/use-cases/reasoning-tokens).
+    - ``vllm``: current vLLM reads earlier reasoning only from ``reasoning``; a tool-call turn echoed in
+      another field reaches the chat template without it (https://docs.vllm.ai/en/latest/features/reasoning_outputs.html).
+    """
+
+    def __init__(self, name: str, script: Script, signature: str = "sig-A") -> None:
+        self.name = name
+        self.script = script
+        self.signature = signature
+
+    def __call__(self, request: Request) -> Reply:
+        refused = getattr(self, f"_check_{self.name}")(request)
+        return refused if refused is not None else self.script(request)
+
+    def _assistant_calls(self, request: Request) -> list[tuple[int, dict[str, Any]]]:
+        return [(i, m) for i, m in enumerate(request.get("messages", [])) if m.get("tool_calls")]
+
+    def _check_openai_reasoning(self, request: Request) -> Reply | None:
+        if "max_tokens" in request:
+            return _openai_error(
+                "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                "Use 'max_completion_tokens' instead.",
+                "max_tokens",
+                "unsupported_parameter",
+            )
+        for key in ("temperature", "top_p"):
+            if key in request and request[key] != 1:
+                return _openai_error(
+                    f"Unsupported value: '{key}' does not support {request[key]} with this model. "
+                    "Only the default (1) value is supported.",
+                    key,
+                    "unsupported_value",
+                )
+        return None
+
+    def _check_gemini(self, request: Request) -> Reply | None:
+        for index, message in self._assistant_calls(request):
+            for call in message["tool_calls"]:
+                google = (call.get("extra_content") or {}).get("google") or {}
+                if google.get("thought_signature") != self.signature:
+                    message_text = (
+                        "Function call is missing a thought_signature in functionCall parts. This is required "
+                        "for tools to work correctly, and missing thought_signature may lead to degraded model "
+                        f"performance. Additional data, function call `default_api:{call['function']['name']}` , "
+                        f"position {index}. Please refer to https://ai.google.dev/gemini-api/docs/thought-signatures "
+                        "for more details."
+                    )
+                    body = [{"error": {"code": 400, "message": message_text, "status": "INVALID_ARGUMENT"}}]
+                    return Reply(status=400, error=message_text, error_body=body)
+        return None
+
+    def _check_openrouter(self, request: Request) -> Reply | None:
+        for index, message in self._assistant_calls(request):
+            details = message.get("reasoning_details") or []
+            if not any(d.get("signature") == self.signature and d.get("text") for d in details):
+                text = (
+                    f"messages.{index}.content.0.type: Expected `thinking` or `redacted_thinking`, but found "
+                    "`tool_use`. When `thinking` is enabled, a final `assistant` message must start with a "
+                    "thinking block (preceeding the lastmost set of `tool_use` and `tool_result` blocks)."
+                )
+                body = {"error": {"message": text, "code": 400}}
+                return Reply(status=400, error=text, error_body=body)
+        return None
+
+    def _check_vllm(self, request: Request) -> Reply | None:
+        for index, message in self._assistant_calls(request):
+            if not message.get("reasoning"):
+                text = f"fake vllm: messages[{index}] is a tool-call turn whose reasoning is not in `reasoning`"
+                return Reply(status=400, error=text)
+        return None
 
 
 class Scripted:
@@ -303,7 +459,8 @@ async def _handle_one(
     if reply.delay_s > 0:
         await asyncio.sleep(reply.delay_s)
     if reply.status != 200:
-        _write_json(writer, reply.status, {"error": {"message": reply.error, "type": "fake"}}, reply.headers)
+        body = reply.error_body or {"error": {"message": reply.error, "type": "fake"}}
+        _write_json(writer, reply.status, body, reply.headers)
         return True
     model = request.get("model", "fake")
     events = reply.events if request.get("logprobs") else [_without_logprobs(e) for e in reply.events]
@@ -375,9 +532,7 @@ def _write_chunk(writer: asyncio.StreamWriter, data: bytes) -> None:
     writer.write(b"%x\r\n%s\r\n" % (len(data), data))
 
 
-def _write_json(
-    writer: asyncio.StreamWriter, status: int, data: dict[str, Any], headers: dict[str, str] | None = None
-) -> None:
+def _write_json(writer: asyncio.StreamWriter, status: int, data: Any, headers: dict[str, str] | None = None) -> None:
     body = json.dumps(data).encode()
     extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     head = f"HTTP/1.1 {status} Fake\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
