@@ -16,6 +16,7 @@ import json
 import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -37,12 +38,14 @@ class Strict(BaseModel):
 class EndpointConfig(Strict):
     """An OpenAI-compatible chat-completions endpoint and how to talk to it."""
 
-    base_url: str | None = Field(None, description="Base URL ending in /v1, e.g. http://127.0.0.1:8000/v1.")
+    base_url: str | None = Field(
+        None, description="Base URL ending in /v1, e.g. http://127.0.0.1:8000/v1 (falls back to OPENAI_BASE_URL)."
+    )
     model: str | None = Field(None, description="Model name sent in every request.")
-    api_key_env: str = Field(
+    api_key_env: str | None = Field(
         "TRACEGEN_TEACHER_API_KEY",
-        description="Environment variable holding the API key (falls back to OPENAI_API_KEY). "
-        "Keys never go in recipe files.",
+        description="Environment variable holding the API key (falls back to OPENAI_API_KEY); null: send no "
+        "key. Keys never go in recipe files.",
     )
     temperature: float | None = Field(
         0.6, ge=0, description="Sampling temperature (0.6 suits thinking models); null: not sent (server default)."
@@ -59,6 +62,18 @@ class EndpointConfig(Strict):
     )
     timeout_s: float = Field(600.0, gt=0, description="Longest silence allowed while reading a reply.")
     connect_timeout_s: float = Field(10.0, gt=0, description="TCP connect timeout.")
+    request_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="Longest one request may take in all, however steadily it streams; default 60 s + 0.1 s per "
+        "completion token allowed (3600 s when no limit is sent).",
+    )
+    retry_after_max_s: float = Field(300.0, ge=0, description="Longest Retry-After honoured (a longer one is cut).")
+    preflight: bool = Field(
+        True,
+        description="Check the endpoint with one cheap request (GET /models) before the first trajectory; turn off "
+        "for servers that serve model names they do not list.",
+    )
     max_attempts: int = Field(6, ge=1, description="Attempts per request, retries included.")
     backoff_base_s: float = Field(1.0, ge=0, description="First retry delay; doubles each attempt, with jitter.")
     backoff_max_s: float = Field(60.0, ge=0, description="Cap on one retry delay (Retry-After may exceed it).")
@@ -67,16 +82,32 @@ class EndpointConfig(Strict):
 
     def api_key(self) -> str:
         """The key from the environment; servers that need none (vLLM, local) get a placeholder."""
+        if self.api_key_env is None:
+            return "EMPTY"
         return os.environ.get(self.api_key_env) or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+
+    def url(self) -> str | None:
+        """The base URL: the setting, else ``OPENAI_BASE_URL`` (as the openai SDK reads it)."""
+        return self.base_url or os.environ.get("OPENAI_BASE_URL") or None
 
     def completion_limit(self) -> int | None:
         """The per-request completion-token limit actually sent (``max_completion_tokens`` wins)."""
         return self.max_tokens
 
+    def request_deadline_s(self) -> float:
+        if self.request_timeout_s is not None:
+            return self.request_timeout_s
+        limit = self.completion_limit()
+        return 60.0 + limit / 10.0 if limit else 3600.0
+
 
 ToolProtocolSetting = Literal[
     "auto", "native", "hermes", "function_tag", "deepseek", "llama3_json", "mistral_text", "harmony"
 ]
+
+
+def _host(url: str | None) -> str:
+    return urlsplit(url or "").netloc
 
 
 class TeacherConfig(EndpointConfig):
@@ -162,6 +193,9 @@ class AgentLoopConfig(Strict):
     concurrency: int = Field(32, ge=1, description="Trajectories in flight at once.")
     limit: int | None = Field(None, ge=1, description="Use only the first N tasks.")
     max_turns: int = Field(8, ge=1, description="Teacher requests per trajectory before stop_reason=max_turns.")
+    trajectory_timeout_s: float | None = Field(
+        None, gt=0, description="Wall-clock budget of one trajectory; over it, stop_reason=time_budget."
+    )
     token_budget: int = Field(
         65536, ge=1, description="Completion tokens (reasoning included) per trajectory before stop_reason=budget."
     )
@@ -188,12 +222,11 @@ class CollectConfig(AgentLoopConfig):
         """The simulator's endpoint; an unset base URL or model is the teacher's."""
         if self.simulator is None:
             return EndpointConfig(**self.teacher.model_dump(include=set(EndpointConfig.model_fields)))
-        return self.simulator.model_copy(
-            update={
-                "base_url": self.simulator.base_url or self.teacher.base_url,
-                "model": self.simulator.model or self.teacher.model,
-            }
-        )
+        base_url = self.simulator.url() or self.teacher.url()
+        update: dict[str, Any] = {"base_url": base_url, "model": self.simulator.model or self.teacher.model}
+        if "api_key_env" not in self.simulator.model_fields_set and _host(base_url) != _host(self.teacher.url()):
+            update["api_key_env"] = None  # another host never gets the teacher's key unless the recipe says so
+        return self.simulator.model_copy(update=update)
 
     def fingerprint(self) -> str:
         """Hash of every setting that changes what the teacher generates.

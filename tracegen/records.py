@@ -192,13 +192,13 @@ class RuntimeInfo(Record):
     simulator_model: str | None = None
 
 
-StopReason = Literal["answer", "max_turns", "length", "error", "budget"]
+StopReason = Literal["answer", "max_turns", "length", "error", "budget", "time_budget"]
 
 
 class TrajectoryError(Record):
     """A typed, recorded failure: a bad episode is data, never an exception."""
 
-    kind: Literal["teacher", "runtime", "tool_call", "budget", "internal"]
+    kind: Literal["teacher", "deadline", "runtime", "tool_call", "budget", "internal"]
     message: str
     turn: int | None = None
 

@@ -34,6 +34,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -42,7 +43,7 @@ from pydantic import ValidationError
 from tracegen.client.http import Response, open_pool
 from tracegen.client.tools import in_code, parse_arguments, parse_text_calls
 from tracegen.config import EndpointConfig, TeacherConfig, ToolProtocolSetting
-from tracegen.errors import RetryableTeacherError, TeacherError
+from tracegen.errors import DeadlineError, RetryableTeacherError, TeacherError
 from tracegen.records import (
     AssistantMessage,
     ReasoningFormat,
@@ -101,8 +102,9 @@ class ChatClient:
     """One endpoint (teacher, simulator or judge). Create and use it inside the running event loop."""
 
     def __init__(self, config: EndpointConfig, role: str = "teacher") -> None:
-        if not config.base_url or not config.model:
-            missing = "base_url" if not config.base_url else "model"
+        base_url = config.url()
+        if not base_url or not config.model:
+            missing = "base_url" if not base_url else "model"
             flag = f"--{role}-{'base-url' if missing == 'base_url' else 'model'}"
             raise TeacherError(
                 f"no {role} {missing} configured",
@@ -111,7 +113,7 @@ class ChatClient:
         self.config = config
         self.role = role
         self.model: str = config.model
-        self.base_url = config.base_url.rstrip("/")
+        self.base_url = base_url.rstrip("/")
         self.host = urlsplit(self.base_url).netloc or self.base_url
         self._key = config.api_key()
         self._headers = {
@@ -120,6 +122,7 @@ class ChatClient:
             "Accept": "text/event-stream",
         }
         self._pool = open_pool(self.base_url, config.connect_timeout_s, config.timeout_s)
+        self._deadline_s = config.request_deadline_s()
         self._limiter = RateLimiter(config.requests_per_minute, config.tokens_per_minute)
         self._sdk: Any = None  # the openai SDK client, built on first non-streaming request
         self.requests = 0
@@ -199,6 +202,7 @@ class ChatClient:
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
+            retry_after = min(retry_after, self.config.retry_after_max_s)  # `inf` or a day would wait forever
             return retry_after + random.uniform(0, 0.1 * max(retry_after, 0.1))
         cap = min(self.config.backoff_max_s, self.config.backoff_base_s * 2.0 ** (attempt - 1))
         return cap / 2 + random.uniform(0, cap / 2)
@@ -207,12 +211,20 @@ class ChatClient:
         payload = json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode()
         reply = RawReply()
         try:
-            async with self._pool.post("/chat/completions", payload, self._headers) as resp:
-                if resp.status != 200:
-                    text = (await resp.read()).decode("utf-8", "replace")
-                    raise self._status_error(resp.status, text, resp.headers.get("retry-after"))
-                done = await _read_sse(resp, reply, started)
+            # The pool's read timeout bounds each silence; this bounds the whole request (a stream that
+            # trickles tokens or keep-alive comments forever).
+            async with asyncio.timeout(self._deadline_s) as total:
+                async with self._pool.post("/chat/completions", payload, self._headers) as resp:
+                    if resp.status != 200:
+                        text = (await resp.read()).decode("utf-8", "replace")
+                        raise self._status_error(resp.status, text, resp.headers.get("retry-after"))
+                    done = await _read_sse(resp, reply, started, self.scrub)
         except TimeoutError as exc:
+            if total.expired():
+                raise DeadlineError(
+                    f"{self.role} {self.model}@{self.host}: request exceeded its deadline of {self._deadline_s:g} s",
+                    hint="raise request_timeout_s if replies this long are expected",
+                ) from exc
             raise RetryableTeacherError(f"no data for {self.config.timeout_s:g} s (read timeout)") from exc
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
             raise RetryableTeacherError(f"connection failed ({self.scrub(str(exc)) or type(exc).__name__})") from exc
@@ -222,6 +234,49 @@ class ChatClient:
             raise RetryableTeacherError("stream ended before a finish reason (dropped connection?)")
         reply.latency_s = time.monotonic() - started
         return reply
+
+    async def preflight(self) -> None:
+        """One cheap request before the first trajectory, so a wrong URL, key or model fails in seconds.
+
+        ``GET /models``: a refused connection, 401/403, or a model the list lacks is a TeacherError (the
+        message lists what the server offers). Where ``/models`` is absent (404/405), a request with no
+        messages checks the key and the model without generating anything. Anything else (5xx, 429) is
+        left to the run's retries.
+        """
+        where = f"{self.role} {self.model}@{self.host}"
+        try:
+            async with asyncio.timeout(self.config.connect_timeout_s + 5):
+                async with self._pool.get("/models", self._headers) as resp:
+                    status, text = resp.status, (await resp.read()).decode("utf-8", "replace")
+                if status in (404, 405):
+                    probe = json.dumps({"model": self.model, "messages": [], "max_tokens": 1}).encode()
+                    async with self._pool.post("/chat/completions", probe, self._headers) as resp:
+                        status, text = resp.status, (await resp.read()).decode("utf-8", "replace")
+                    if status in (401, 403, 404):
+                        raise self._status_error(status, text, None)
+                    return
+        except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            reason = self.scrub(str(exc)) or type(exc).__name__
+            raise TeacherError(
+                f"cannot reach {where} ({reason})",
+                hint=f"check that the server is running and that {self.role}.base_url ({self.base_url}) is right",
+            ) from exc
+        if status in (401, 403):
+            raise self._status_error(status, text, None)
+        if status != 200:
+            return
+        try:
+            offered = [str(m["id"]) for m in json.loads(text)["data"]]
+        except (ValueError, KeyError, TypeError):
+            return  # not an OpenAI model list: nothing to check against
+        if self.model not in offered and f"models/{self.model}" not in offered:
+            shown = ", ".join(offered[:20]) + (f" (and {len(offered) - 20} more)" if len(offered) > 20 else "")
+            raise TeacherError(
+                f"{where}: the server does not offer model {self.model!r}; it offers: {shown or 'none'}",
+                hint=f"set {self.role}.model to one of those (or {self.role}.preflight: false if it serves "
+                "names it does not list)",
+                status=404,
+            )
 
     async def _sdk_request(self, body: dict[str, Any], started: float) -> RawReply:
         import openai  # not on the streaming hot path
@@ -432,47 +487,108 @@ class RawReply:
         )
 
 
-async def _read_sse(resp: Response, reply: RawReply, started: float) -> bool:
+_SSE_STARTS = (b"data:", b":", b"event:", b"id:", b"retry:")
+
+
+async def _read_sse(resp: Response, reply: RawReply, started: float, scrub: Callable[[str], str]) -> bool:
     """Fold every SSE event of ``resp`` into ``reply``; True when the server sent ``[DONE]``.
 
-    The hot path: bytes are split on newlines by hand and only ``data:`` lines are parsed. The body
-    is read to its end even after ``[DONE]``, so the connection can serve the next request.
+    The hot path. Lines end in LF, CRLF or CR; an event's ``data:`` lines are joined with LF and the
+    event is handled at the blank line that ends it (or at the end of the body); comments and other
+    fields are skipped (https://html.spec.whatwg.org/multipage/server-sent-events.html). Work is linear
+    in the bytes received: an incomplete line is kept as pieces, joined once when its end arrives. The
+    body is read to its end even after ``[DONE]``, so the connection can serve the next request.
     """
-    buffer = b""
-    done = False
+    pieces: list[bytes] = []  # the current incomplete line
+    data: list[bytes] = []  # the current event's data lines
+    junk: list[bytes] | None = None  # the body, when it is not an event stream
+    done = checked = carry_cr = False
+    declared = "text/event-stream" in resp.headers.get("content-type", "")
     async for chunk in resp.iter_bytes():
-        if done:
+        if done or not chunk:
             continue
-        buffer += chunk
+        if not checked:
+            checked = True
+            if not declared and not chunk.lstrip().startswith(_SSE_STARTS):
+                junk = []
+        if junk is not None:
+            junk.append(chunk)
+            continue
+        if carry_cr or b"\r" in chunk:
+            if carry_cr and chunk[:1] == b"\n":
+                chunk = chunk[1:]  # the LF of a CRLF split across two chunks
+            carry_cr = chunk[-1:] == b"\r"
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         if b"\n" not in chunk:
+            pieces.append(chunk)
             continue
-        *lines, buffer = buffer.split(b"\n")
+        lines = chunk.split(b"\n")
+        if pieces:
+            pieces.append(lines[0])
+            lines[0] = b"".join(pieces)
+            pieces = []
+        tail = lines.pop()
+        if tail:
+            pieces.append(tail)
         for line in lines:
-            if not line.startswith(b"data:"):
-                continue  # comments, event names, blank separators
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
+            if line:
+                if line.startswith(b"data:"):
+                    data.append(line[6:] if line[5:6] == b" " else line[5:])
+                continue  # comments, event names, ids
+            if not data:
+                continue
+            payload = data[0] if len(data) == 1 else b"\n".join(data)
+            data = []
+            if _handle_event(payload, reply, started, scrub):
                 done = True
                 break
-            event = json.loads(payload)
-            if "error" in event:
-                err = event["error"]
-                detail = err.get("message", str(err)) if isinstance(err, dict) else str(err)
-                raise RetryableTeacherError(f"server error mid-stream: {detail[:300]}")
-            choices = event.get("choices")
-            if choices:
-                choice = choices[0]
-                delta = choice.get("delta")
-                if delta and reply.apply_delta(delta) and reply.ttft_s is None:
-                    reply.ttft_s = time.monotonic() - started
-                logprobs = choice.get("logprobs")  # the only cost when log-probs were not asked for
-                if logprobs:
-                    reply.add_logprobs(logprobs, delta)
-                if choice.get("finish_reason"):
-                    reply.finish_reason = choice["finish_reason"]
-            if event.get("usage"):
-                reply.set_usage(event["usage"])
+    if junk is not None:
+        raise TeacherError(_not_sse(resp.headers, b"".join(junk), scrub), hint=_NOT_SSE_HINT)
+    if not done and pieces:
+        line = b"".join(pieces)
+        if line.startswith(b"data:"):
+            data.append(line[6:] if line[5:6] == b" " else line[5:])
+    if not done and data:  # a last event without its blank line
+        done = _handle_event(b"\n".join(data), reply, started, scrub)
     return done
+
+
+def _handle_event(payload: bytes, reply: RawReply, started: float, scrub: Callable[[str], str]) -> bool:
+    """One event's data; True for ``[DONE]``."""
+    if payload == b"[DONE]":
+        return True
+    event = json.loads(payload)
+    if "error" in event:
+        err = event["error"]
+        detail = err.get("message", str(err)) if isinstance(err, dict) else str(err)
+        raise RetryableTeacherError(f"server error mid-stream: {scrub(detail)}")
+    choices = event.get("choices")
+    if choices:
+        choice = choices[0]
+        delta = choice.get("delta")
+        if delta and reply.apply_delta(delta) and reply.ttft_s is None:
+            reply.ttft_s = time.monotonic() - started
+        logprobs = choice.get("logprobs")  # the only cost when log-probs were not asked for
+        if logprobs:
+            reply.add_logprobs(logprobs, delta)
+        if choice.get("finish_reason"):
+            reply.finish_reason = choice["finish_reason"]
+    if event.get("usage"):
+        reply.set_usage(event["usage"])
+    return False
+
+
+_NOT_SSE_HINT = "check base_url: it must be the API root (usually ending in /v1), not a web page or a proxy's"
+
+
+def _not_sse(headers: dict[str, str], body: bytes, scrub: Callable[[str], str]) -> str:
+    """Name what a 200 answer to a streaming request held instead of an event stream."""
+    kind = headers.get("content-type") or "no content type"
+    encoding = headers.get("content-encoding", "identity")
+    if encoding != "identity" or body[:2] == b"\x1f\x8b":
+        return f"the server answered 200 with a compressed body (Content-Encoding: {encoding}, {kind}), not events"
+    start = scrub(body[:120].decode("utf-8", "replace")).strip()
+    return f"the server answered 200 with {kind} ({len(body)} bytes, starting {start!r}), not an event stream"
 
 
 def assemble(
@@ -483,8 +599,8 @@ def assemble(
     For text protocols ``content`` keeps the call text verbatim (what the teacher wrote, and what is
     echoed back to it); the parsed calls are in ``tool_calls`` either way.
     """
-    content = "".join(raw.content)
-    reasoning: str | None = "".join(raw.reasoning) or None
+    content = _whole_text(raw.content)
+    reasoning: str | None = _whole_text(raw.reasoning) or None
     reasoning_format = raw.reasoning_format
     if reasoning is None:
         content, reasoning = _split_inline_think(content)
@@ -500,7 +616,7 @@ def assemble(
                 ToolCall(
                     id=slot["id"] or f"{call_id_prefix}-{i}",
                     name=slot["name"],
-                    arguments=slot["arguments"],
+                    arguments=_whole_text([slot["arguments"]]),
                     parse_error=error,
                     echo=slot["echo"],
                 )
@@ -515,7 +631,7 @@ def assemble(
         tool_calls=calls,
         tool_protocol=tool_protocol,
         finish_reason=raw.finish_reason,
-        refusal="".join(raw.refusal) or None,
+        refusal=_whole_text(raw.refusal) or None,
         echo={"reasoning_details": _merge_details(raw.details)} if raw.details else None,
         usage=raw.usage,
         latency_s=raw.latency_s,
@@ -524,6 +640,17 @@ def assemble(
         reasoning_logprobs=_token_logprobs(raw.reasoning_logprobs),
         content_logprobs=_token_logprobs(raw.content_logprobs),
     )
+
+
+def _whole_text(parts: list[str]) -> str:
+    """Joined deltas as valid text: a surrogate pair split across two deltas (each JSON-escaped on its
+    own) is joined into its character, and a lone surrogate, which no record can hold, becomes U+FFFD."""
+    text = "".join(parts)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
 
 
 def _merge_details(entries: list[Any]) -> list[Any]:

@@ -49,6 +49,10 @@ class Reply:
     """Wait between events."""
     drop_after: int | None = None
     """Close the connection after this many events, without ``[DONE]`` (a dropped stream)."""
+    body: list[bytes] | None = None
+    """Send these bytes as the 200 body instead of built events (chunked, ``event_delay_s`` apart):
+    other line endings, HTML, a compressed body, keep-alive comments forever."""
+    content_type: str = "text/event-stream"
 
 
 Script = Callable[[Request], Reply]
@@ -350,9 +354,19 @@ class ReactScript:
 class FakeServer:
     """Run a script on 127.0.0.1 in a background thread: ``with FakeServer(script) as srv: srv.base_url``."""
 
-    def __init__(self, script: Script, port: int = 0, record: bool = True) -> None:
+    def __init__(
+        self,
+        script: Script,
+        port: int = 0,
+        record: bool = True,
+        models: list[str] | None = None,
+        api_key: str | None = None,
+    ) -> None:
+        """``models``: what ``GET /models`` lists and the only names served (None: no ``/models``, any
+        name served); ``api_key``: the one key accepted (None: any)."""
         self.script = script
         self.port = port
+        self.gate = Gate(models, api_key)
         self.record = record
         self.requests: list[Request] = []
         self.headers: list[dict[str, str]] = []
@@ -388,7 +402,7 @@ class FakeServer:
     def _run(self) -> None:
         loop = self._loop = asyncio.new_event_loop()
         server = self._server = loop.run_until_complete(
-            serve(self.script, self.port, self._on_request, self._on_connect)
+            serve(self.script, self.port, self._on_request, self._on_connect, self.gate)
         )
         self.port = server.sockets[0].getsockname()[1]
         self._ready.set()
@@ -411,17 +425,59 @@ class FakeServer:
             self.requests.append(body)
 
 
+@dataclass
+class Gate:
+    """What an OpenAI-compatible server checks before generating, with OpenAI's documented answers
+    (https://platform.openai.com/docs/guides/error-codes): the key (401), the model (404), the
+    messages (400 for an empty list)."""
+
+    models: list[str] | None = None
+    api_key: str | None = None
+
+    def get(self, path: str, headers: dict[str, str]) -> tuple[int, Any]:
+        refused = self._key(headers)
+        if refused:
+            return refused
+        if self.models is None or not path.endswith("/models"):
+            return 404, {"error": {"message": f"no route GET {path}", "type": "invalid_request_error"}}
+        return 200, {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "fake"} for m in self.models]}
+
+    def check(self, request: Request, headers: dict[str, str]) -> tuple[int, Any] | None:
+        refused = self._key(headers)
+        if refused:
+            return refused
+        model = request.get("model")
+        if self.models is not None and model not in self.models:
+            message = f"The model `{model}` does not exist or you do not have access to it."
+            return 404, {"error": {"message": message, "type": "invalid_request_error", "code": "model_not_found"}}
+        if not request.get("messages"):
+            message = "[] is too short - 'messages'"
+            return 400, {"error": {"message": message, "type": "invalid_request_error", "param": "messages"}}
+        return None
+
+    def _key(self, headers: dict[str, str]) -> tuple[int, Any] | None:
+        sent = headers.get("authorization", "").removeprefix("Bearer ")
+        if self.api_key is None or sent == self.api_key:
+            return None
+        masked = f"{sent[:3]}*****{sent[-4:]}"  # OpenAI shows a masked key, never the whole one
+        message = f"Incorrect API key provided: {masked}. You can find your API key at https://platform.openai.com/account/api-keys."
+        return 401, {"error": {"message": message, "type": "invalid_request_error", "code": "invalid_api_key"}}
+
+
 async def serve(
     script: Script,
     port: int = 0,
     on_request: Callable[[dict[str, str], Request], None] | None = None,
     on_connect: Callable[[], None] | None = None,
+    gate: Gate | None = None,
 ) -> asyncio.Server:
+    checks = gate or Gate()
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if on_connect:
             on_connect()
         try:
-            while await _handle_one(reader, writer, script, on_request):
+            while await _handle_one(reader, writer, script, on_request, checks):
                 pass
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
@@ -436,6 +492,7 @@ async def _handle_one(
     writer: asyncio.StreamWriter,
     script: Script,
     on_request: Callable[[dict[str, str], Request], None] | None,
+    gate: Gate,
 ) -> bool:
     """Serve one request; False when the connection must close."""
     try:
@@ -446,13 +503,17 @@ async def _handle_one(
     method, path, _ = lines[0].split(" ", 2)
     headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:] if ":" in ln)}
     body_bytes = await reader.readexactly(int(headers.get("content-length", "0")))
-    if method == "GET" and path.endswith("/models"):
-        _write_json(writer, 200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
+    if method == "GET":
+        _write_json(writer, *gate.get(path, headers))
         return True
     if method != "POST" or not path.endswith("/chat/completions"):
         _write_json(writer, 404, {"error": {"message": f"no route {method} {path}"}})
         return True
     request = json.loads(body_bytes or b"{}")
+    refused = gate.check(request, headers)
+    if refused:
+        _write_json(writer, *refused)
+        return True
     if on_request:
         on_request(headers, request)
     reply = script(request)
@@ -461,6 +522,20 @@ async def _handle_one(
     if reply.status != 200:
         body = reply.error_body or {"error": {"message": reply.error, "type": "fake"}}
         _write_json(writer, reply.status, body, reply.headers)
+        return True
+    if reply.body is not None:
+        extra = "".join(f"{k}: {v}\r\n" for k, v in reply.headers.items())
+        writer.write(
+            f"HTTP/1.1 200 OK\r\nContent-Type: {reply.content_type}\r\n{extra}"
+            "Transfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        for data in reply.body:
+            _write_chunk(writer, data)
+            await writer.drain()
+            if reply.event_delay_s:
+                await asyncio.sleep(reply.event_delay_s)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
         return True
     model = request.get("model", "fake")
     events = reply.events if request.get("logprobs") else [_without_logprobs(e) for e in reply.events]
