@@ -524,8 +524,10 @@ class JudgeConfig(EndpointConfig):
         "TRACEGEN_JUDGE_API_KEY",
         description="Environment variable holding the judge's API key (falls back to OPENAI_API_KEY).",
     )
-    temperature: float = Field(0.0, ge=0, description="Judge sampling temperature (raise it for majority votes).")
-    max_tokens: int = Field(1024, ge=1, description="Completion tokens per judge reply.")
+    temperature: float | None = Field(
+        0.0, ge=0, description="Judge sampling temperature (raise it for majority votes); null: not sent."
+    )
+    max_tokens: int | None = Field(1024, ge=1, description="Completion tokens per judge reply; null: not sent.")
     rubric: str = Field(
         "Pass only if the final answer is correct and fully answers the task, and the reasoning and tool use "
         "support it without invented results.",
@@ -645,7 +647,7 @@ class EvalEndpointConfig(TeacherConfig):
         "TRACEGEN_EVAL_API_KEY",
         description="Environment variable holding the evaluated endpoint's key (falls back to OPENAI_API_KEY).",
     )
-    max_tokens: int = Field(32768, ge=1, description="Completion tokens per request (per turn).")
+    max_tokens: int | None = Field(32768, ge=1, description="Completion tokens per request (per turn); null: not sent.")
 
 
 class EvalConfig(AgentLoopConfig):
