@@ -27,6 +27,7 @@ from tracegen.testing.fake_server import (
     mistral_thinking_reply,
     openrouter_reasoning_reply,
     refusal_reply,
+    responses_reply,
     text_reply,
     tool_call_reply,
     unindexed_tool_call_reply,
@@ -256,3 +257,47 @@ def test_key_in_a_400_is_scrubbed_before_truncation(fake_server: Start) -> None:
     with pytest.raises(TeacherError) as info:
         converse(server, turns=1)
     assert SECRET[:8] not in info.value.message and "***" in info.value.message
+
+
+# --- 7. the Responses API -------------------------------------------------------------------------
+
+
+def test_responses_api_reasoning_items_are_kept_and_echoed(fake_server: Start) -> None:
+    first_reply = responses_reply(reasoning="plan the call", calls=[("python", ARGS)], encrypted="sig-A")
+    server = fake_server(Provider("openai_responses", Scripted([first_reply, responses_reply(text="done")])))
+    first, second = converse(server, api="responses", reasoning_effort="high")
+    assert (first.reasoning, first.finish_reason, first.usage.reasoning_tokens) == ("plan the call", "tool_calls", 7)
+    assert [(c.id, c.name, c.arguments) for c in first.tool_calls] == [("call_0", "python", ARGS)]
+    [item] = (first.echo or {})["responses_reasoning"]
+    assert item["encrypted_content"] == "sig-A"
+    assert (second.content, second.finish_reason) == ("done", "stop")  # the fake's 400 had the echo been wrong
+    sent = server.requests[0]
+    assert "messages" not in sent and sent["store"] is False and sent["reasoning"]["effort"] == "high"
+    assert sent["max_output_tokens"] == 4096 and sent["include"] == ["reasoning.encrypted_content"]
+    kinds = [i.get("type", i.get("role")) for i in server.requests[1]["input"]]
+    assert kinds == ["system", "user", "reasoning", "function_call", "function_call_output"]
+    # without the reasoning item the provider refuses the next turn: the fake bites
+    again = fake_server(
+        Provider("openai_responses", Scripted([responses_reply(reasoning="r", calls=[("python", ARGS)])]))
+    )
+    with pytest.raises(TeacherError, match="required 'reasoning' item"):
+        converse(again, api="responses", reasoning_echo="never")
+
+
+def test_collect_runs_unchanged_on_the_responses_api(fake_server: Start, tmp_path: Any) -> None:
+    def script(request: dict[str, Any]) -> Any:
+        if "input" not in request:  # the simulator stays on chat completions
+            return text_reply("42\nEXIT_CODE: 0")
+        if any(i.get("type") == "function_call_output" for i in request["input"]):
+            return responses_reply(text="The answer is 42.", reasoning="read the output")
+        return responses_reply(reasoning="run it", calls=[("python", ARGS)])
+
+    server = fake_server(Provider("openai_responses", script))
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps({"id": "t0", "prompt": "6*7?"}) + "\n")
+    config = make_config(server.base_url, tasks, teacher={"api": "responses"})
+    run_collect(config, tmp_path / "run", show_progress=False)
+    [line] = (tmp_path / "run" / "trajectories.jsonl").read_text().splitlines()
+    trajectory = Trajectory.model_validate_json(line)
+    assert (trajectory.stop_reason, trajectory.final_answer) == ("answer", "The answer is 42.")
+    assert [m.role for m in trajectory.messages] == ["system", "user", "assistant", "tool", "assistant"]

@@ -111,6 +111,11 @@ def _host(url: str | None) -> str:
 
 
 class TeacherConfig(EndpointConfig):
+    api: Literal["chat", "responses"] = Field(
+        "chat",
+        description="chat: /chat/completions; responses: the OpenAI Responses API (/responses: OpenAI reasoning "
+        "summaries and encrypted reasoning, vLLM gpt-oss). The simulator keeps using chat completions.",
+    )
     max_completion_tokens: int | None = Field(
         None,
         ge=1,
@@ -258,7 +263,12 @@ class CollectConfig(AgentLoopConfig):
             "observation_max_chars": self.observation_max_chars,
         }
         # Settings added later join only when set, so runs made before they existed keep their ids.
-        for key, default in (("max_completion_tokens", None), ("reasoning_effort", None), ("reasoning_field", "auto")):
+        for key, default in (
+            ("max_completion_tokens", None),
+            ("reasoning_effort", None),
+            ("reasoning_field", "auto"),
+            ("api", "chat"),
+        ):
             if getattr(self.teacher, key) != default:
                 generation["teacher"][key] = getattr(self.teacher, key)
         # The call caps change generation only when they bind; at their defaults they stay out, so

@@ -40,7 +40,9 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
+from tracegen.client import responses
 from tracegen.client.http import Response, open_pool
+from tracegen.client.responses import REASONING_ITEMS
 from tracegen.client.tools import in_code, parse_arguments, parse_text_calls
 from tracegen.config import EndpointConfig, TeacherConfig, ToolProtocolSetting
 from tracegen.errors import DeadlineError, RetryableTeacherError, TeacherError
@@ -123,6 +125,9 @@ class ChatClient:
         }
         self._pool = open_pool(self.base_url, config.connect_timeout_s, config.timeout_s)
         self._deadline_s = config.request_deadline_s()
+        teacher = config if isinstance(config, TeacherConfig) else None
+        self.api = teacher.api if teacher else "chat"
+        self._effort = teacher.reasoning_effort if teacher else None
         self._limiter = RateLimiter(config.requests_per_minute, config.tokens_per_minute)
         self._sdk: Any = None  # the openai SDK client, built on first non-streaming request
         self.requests = 0
@@ -186,7 +191,8 @@ class ChatClient:
             self.requests += 1
             started = time.monotonic()
             try:
-                raw = await (self._stream(body, started) if self.config.stream else self._sdk_request(body, started))
+                streamed = self.config.stream or self.api != "chat"  # the SDK path is chat completions only
+                raw = await (self._stream(body, started) if streamed else self._sdk_request(body, started))
             except RetryableTeacherError as exc:
                 if attempt >= self.config.max_attempts:
                     raise TeacherError(
@@ -208,17 +214,22 @@ class ChatClient:
         return cap / 2 + random.uniform(0, cap / 2)
 
     async def _stream(self, body: dict[str, Any], started: float) -> RawReply:
-        payload = json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode()
+        if self.api == "responses":
+            path, handler = "/responses", responses.handle_event
+            payload = json.dumps(responses.responses_body(body, self._effort)).encode()
+        else:
+            path, handler = "/chat/completions", _handle_event
+            payload = json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode()
         reply = RawReply()
         try:
             # The pool's read timeout bounds each silence; this bounds the whole request (a stream that
             # trickles tokens or keep-alive comments forever).
             async with asyncio.timeout(self._deadline_s) as total:
-                async with self._pool.post("/chat/completions", payload, self._headers) as resp:
+                async with self._pool.post(path, payload, self._headers) as resp:
                     if resp.status != 200:
                         text = (await resp.read()).decode("utf-8", "replace")
                         raise self._status_error(resp.status, text, resp.headers.get("retry-after"))
-                    done = await _read_sse(resp, reply, started, self.scrub)
+                    done = await _read_sse(resp, reply, started, self.scrub, handler)
         except TimeoutError as exc:
             if total.expired():
                 raise DeadlineError(
@@ -363,6 +374,7 @@ class RawReply:
         "content_logprobs",
         "details",
         "finish_reason",
+        "items",
         "latency_s",
         "reasoning",
         "reasoning_format",
@@ -378,6 +390,7 @@ class RawReply:
         self.reasoning: list[str] = []
         self.refusal: list[str] = []
         self.details: list[Any] = []  # reasoning_details entries (OpenRouter), merged in assemble()
+        self.items: list[Any] = []  # whole reasoning items (Responses API), echoed verbatim
         self.content_logprobs: list[Any] = []  # the server's raw entries, checked in assemble()
         self.reasoning_logprobs: list[Any] = []
         self.reasoning_format: ReasoningFormat | None = None
@@ -419,6 +432,10 @@ class RawReply:
         if details and isinstance(details, list):
             self.details += details
         return got
+
+    def mark_first_token(self, started: float) -> None:
+        if self.ttft_s is None:
+            self.ttft_s = time.monotonic() - started
 
     def add_parts(self, parts: Any) -> None:
         """``content`` as a list of typed parts: text parts are content, thinking parts reasoning (Mistral
@@ -490,8 +507,14 @@ class RawReply:
 _SSE_STARTS = (b"data:", b":", b"event:", b"id:", b"retry:")
 
 
-async def _read_sse(resp: Response, reply: RawReply, started: float, scrub: Callable[[str], str]) -> bool:
-    """Fold every SSE event of ``resp`` into ``reply``; True when the server sent ``[DONE]``.
+EventHandler = Callable[[bytes, "RawReply", float, Callable[[str], str]], bool]
+
+
+async def _read_sse(
+    resp: Response, reply: RawReply, started: float, scrub: Callable[[str], str], handle: EventHandler
+) -> bool:
+    """Fold every SSE event of ``resp`` into ``reply`` with ``handle`` (one API's events); True when the
+    stream said it is over (``[DONE]``, ``response.completed``).
 
     The hot path. Lines end in LF, CRLF or CR; an event's ``data:`` lines are joined with LF and the
     event is handled at the blank line that ends it (or at the end of the body); comments and other
@@ -539,7 +562,7 @@ async def _read_sse(resp: Response, reply: RawReply, started: float, scrub: Call
                 continue
             payload = data[0] if len(data) == 1 else b"\n".join(data)
             data = []
-            if _handle_event(payload, reply, started, scrub):
+            if handle(payload, reply, started, scrub):
                 done = True
                 break
     if junk is not None:
@@ -549,7 +572,7 @@ async def _read_sse(resp: Response, reply: RawReply, started: float, scrub: Call
         if line.startswith(b"data:"):
             data.append(line[6:] if line[5:6] == b" " else line[5:])
     if not done and data:  # a last event without its blank line
-        done = _handle_event(b"\n".join(data), reply, started, scrub)
+        done = handle(b"\n".join(data), reply, started, scrub)
     return done
 
 
@@ -632,7 +655,7 @@ def assemble(
         tool_protocol=tool_protocol,
         finish_reason=raw.finish_reason,
         refusal=_whole_text(raw.refusal) or None,
-        echo={"reasoning_details": _merge_details(raw.details)} if raw.details else None,
+        echo=_echo(raw),
         usage=raw.usage,
         latency_s=raw.latency_s,
         ttft_s=raw.ttft_s,
@@ -640,6 +663,18 @@ def assemble(
         reasoning_logprobs=_token_logprobs(raw.reasoning_logprobs),
         content_logprobs=_token_logprobs(raw.content_logprobs),
     )
+
+
+def _echo(raw: RawReply) -> dict[str, Any] | None:
+    """The opaque continuation state to send back with this turn, None when there is none."""
+    if not raw.details and not raw.items:
+        return None
+    echo: dict[str, Any] = {}
+    if raw.details:
+        echo["reasoning_details"] = _merge_details(raw.details)
+    if raw.items:
+        echo[REASONING_ITEMS] = raw.items
+    return echo
 
 
 def _whole_text(parts: list[str]) -> str:

@@ -219,6 +219,48 @@ def openrouter_reasoning_reply(name: str, arguments: str, thought: str, signatur
     return Reply(events=events, usage=_usage(40, 10), **kwargs)
 
 
+def responses_reply(
+    text: str = "",
+    reasoning: str | None = None,
+    calls: list[tuple[str, str]] | None = None,
+    encrypted: str = "sig-A",
+    **kwargs: Any,
+) -> Reply:
+    """A streamed Responses API reply: a reasoning item (summary deltas, then the whole item with its
+    ``encrypted_content``), text deltas, function calls with argument deltas, ``response.completed`` with
+    usage (https://platform.openai.com/docs/api-reference/responses-streaming)."""
+    events: list[dict[str, Any]] = [{"type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}}]
+    if reasoning:
+        events.append(
+            {"type": "response.output_item.added", "item": {"type": "reasoning", "id": "rs_1", "summary": []}}
+        )
+        events += [
+            {"type": "response.reasoning_summary_text.delta", "item_id": "rs_1", "delta": part}
+            for part in _split(reasoning, 2)
+        ]
+        item = {
+            "type": "reasoning",
+            "id": "rs_1",
+            "summary": [{"type": "summary_text", "text": reasoning}],
+            "encrypted_content": encrypted,
+        }
+        events.append({"type": "response.output_item.done", "item": item})
+    if text:
+        events += [{"type": "response.output_text.delta", "item_id": "msg_1", "delta": p} for p in _split(text, 3)]
+    for n, (name, arguments) in enumerate(calls or []):
+        item = {"type": "function_call", "id": f"fc_{n}", "call_id": f"call_{n}", "name": name, "arguments": ""}
+        events.append({"type": "response.output_item.added", "item": item})
+        events += [
+            {"type": "response.function_call_arguments.delta", "item_id": f"fc_{n}", "delta": p}
+            for p in _split(arguments, 3)
+        ]
+        events.append({"type": "response.output_item.done", "item": {**item, "arguments": arguments}})
+    usage = {"input_tokens": 50, "output_tokens": 20, "output_tokens_details": {"reasoning_tokens": 7}}
+    events.append({"type": "response.completed", "response": {"id": "resp_1", "status": "completed", "usage": usage}})
+    body = [f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events]
+    return Reply(body=body, **kwargs)
+
+
 def _openai_error(message: str, param: str, code: str) -> Reply:
     body = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
     return Reply(status=400, error=message, error_body=body)
@@ -235,6 +277,9 @@ class Provider:
     - ``openrouter``: an Anthropic model behind OpenRouter needs its ``reasoning_details`` (signature
       included) back on tool-use turns, else Anthropic's 400 passes through
       (https://openrouter.ai/docs/use-cases/reasoning-tokens).
+    - ``openai_responses``: with ``store: false``, a ``function_call`` input item needs the reasoning
+      item it came with (``encrypted_content`` included) before it, and every ``function_call_output``
+      a matching call (https://platform.openai.com/docs/guides/reasoning#keeping-reasoning-items-in-context).
     - ``vllm``: current vLLM reads earlier reasoning only from ``reasoning``; a tool-call turn echoed in
       another field reaches the chat template without it (https://docs.vllm.ai/en/latest/features/reasoning_outputs.html).
     """
@@ -296,6 +341,27 @@ class Provider:
                 )
                 body = {"error": {"message": text, "code": 400}}
                 return Reply(status=400, error=text, error_body=body)
+        return None
+
+    def _check_openai_responses(self, request: Request) -> Reply | None:
+        items = request.get("input") or []
+        calls = set()
+        for n, item in enumerate(items):
+            kind = item.get("type")
+            if kind == "function_call":
+                calls.add(item.get("call_id"))
+                before = items[n - 1] if n else {}
+                if before.get("type") not in ("reasoning", "function_call") or (
+                    before.get("type") == "reasoning" and before.get("encrypted_content") != self.signature
+                ):
+                    message = (
+                        f"Item of type 'function_call' (call_id {item.get('call_id')!r}) was provided without its "
+                        "required 'reasoning' item."
+                    )
+                    return _openai_error(message, "input", "invalid_request_error")
+            elif kind == "function_call_output" and item.get("call_id") not in calls:
+                message = f"No tool call found for function call output with call_id {item.get('call_id')}."
+                return _openai_error(message, "input", "invalid_request_error")
         return None
 
     def _check_vllm(self, request: Request) -> Reply | None:
@@ -450,7 +516,7 @@ class Gate:
         if self.models is not None and model not in self.models:
             message = f"The model `{model}` does not exist or you do not have access to it."
             return 404, {"error": {"message": message, "type": "invalid_request_error", "code": "model_not_found"}}
-        if not request.get("messages"):
+        if not request.get("messages", request.get("input")):
             message = "[] is too short - 'messages'"
             return 400, {"error": {"message": message, "type": "invalid_request_error", "param": "messages"}}
         return None
@@ -506,7 +572,7 @@ async def _handle_one(
     if method == "GET":
         _write_json(writer, *gate.get(path, headers))
         return True
-    if method != "POST" or not path.endswith("/chat/completions"):
+    if method != "POST" or not path.endswith(("/chat/completions", "/responses")):
         _write_json(writer, 404, {"error": {"message": f"no route {method} {path}"}})
         return True
     request = json.loads(body_bytes or b"{}")
