@@ -23,6 +23,7 @@ from tracegen.testing.fake_server import (
     FakeServer,
     Provider,
     Scripted,
+    anthropic_reply,
     gemini_tool_call_reply,
     mistral_thinking_reply,
     openrouter_reasoning_reply,
@@ -268,7 +269,7 @@ def test_responses_api_reasoning_items_are_kept_and_echoed(fake_server: Start) -
     first, second = converse(server, api="responses", reasoning_effort="high")
     assert (first.reasoning, first.finish_reason, first.usage.reasoning_tokens) == ("plan the call", "tool_calls", 7)
     assert [(c.id, c.name, c.arguments) for c in first.tool_calls] == [("call_0", "python", ARGS)]
-    [item] = (first.echo or {})["responses_reasoning"]
+    [item] = (first.echo or {})["reasoning_items"]
     assert item["encrypted_content"] == "sig-A"
     assert (second.content, second.finish_reason) == ("done", "stop")  # the fake's 400 had the echo been wrong
     sent = server.requests[0]
@@ -301,3 +302,59 @@ def test_collect_runs_unchanged_on_the_responses_api(fake_server: Start, tmp_pat
     trajectory = Trajectory.model_validate_json(line)
     assert (trajectory.stop_reason, trajectory.final_answer) == ("answer", "The answer is 42.")
     assert [m.role for m in trajectory.messages] == ["system", "user", "assistant", "tool", "assistant"]
+
+
+# --- 8. the Anthropic Messages API ----------------------------------------------------------------
+
+
+def test_anthropic_thinking_blocks_are_kept_and_echoed_unmodified(fake_server: Start) -> None:
+    first_reply = anthropic_reply(thinking="let me think", calls=[("python", ARGS)], signature="sig-A", redacted=True)
+    server = fake_server(Provider("anthropic", Scripted([first_reply, anthropic_reply(text="done")])))
+    first, second = converse(server, api="anthropic", temperature=None, top_p=None)
+    assert (first.reasoning, first.finish_reason, first.usage.completion_tokens) == ("let me think", "tool_calls", 30)
+    assert [(c.id, c.name, c.arguments) for c in first.tool_calls] == [("toolu_0", "python", ARGS)]
+    blocks = (first.echo or {})["reasoning_items"]
+    assert blocks == [
+        {"type": "thinking", "thinking": "let me think", "signature": "sig-A"},
+        {"type": "redacted_thinking", "data": "opaque-redacted"},
+    ]
+    assert (second.content, second.finish_reason) == ("done", "stop")  # the fake's 400 had the echo been wrong
+    assert server.headers[0]["x-api-key"] == SECRET and server.headers[0]["anthropic-version"] == "2023-06-01"
+    assert "authorization" not in server.headers[0]
+    sent = server.requests[1]
+    assert sent["system"] == "s" and sent["max_tokens"] == 4096 and "temperature" not in sent
+    assistant, results = sent["messages"][1], sent["messages"][2]
+    assert [b["type"] for b in assistant["content"]] == ["thinking", "redacted_thinking", "tool_use"]
+    assert assistant["content"][2]["input"] == json.loads(ARGS)
+    assert results == {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_0", "content": "42"}]}
+    # without the thinking block the API refuses the next turn: the fake bites
+    again = fake_server(Provider("anthropic", Scripted([anthropic_reply(thinking="t", calls=[("python", ARGS)])])))
+    with pytest.raises(TeacherError, match="Expected `thinking` or `redacted_thinking`"):
+        converse(again, api="anthropic", reasoning_echo="never")
+
+
+def test_anthropic_top_logprobs_is_refused_up_front() -> None:
+    with pytest.raises(ValueError, match="returns no log-probs"):
+        TeacherConfig.model_validate({"api": "anthropic", "top_logprobs": 5})
+
+
+def test_collect_runs_unchanged_on_the_anthropic_api(fake_server: Start, tmp_path: Any) -> None:
+    def script(request: dict[str, Any]) -> Any:
+        if "stream_options" in request:  # the simulator stays on chat completions
+            return text_reply("42\nEXIT_CODE: 0")
+        done = any(isinstance(m["content"], list) and m["role"] == "user" for m in request["messages"])
+        return (
+            anthropic_reply(text="The answer is 42.")
+            if done
+            else anthropic_reply(thinking="run", calls=[("python", ARGS)])
+        )
+
+    server = fake_server(Provider("anthropic", script))
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps({"id": "t0", "prompt": "6*7?"}) + "\n")
+    run_collect(
+        make_config(server.base_url, tasks, teacher={"api": "anthropic"}), tmp_path / "run", show_progress=False
+    )
+    [line] = (tmp_path / "run" / "trajectories.jsonl").read_text().splitlines()
+    trajectory = Trajectory.model_validate_json(line)
+    assert (trajectory.stop_reason, trajectory.final_answer) == ("answer", "The answer is 42.")

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tracegen.errors import RecipeError
 from tracegen.runtime.docker.settings import DockerRuntimeConfig
@@ -111,10 +111,11 @@ def _host(url: str | None) -> str:
 
 
 class TeacherConfig(EndpointConfig):
-    api: Literal["chat", "responses"] = Field(
+    api: Literal["chat", "responses", "anthropic"] = Field(
         "chat",
         description="chat: /chat/completions; responses: the OpenAI Responses API (/responses: OpenAI reasoning "
-        "summaries and encrypted reasoning, vLLM gpt-oss). The simulator keeps using chat completions.",
+        "summaries and encrypted reasoning, vLLM gpt-oss); anthropic: the Messages API (/messages: Claude, and "
+        "the Anthropic-compatible endpoints of DeepSeek, Kimi, GLM, MiniMax). The simulator stays on chat.",
     )
     max_completion_tokens: int | None = Field(
         None,
@@ -154,6 +155,12 @@ class TeacherConfig(EndpointConfig):
 
     def completion_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @model_validator(mode="after")
+    def _logprobs_offered(self) -> TeacherConfig:
+        if self.api == "anthropic" and self.top_logprobs is not None:
+            raise ValueError("top_logprobs: the Anthropic Messages API returns no log-probs; remove top_logprobs")
+        return self
 
 
 class Prices(Strict):

@@ -40,10 +40,10 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
-from tracegen.client import responses
+from tracegen.client import anthropic_messages, responses
 from tracegen.client.http import Response, open_pool
-from tracegen.client.responses import REASONING_ITEMS
 from tracegen.client.tools import in_code, parse_arguments, parse_text_calls
+from tracegen.client.wire import REASONING_ITEMS
 from tracegen.config import EndpointConfig, TeacherConfig, ToolProtocolSetting
 from tracegen.errors import DeadlineError, RetryableTeacherError, TeacherError
 from tracegen.records import (
@@ -118,16 +118,17 @@ class ChatClient:
         self.base_url = base_url.rstrip("/")
         self.host = urlsplit(self.base_url).netloc or self.base_url
         self._key = config.api_key()
-        self._headers = {
-            "Authorization": f"Bearer {self._key}",
-            "Content-Type": "application/json",
-            "Accept": "text/event-stream",
-        }
-        self._pool = open_pool(self.base_url, config.connect_timeout_s, config.timeout_s)
-        self._deadline_s = config.request_deadline_s()
         teacher = config if isinstance(config, TeacherConfig) else None
         self.api = teacher.api if teacher else "chat"
         self._effort = teacher.reasoning_effort if teacher else None
+        auth = (
+            {"x-api-key": self._key, "anthropic-version": anthropic_messages.VERSION}
+            if self.api == "anthropic"
+            else {"Authorization": f"Bearer {self._key}"}
+        )
+        self._headers = {**auth, "Content-Type": "application/json", "Accept": "text/event-stream"}
+        self._pool = open_pool(self.base_url, config.connect_timeout_s, config.timeout_s)
+        self._deadline_s = config.request_deadline_s()
         self._limiter = RateLimiter(config.requests_per_minute, config.tokens_per_minute)
         self._sdk: Any = None  # the openai SDK client, built on first non-streaming request
         self.requests = 0
@@ -214,9 +215,13 @@ class ChatClient:
         return cap / 2 + random.uniform(0, cap / 2)
 
     async def _stream(self, body: dict[str, Any], started: float) -> RawReply:
+        handler: EventHandler
         if self.api == "responses":
             path, handler = "/responses", responses.handle_event
             payload = json.dumps(responses.responses_body(body, self._effort)).encode()
+        elif self.api == "anthropic":
+            path, handler = "/messages", anthropic_messages.handle_event
+            payload = json.dumps(anthropic_messages.anthropic_body(body)).encode()
         else:
             path, handler = "/chat/completions", _handle_event
             payload = json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode()

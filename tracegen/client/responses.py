@@ -15,13 +15,11 @@ import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from tracegen.client.wire import REASONING_ITEMS
 from tracegen.errors import RetryableTeacherError, TeacherError
 
 if TYPE_CHECKING:
     from tracegen.client.chat import RawReply
-
-REASONING_ITEMS = "responses_reasoning"
-"""The key, on a recorded turn's ``echo``, of the reasoning items to send back."""
 
 _SAMPLING = ("temperature", "top_p", "seed")
 

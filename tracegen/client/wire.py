@@ -14,6 +14,10 @@ from typing import Any, Literal
 from tracegen.records import AssistantMessage, Message, SystemMessage, ToolMessage, UserMessage
 
 ReasoningEcho = Literal["auto", "always", "never"]
+
+REASONING_ITEMS = "reasoning_items"
+"""The key, on a recorded turn's ``echo``, of the API's own reasoning records to send back verbatim:
+Responses API reasoning items (``encrypted_content``), Anthropic thinking blocks (``signature``)."""
 ReasoningField = Literal["auto", "reasoning_content", "reasoning"]
 
 

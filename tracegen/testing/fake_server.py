@@ -261,6 +261,53 @@ def responses_reply(
     return Reply(body=body, **kwargs)
 
 
+def anthropic_reply(
+    text: str = "",
+    thinking: str | None = None,
+    calls: list[tuple[str, str]] | None = None,
+    signature: str = "sig-A",
+    redacted: bool = False,
+    **kwargs: Any,
+) -> Reply:
+    """A streamed Messages API reply: a thinking block (``thinking_delta`` then ``signature_delta``), an
+    optional ``redacted_thinking`` block, text deltas, ``tool_use`` blocks with ``input_json_delta``s,
+    ``message_delta`` with the stop reason and usage (https://docs.anthropic.com/en/docs/build-with-claude/streaming,
+    "Streaming request with extended thinking" and "with tool use")."""
+    usage = {"input_tokens": 40, "output_tokens": 1}
+    events: list[dict[str, Any]] = [
+        {"type": "message_start", "message": {"id": "msg_1", "role": "assistant", "content": [], "usage": usage}}
+    ]
+    index = 0
+
+    def block(start: dict[str, Any], deltas: list[dict[str, Any]]) -> None:
+        nonlocal index
+        events.append({"type": "content_block_start", "index": index, "content_block": start})
+        events.extend({"type": "content_block_delta", "index": index, "delta": d} for d in deltas)
+        events.append({"type": "content_block_stop", "index": index})
+        index += 1
+
+    if thinking:
+        deltas = [{"type": "thinking_delta", "thinking": p} for p in _split(thinking, 2)]
+        block({"type": "thinking", "thinking": ""}, [*deltas, {"type": "signature_delta", "signature": signature}])
+    if redacted:
+        block({"type": "redacted_thinking", "data": "opaque-redacted"}, [])
+    if text:
+        block({"type": "text", "text": ""}, [{"type": "text_delta", "text": p} for p in _split(text, 3)])
+    for n, (name, arguments) in enumerate(calls or []):
+        deltas = [{"type": "input_json_delta", "partial_json": p} for p in _split(arguments, 3)]
+        block({"type": "tool_use", "id": f"toolu_{n}", "name": name, "input": {}}, deltas)
+    stop = "tool_use" if calls else "end_turn"
+    events.append({"type": "message_delta", "delta": {"stop_reason": stop}, "usage": {"output_tokens": 30}})
+    events.append({"type": "message_stop"})
+    body = [f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events]
+    return Reply(body=body, **kwargs)
+
+
+def _anthropic_error(message: str) -> Reply:
+    body = {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+    return Reply(status=400, error=message, error_body=body)
+
+
 def _openai_error(message: str, param: str, code: str) -> Reply:
     body = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
     return Reply(status=400, error=message, error_body=body)
@@ -280,6 +327,9 @@ class Provider:
     - ``openai_responses``: with ``store: false``, a ``function_call`` input item needs the reasoning
       item it came with (``encrypted_content`` included) before it, and every ``function_call_output``
       a matching call (https://platform.openai.com/docs/guides/reasoning#keeping-reasoning-items-in-context).
+    - ``anthropic``: with thinking on, an assistant turn that used tools must start with its thinking
+      block(s), unmodified (signature checked), before the ``tool_use`` blocks
+      (https://docs.anthropic.com/en/docs/build-with-claude/extended-thinking#preserving-thinking-blocks).
     - ``vllm``: current vLLM reads earlier reasoning only from ``reasoning``; a tool-call turn echoed in
       another field reaches the chat template without it (https://docs.vllm.ai/en/latest/features/reasoning_outputs.html).
     """
@@ -362,6 +412,26 @@ class Provider:
             elif kind == "function_call_output" and item.get("call_id") not in calls:
                 message = f"No tool call found for function call output with call_id {item.get('call_id')}."
                 return _openai_error(message, "input", "invalid_request_error")
+        return None
+
+    def _check_anthropic(self, request: Request) -> Reply | None:
+        if "max_tokens" not in request:
+            return _anthropic_error("max_tokens: Field required")
+        for index, message in enumerate(request.get("messages", [])):
+            blocks = message.get("content")
+            if message.get("role") != "assistant" or not isinstance(blocks, list):
+                continue
+            if not any(b.get("type") == "tool_use" for b in blocks):
+                continue
+            first = blocks[0]
+            if first.get("type") not in ("thinking", "redacted_thinking"):
+                return _anthropic_error(
+                    f"messages.{index}.content.0.type: Expected `thinking` or `redacted_thinking`, but found "
+                    f"`{first.get('type')}`. When `thinking` is enabled, a final `assistant` message must start "
+                    "with a thinking block (preceeding the lastmost set of `tool_use` and `tool_result` blocks)."
+                )
+            if first.get("type") == "thinking" and first.get("signature") != self.signature:
+                return _anthropic_error(f"messages.{index}.content.0: Invalid `signature` in `thinking` block")
         return None
 
     def _check_vllm(self, request: Request) -> Reply | None:
@@ -572,7 +642,7 @@ async def _handle_one(
     if method == "GET":
         _write_json(writer, *gate.get(path, headers))
         return True
-    if method != "POST" or not path.endswith(("/chat/completions", "/responses")):
+    if method != "POST" or not path.endswith(("/chat/completions", "/responses", "/messages")):
         _write_json(writer, 404, {"error": {"message": f"no route {method} {path}"}})
         return True
     request = json.loads(body_bytes or b"{}")
