@@ -304,6 +304,8 @@ def parse_text_calls(content: str, id_prefix: str, only: ToolProtocol | None = N
 
     A tag quoted in a code span, or a ``<tool_call>`` not followed by a call, is prose, not a call.
     """
+    if "<" not in content and "[TOOL_CALLS]" not in content and not content.lstrip().startswith("{"):
+        return TextCalls(None, [])  # no form's marker: the common answer, decided in one pass
     for protocol in (only,) if only else TEXT_PROTOCOLS:
         parser = _PARSERS.get(protocol)
         calls = parser(content, id_prefix) if parser else None
