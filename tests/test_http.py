@@ -14,7 +14,7 @@ from tracegen.client.http import ConnectionPool, HttpxPool, open_pool
 from tracegen.testing.fake_server import FakeServer, ReactScript, Scripted, text_reply
 
 Start = Callable[[Any], FakeServer]
-BODY = b'{"model": "m", "messages": [], "stream": true, "tools": [{"x": 1}]}'
+BODY = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true, "tools": [{"x": 1}]}'
 
 
 async def post_many(pool: Any, n: int, concurrency: int) -> list[bytes]:
@@ -94,7 +94,7 @@ def test_read_timeout_is_the_longest_silence(fake_server: Start) -> None:
     async def go() -> bytes:
         pool = ConnectionPool(server.base_url, 5, read_timeout=0.5)
         try:
-            async with pool.post("/chat/completions", b'{"stream": true}', {}) as resp:
+            async with pool.post("/chat/completions", BODY, {}) as resp:
                 return await resp.read()
         finally:
             await pool.aclose()

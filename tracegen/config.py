@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import os
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tracegen.fingerprint import HOW, deciding, fingerprint
 from tracegen.runtime.docker.settings import DockerRuntimeConfig
@@ -35,19 +36,23 @@ class EndpointConfig(Strict):
 
     base_url: str | None = Field(
         None,
-        description="Base URL ending in /v1, e.g. http://127.0.0.1:8000/v1.",
+        description="Base URL ending in /v1, e.g. http://127.0.0.1:8000/v1 (falls back to OPENAI_BASE_URL).",
         json_schema_extra=HOW,
     )
     model: str | None = Field(None, description="Model name sent in every request.")
-    api_key_env: str = Field(
+    api_key_env: str | None = Field(
         "TRACEGEN_TEACHER_API_KEY",
-        description="Environment variable holding the API key (falls back to OPENAI_API_KEY). "
-        "Keys never go in recipe files.",
+        description="Environment variable holding the API key (falls back to OPENAI_API_KEY); null: send no "
+        "key. Keys never go in recipe files.",
         json_schema_extra=HOW,
     )
-    temperature: float = Field(0.6, ge=0, description="Sampling temperature (0.6 suits thinking models).")
-    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling.")
-    max_tokens: int = Field(4096, ge=1, description="Completion tokens per request (per turn).")
+    temperature: float | None = Field(
+        0.6, ge=0, description="Sampling temperature (0.6 suits thinking models); null: not sent (server default)."
+    )
+    top_p: float | None = Field(0.95, gt=0, le=1, description="Nucleus sampling; null: not sent.")
+    max_tokens: int | None = Field(
+        4096, ge=1, description="Completion tokens per request (per turn); null: not sent (server default)."
+    )
     seed: int | None = Field(None, description="Sampling seed, where the server supports one.")
     stream: bool = Field(
         True,
@@ -68,6 +73,25 @@ class EndpointConfig(Strict):
         10.0,
         gt=0,
         description="TCP connect timeout.",
+        json_schema_extra=HOW,
+    )
+    request_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="Longest one request may take in all, however steadily it streams; default 60 s + 0.1 s per "
+        "completion token allowed (3600 s when no limit is sent).",
+        json_schema_extra=HOW,
+    )
+    retry_after_max_s: float = Field(
+        300.0,
+        ge=0,
+        description="Longest Retry-After honoured (a longer one is cut).",
+        json_schema_extra=HOW,
+    )
+    preflight: bool = Field(
+        True,
+        description="Check the endpoint with one cheap request (GET /models) before the first trajectory; turn off "
+        "for servers that serve model names they do not list.",
         json_schema_extra=HOW,
     )
     max_attempts: int = Field(
@@ -103,13 +127,55 @@ class EndpointConfig(Strict):
 
     def api_key(self) -> str:
         """The key from the environment; servers that need none (vLLM, local) get a placeholder."""
+        if self.api_key_env is None:
+            return "EMPTY"
         return os.environ.get(self.api_key_env) or os.environ.get("OPENAI_API_KEY") or "EMPTY"
 
+    def url(self) -> str | None:
+        """The base URL: the setting, else ``OPENAI_BASE_URL`` (as the openai SDK reads it)."""
+        return self.base_url or os.environ.get("OPENAI_BASE_URL") or None
 
-ToolProtocolSetting = Literal["auto", "native", "hermes", "function_tag"]
+    def completion_limit(self) -> int | None:
+        """The per-request completion-token limit actually sent (``max_completion_tokens`` wins)."""
+        return self.max_tokens
+
+    def request_deadline_s(self) -> float:
+        if self.request_timeout_s is not None:
+            return self.request_timeout_s
+        limit = self.completion_limit()
+        return 60.0 + limit / 10.0 if limit else 3600.0
+
+
+ToolProtocolSetting = Literal[
+    "auto", "native", "hermes", "function_tag", "deepseek", "llama3_json", "mistral_text", "harmony"
+]
+
+
+def _host(url: str | None) -> str:
+    return urlsplit(url or "").netloc
 
 
 class TeacherConfig(EndpointConfig):
+    api: Literal["chat", "responses", "anthropic"] = Field(
+        "chat",
+        description="chat: /chat/completions; responses: the OpenAI Responses API (/responses: OpenAI reasoning "
+        "summaries and encrypted reasoning, vLLM gpt-oss); anthropic: the Messages API (/messages: Claude, and "
+        "the Anthropic-compatible endpoints of DeepSeek, Kimi, GLM, MiniMax). The simulator stays on chat.",
+    )
+    max_completion_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Sent instead of max_tokens (OpenAI o-series and gpt-5 reasoning models refuse max_tokens); "
+        "counts reasoning tokens too.",
+    )
+    reasoning_effort: str | None = Field(
+        None, description="Sent as reasoning_effort (OpenAI reasoning models: minimal, low, medium, high)."
+    )
+    reasoning_field: Literal["auto", "reasoning_content", "reasoning"] = Field(
+        "auto",
+        description="Field that echoed reasoning goes back in: auto = the one the server sent (reasoning when "
+        "it sent both: current vLLM reads reasoning on input).",
+    )
     reasoning_echo: Literal["auto", "always", "never"] = Field(
         "auto",
         description="Send earlier turns' reasoning back to the server: auto = on tool-call turns, in the "
@@ -118,8 +184,10 @@ class TeacherConfig(EndpointConfig):
     tool_protocol: ToolProtocolSetting = Field(
         "auto",
         description="auto: native function calling when the server sends it, else the text forms "
-        "<tool_call>{...}</tool_call> (hermes) or <function=NAME>... (function_tag). Pin one for servers "
-        "without function calling: the tools are then described in the system prompt.",
+        "<tool_call>{...}</tool_call> (hermes), <function=NAME>... (function_tag), and calls a server left "
+        "unparsed: DeepSeek-V3 tokens (deepseek), Llama 3 JSON (llama3_json), Mistral [TOOL_CALLS] "
+        "(mistral_text), gpt-oss harmony (harmony). Pin hermes or function_tag for servers without function "
+        "calling (the tools are then described in the system prompt); the other pins keep sending tools.",
     )
     # HOW: asking for log-probs does not change what is sampled.
     top_logprobs: int | None = Field(
@@ -130,6 +198,15 @@ class TeacherConfig(EndpointConfig):
         "logprobs: true, top_logprobs: k (OpenAI allows k <= 20).",
         json_schema_extra=HOW,
     )
+
+    def completion_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @model_validator(mode="after")
+    def _logprobs_offered(self) -> TeacherConfig:
+        if self.api == "anthropic" and self.top_logprobs is not None:
+            raise ValueError("top_logprobs: the Anthropic Messages API returns no log-probs; remove top_logprobs")
+        return self
 
 
 class Prices(Strict):
@@ -196,6 +273,9 @@ class AgentLoopConfig(Strict):
         json_schema_extra=HOW,
     )
     max_turns: int = Field(8, ge=1, description="Teacher requests per trajectory before stop_reason=max_turns.")
+    trajectory_timeout_s: float | None = Field(
+        None, gt=0, description="Wall-clock budget of one trajectory; over it, stop_reason=time_budget."
+    )
     token_budget: int = Field(
         65536, ge=1, description="Completion tokens (reasoning included) per trajectory before stop_reason=budget."
     )
@@ -235,12 +315,11 @@ class CollectConfig(AgentLoopConfig):
         """The simulator's endpoint; an unset base URL or model is the teacher's."""
         if self.simulator is None:
             return EndpointConfig(**self.teacher.model_dump(include=set(EndpointConfig.model_fields)))
-        return self.simulator.model_copy(
-            update={
-                "base_url": self.simulator.base_url or self.teacher.base_url,
-                "model": self.simulator.model or self.teacher.model,
-            }
-        )
+        base_url = self.simulator.url() or self.teacher.url()
+        update: dict[str, Any] = {"base_url": base_url, "model": self.simulator.model or self.teacher.model}
+        if "api_key_env" not in self.simulator.model_fields_set and _host(base_url) != _host(self.teacher.url()):
+            update["api_key_env"] = None  # another host never gets the teacher's key unless the recipe says so
+        return self.simulator.model_copy(update=update)
 
     def fingerprint(self) -> str:
         """Hash of every setting that changes what the teacher generates (see :mod:`tracegen.fingerprint`).
@@ -610,8 +689,10 @@ class JudgeConfig(EndpointConfig):
         description="Environment variable holding the judge's API key (falls back to OPENAI_API_KEY).",
         json_schema_extra=HOW,
     )
-    temperature: float = Field(0.0, ge=0, description="Judge sampling temperature (raise it for majority votes).")
-    max_tokens: int = Field(1024, ge=1, description="Completion tokens per judge reply.")
+    temperature: float | None = Field(
+        0.0, ge=0, description="Judge sampling temperature (raise it for majority votes); null: not sent."
+    )
+    max_tokens: int | None = Field(1024, ge=1, description="Completion tokens per judge reply; null: not sent.")
     rubric: str = Field(
         "Pass only if the final answer is correct and fully answers the task, and the reasoning and tool use "
         "support it without invented results.",
@@ -750,7 +831,7 @@ class EvalEndpointConfig(TeacherConfig):
         description="Environment variable holding the evaluated endpoint's key (falls back to OPENAI_API_KEY).",
         json_schema_extra=HOW,
     )
-    max_tokens: int = Field(32768, ge=1, description="Completion tokens per request (per turn).")
+    max_tokens: int | None = Field(32768, ge=1, description="Completion tokens per request (per turn); null: not sent.")
 
 
 HELD_OUT = "held_out"

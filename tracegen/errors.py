@@ -6,7 +6,8 @@
     ├── BadInputError             bad usage or bad input (file:line where there is one): exit 2
     │   └── RecipeError           a recipe YAML that does not validate
     ├── TeacherError              the teacher (or simulator, or judge) API failed
-    │   └── RetryableTeacherError 429 / 5xx / dropped or truncated stream / timeout: worth retrying
+    │   ├── RetryableTeacherError 429 / 5xx / dropped or truncated stream / timeout: worth retrying
+    │   └── DeadlineError         a request past its total deadline
     ├── RuntimeToolError          a tool runtime could not execute a call (not the tool's own failure)
     └── LocalTeacherError         the local model server (``tracegen.serve``) could not be prepared or started
 
@@ -64,6 +65,10 @@ class RetryableTeacherError(TeacherError):
     ) -> None:
         super().__init__(message, hint, status)
         self.retry_after_s = retry_after_s
+
+
+class DeadlineError(TeacherError):
+    """A request ran past its total deadline: not retried (a trickling server would trickle again)."""
 
 
 class RuntimeToolError(TracegenError):

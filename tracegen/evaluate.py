@@ -112,7 +112,7 @@ def settings_key(config: EvalConfig) -> str:
 
 def run_eval(config: EvalConfig, out: Path, show_progress: bool = True) -> EvalSummary:
     """Collect answers into ``out``, score them, write ``out/eval.json``; see the module docstring."""
-    if not config.endpoint.base_url or not config.endpoint.model:
+    if not config.endpoint.url() or not config.endpoint.model:
         raise BadInputError(
             "no model to evaluate",
             hint="pass --base-url and --model (or set eval.endpoint.base_url / eval.endpoint.model in the recipe)",

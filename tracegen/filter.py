@@ -139,7 +139,7 @@ def prepare(input_path: Path, out_dir: Path, config: FilterConfig) -> Path:
             )
     if "judge" in config.verifiers:
         for name, flag in (("base_url", "base-url"), ("model", "model")):
-            if not getattr(config.judge, name):
+            if not (config.judge.url() if name == "base_url" else config.judge.model):
                 raise BadInputError(
                     f"no judge {name.replace('_', ' ')} configured",
                     hint=f"pass --judge-{flag}, set TRACEGEN_JUDGE_{name.upper()}, or set filter.judge.{name} "

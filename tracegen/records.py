@@ -54,8 +54,9 @@ class Task(Record):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
-ToolProtocol = Literal["native", "hermes", "function_tag"]
-ReasoningFormat = Literal["reasoning_content", "reasoning", "inline"]
+ToolProtocol = Literal["native", "hermes", "function_tag", "deepseek", "llama3_json", "mistral_text", "harmony"]
+ReasoningFormat = Literal["reasoning_content", "reasoning", "inline", "content_parts"]
+"""``content_parts``: thinking chunks in a list ``content`` (Mistral Magistral)."""
 
 
 class ToolCall(Record):
@@ -64,6 +65,9 @@ class ToolCall(Record):
     arguments: str
     """The raw JSON text the teacher produced, even when it does not parse."""
     parse_error: str | None = None
+    echo: dict[str, Any] | None = None
+    """Opaque state the provider attached to the call (Gemini's ``extra_content.google.thought_signature``),
+    sent back verbatim with the call on later turns."""
 
 
 class TopLogprob(Record):
@@ -101,6 +105,11 @@ class AssistantMessage(Record):
     tool_protocol: ToolProtocol | None = None
     """How the tool calls were expressed: native function calling or one of the text forms."""
     finish_reason: str | None = None
+    refusal: str | None = None
+    """The model's refusal text (OpenAI ``refusal``), kept apart from the content."""
+    echo: dict[str, Any] | None = None
+    """Opaque continuation state the provider attached to the turn (OpenRouter ``reasoning_details``
+    with their signatures), sent back verbatim on later turns."""
     usage: Usage = Field(default_factory=Usage)
     latency_s: float = 0.0
     ttft_s: float | None = None
@@ -159,10 +168,14 @@ class ToolSpec(Record):
 
 
 class SamplingParams(Record):
-    temperature: float
-    top_p: float
-    max_tokens: int
+    """None: not sent, the server's default applied."""
+
+    temperature: float | None
+    top_p: float | None
+    max_tokens: int | None
     seed: int | None = None
+    max_completion_tokens: int | None = None
+    reasoning_effort: str | None = None
 
 
 class TeacherInfo(Record):
@@ -179,7 +192,7 @@ class RuntimeInfo(Record):
     simulator_model: str | None = None
 
 
-StopReason = Literal["answer", "max_turns", "length", "error", "budget"]
+StopReason = Literal["answer", "max_turns", "length", "error", "budget", "time_budget"]
 
 
 class TrajectoryError(Record):
@@ -187,9 +200,9 @@ class TrajectoryError(Record):
 
     ``endpoint``: the teacher could not be reached or refused the request (key, URL, model), so the
     record is not a sample of its behaviour (collect retries it on resume); ``teacher``: any other
-    failure of the teacher's API."""
+    failure of the teacher's API; ``deadline``: a request over its total deadline (``request_timeout_s``)."""
 
-    kind: Literal["endpoint", "teacher", "runtime", "tool_call", "budget", "internal"]
+    kind: Literal["endpoint", "teacher", "deadline", "runtime", "tool_call", "budget", "internal"]
     message: str
     turn: int | None = None
 

@@ -40,6 +40,10 @@ class Pool(Protocol):
         """``async with pool.post(...) as response``; raises ConnectionError / TimeoutError."""
         ...
 
+    def get(self, path: str, headers: dict[str, str]) -> Any:
+        """``async with pool.get(...) as response`` (the preflight's ``GET /models``)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -140,9 +144,17 @@ class ConnectionPool:
             )
         return _Connection(reader, writer)
 
+    def post(self, path: str, body: bytes, headers: dict[str, str]) -> Any:
+        return self._request("POST", path, body, headers)
+
+    def get(self, path: str, headers: dict[str, str]) -> Any:
+        return self._request("GET", path, b"", headers)
+
     @asynccontextmanager
-    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> AsyncIterator[RawResponse]:
-        head = [f"POST {self.prefix}{path} HTTP/1.1", f"Host: {self.host_header}", f"Content-Length: {len(body)}"]
+    async def _request(
+        self, method: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> AsyncIterator[RawResponse]:
+        head = [f"{method} {self.prefix}{path} HTTP/1.1", f"Host: {self.host_header}", f"Content-Length: {len(body)}"]
         head += [f"{k}: {v}" for k, v in headers.items()]
         request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
         async with asyncio.timeout(self.read_timeout) as deadline:
@@ -200,11 +212,17 @@ class HttpxPool:
         self._httpx = httpx
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(read_timeout, connect=connect_timeout, pool=None))
 
+    def post(self, path: str, body: bytes, headers: dict[str, str]) -> Any:
+        return self._request("POST", path, body, headers)
+
+    def get(self, path: str, headers: dict[str, str]) -> Any:
+        return self._request("GET", path, b"", headers)
+
     @asynccontextmanager
-    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> AsyncIterator[Response]:
+    async def _request(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> AsyncIterator[Response]:
         httpx = self._httpx
         try:
-            async with self._client.stream("POST", self.prefix + path, content=body, headers=headers) as resp:
+            async with self._client.stream(method, self.prefix + path, content=body, headers=headers) as resp:
                 yield _HttpxResponse(resp)
         except httpx.TimeoutException as exc:
             raise TimeoutError(str(exc)) from exc

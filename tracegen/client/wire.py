@@ -2,7 +2,9 @@
 
 The trajectory keeps one canonical shape; this module decides how each turn is replayed to the
 server: native tool calls as ``tool_calls`` + ``role: tool`` messages, text-protocol calls as the
-teacher's verbatim text + ``<tool_response>`` user turns, and reasoning echoed per ``reasoning_echo``.
+teacher's verbatim text + ``<tool_response>`` user turns, reasoning echoed per ``reasoning_echo`` (in
+the field ``reasoning_field`` names, or the one the server sent), and whatever opaque continuation
+state the provider attached (``echo`` on the message and on each call) sent back verbatim.
 """
 
 from __future__ import annotations
@@ -13,8 +15,13 @@ from tracegen.records import AssistantMessage, Message, SystemMessage, ToolMessa
 
 ReasoningEcho = Literal["auto", "always", "never"]
 
+REASONING_ITEMS = "reasoning_items"
+"""The key, on a recorded turn's ``echo``, of the API's own reasoning records to send back verbatim:
+Responses API reasoning items (``encrypted_content``), Anthropic thinking blocks (``signature``)."""
+ReasoningField = Literal["auto", "reasoning_content", "reasoning"]
 
-def to_wire(messages: list[Message], echo: ReasoningEcho) -> list[dict[str, Any]]:
+
+def to_wire(messages: list[Message], echo: ReasoningEcho, field: ReasoningField = "auto") -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     native_ids: set[str] = set()
     for message in messages:
@@ -23,7 +30,7 @@ def to_wire(messages: list[Message], echo: ReasoningEcho) -> list[dict[str, Any]
         if isinstance(message, SystemMessage | UserMessage):
             out.append({"role": message.role, "content": message.content})
         elif isinstance(message, AssistantMessage):
-            out.append(_assistant(message, echo))
+            out.append(_assistant(message, echo, field))
             if message.tool_protocol == "native":
                 native_ids.update(call.id for call in message.tool_calls)
         elif isinstance(message, ToolMessage):
@@ -42,18 +49,24 @@ def to_wire(messages: list[Message], echo: ReasoningEcho) -> list[dict[str, Any]
     return out
 
 
-def _assistant(message: AssistantMessage, echo: ReasoningEcho) -> dict[str, Any]:
+def _assistant(message: AssistantMessage, echo: ReasoningEcho, field: ReasoningField) -> dict[str, Any]:
     wire: dict[str, Any] = {"role": "assistant", "content": message.content}
     if message.tool_protocol == "native" and message.tool_calls:
+        # A call's opaque state (Gemini's thought signature) goes back with it, or the next turn is a 400.
         wire["tool_calls"] = [
-            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}, **(c.echo or {})}
             for c in message.tool_calls
         ]
     if message.reasoning and _should_echo(message, echo):
         if message.reasoning_format == "inline":
             wire["content"] = f"<think>\n{message.reasoning}\n</think>\n\n{message.content}"
+        elif message.reasoning_format == "content_parts":
+            thinking = {"type": "thinking", "thinking": [{"type": "text", "text": message.reasoning}]}
+            wire["content"] = [thinking, {"type": "text", "text": message.content}]
         else:
-            wire[message.reasoning_format or "reasoning_content"] = message.reasoning
+            wire[message.reasoning_format or "reasoning_content" if field == "auto" else field] = message.reasoning
+    if message.echo and echo != "never":
+        wire.update(message.echo)  # e.g. OpenRouter's reasoning_details, with their signatures, verbatim
     return wire
 
 

@@ -8,18 +8,20 @@ discarded: the store only ever holds complete ones.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from tracegen import __version__
 from tracegen.client.chat import ChatClient
 from tracegen.client.tools import check_arguments, describe_for_prompt, parse_arguments, tool_specs
 from tracegen.client.wire import to_wire
 from tracegen.config import CollectConfig
-from tracegen.errors import RuntimeToolError, TeacherError
+from tracegen.errors import DeadlineError, RuntimeToolError, TeacherError
 from tracegen.records import (
     AssistantMessage,
     Message,
@@ -64,7 +66,12 @@ class Agent:
             model=self.teacher.model,
             base_url_host=self.teacher.host,
             sampling=SamplingParams(
-                temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=cfg.seed
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                max_tokens=cfg.max_tokens,
+                seed=cfg.seed,
+                max_completion_tokens=cfg.max_completion_tokens,
+                reasoning_effort=cfg.reasoning_effort,
             ),
         )
         text_protocol = cfg.tool_protocol in ("hermes", "function_tag")
@@ -88,74 +95,82 @@ class Agent:
         episode: Episode | None = None
         turn = tool_calls = 0
         try:
-            for turn in range(self.config.max_turns):
-                t0 = time.monotonic()
-                try:
-                    reply = await self.teacher.complete(
-                        to_wire(messages, self.config.teacher.reasoning_echo),
-                        self.native_tools,
-                        tool_protocol=self.config.teacher.tool_protocol,
-                        call_id_prefix=f"call-{turn}",
-                        seed_offset=sample_index,
-                    )
-                except TeacherError as exc:
-                    kind = "endpoint" if _endpoint_failure(exc) else "teacher"
-                    errors.append(TrajectoryError(kind=kind, message=exc.message, turn=turn))
-                    stop = "error"
-                    break
-                finally:
-                    teacher_s += time.monotonic() - t0
-                requests += reply.attempts
-                retries += reply.attempts - 1
-                usage += reply.usage
-                messages.append(reply)
-                self.on_turn(reply)
-                if reply.finish_reason == "length":
-                    stop = "length"  # unconverged: the reply was cut off mid-thought or mid-call
-                    break
-                if not reply.tool_calls:
-                    stop, final_answer = "answer", reply.content.strip()
-                    break
-                if usage.completion_tokens >= self.config.token_budget:
-                    stop = "budget"
-                    errors.append(
-                        TrajectoryError(
-                            kind="budget",
-                            message=f"{usage.completion_tokens} completion tokens >= token_budget "
-                            f"{self.config.token_budget}",
-                            turn=turn,
+            cfg = self.config.teacher
+            budget = asyncio.timeout(self.config.trajectory_timeout_s)
+            async with budget:
+                for turn in range(self.config.max_turns):
+                    t0 = time.monotonic()
+                    try:
+                        reply = await self.teacher.complete(
+                            to_wire(messages, cfg.reasoning_echo, cfg.reasoning_field),
+                            self.native_tools,
+                            tool_protocol=cfg.tool_protocol,
+                            call_id_prefix=f"call-{turn}",
+                            seed_offset=sample_index,
                         )
-                    )
-                    break
-                if episode is None:
-                    episode = await self.runtime.open_episode(tid)
-                t1 = time.monotonic()
-                for index, call in enumerate(reply.tool_calls):
-                    over = self._over_cap(index, tool_calls)
-                    if over is not None:  # every call still gets its answer: the chat shape needs one per id
-                        messages.append(_error_message(call, over))
-                        continue
-                    tool_calls += 1
-                    messages.append(await self._observe(episode, call))
-                tool_s += time.monotonic() - t1
+                    except TeacherError as exc:
+                        if isinstance(exc, DeadlineError):
+                            kind = "deadline"
+                        else:  # an endpoint that cannot be reached or refuses us is no sample of the teacher
+                            kind = "endpoint" if _endpoint_failure(exc) else "teacher"
+                        errors.append(TrajectoryError(kind=kind, message=exc.message, turn=turn))
+                        stop = "error"
+                        break
+                    finally:
+                        teacher_s += time.monotonic() - t0
+                    requests += reply.attempts
+                    retries += reply.attempts - 1
+                    usage += reply.usage
+                    messages.append(reply)
+                    self.on_turn(reply)
+                    if reply.finish_reason == "length":
+                        stop = "length"  # unconverged: the reply was cut off mid-thought or mid-call
+                        break
+                    if not reply.tool_calls:
+                        stop, final_answer = "answer", reply.content.strip()
+                        break
+                    if usage.completion_tokens >= self.config.token_budget:
+                        stop = "budget"
+                        errors.append(
+                            TrajectoryError(
+                                kind="budget",
+                                message=f"{usage.completion_tokens} completion tokens >= token_budget "
+                                f"{self.config.token_budget}",
+                                turn=turn,
+                            )
+                        )
+                        break
+                    if episode is None:
+                        episode = await self.runtime.open_episode(tid)
+                    t1 = time.monotonic()
+                    for index, call in enumerate(reply.tool_calls):
+                        over = self._over_cap(index, tool_calls)
+                        if over is not None:  # every call still gets its answer: the chat shape needs one per id
+                            messages.append(_error_message(call, over))
+                            continue
+                        tool_calls += 1
+                        messages.append(await self._observe(episode, call))
+                    tool_s += time.monotonic() - t1
         except RuntimeToolError as exc:
             errors.append(TrajectoryError(kind="runtime", message=exc.message, turn=turn))
             stop = "error"
+        except TimeoutError as exc:
+            if not budget.expired():
+                errors.append(TrajectoryError(kind="internal", message=f"TimeoutError: {exc}", turn=turn))
+                stop = "error"
+            else:
+                limit = self.config.trajectory_timeout_s
+                errors.append(TrajectoryError(kind="budget", message=f"over trajectory_timeout_s {limit:g}", turn=turn))
+                stop = "time_budget"
         except Exception as exc:  # noqa: BLE001 - a bug in one episode must not end the run; record it
             errors.append(TrajectoryError(kind="internal", message=f"{type(exc).__name__}: {exc}", turn=turn))
             stop = "error"
         finally:
             if episode is not None:
                 await episode.close()
-        return Trajectory(
-            id=tid,
-            tracegen_version=__version__,
-            recipe_fingerprint=self.fingerprint,
-            task=task,
-            sample_index=sample_index,
-            teacher=self.teacher_info,
-            runtime=self.runtime.info(),
-            tools=self.specs,
+        return self._record(
+            task,
+            sample_index,
             messages=messages,
             final_answer=final_answer,
             stop_reason=stop,
@@ -164,6 +179,33 @@ class Agent:
             requests=requests,
             retries=retries,
             timing=Timing(started_at=started_at, wall_s=time.monotonic() - started, teacher_s=teacher_s, tool_s=tool_s),
+        )
+
+    def failed(self, task: Task, sample_index: int, exc: Exception) -> Trajectory:
+        """The record of a trajectory that could not be built or serialised (a bad reply must not end the
+        run): its prompt and the error, so a resume skips it like any other finished pair."""
+        detail = f"{type(exc).__name__}: {exc}".encode("utf-8", "replace").decode("utf-8")[:1000]
+        return self._record(
+            task,
+            sample_index,
+            messages=[SystemMessage(content=self.system_prompt), UserMessage(content=task.prompt)],
+            final_answer=None,
+            stop_reason="error",
+            errors=[TrajectoryError(kind="internal", message=f"could not record the trajectory: {detail}")],
+            timing=Timing(started_at=datetime.now(UTC).isoformat()),
+        )
+
+    def _record(self, task: Task, sample_index: int, **fields: Any) -> Trajectory:
+        return Trajectory(
+            id=trajectory_id(self.fingerprint, task.id, sample_index),
+            tracegen_version=__version__,
+            recipe_fingerprint=self.fingerprint,
+            task=task,
+            sample_index=sample_index,
+            teacher=self.teacher_info,
+            runtime=self.runtime.info(),
+            tools=self.specs,
+            **fields,
         )
 
     def _over_cap(self, index: int, done: int) -> str | None:

@@ -35,7 +35,7 @@ from tracegen.client.chat import ChatClient
 from tracegen.collect.agent import Agent, trajectory_id
 from tracegen.collect.progress import CollectProgress
 from tracegen.collect.tasks import load_tasks
-from tracegen.config import CollectConfig
+from tracegen.config import CollectConfig, EndpointConfig
 from tracegen.errors import BadInputError, TracegenError
 from tracegen.fingerprint import changed_settings
 from tracegen.records import SCHEMA_VERSION, Task, ToolMessage, Trajectory
@@ -134,7 +134,7 @@ def prepare(config: CollectConfig, run_dir: Path) -> list[Task]:
         raise BadInputError("no tasks given", hint="pass --tasks FILE.jsonl or set collect.tasks in the recipe")
     for role, endpoint in (("teacher", config.teacher), ("simulator", config.simulator_endpoint())):
         for name, flag in (("base_url", "base-url"), ("model", "model")):
-            if not getattr(endpoint, name):
+            if not (endpoint.url() if name == "base_url" else endpoint.model):
                 raise BadInputError(
                     f"no {role} {name.replace('_', ' ')} configured",
                     hint=f"pass --{role}-{flag}, set TRACEGEN_{role.upper()}_{name.upper()}, or set "
@@ -215,6 +215,7 @@ async def collect_async(
     started = time.monotonic()
     started_at = datetime.now(UTC).isoformat()
     fingerprint = config.fingerprint()
+    await _preflight(config)  # a wrong URL, key or model fails here, before anything is written
     store = JsonlStore(run_dir / TRAJECTORIES)
     done = set(store.open())  # repairs a torn tail first
     retry = _to_sample(store.path, retry_errors)
@@ -245,8 +246,12 @@ async def collect_async(
     async def worker() -> None:
         for task, k in work:  # a shared iterator: each worker takes the next pending pair
             progress.started()
-            trajectory = await agent.run(task, k)
-            line = trajectory.model_dump_json()
+            try:
+                trajectory = await agent.run(task, k)
+                line = trajectory.model_dump_json()
+            except Exception as exc:  # noqa: BLE001 - one bad reply (e.g. text no record can hold) is its own error
+                trajectory = agent.failed(task, k, exc)
+                line = trajectory.model_dump_json()
             async with write_lock:
                 await asyncio.to_thread(store.append, line)
             summary.add(trajectory)
@@ -278,6 +283,23 @@ async def collect_async(
         await teacher.aclose()
         with contextlib.suppress(OSError):  # a full disk may refuse the manifest too; the error says why
             write_manifest(status)
+
+
+async def _preflight(config: CollectConfig) -> None:
+    endpoints: list[tuple[str, EndpointConfig]] = [("teacher", config.teacher)]
+    simulator = config.simulator_endpoint()
+    if config.runtime == "simulated" and (simulator.url(), simulator.model) != (
+        config.teacher.url(),
+        config.teacher.model,
+    ):
+        endpoints.append(("simulator", simulator))
+    for role, endpoint in endpoints:
+        if endpoint.preflight:
+            client = ChatClient(endpoint, role)
+            try:
+                await client.preflight()
+            finally:
+                await client.aclose()
 
 
 def _build_runtime(config: CollectConfig) -> Runtime:

@@ -41,12 +41,18 @@ class Reply:
     usage: dict[str, Any] | None = None
     headers: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    error_body: Any = None
+    """The whole JSON error body, when a provider's documented error shape matters (else built from ``error``)."""
     delay_s: float = 0.0
     """Wait before the response starts (a slow server, or time to first token)."""
     event_delay_s: float = 0.0
     """Wait between events."""
     drop_after: int | None = None
     """Close the connection after this many events, without ``[DONE]`` (a dropped stream)."""
+    body: list[bytes] | None = None
+    """Send these bytes as the 200 body instead of built events (chunked, ``event_delay_s`` apart):
+    other line endings, HTML, a compressed body, keep-alive comments forever."""
+    content_type: str = "text/event-stream"
 
 
 Script = Callable[[Request], Reply]
@@ -120,15 +126,18 @@ def tool_call_reply(
     content: str = "",
     pieces: int = 3,
     logprobs: int | None = None,
+    shape: str = "reasoning_content",
     **kwargs: Any,
 ) -> Reply:
     """Native tool calls (name, raw arguments JSON), each split into ``pieces`` argument deltas.
 
-    ``logprobs`` as for :func:`text_reply`; each argument delta counts as one token.
+    ``logprobs`` as for :func:`text_reply`; each argument delta counts as one token. ``shape``: the
+    reasoning field, or ``both`` (vLLM during its rename sends ``reasoning`` and ``reasoning_content``).
     """
     events: list[dict[str, Any]] = [{"delta": {"role": "assistant"}}]
     if reasoning:
-        events += [_event({"reasoning_content": part}, part, logprobs) for part in _split(reasoning, pieces)]
+        fields = ("reasoning", "reasoning_content") if shape == "both" else (shape,)
+        events += [_event(dict.fromkeys(fields, part), part, logprobs) for part in _split(reasoning, pieces)]
     if content:
         events.append(_event({"content": content}, content, logprobs))
     for index, (name, arguments) in enumerate(calls):
@@ -144,6 +153,293 @@ def tool_call_reply(
 def error_reply(status: int, message: str = "fake error", retry_after: float | None = None) -> Reply:
     headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
     return Reply(status=status, error=message, headers=headers)
+
+
+# --- Provider shapes, from the providers' documented examples ------------------------------------
+
+
+def unindexed_tool_call_reply(calls: list[tuple[str, str]], **kwargs: Any) -> Reply:
+    """Tool-call deltas carrying an ``id`` but no ``index`` (some OpenAI-compatible servers)."""
+    events: list[dict[str, Any]] = [{"delta": {"role": "assistant"}}]
+    for n, (name, arguments) in enumerate(calls):
+        cid = f"srv-call-{n}"
+        events.append({"delta": {"tool_calls": [{"id": cid, "type": "function", "function": {"name": name}}]}})
+        events += [{"delta": {"tool_calls": [{"id": cid, "function": {"arguments": p}}]}} for p in _split(arguments, 2)]
+    events.append({"delta": {}, "finish_reason": "tool_calls"})
+    return Reply(events=events, usage=_usage(60, 20), **kwargs)
+
+
+def refusal_reply(refusal: str, **kwargs: Any) -> Reply:
+    """A streamed refusal (https://platform.openai.com/docs/guides/structured-outputs#refusals)."""
+    events: list[dict[str, Any]] = [{"delta": {"role": "assistant", "content": None, "refusal": ""}}]
+    events += [{"delta": {"refusal": part}} for part in _split(refusal, 2)]
+    events.append({"delta": {}, "finish_reason": "stop"})
+    return Reply(events=events, usage=_usage(20, 5), **kwargs)
+
+
+def mistral_thinking_reply(content: str, thinking: str, **kwargs: Any) -> Reply:
+    """Magistral: ``content`` as a list of typed chunks, thinking chunks first
+    (https://docs.mistral.ai/capabilities/reasoning/, "Usage" response example)."""
+    events: list[dict[str, Any]] = [{"delta": {"role": "assistant", "content": ""}}]
+    for part in _split(thinking, 2):
+        events.append({"delta": {"content": [{"type": "thinking", "thinking": [{"type": "text", "text": part}]}]}})
+    events += [{"delta": {"content": [{"type": "text", "text": part}]}} for part in _split(content, 2)]
+    events.append({"delta": {}, "finish_reason": "stop"})
+    return Reply(events=events, usage=_usage(30, 10), **kwargs)
+
+
+def gemini_tool_call_reply(name: str, arguments: str, signature: str, **kwargs: Any) -> Reply:
+    """Gemini's OpenAI-compatible endpoint: the call carries ``extra_content.google.thought_signature``
+    (https://ai.google.dev/gemini-api/docs/thought-signatures, "OpenAI compatibility")."""
+    call: dict[str, Any] = {
+        "index": 0,
+        "id": "function-call-1",
+        "type": "function",
+        "function": {"name": name, "arguments": arguments},
+        "extra_content": {"google": {"thought_signature": signature}},
+    }
+    events: list[dict[str, Any]] = [
+        {"delta": {"role": "assistant", "tool_calls": [call]}},
+        {"delta": {}, "finish_reason": "tool_calls"},
+    ]
+    return Reply(events=events, usage=_usage(40, 10), **kwargs)
+
+
+def openrouter_reasoning_reply(name: str, arguments: str, thought: str, signature: str, **kwargs: Any) -> Reply:
+    """OpenRouter: reasoning streamed as ``reasoning`` plus ``reasoning_details`` pieces, the signature on the
+    last piece (https://openrouter.ai/docs/use-cases/reasoning-tokens, "Preserving reasoning blocks")."""
+    events: list[dict[str, Any]] = [{"delta": {"role": "assistant", "content": ""}}]
+    for part in _split(thought, 2):
+        detail = {"type": "reasoning.text", "text": part, "format": "anthropic-claude-v1", "index": 0}
+        events.append({"delta": {"reasoning": part, "reasoning_details": [detail]}})
+    last = {"type": "reasoning.text", "signature": signature, "format": "anthropic-claude-v1", "index": 0}
+    events.append({"delta": {"reasoning_details": [last]}})
+    head = {"index": 0, "id": "toolu_01", "type": "function", "function": {"name": name, "arguments": arguments}}
+    events += [{"delta": {"tool_calls": [head]}}, {"delta": {}, "finish_reason": "tool_calls"}]
+    return Reply(events=events, usage=_usage(40, 10), **kwargs)
+
+
+def responses_reply(
+    text: str = "",
+    reasoning: str | None = None,
+    calls: list[tuple[str, str]] | None = None,
+    encrypted: str = "sig-A",
+    **kwargs: Any,
+) -> Reply:
+    """A streamed Responses API reply: a reasoning item (summary deltas, then the whole item with its
+    ``encrypted_content``), text deltas, function calls with argument deltas, ``response.completed`` with
+    usage (https://platform.openai.com/docs/api-reference/responses-streaming)."""
+    events: list[dict[str, Any]] = [{"type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}}]
+    if reasoning:
+        events.append(
+            {"type": "response.output_item.added", "item": {"type": "reasoning", "id": "rs_1", "summary": []}}
+        )
+        events += [
+            {"type": "response.reasoning_summary_text.delta", "item_id": "rs_1", "delta": part}
+            for part in _split(reasoning, 2)
+        ]
+        item = {
+            "type": "reasoning",
+            "id": "rs_1",
+            "summary": [{"type": "summary_text", "text": reasoning}],
+            "encrypted_content": encrypted,
+        }
+        events.append({"type": "response.output_item.done", "item": item})
+    if text:
+        events += [{"type": "response.output_text.delta", "item_id": "msg_1", "delta": p} for p in _split(text, 3)]
+    for n, (name, arguments) in enumerate(calls or []):
+        item = {"type": "function_call", "id": f"fc_{n}", "call_id": f"call_{n}", "name": name, "arguments": ""}
+        events.append({"type": "response.output_item.added", "item": item})
+        events += [
+            {"type": "response.function_call_arguments.delta", "item_id": f"fc_{n}", "delta": p}
+            for p in _split(arguments, 3)
+        ]
+        events.append({"type": "response.output_item.done", "item": {**item, "arguments": arguments}})
+    usage = {"input_tokens": 50, "output_tokens": 20, "output_tokens_details": {"reasoning_tokens": 7}}
+    events.append({"type": "response.completed", "response": {"id": "resp_1", "status": "completed", "usage": usage}})
+    body = [f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events]
+    return Reply(body=body, **kwargs)
+
+
+def anthropic_reply(
+    text: str = "",
+    thinking: str | None = None,
+    calls: list[tuple[str, str]] | None = None,
+    signature: str = "sig-A",
+    redacted: bool = False,
+    **kwargs: Any,
+) -> Reply:
+    """A streamed Messages API reply: a thinking block (``thinking_delta`` then ``signature_delta``), an
+    optional ``redacted_thinking`` block, text deltas, ``tool_use`` blocks with ``input_json_delta``s,
+    ``message_delta`` with the stop reason and usage (https://docs.anthropic.com/en/docs/build-with-claude/streaming,
+    "Streaming request with extended thinking" and "with tool use")."""
+    usage = {"input_tokens": 40, "output_tokens": 1}
+    events: list[dict[str, Any]] = [
+        {"type": "message_start", "message": {"id": "msg_1", "role": "assistant", "content": [], "usage": usage}}
+    ]
+    index = 0
+
+    def block(start: dict[str, Any], deltas: list[dict[str, Any]]) -> None:
+        nonlocal index
+        events.append({"type": "content_block_start", "index": index, "content_block": start})
+        events.extend({"type": "content_block_delta", "index": index, "delta": d} for d in deltas)
+        events.append({"type": "content_block_stop", "index": index})
+        index += 1
+
+    if thinking:
+        deltas = [{"type": "thinking_delta", "thinking": p} for p in _split(thinking, 2)]
+        block({"type": "thinking", "thinking": ""}, [*deltas, {"type": "signature_delta", "signature": signature}])
+    if redacted:
+        block({"type": "redacted_thinking", "data": "opaque-redacted"}, [])
+    if text:
+        block({"type": "text", "text": ""}, [{"type": "text_delta", "text": p} for p in _split(text, 3)])
+    for n, (name, arguments) in enumerate(calls or []):
+        deltas = [{"type": "input_json_delta", "partial_json": p} for p in _split(arguments, 3)]
+        block({"type": "tool_use", "id": f"toolu_{n}", "name": name, "input": {}}, deltas)
+    stop = "tool_use" if calls else "end_turn"
+    events.append({"type": "message_delta", "delta": {"stop_reason": stop}, "usage": {"output_tokens": 30}})
+    events.append({"type": "message_stop"})
+    body = [f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events]
+    return Reply(body=body, **kwargs)
+
+
+def _anthropic_error(message: str) -> Reply:
+    body = {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+    return Reply(status=400, error=message, error_body=body)
+
+
+def _openai_error(message: str, param: str, code: str) -> Reply:
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
+    return Reply(status=400, error=message, error_body=body)
+
+
+class Provider:
+    """A script behind a provider's request checks: a request the real provider refuses gets its
+    documented 400 instead of the script's reply, so a test fails when parameters or echoes are wrong.
+
+    - ``openai_reasoning``: o-series / gpt-5 refuse ``max_tokens`` and non-default sampling
+      (https://platform.openai.com/docs/guides/reasoning; the error bodies are the API's).
+    - ``gemini``: every earlier tool call must carry back the thought signature it was sent with
+      (https://ai.google.dev/gemini-api/docs/thought-signatures: "missing thought_signature" 400).
+    - ``openrouter``: an Anthropic model behind OpenRouter needs its ``reasoning_details`` (signature
+      included) back on tool-use turns, else Anthropic's 400 passes through
+      (https://openrouter.ai/docs/use-cases/reasoning-tokens).
+    - ``openai_responses``: with ``store: false``, a ``function_call`` input item needs the reasoning
+      item it came with (``encrypted_content`` included) before it, and every ``function_call_output``
+      a matching call (https://platform.openai.com/docs/guides/reasoning#keeping-reasoning-items-in-context).
+    - ``anthropic``: with thinking on, an assistant turn that used tools must start with its thinking
+      block(s), unmodified (signature checked), before the ``tool_use`` blocks
+      (https://docs.anthropic.com/en/docs/build-with-claude/extended-thinking#preserving-thinking-blocks).
+    - ``vllm``: current vLLM reads earlier reasoning only from ``reasoning``; a tool-call turn echoed in
+      another field reaches the chat template without it (https://docs.vllm.ai/en/latest/features/reasoning_outputs.html).
+    """
+
+    def __init__(self, name: str, script: Script, signature: str = "sig-A") -> None:
+        self.name = name
+        self.script = script
+        self.signature = signature
+
+    def __call__(self, request: Request) -> Reply:
+        refused = getattr(self, f"_check_{self.name}")(request)
+        return refused if refused is not None else self.script(request)
+
+    def _assistant_calls(self, request: Request) -> list[tuple[int, dict[str, Any]]]:
+        return [(i, m) for i, m in enumerate(request.get("messages", [])) if m.get("tool_calls")]
+
+    def _check_openai_reasoning(self, request: Request) -> Reply | None:
+        if "max_tokens" in request:
+            return _openai_error(
+                "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                "Use 'max_completion_tokens' instead.",
+                "max_tokens",
+                "unsupported_parameter",
+            )
+        for key in ("temperature", "top_p"):
+            if key in request and request[key] != 1:
+                return _openai_error(
+                    f"Unsupported value: '{key}' does not support {request[key]} with this model. "
+                    "Only the default (1) value is supported.",
+                    key,
+                    "unsupported_value",
+                )
+        return None
+
+    def _check_gemini(self, request: Request) -> Reply | None:
+        for index, message in self._assistant_calls(request):
+            for call in message["tool_calls"]:
+                google = (call.get("extra_content") or {}).get("google") or {}
+                if google.get("thought_signature") != self.signature:
+                    message_text = (
+                        "Function call is missing a thought_signature in functionCall parts. This is required "
+                        "for tools to work correctly, and missing thought_signature may lead to degraded model "
+                        f"performance. Additional data, function call `default_api:{call['function']['name']}` , "
+                        f"position {index}. Please refer to https://ai.google.dev/gemini-api/docs/thought-signatures "
+                        "for more details."
+                    )
+                    body = [{"error": {"code": 400, "message": message_text, "status": "INVALID_ARGUMENT"}}]
+                    return Reply(status=400, error=message_text, error_body=body)
+        return None
+
+    def _check_openrouter(self, request: Request) -> Reply | None:
+        for index, message in self._assistant_calls(request):
+            details = message.get("reasoning_details") or []
+            if not any(d.get("signature") == self.signature and d.get("text") for d in details):
+                text = (
+                    f"messages.{index}.content.0.type: Expected `thinking` or `redacted_thinking`, but found "
+                    "`tool_use`. When `thinking` is enabled, a final `assistant` message must start with a "
+                    "thinking block (preceeding the lastmost set of `tool_use` and `tool_result` blocks)."
+                )
+                body = {"error": {"message": text, "code": 400}}
+                return Reply(status=400, error=text, error_body=body)
+        return None
+
+    def _check_openai_responses(self, request: Request) -> Reply | None:
+        items = request.get("input") or []
+        calls = set()
+        for n, item in enumerate(items):
+            kind = item.get("type")
+            if kind == "function_call":
+                calls.add(item.get("call_id"))
+                before = items[n - 1] if n else {}
+                if before.get("type") not in ("reasoning", "function_call") or (
+                    before.get("type") == "reasoning" and before.get("encrypted_content") != self.signature
+                ):
+                    message = (
+                        f"Item of type 'function_call' (call_id {item.get('call_id')!r}) was provided without its "
+                        "required 'reasoning' item."
+                    )
+                    return _openai_error(message, "input", "invalid_request_error")
+            elif kind == "function_call_output" and item.get("call_id") not in calls:
+                message = f"No tool call found for function call output with call_id {item.get('call_id')}."
+                return _openai_error(message, "input", "invalid_request_error")
+        return None
+
+    def _check_anthropic(self, request: Request) -> Reply | None:
+        if "max_tokens" not in request:
+            return _anthropic_error("max_tokens: Field required")
+        for index, message in enumerate(request.get("messages", [])):
+            blocks = message.get("content")
+            if message.get("role") != "assistant" or not isinstance(blocks, list):
+                continue
+            if not any(b.get("type") == "tool_use" for b in blocks):
+                continue
+            first = blocks[0]
+            if first.get("type") not in ("thinking", "redacted_thinking"):
+                return _anthropic_error(
+                    f"messages.{index}.content.0.type: Expected `thinking` or `redacted_thinking`, but found "
+                    f"`{first.get('type')}`. When `thinking` is enabled, a final `assistant` message must start "
+                    "with a thinking block (preceeding the lastmost set of `tool_use` and `tool_result` blocks)."
+                )
+            if first.get("type") == "thinking" and first.get("signature") != self.signature:
+                return _anthropic_error(f"messages.{index}.content.0: Invalid `signature` in `thinking` block")
+        return None
+
+    def _check_vllm(self, request: Request) -> Reply | None:
+        for index, message in self._assistant_calls(request):
+            if not message.get("reasoning"):
+                text = f"fake vllm: messages[{index}] is a tool-call turn whose reasoning is not in `reasoning`"
+                return Reply(status=400, error=text)
+        return None
 
 
 class Scripted:
@@ -194,9 +490,19 @@ class ReactScript:
 class FakeServer:
     """Run a script on 127.0.0.1 in a background thread: ``with FakeServer(script) as srv: srv.base_url``."""
 
-    def __init__(self, script: Script, port: int = 0, record: bool = True) -> None:
+    def __init__(
+        self,
+        script: Script,
+        port: int = 0,
+        record: bool = True,
+        models: list[str] | None = None,
+        api_key: str | None = None,
+    ) -> None:
+        """``models``: what ``GET /models`` lists and the only names served (None: no ``/models``, any
+        name served); ``api_key``: the one key accepted (None: any)."""
         self.script = script
         self.port = port
+        self.gate = Gate(models, api_key)
         self.record = record
         self.requests: list[Request] = []
         self.headers: list[dict[str, str]] = []
@@ -232,7 +538,7 @@ class FakeServer:
     def _run(self) -> None:
         loop = self._loop = asyncio.new_event_loop()
         server = self._server = loop.run_until_complete(
-            serve(self.script, self.port, self._on_request, self._on_connect)
+            serve(self.script, self.port, self._on_request, self._on_connect, self.gate)
         )
         self.port = server.sockets[0].getsockname()[1]
         self._ready.set()
@@ -255,17 +561,59 @@ class FakeServer:
             self.requests.append(body)
 
 
+@dataclass
+class Gate:
+    """What an OpenAI-compatible server checks before generating, with OpenAI's documented answers
+    (https://platform.openai.com/docs/guides/error-codes): the key (401), the model (404), the
+    messages (400 for an empty list)."""
+
+    models: list[str] | None = None
+    api_key: str | None = None
+
+    def get(self, path: str, headers: dict[str, str]) -> tuple[int, Any]:
+        refused = self._key(headers)
+        if refused:
+            return refused
+        if self.models is None or not path.endswith("/models"):
+            return 404, {"error": {"message": f"no route GET {path}", "type": "invalid_request_error"}}
+        return 200, {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "fake"} for m in self.models]}
+
+    def check(self, request: Request, headers: dict[str, str]) -> tuple[int, Any] | None:
+        refused = self._key(headers)
+        if refused:
+            return refused
+        model = request.get("model")
+        if self.models is not None and model not in self.models:
+            message = f"The model `{model}` does not exist or you do not have access to it."
+            return 404, {"error": {"message": message, "type": "invalid_request_error", "code": "model_not_found"}}
+        if not request.get("messages", request.get("input")):
+            message = "[] is too short - 'messages'"
+            return 400, {"error": {"message": message, "type": "invalid_request_error", "param": "messages"}}
+        return None
+
+    def _key(self, headers: dict[str, str]) -> tuple[int, Any] | None:
+        sent = headers.get("authorization", "").removeprefix("Bearer ")
+        if self.api_key is None or sent == self.api_key:
+            return None
+        masked = f"{sent[:3]}*****{sent[-4:]}"  # OpenAI shows a masked key, never the whole one
+        message = f"Incorrect API key provided: {masked}. You can find your API key at https://platform.openai.com/account/api-keys."
+        return 401, {"error": {"message": message, "type": "invalid_request_error", "code": "invalid_api_key"}}
+
+
 async def serve(
     script: Script,
     port: int = 0,
     on_request: Callable[[dict[str, str], Request], None] | None = None,
     on_connect: Callable[[], None] | None = None,
+    gate: Gate | None = None,
 ) -> asyncio.Server:
+    checks = gate or Gate()
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if on_connect:
             on_connect()
         try:
-            while await _handle_one(reader, writer, script, on_request):
+            while await _handle_one(reader, writer, script, on_request, checks):
                 pass
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
@@ -280,6 +628,7 @@ async def _handle_one(
     writer: asyncio.StreamWriter,
     script: Script,
     on_request: Callable[[dict[str, str], Request], None] | None,
+    gate: Gate,
 ) -> bool:
     """Serve one request; False when the connection must close."""
     try:
@@ -290,20 +639,39 @@ async def _handle_one(
     method, path, _ = lines[0].split(" ", 2)
     headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:] if ":" in ln)}
     body_bytes = await reader.readexactly(int(headers.get("content-length", "0")))
-    if method == "GET" and path.endswith("/models"):
-        _write_json(writer, 200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
+    if method == "GET":
+        _write_json(writer, *gate.get(path, headers))
         return True
-    if method != "POST" or not path.endswith("/chat/completions"):
+    if method != "POST" or not path.endswith(("/chat/completions", "/responses", "/messages")):
         _write_json(writer, 404, {"error": {"message": f"no route {method} {path}"}})
         return True
     request = json.loads(body_bytes or b"{}")
+    refused = gate.check(request, headers)
+    if refused:
+        _write_json(writer, *refused)
+        return True
     if on_request:
         on_request(headers, request)
     reply = script(request)
     if reply.delay_s > 0:
         await asyncio.sleep(reply.delay_s)
     if reply.status != 200:
-        _write_json(writer, reply.status, {"error": {"message": reply.error, "type": "fake"}}, reply.headers)
+        body = reply.error_body or {"error": {"message": reply.error, "type": "fake"}}
+        _write_json(writer, reply.status, body, reply.headers)
+        return True
+    if reply.body is not None:
+        extra = "".join(f"{k}: {v}\r\n" for k, v in reply.headers.items())
+        writer.write(
+            f"HTTP/1.1 200 OK\r\nContent-Type: {reply.content_type}\r\n{extra}"
+            "Transfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        for data in reply.body:
+            _write_chunk(writer, data)
+            await writer.drain()
+            if reply.event_delay_s:
+                await asyncio.sleep(reply.event_delay_s)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
         return True
     model = request.get("model", "fake")
     events = reply.events if request.get("logprobs") else [_without_logprobs(e) for e in reply.events]
@@ -375,9 +743,7 @@ def _write_chunk(writer: asyncio.StreamWriter, data: bytes) -> None:
     writer.write(b"%x\r\n%s\r\n" % (len(data), data))
 
 
-def _write_json(
-    writer: asyncio.StreamWriter, status: int, data: dict[str, Any], headers: dict[str, str] | None = None
-) -> None:
+def _write_json(writer: asyncio.StreamWriter, status: int, data: Any, headers: dict[str, str] | None = None) -> None:
     body = json.dumps(data).encode()
     extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     head = f"HTTP/1.1 {status} Fake\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
