@@ -51,7 +51,10 @@ def test_refused_key_halts_at_once_then_the_error_is_sampled_again(fake_server: 
 
 def test_unreachable_teacher_is_an_endpoint_error(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{_free_port()}/v1"
-    config = make_config(url, write_tasks(tmp_path / "t.jsonl", 3), concurrency=1, teacher={"max_attempts": 2})
+    # The preflight would refuse this run before any trajectory; off, this is the path of a teacher that
+    # goes away during a run.
+    teacher = {"max_attempts": 2, "preflight": False}
+    config = make_config(url, write_tasks(tmp_path / "t.jsonl", 3), concurrency=1, teacher=teacher)
     summary = run_collect(config, tmp_path / "run", show_progress=False)
     assert summary.halted and "connection failed" in summary.halted
     assert (summary.completed, summary.requests, summary.retries) == (1, 2, 1)
