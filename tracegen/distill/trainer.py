@@ -919,9 +919,6 @@ def _write_model(state: TrainState, folder: Path, whole: dict[str, torch.Tensor]
         state.data.tokenizer.save_pretrained(tmp)  # best/ too is a whole model: merge links it as it is
         for path in Path(tmp).iterdir():
             os.replace(path, folder / path.name)
-    # A full model folder is a model on its own (best/ is what merge links, stage 2 trains and eval
-    # serves): it carries its tokenizer, as an adapter folder borrows the base's.
-    state.data.tokenizer.save_pretrained(str(folder))
 
 
 def save_full_model(
