@@ -58,11 +58,12 @@ def _secret_key(monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 @pytest.fixture
-def fake_server() -> Iterator[Callable[[Script], FakeServer]]:
+def fake_server() -> Iterator[Callable[..., FakeServer]]:
+    """Start fake servers (``FakeServer(script, **options)``, e.g. a gate of listed models and one key)."""
     servers: list[FakeServer] = []
 
-    def start(script: Script) -> FakeServer:
-        server = FakeServer(script)
+    def start(script: Script, **options: Any) -> FakeServer:
+        server = FakeServer(script, **options)
         server.start()
         servers.append(server)
         return server

@@ -27,22 +27,6 @@ Start = Callable[..., FakeServer]
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
-@pytest.fixture
-def server_with() -> Any:
-    """A fake server with a Gate (listed models, one accepted key)."""
-    servers: list[FakeServer] = []
-
-    def start(script: Any, **gate: Any) -> FakeServer:
-        server = FakeServer(script, **gate)
-        server.start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
-
-
 def client_for(base_url: str, **cfg: Any) -> TeacherConfig:
     return TeacherConfig.model_validate(
         {"base_url": base_url, "model": "m", "backoff_base_s": 0.01, "backoff_max_s": 0.05, **cfg}
@@ -82,30 +66,30 @@ def test_preflight_refused_connection_fails_in_seconds() -> None:
     assert time.monotonic() - started < 5 and "base_url" in (info.value.hint or "")
 
 
-def test_preflight_bad_key_is_401_without_the_key(server_with: Start) -> None:
-    server = server_with(Scripted([]), api_key="the-right-key")
+def test_preflight_bad_key_is_401_without_the_key(fake_server: Start) -> None:
+    server = fake_server(Scripted([]), api_key="the-right-key")
     with pytest.raises(TeacherError) as info:
         run(client_for(server.base_url), "preflight")
     assert info.value.status == 401 and SECRET not in info.value.message
     assert "TRACEGEN_TEACHER_API_KEY" in (info.value.hint or "")
 
 
-def test_preflight_unknown_model_lists_what_the_server_offers(server_with: Start) -> None:
-    server = server_with(Scripted([]), models=["qwen3-8b", "llama-3.1-8b"])
+def test_preflight_unknown_model_lists_what_the_server_offers(fake_server: Start) -> None:
+    server = fake_server(Scripted([]), models=["qwen3-8b", "llama-3.1-8b"])
     with pytest.raises(TeacherError, match=re.escape("does not offer model 'm'; it offers: qwen3-8b, llama-3.1-8b")):
         run(client_for(server.base_url), "preflight")
     run(client_for(server.base_url, model="qwen3-8b"), "preflight")  # a listed one passes
 
 
-def test_preflight_without_models_route_probes_without_generating(server_with: Start) -> None:
-    server = server_with(Scripted([]), api_key="the-right-key")  # no /models (404)
+def test_preflight_without_models_route_probes_without_generating(fake_server: Start) -> None:
+    server = fake_server(Scripted([]), api_key="the-right-key")  # no /models (404)
     with pytest.raises(TeacherError) as info:
         run(client_for(server.base_url), "preflight")
     assert info.value.status == 401 and server.requests == []  # the probe generated nothing
 
 
-def test_collect_stops_at_the_preflight_before_writing(server_with: Start, tmp_path: Path) -> None:
-    server = server_with(Scripted([]), models=["other"])
+def test_collect_stops_at_the_preflight_before_writing(fake_server: Start, tmp_path: Path) -> None:
+    server = fake_server(Scripted([]), models=["other"])
     with pytest.raises(TeacherError, match="does not offer model"):
         run_collect(make_config(server.base_url, one_task(tmp_path)), tmp_path / "run", show_progress=False)
     assert not (tmp_path / "run" / "trajectories.jsonl").exists() and server.requests == []
