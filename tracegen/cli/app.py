@@ -443,6 +443,7 @@ def eval_(
         list[str] | None,
         typer.Option(
             envvar="TRACEGEN_EVAL_MODEL",
+            metavar="MODEL",
             help="Model under test; repeat it (--model base --model merged) to compare models served the same way.",
         ),
     ] = None,

@@ -119,6 +119,7 @@ def train_command(
         list[str] | None,
         typer.Option(
             "--report-to",
+            metavar="TRACKER",
             help="Experiment tracker, repeatable: tensorboard, wandb, trackio, mlflow, or none (default: metrics.jsonl "
             "only).",
         ),
