@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection
 from typing import Any
 
 from pydantic import BaseModel
@@ -27,28 +28,20 @@ def how_fields(model: type[BaseModel]) -> set[str]:
     }
 
 
-def deciding(model: BaseModel, exclude: set[str] = frozenset()) -> dict[str, Any]:  # type: ignore[assignment]
+def deciding(model: BaseModel, exclude: Collection[str] = ()) -> dict[str, Any]:
     """The settings of ``model`` that decide what it produces, as JSON values (nested models likewise)."""
-    out: dict[str, Any] = {}
-    skip = how_fields(type(model)) | exclude
-    for name in type(model).model_fields:
-        if name in skip:
-            continue
-        value = getattr(model, name)
-        if isinstance(value, BaseModel):
-            out[name] = deciding(value)
-        else:
-            out[name] = _jsonable(value)
-    return out
+    skip = how_fields(type(model)) | set(exclude)
+    return {name: deciding_value(getattr(model, name)) for name in type(model).model_fields if name not in skip}
 
 
-def _jsonable(value: Any) -> Any:
+def deciding_value(value: Any) -> Any:
+    """``value`` as JSON values, with every settings model in it reduced to its :func:`deciding` settings."""
     if isinstance(value, BaseModel):
         return deciding(value)
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): deciding_value(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [deciding_value(v) for v in value]
     return value
 
 

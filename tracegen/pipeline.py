@@ -32,8 +32,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel
-
 from tracegen.config import (
     HELD_OUT,
     DistillConfig,
@@ -43,7 +41,7 @@ from tracegen.config import (
     Recipe,
 )
 from tracegen.errors import BadInputError, TracegenError
-from tracegen.fingerprint import changed_settings, deciding, fingerprint
+from tracegen.fingerprint import changed_settings, deciding_value, fingerprint
 from tracegen.store import write_json_atomic, write_lines_atomic
 
 MARKERS = ".run"
@@ -482,7 +480,7 @@ class Stage:
 
     def fingerprinted(self, recipe: Recipe) -> Any:
         """Its settings as JSON, endpoint URLs excluded: a served port changes every run."""
-        return _dump(self.settings(recipe))
+        return deciding_value(self.settings(recipe))
 
 
 STAGES: tuple[Stage, ...] = (
@@ -492,7 +490,7 @@ STAGES: tuple[Stage, ...] = (
         "format",
         "dataset",
         Pipeline._do_format,
-        lambda r: [_format_settings(r.format), r.run.data, *([r.data] if r.data.sources else [])],
+        lambda r: [r.format, r.run.data, *([r.data] if r.data.sources else [])],
         endpoints=True,
     ),
     Stage(
@@ -514,7 +512,7 @@ STAGES: tuple[Stage, ...] = (
         "stage2_format",
         "stage2-dataset",
         Pipeline._do_stage2_format,
-        lambda r: r.stage2 and [_format_settings(r.stage2.format), r.stage2.data],
+        lambda r: r.stage2 and [r.stage2.format, r.stage2.data],
         endpoints=True,
     ),
     Stage(
@@ -544,18 +542,6 @@ def _format_tokenizer(config: FormatConfig, student: str | None) -> str:
     if not tokenizer:
         raise BadInputError("format has no tokenizer", hint="set format.tokenizer or distill.student")
     return local_tokenizer(tokenizer)
-
-
-def _format_settings(config: FormatConfig) -> dict[str, Any]:
-    return deciding(config)
-
-
-def _dump(value: Any) -> Any:
-    if isinstance(value, BaseModel):
-        return deciding(value)
-    if isinstance(value, list):
-        return [_dump(v) for v in value]
-    return value
 
 
 def summary_rows(outcomes: list[StageOutcome]) -> list[tuple[str, str, str, str]]:
