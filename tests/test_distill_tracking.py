@@ -174,3 +174,39 @@ def test_report_to_spellings_and_it_changes_no_fingerprint() -> None:
         with pytest.raises(ValidationError):
             DistillConfig(report_to=bad)  # type: ignore[arg-type]
     assert deciding(DistillConfig(report_to=["wandb"])) == deciding(DistillConfig())
+
+
+
+def test_a_run_that_crashes_mid_training_still_finishes_its_tracker(
+    assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash inside training (raised here after step 2) still finishes the tracker run: wandb's run
+    file gets its exit record and holds the steps logged before the crash."""
+    from tracegen.distill.trainer import train
+
+    for key in [k for k in os.environ if k.startswith("WANDB_")]:
+        monkeypatch.delenv(key)
+    for key, value in _env(tmp_path).items():
+        if key.startswith("WANDB_") or key == "HF_HUB_OFFLINE":
+            monkeypatch.setenv(key, value)
+    config = DistillConfig.model_validate(
+        {
+            "student": str(assets["student"]),
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "batch_size": 2,
+            "max_steps": 4,
+            "eval_fraction": 0.0,
+            "report_to": ["wandb"],
+        }
+    )
+
+    def crash(metrics: Any, model: Any) -> None:
+        if metrics.step == 2:
+            raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        train(config, assets["dataset"], tmp_path / "out", on_step=crash)
+    (run,) = (tmp_path / "out" / "runs" / "wandb").glob("offline-run-*/run-*.wandb")
+    kinds = [record.WhichOneof("record_type") for record in _wandb_records(run)]
+    assert kinds.count("history") == 2
+    assert "exit" in kinds, "the run was never finished"

@@ -404,28 +404,32 @@ def train(
     tracking = Tracking(config, out)  # a tracker whose package is missing is refused here, before any load
     accelerator = _accelerator(**tracking.accelerator_kwargs())
     tracking.attach(accelerator)
-    sharded = fsdp_requested(accelerator)
-    use_bf16 = _use_bf16(config, accelerator.device)
-    _check_options(config, bool(config.teacher_cache), accelerator.device, accelerator.num_processes, sharded)
-    say = _say if accelerator.is_main_process else _silent
-    data = setup_data(config, dataset_dir, say)
-    checkpoint = read_checkpoint(out / CHECKPOINT, data.total, sharded) if resume else None
-    if resume and checkpoint is None:
-        say(f"No checkpoint in {out}: starting from step 0")
-    if accelerator.is_main_process:
-        _say(expected_memory(config, data, accelerator, sharded, use_bf16).line())
-    resumed_from = out / CHECKPOINT if checkpoint is not None else None
-    model = setup_model(config, data, accelerator.device, main=accelerator.is_main_process, resumed_from=resumed_from)
-    state = setup_optimizer(config, data, model, accelerator, sharded, use_bf16, out, started, checkpoint)
-    if checkpoint is not None:
-        state.say(f"Resuming from {state.checkpoint_dir} at step {state.step}/{data.total}")
-    write_run_files(state, dataset_dir)
-    state.batches = batch_stream(config, data, state.step)
-    state.tracking = tracking
-    interrupted = run_steps(state, on_step)
-    if not interrupted:
-        save_final(state)
-    tracking.close()  # flush and finish the tracker runs (interrupted ones too)
+    try:
+        sharded = fsdp_requested(accelerator)
+        use_bf16 = _use_bf16(config, accelerator.device)
+        _check_options(config, bool(config.teacher_cache), accelerator.device, accelerator.num_processes, sharded)
+        say = _say if accelerator.is_main_process else _silent
+        data = setup_data(config, dataset_dir, say)
+        checkpoint = read_checkpoint(out / CHECKPOINT, data.total, sharded) if resume else None
+        if resume and checkpoint is None:
+            say(f"No checkpoint in {out}: starting from step 0")
+        if accelerator.is_main_process:
+            _say(expected_memory(config, data, accelerator, sharded, use_bf16).line())
+        resumed_from = out / CHECKPOINT if checkpoint is not None else None
+        model = setup_model(
+            config, data, accelerator.device, main=accelerator.is_main_process, resumed_from=resumed_from
+        )
+        state = setup_optimizer(config, data, model, accelerator, sharded, use_bf16, out, started, checkpoint)
+        if checkpoint is not None:
+            state.say(f"Resuming from {state.checkpoint_dir} at step {state.step}/{data.total}")
+        write_run_files(state, dataset_dir)
+        state.batches = batch_stream(config, data, state.step)
+        state.tracking = tracking
+        interrupted = run_steps(state, on_step)
+        if not interrupted:
+            save_final(state)
+    finally:
+        tracking.close()  # flush and finish the tracker runs: interrupted and crashed ones too
     return TrainSummary(
         out=out,
         mode=data.mode,
