@@ -176,7 +176,6 @@ def test_report_to_spellings_and_it_changes_no_fingerprint() -> None:
     assert deciding(DistillConfig(report_to=["wandb"])) == deciding(DistillConfig())
 
 
-
 def test_a_run_that_crashes_mid_training_still_finishes_its_tracker(
     assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
