@@ -319,3 +319,20 @@ def test_short_string_references(answer: str, reference: str, equal: bool) -> No
     result = compare(answer, reference)
     assert result.equal is equal, result
     assert result.rule in ("exact", "phrase"), result
+
+
+def test_hot_path_verdicts_are_the_validated_ones() -> None:
+    """The cheap checks build verdicts without validation: each must equal, dump and copy as the validated one."""
+    from tracegen.checks.verdicts import verdict
+    from tracegen.records import Verdict
+
+    for args in (("reference", True, "exact: '4' == reference '4'", 1.0), ("duplicate", False, "exact duplicate of x")):
+        fast = verdict(*args)  # type: ignore[arg-type]
+        check, passed, reason, *score = args
+        slow = Verdict.model_validate(
+            {"check": check, "passed": passed, "reason": reason, "score": score[0] if score else None}
+        )
+        assert fast == slow
+        assert fast.model_dump_json() == slow.model_dump_json()
+        assert fast.model_copy(update={"reason": "r"}).reason == "r"
+        assert Verdict.model_validate_json(fast.model_dump_json()) == fast
