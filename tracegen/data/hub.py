@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from tracegen.errors import BadInputError
-from tracegen.store import staged_dir, write_atomic
+from tracegen.store import staged_dir, write_atomic, write_json_atomic
 
 METADATA_FILE = "tracegen.json"
 
@@ -453,5 +453,7 @@ def push_dataset(dataset_dir: Path, repo_id: str, private: bool, retry_wait_s: f
     files["README.md"] = card.encode("utf-8")
     message = f"tracegen {meta.get('tracegen_version', '')}: {meta['stats']['samples']} samples"
     upload(repo_id, "dataset", files, private=private, message=message, token=token, retry_wait_s=retry_wait_s)
+    # only now that the Hub has it: the local card names the repo, and a model card can link the dataset
     write_atomic(dataset_dir / "README.md", lambda f: f.write(card))
+    write_json_atomic(dataset_dir / METADATA_FILE, {**meta, "hub_repo_id": repo_id})
     return f"https://huggingface.co/datasets/{repo_id}"
