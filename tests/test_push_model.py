@@ -99,7 +99,7 @@ def test_merged_model_is_pushed_as_a_transformers_model(run: Path, hub: FakeHub)
     card = ModelCard(repo["README.md"].decode())
     assert card.data.library_name == "transformers" and "merged" in card.data.tags
     assert card.data.datasets == ["org/other"] and card.data.base_model == BASE
-    assert "The base with the LoRA adapter merged in" in card.text
+    assert "with a distilled LoRA adapter merged in, trained with" in card.text
     assert TOKEN not in r.stdout + r.stderr
 
 

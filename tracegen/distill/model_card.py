@@ -104,11 +104,13 @@ def model_card(model_dir: Path, repo_id: str, dataset_id: str | None = None) -> 
         if dataset_id
         else f"a local dataset `{dataset_meta.get('name') or public_name(str(dataset_dir))}`"
     )
-    kind = (
-        "a LoRA adapter (load it on the base with PEFT)"
-        if adapter
-        else ("the base with the LoRA adapter merged in" if cfg.get("method") == "lora" else "a fully fine-tuned model")
-    )
+    tracegen = "[tracegen](https://github.com/)"
+    if adapter:
+        intro = f"A LoRA adapter for {base_text}, distilled with {tracegen} on {data_text}; load it with PEFT (below)."
+    elif cfg.get("method") == "lora":
+        intro = f"{base_text} with a distilled LoRA adapter merged in, trained with {tracegen} on {data_text}."
+    else:
+        intro = f"{base_text} fully fine-tuned by distillation with {tracegen} on {data_text}."
     lora = cfg.get("lora") or {}
     recipe = [
         f"- method `{cfg.get('method')}`"
@@ -158,7 +160,7 @@ def model_card(model_dir: Path, repo_id: str, dataset_id: str | None = None) -> 
     body = f"""
 # {name}
 
-{kind[0].upper() + kind[1:]}: {base_text} distilled with [tracegen](https://github.com/) on {data_text}.
+{intro}
 
 ## Recipe
 
