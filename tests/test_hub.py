@@ -161,6 +161,11 @@ def test_push_uploads_every_file_and_the_card_for_the_repo(dataset: Path, hub: F
     assert set(repo) == local
     for name in local - {"README.md", "tracegen.json"}:
         assert repo[name] == (dataset / name).read_bytes(), name
+    # tracegen.json goes up with its local paths reduced to names (the tokenizer was given by path)
+    local_meta = json.loads((dataset / "tracegen.json").read_text())
+    assert local_meta["tokenizer"]["path"].startswith("/")
+    assert str(dataset.parent.parent) not in repo["tracegen.json"].decode()
+    assert json.loads(repo["tracegen.json"])["tokenizer"]["vocab_hash"] == local_meta["tokenizer"]["vocab_hash"]
     card = repo["README.md"].decode()
     assert 'load_dataset("org/proofs"' in card and "\n# proofs\n" in card and TOKEN not in card
     assert 'load_dataset("org/proofs"' not in before

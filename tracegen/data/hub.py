@@ -253,6 +253,15 @@ def public_name(name: str) -> str:
     return name
 
 
+def _public_paths(value: Any) -> Any:
+    """``value`` (JSON) with every string that is a local path reduced to its last part (:func:`public_name`)."""
+    if isinstance(value, dict):
+        return {k: _public_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_public_paths(v) for v in value]
+    return public_name(value) if isinstance(value, str) else value
+
+
 def _sampling_text(teacher: dict[str, Any]) -> str:
     sampling = teacher["sampling"]
     if sampling is None:
@@ -451,6 +460,8 @@ def push_dataset(dataset_dir: Path, repo_id: str, private: bool, retry_wait_s: f
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(dataset_dir).parts)
     }
     files["README.md"] = card.encode("utf-8")
+    # the local tracegen.json keeps its paths (audit and distill read them); the public copy names files only
+    files[METADATA_FILE] = (json.dumps(_public_paths(meta), indent=2, sort_keys=True) + "\n").encode("utf-8")
     message = f"tracegen {meta.get('tracegen_version', '')}: {meta['stats']['samples']} samples"
     upload(repo_id, "dataset", files, private=private, message=message, token=token, retry_wait_s=retry_wait_s)
     # only now that the Hub has it: the local card names the repo, and a model card can link the dataset
