@@ -266,7 +266,7 @@ def _sampling_text(teacher: dict[str, Any]) -> str:
     sampling = teacher["sampling"]
     if sampling is None:
         return "imported: the sampling settings are unknown"
-    if isinstance(sampling, str):  # tracegen.json written before 0.x recorded a dict
+    if isinstance(sampling, str):  # a tracegen.json written before sampling was recorded as a dict
         return f"sampling {sampling}"
     sent = ", ".join(f"{k}={v}" for k, v in sampling.items())
     return f"sent {sent}" if sent else "no sampling settings sent (the server's defaults)"
