@@ -254,7 +254,8 @@ def test_dataset_folder_loads_and_card_is_honest(tiny_tokenizer: Path, tmp_path:
     meta = json.loads((out / "tracegen.json").read_text())
     assert meta["tokenizer"]["vocab_hash"] == load_tokenizer(str(tiny_tokenizer)).vocab_hash
     card = (out / "README.md").read_text()
-    assert card.startswith("---\nlicense: other\n") and "configs:" in card and "data/train-*.parquet" in card
+    assert card.startswith("---\n") and "\nlicense: other\n" in card and "configs:" in card
+    assert "data/train-*.parquet" in card
     obs = meta["provenance"]["observations"]
     assert obs["executed"] > 0 and obs["simulated"] > 0
     assert f"{obs['executed']} executed" in card and f"{obs['simulated']} simulated" in card

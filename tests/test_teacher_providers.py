@@ -353,8 +353,14 @@ def test_collect_runs_unchanged_on_the_anthropic_api(fake_server: Start, tmp_pat
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text(json.dumps({"id": "t0", "prompt": "6*7?"}) + "\n")
     run_collect(
-        make_config(server.base_url, tasks, teacher={"api": "anthropic"}), tmp_path / "run", show_progress=False
+        make_config(server.base_url, tasks, teacher={"api": "anthropic", "reasoning_effort": "high", "seed": 7}),
+        tmp_path / "run",
+        show_progress=False,
     )
     [line] = (tmp_path / "run" / "trajectories.jsonl").read_text().splitlines()
     trajectory = Trajectory.model_validate_json(line)
     assert (trajectory.stop_reason, trajectory.final_answer) == ("answer", "The answer is 42.")
+    # the Messages API has no field for them: not sent, so the record (and the card) does not claim them
+    teacher_requests = [b for b in server.requests if "stream_options" not in b]
+    assert teacher_requests and not any({"reasoning_effort", "seed"} & set(b) for b in teacher_requests)
+    assert (trajectory.teacher.sampling.reasoning_effort, trajectory.teacher.sampling.seed) == (None, None)

@@ -607,7 +607,13 @@ class FormatConfig(Strict):
         "trajectories", description="Input kind: tracegen trajectories JSONL, or a chain-of-thought dataset (cot)."
     )
     import_columns: ImportColumns = Field(default_factory=ImportColumns)
-    license: str = Field("other", description="License in the dataset card's metadata.")
+    license: str = Field("other", description="License in the dataset card's metadata (a Hub license id, or other).")
+    license_name: str | None = Field(
+        None, description="With license: other, an id for the license (e.g. my-license-1.0); push requires it."
+    )
+    license_link: str | None = Field(
+        None, description="With license: other, a URL (or LICENSE file in the repo) for its text; push requires it."
+    )
     batch_size: int = Field(
         256,
         ge=1,

@@ -21,7 +21,7 @@ from tracegen.cli.distill import distill_app
 from tracegen.cli.export import export_app
 from tracegen.cli.help import PlainFlagsGroup, default
 from tracegen.cli.sandbox import sandbox_app
-from tracegen.errors import TracegenError
+from tracegen.errors import BadInputError, TracegenError
 
 # Typer's own copy of click (newer Typer vendors it) raises these, not the click package's classes.
 _USAGE_ERRORS: tuple[type[Exception], ...] = tuple(
@@ -419,13 +419,39 @@ def audit(
 
 @app.command()
 def push(
-    dataset_dir: Annotated[Path, typer.Argument(metavar="DATASET_DIR", help="A folder written by `tracegen format`.")],
-    repo_id: Annotated[str, typer.Option(help="Hub dataset repo, ORG/NAME.")],
+    repo_id: Annotated[str, typer.Option(help="Hub repo, ORG/NAME (a dataset repo, or a model repo with --model).")],
+    dataset_dir: Annotated[
+        Path | None, typer.Argument(metavar="DATASET_DIR", help="A folder written by `tracegen format`.")
+    ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="DIR", help="Push a model instead: a `tracegen distill` adapter or a merged model folder."
+        ),
+    ] = None,
+    dataset_id: Annotated[
+        str | None,
+        typer.Option(help="With --model: the Hub dataset it was trained on (default: where that dataset was pushed)."),
+    ] = None,
     private: Annotated[bool, typer.Option(help="Create the repo private.")] = False,
 ) -> None:
-    """Upload a dataset folder and its card to the Hugging Face Hub, with the token in $HF_TOKEN."""
+    """Upload a dataset folder (or, with --model, a distilled model) and its card to the Hugging Face Hub.
+
+    The token is huggingface_hub's: $HF_TOKEN, else the one `hf auth login` saved.
+    Nothing local changes unless the upload succeeds.
+    """
+    if (dataset_dir is None) == (model is None):
+        raise BadInputError("push takes a DATASET_DIR or --model DIR (one of them)", hint="see `tracegen push --help`")
+    if model is not None:
+        from tracegen.distill.model_card import push_model
+
+        typer.echo(push_model(model, repo_id, private, dataset_id))
+        return
+    if dataset_id is not None:
+        raise BadInputError("--dataset-id goes with --model", hint="drop it when pushing a dataset")
     from tracegen.data.hub import push_dataset
 
+    assert dataset_dir is not None
     typer.echo(push_dataset(dataset_dir, repo_id, private))
 
 

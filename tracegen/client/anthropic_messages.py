@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096  # the API requires max_tokens
+NOT_SENT = ("reasoning_effort", "seed")
+"""Settings the Messages API has no field for: never sent, so a record must not claim them."""
 STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "tool_use": "tool_calls", "max_tokens": "length"}
 
 
@@ -44,7 +46,7 @@ def anthropic_body(chat: dict[str, Any]) -> dict[str, Any]:
             {"name": f["name"], "description": f.get("description", ""), "input_schema": f.get("parameters") or {}}
             for f in (tool["function"] for tool in chat["tools"])
         ]
-    skip = {"model", "messages", "tools", "max_tokens", "max_completion_tokens", "reasoning_effort", "seed"}
+    skip = {"model", "messages", "tools", "max_tokens", "max_completion_tokens", *NOT_SENT}
     body.update({k: v for k, v in chat.items() if k not in skip and k not in body})
     return body
 

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tracegen import __version__
+from tracegen.client.anthropic_messages import NOT_SENT as ANTHROPIC_NOT_SENT
 from tracegen.client.chat import ChatClient
 from tracegen.client.tools import check_arguments, describe_for_prompt, parse_arguments, tool_specs
 from tracegen.client.wire import to_wire
@@ -72,8 +73,8 @@ class Agent:
                 seed=cfg.seed,
                 max_completion_tokens=cfg.max_completion_tokens,
                 reasoning_effort=cfg.reasoning_effort,
-            ),
-        )
+            ).model_copy(update=dict.fromkeys(ANTHROPIC_NOT_SENT) if cfg.api == "anthropic" else {}),
+        )  # the record (and the dataset card) names only settings the request carried
         text_protocol = cfg.tool_protocol in ("hermes", "function_tag")
         self.system_prompt = self.config.system_prompt
         if text_protocol and self.specs:

@@ -26,7 +26,7 @@ from typing import Any
 
 from tracegen import __version__
 from tracegen.config import FormatConfig
-from tracegen.data.hub import dataset_card, rows_table, save_dataset
+from tracegen.data.hub import public_name, rows_table, save_dataset
 from tracegen.data.templates import (
     DROPPABLE,
     TEMPLATE_TEXTS,
@@ -272,10 +272,12 @@ def build_row(traj: Trajectory, tok_row: Tokenized) -> dict[str, Any]:
 
 
 def provenance(trajs: list[Trajectory], input_path: Path, config: FormatConfig) -> dict[str, Any]:
-    teachers: Counter[tuple[str, str]] = Counter()
+    teachers: Counter[tuple[str, str | None]] = Counter()
     for t in trajs:
         s = t.teacher.sampling
-        teachers[(t.teacher.model, f"temperature={s.temperature}, top_p={s.top_p}, max_tokens={s.max_tokens}")] += 1
+        # what was sent (None: not sent); an importer's record holds no sampling settings at all
+        sent = None if t.recipe_fingerprint == "imported" else json.dumps(s.model_dump(exclude_none=True))
+        teachers[(t.teacher.model, sent)] += 1
     obs: Counter[str] = Counter()
     simulators: set[str] = set()
     for t in trajs:
@@ -294,7 +296,9 @@ def provenance(trajs: list[Trajectory], input_path: Path, config: FormatConfig) 
             c[1] += 1
     prov: dict[str, Any] = {
         "samples_in": len(trajs),
-        "teachers": [{"model": m, "sampling": s, "samples": n} for (m, s), n in teachers.most_common()],
+        "teachers": [
+            {"model": m, "sampling": s and json.loads(s), "samples": n} for (m, s), n in teachers.most_common()
+        ],
         "observations": dict(obs),
         "simulators": sorted(simulators),
         "stop_reasons": dict(Counter(t.stop_reason for t in trajs)),
@@ -600,8 +604,10 @@ def _format_loaded(
         "template": config.template,
         "template_text": TEMPLATE_TEXTS[config.template]
         if config.template != "chat"
-        else f"{TEMPLATE_TEXTS['chat']}: {config.chat_template or tok.name}",
+        else f"{TEMPLATE_TEXTS['chat']}: {public_name(config.chat_template or tok.name)}",
         "license": config.license,
+        "license_name": config.license_name,
+        "license_link": config.license_link,
         "tokenizer": {
             "name": tok.name,
             "source": tok.source,
@@ -627,7 +633,7 @@ def _format_loaded(
     }
     extra = {"sharegpt": _sharegpt_table(kept)} if "sharegpt" in config.export else None
     files = {"dataset_info.json": {"tracegen": LLAMA_FACTORY_ENTRY}} if extra else None
-    save_dataset(out, table, metadata, dataset_card(metadata), config.shard_rows, extra, files)
+    save_dataset(out, table, metadata, config.shard_rows, extra, files)
     return FormatResult(out=out, stats=stats, metadata=metadata)
 
 

@@ -18,15 +18,14 @@ different tools would merge and gain ``null`` keys, which changes the rendered p
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from tracegen.errors import BadInputError, TracegenError
-from tracegen.store import staged_dir
+from tracegen.errors import BadInputError
+from tracegen.store import staged_dir, write_atomic, write_json_atomic
 
 METADATA_FILE = "tracegen.json"
 
@@ -133,20 +132,44 @@ def save_dataset(
     out: Path,
     table: Any,
     metadata: dict[str, Any],
-    card: str,
     shard_rows: int,
     extra_tables: dict[str, Any] | None = None,
     json_files: dict[str, Any] | None = None,
 ) -> None:
-    """Write the whole folder in a temporary sibling, then swap it into place (``store.staged_dir``)."""
+    """Write the whole folder in a temporary sibling, then swap it into place (``store.staged_dir``).
+
+    The card is built last, from ``metadata`` plus what was written (``metadata["configs"]``: each
+    folder's features and sizes, which ``push`` reuses to rebuild the card without reading shards).
+    """
+    metadata["name"] = out.name
+    metadata["configs"] = {}
     with staged_dir(out.resolve()) as tmp:
-        write_shards(table, tmp / "data", shard_rows)
-        for name, extra in (extra_tables or {}).items():
-            write_shards(extra, tmp / name, shard_rows)
+        for name, folder, tab in [("default", "data", table), *((n, n, t) for n, t in (extra_tables or {}).items())]:
+            files = [tmp / folder / f for f in write_shards(tab, tmp / folder, shard_rows)]
+            metadata["configs"][name] = {"path": f"{folder}/train-*.parquet", "dataset_info": _dataset_info(tab, files)}
         for name, content in (json_files or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        (tmp / "README.md").write_text(card, encoding="utf-8")
+        (tmp / "README.md").write_text(dataset_card(metadata), encoding="utf-8")
+
+
+def _dataset_info(table: Any, files: list[Path]) -> dict[str, Any]:
+    """The card's ``dataset_info`` for one config, as ``datasets`` itself writes it (features, splits, sizes)."""
+    from datasets import DatasetInfo, Features, SplitDict, SplitInfo
+    from datasets.info import DatasetInfosDict
+    from huggingface_hub import DatasetCardData
+
+    splits = SplitDict()
+    splits.add(SplitInfo(name="train", num_bytes=int(table.nbytes), num_examples=table.num_rows))
+    info = DatasetInfo(
+        features=Features.from_arrow_schema(table.schema),
+        splits=splits,
+        download_size=sum(f.stat().st_size for f in files),
+        dataset_size=int(table.nbytes),
+    )
+    card_data = DatasetCardData()
+    DatasetInfosDict({"default": info}).to_dataset_card_data(card_data)
+    return dict(card_data["dataset_info"])
 
 
 def load_metadata(dataset_dir: Path) -> dict[str, Any]:
@@ -178,10 +201,6 @@ def read_rows(dataset_dir: Path, columns: list[str] | None = None) -> Any:
 
 # ---------------------------------------------------------------------------------------------------
 # The dataset card
-
-
-def _yaml_list(items: Sequence[str]) -> str:
-    return "[" + ", ".join(items) + "]"
 
 
 KIND_NAMES = {
@@ -218,35 +237,80 @@ def _trained_and_dropped(meta: dict[str, Any]) -> tuple[str, str]:
     return ", ".join(trained) or "nothing", dropped
 
 
+SIZE_CATEGORIES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")]
+SIZE_CATEGORIES += [(10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B")]
+
+
+def size_category(n: int) -> str:
+    """The Hub's ``size_categories`` bucket for ``n`` rows."""
+    return next((name for bound, name in SIZE_CATEGORIES if n < bound), "n>1B")
+
+
+def public_name(name: str) -> str:
+    """A model, tokenizer or file named on a public card: a Hub id as it is, a local path by its last part."""
+    if name.startswith(("/", "~", "./", "../", "\\")) or (len(name) > 2 and name[1] == ":" and name[2] in "/\\"):
+        return Path(name.replace("\\", "/")).name or name
+    return name
+
+
+def _public_paths(value: Any) -> Any:
+    """``value`` (JSON) with every string that is a local path reduced to its last part (:func:`public_name`)."""
+    if isinstance(value, dict):
+        return {k: _public_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_public_paths(v) for v in value]
+    return public_name(value) if isinstance(value, str) else value
+
+
+def _sampling_text(teacher: dict[str, Any]) -> str:
+    sampling = teacher["sampling"]
+    if sampling is None:
+        return "imported: the sampling settings are unknown"
+    if isinstance(sampling, str):  # a tracegen.json written before sampling was recorded as a dict
+        return f"sampling {sampling}"
+    sent = ", ".join(f"{k}={v}" for k, v in sampling.items())
+    return f"sent {sent}" if sent else "no sampling settings sent (the server's defaults)"
+
+
 def dataset_card(meta: dict[str, Any], repo_id: str | None = None) -> str:
-    """The README.md: Hub YAML metadata, then honest provenance taken from the records themselves."""
+    """The README.md: Hub metadata (``DatasetCardData``), then provenance taken from the records themselves.
+
+    Names only, never local paths: the card is public once pushed.
+    """
+    from huggingface_hub import DatasetCard, DatasetCardData
+
     stats = meta["stats"]
     prov = meta["provenance"]
     tok = meta["tokenizer"]
-    tags = ["tracegen", "distillation", "reasoning"]
+    imported = prov.get("imported_from")
+    pretty_name = (repo_id.split("/")[1] if repo_id else meta.get("name")) or "tracegen dataset"
+    tags = ["tracegen", "distillation", "reasoning", "synthetic"]
     if prov["observations"]:
         tags.append("tool-use")
-    configs = ["configs:", "- config_name: default", "  default: true", "  data_files:", "  - split: train"]
-    configs.append("    path: data/train-*.parquet")
-    if "sharegpt" in meta.get("exports", []):
-        configs += [
-            "- config_name: sharegpt",
-            "  data_files:",
-            "  - split: train",
-            "    path: sharegpt/train-*.parquet",
+    license_fields = {}
+    if meta["license"] == "other":
+        license_fields = {"license_name": meta.get("license_name"), "license_link": meta.get("license_link")}
+    configs = meta.get("configs") or {}
+    data = DatasetCardData(
+        license=meta["license"],
+        **{k: v for k, v in license_fields.items() if v},
+        pretty_name=pretty_name,
+        language=["en"],
+        task_categories=["text-generation"],
+        size_categories=[size_category(stats["samples"])],
+        source_datasets=[public_name(imported)] if imported else None,
+        tags=tags,
+        configs=[
+            {
+                "config_name": name,
+                **({"default": True} if name == "default" else {}),
+                "data_files": [{"split": "train", "path": c["path"]}],
+            }
+            for name, c in configs.items()
         ]
-    head = "\n".join(
-        [
-            "---",
-            f"license: {meta['license']}",
-            f"tags: {_yaml_list(tags)}",
-            "task_categories: [text-generation]",
-            "language: [en]",
-            *configs,
-            "---",
-        ]
+        or None,
+        dataset_info=[{"config_name": name, **c["dataset_info"]} for name, c in configs.items()] or None,
     )
-    name = repo_id or "this dataset"
     obs = prov["observations"]
     n_obs = sum(obs.values())
     runtime_line = (
@@ -256,7 +320,7 @@ def dataset_card(meta: dict[str, Any], repo_id: str | None = None) -> str:
         + f" observations ({obs.get('executed', 0) / n_obs:.0%} executed in a sandbox)"
     )
     teachers = "\n".join(
-        f"- `{t['model']}` ({t['samples']} samples; sampling {t['sampling']})" for t in prov["teachers"]
+        f"  - `{public_name(t['model'])}` ({t['samples']} samples; {_sampling_text(t)})" for t in prov["teachers"]
     )
     kinds = "\n".join(
         f"| {k} | {stats['kind_tokens'][k]:,} | {stats['kind_trained'][k]:,} |"
@@ -266,15 +330,20 @@ def dataset_card(meta: dict[str, Any], repo_id: str | None = None) -> str:
     filt = prov.get("filter")
     if filt:
         checks = "\n".join(f"- `{c}`: {v}" for c, v in sorted(filt.get("checks", {}).items())) or "- (none listed)"
+        summary = ", ".join(public_name(part) for part in str(filt.get("summary", "see report")).split(", "))
         filter_text = (
-            f"Filtered with `tracegen filter`: {filt.get('summary', 'see report')}.\n"
+            f"Filtered with `tracegen filter`: {summary}.\n"
             "Verdict checks recorded on the kept "
             f"samples (passed / total):\n{checks}"
         )
     else:
         filter_text = "No filter report was found next to the input: acceptance rates are unknown."
     policy = meta["policy"]
-    origin = f"imported: {prov['imported_from']}" if prov.get("imported_from") else "collected trajectories"
+    origin = (
+        f"chain-of-thought imported from `{public_name(imported)}` (not sampled by tracegen)"
+        if imported
+        else "collected trajectories"
+    )
     template_text = meta["template_text"]
     trained_kinds, dropped_text = _trained_and_dropped(meta)
     overflow_text = (
@@ -282,20 +351,28 @@ def dataset_card(meta: dict[str, Any], repo_id: str | None = None) -> str:
     )
     max_length = max(meta.get("longest_sample") or 0, policy.get("max_length") or 0) or 1024
     trained_frac = stats["trained"] / max(1, stats["tokens"])
-    return f"""{head}
+    exports = "".join(
+        f"\n- `{name}`: `{c['path']}`"
+        + (
+            " (ShareGPT rows; LLaMA-Factory's entry in `dataset_info.json`)"
+            if name == "sharegpt"
+            else " (the rows below)"
+        )
+        for name, c in configs.items()
+    )
+    body = f"""
+# {pretty_name}
 
-# {name}
-
-Training data made with [tracegen](https://github.com/) `{meta["tracegen_version"]}` from
-{prov["samples_in"]} input records ({origin}).
-{stats["samples"]} samples kept after formatting.
+Reasoning and tool-use traces for distilling a student, made with
+[tracegen](https://github.com/) `{meta["tracegen_version"]}` from {prov["samples_in"]} input records ({origin}).
+{stats["samples"]} samples kept after formatting. Configs (`load_dataset(..., name)`):{exports or " default"}
 
 ## Provenance
 
 - Teacher models:
-{teachers or "- (none recorded)"}
+{teachers or "  - (none recorded)"}
 - Runtime: {runtime_line}.
-- Simulator models: {", ".join(prov["simulators"]) or "none"}.
+- Simulator models: {", ".join(public_name(s) for s in prov["simulators"]) or "none"}.
 - Stop reasons of the input: {json.dumps(prov["stop_reasons"])}.
 - Critiques (dualmind): {prov.get("critiques") or "not used"}.
 
@@ -327,7 +404,7 @@ would be cut;
 {stats["dropped_no_trained"]} with nothing to train,
 {stats.get("dropped_no_critique", 0)} with an empty critique (dualmind: never trained as an empty block).
 
-Tokenizer: `{tok["name"]}` (vocabulary hash `{tok["vocab_hash"]}`, {tok["vocab_size"]:,} tokens).
+Tokenizer: `{public_name(tok["name"])}` (vocabulary hash `{tok["vocab_hash"]}`, {tok["vocab_size"]:,} tokens).
 
 ## Columns
 
@@ -350,55 +427,44 @@ trainer.train()
 
 Audit which tokens are trained: `tracegen audit DATASET_DIR --html audit.html`.
 """
+    return str(DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}"))
 
 
 # ---------------------------------------------------------------------------------------------------
 # push
 
 
-class HubApi(Protocol):
-    """The two calls of ``huggingface_hub.HfApi`` that ``push`` makes (tests pass a recording fake)."""
+def push_dataset(dataset_dir: Path, repo_id: str, private: bool, retry_wait_s: float = 2.0) -> str:
+    """Upload the folder as a dataset repo, its card rebuilt for ``repo_id`` and sent as bytes.
 
-    def create_repo(self, repo_id: str, *, repo_type: str, private: bool, exist_ok: bool) -> Any: ...
-
-    def upload_folder(self, *, repo_id: str, folder_path: str, repo_type: str, commit_message: str) -> Any: ...
-
-
-def push_dataset(dataset_dir: Path, repo_id: str, private: bool, api: HubApi | None = None) -> str:
-    """Upload the folder (card included) as a dataset repo; the token comes from ``$HF_TOKEN`` only.
-
-    Checks everything before any network call: a token, a ``ORG/NAME`` repo id, a complete folder.
-    Returns the dataset URL.
+    Checks everything before any network call (a token, an ``ORG/NAME`` id, a complete folder). The
+    local README.md is replaced only once the Hub has accepted the commit. Returns the dataset URL.
     """
-    token = os.environ.get("HF_TOKEN")
-    if not token:
-        raise BadInputError(
-            "HF_TOKEN is not set",
-            hint="create a write token at https://huggingface.co/settings/tokens and export HF_TOKEN",
-        )
-    parts = repo_id.split("/")
-    if len(parts) != 2 or not all(parts) or any(c.isspace() for c in repo_id):
-        raise BadInputError(f"--repo-id {repo_id!r}: expected ORG/NAME")
+    from tracegen.data.hub_upload import check_repo_id, hub_token, upload
+
+    token = hub_token()
+    check_repo_id(repo_id)
     meta = load_metadata(dataset_dir)
     if not (dataset_dir / "README.md").is_file() or not list((dataset_dir / "data").glob("*.parquet")):
         raise BadInputError(f"{dataset_dir}: incomplete dataset (README.md or data/*.parquet missing)")
-    card = dataset_card(meta, repo_id)  # the card names the repo it lives in
-    (dataset_dir / "README.md").write_text(card, encoding="utf-8")
-    if api is None:
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-    try:
-        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        api.upload_folder(
-            repo_id=repo_id,
-            folder_path=str(dataset_dir),
-            repo_type="dataset",
-            commit_message=f"tracegen {meta.get('tracegen_version', '')}: {meta['stats']['samples']} samples",
+    if meta["license"] == "other" and not (meta.get("license_name") and meta.get("license_link")):
+        raise BadInputError(
+            f"{dataset_dir / METADATA_FILE}: license is 'other' without license_name and license_link",
+            hint="set format.license to a Hub license id (e.g. apache-2.0), or format.license_name and "
+            "format.license_link, in the recipe and run `tracegen format` again",
         )
-    except TracegenError:
-        raise
-    except Exception as exc:  # huggingface_hub's HTTP errors: one line, never the token
-        message = str(exc).replace(token, "***").splitlines()[0] if str(exc) else type(exc).__name__
-        raise TracegenError(f"push to {repo_id} failed: {message}", hint="check HF_TOKEN's write access") from exc
+    card = dataset_card(meta, repo_id)  # the card names the repo it lives in
+    files: dict[str, Path | bytes] = {
+        p.relative_to(dataset_dir).as_posix(): p
+        for p in dataset_dir.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(dataset_dir).parts)
+    }
+    files["README.md"] = card.encode("utf-8")
+    # the local tracegen.json keeps its paths (audit and distill read them); the public copy names files only
+    files[METADATA_FILE] = (json.dumps(_public_paths(meta), indent=2, sort_keys=True) + "\n").encode("utf-8")
+    message = f"tracegen {meta.get('tracegen_version', '')}: {meta['stats']['samples']} samples"
+    upload(repo_id, "dataset", files, private=private, message=message, token=token, retry_wait_s=retry_wait_s)
+    # only now that the Hub has it: the local card names the repo, and a model card can link the dataset
+    write_atomic(dataset_dir / "README.md", lambda f: f.write(card))
+    write_json_atomic(dataset_dir / METADATA_FILE, {**meta, "hub_repo_id": repo_id})
     return f"https://huggingface.co/datasets/{repo_id}"

@@ -56,6 +56,7 @@ def merge_adapter(adapter_dir: Path, out: Path, base: str | None = None) -> Merg
     with staged_dir(out) as tmp:  # an interrupted merge leaves no half-written model under OUT
         merged.save_pretrained(str(tmp))
         AutoTokenizer.from_pretrained(str(tok_source)).save_pretrained(str(tmp))
+        copy_run_files(adapter_dir, tmp)
     return MergeSummary(adapter_dir, str(base_name), out)
 
 
@@ -73,3 +74,16 @@ def link_model(folder: Path, out: Path) -> None:
                     os.link(path, tmp / path.name)
                 except OSError:  # another filesystem, or links not allowed
                     shutil.copy2(path, tmp / path.name)
+        copy_run_files(folder, tmp)
+
+
+def copy_run_files(model_dir: Path, out: Path) -> None:
+    """The run's recipe and metrics beside the merged model (a ``best/`` model's are in its parent), for its card."""
+    from tracegen.distill.model_card import RUN_FILES, run_dir
+
+    runs = run_dir(model_dir)
+    if runs is None:
+        return
+    for name in RUN_FILES:
+        if (runs / name).is_file() and not (out / name).exists():
+            shutil.copy2(runs / name, out / name)
