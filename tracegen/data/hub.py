@@ -364,7 +364,7 @@ def dataset_card(meta: dict[str, Any], repo_id: str | None = None) -> str:
 # {pretty_name}
 
 Reasoning and tool-use traces for distilling a student, made with
-[tracegen](https://github.com/) `{meta["tracegen_version"]}` from {prov["samples_in"]} input records ({origin}).
+tracegen `{meta["tracegen_version"]}` from {prov["samples_in"]} input records ({origin}).
 {stats["samples"]} samples kept after formatting. Configs (`load_dataset(..., name)`):{exports or " default"}
 
 ## Provenance

@@ -104,7 +104,7 @@ def model_card(model_dir: Path, repo_id: str, dataset_id: str | None = None) -> 
         if dataset_id
         else f"a local dataset `{dataset_meta.get('name') or public_name(str(dataset_dir))}`"
     )
-    tracegen = "[tracegen](https://github.com/)"
+    tracegen = "tracegen"  # no public home to link to yet: a placeholder link would mislead
     if adapter:
         intro = f"A LoRA adapter for {base_text}, distilled with {tracegen} on {data_text}; load it with PEFT (below)."
     elif cfg.get("method") == "lora":
