@@ -16,7 +16,7 @@ import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from tracegen.client.wire import REASONING_ITEMS
+from tracegen.client.wire import REASONING_ITEMS, loads
 from tracegen.errors import RetryableTeacherError
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ def _messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def handle_event(payload: bytes, reply: RawReply, started: float, scrub: Callable[[str], str]) -> bool:
     """One Messages stream event; True at ``message_stop``."""
-    event = json.loads(payload)
+    event = loads(payload)
     kind = event.get("type")
     if kind == "content_block_delta":
         delta = event.get("delta") or {}

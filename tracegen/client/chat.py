@@ -43,7 +43,7 @@ from pydantic import ValidationError
 from tracegen.client import anthropic_messages, responses
 from tracegen.client.http import Response, open_pool
 from tracegen.client.tools import in_code, parse_arguments, parse_text_calls
-from tracegen.client.wire import REASONING_ITEMS
+from tracegen.client.wire import REASONING_ITEMS, loads
 from tracegen.config import EndpointConfig, TeacherConfig, ToolProtocolSetting
 from tracegen.errors import DeadlineError, RetryableTeacherError, TeacherError
 from tracegen.records import (
@@ -585,7 +585,7 @@ def _handle_event(payload: bytes, reply: RawReply, started: float, scrub: Callab
     """One event's data; True for ``[DONE]``."""
     if payload == b"[DONE]":
         return True
-    event = json.loads(payload)
+    event = loads(payload)
     if "error" in event:
         err = event["error"]
         detail = err.get("message", str(err)) if isinstance(err, dict) else str(err)

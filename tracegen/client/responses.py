@@ -15,7 +15,7 @@ import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from tracegen.client.wire import REASONING_ITEMS
+from tracegen.client.wire import REASONING_ITEMS, loads
 from tracegen.errors import RetryableTeacherError, TeacherError
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def _input_items(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def handle_event(payload: bytes, reply: RawReply, started: float, scrub: Callable[[str], str]) -> bool:
     """One Responses stream event; True when the response is over (``response.completed`` and kin)."""
-    event = json.loads(payload)
+    event = loads(payload)
     kind = event.get("type")
     if kind == "response.output_text.delta":
         reply.mark_first_token(started)
