@@ -406,36 +406,36 @@ class RawReply:
         self.ttft_s: float | None = None
 
     def apply_delta(self, delta: dict[str, Any]) -> bool:
-        """Fold one delta in; True when it carried generated text or a call."""
+        """Fold one delta in; True when it carried generated text or a call.
+
+        The loop runs over the keys the delta has (one or two on the hot path), not over every key it might.
+        """
         got = False
-        text = delta.get("content")
-        if text:
-            if type(text) is str:
-                self.content.append(text)
-            else:
-                self.add_parts(text)
-            got = True
-        # vLLM sends both during its rename and reads only `reasoning` back: prefer it.
-        field: ReasoningFormat
-        for field in ("reasoning", "reasoning_content"):
-            thought = delta.get(field)
-            if thought and isinstance(thought, str):
-                self.reasoning.append(thought)
-                self.reasoning_format = field
+        for key, value in delta.items():
+            if not value:
+                continue
+            if key == "content":
+                if type(value) is str:
+                    self.content.append(value)
+                else:
+                    self.add_parts(value)
                 got = True
-                break
-        calls = delta.get("tool_calls")
-        if calls:
-            for call in calls:
-                self.add_tool_delta(call)
-            got = True
-        refusal = delta.get("refusal")
-        if refusal and isinstance(refusal, str):
-            self.refusal.append(refusal)
-            got = True
-        details = delta.get("reasoning_details")
-        if details and isinstance(details, list):
-            self.details += details
+            elif key == "reasoning" or key == "reasoning_content":
+                if type(value) is not str or (key == "reasoning_content" and _text(delta.get("reasoning"))):
+                    continue  # vLLM sends both during its rename and reads only `reasoning` back: prefer it
+                self.reasoning.append(value)
+                self.reasoning_format = "reasoning" if key == "reasoning" else "reasoning_content"
+                got = True
+            elif key == "tool_calls":
+                for call in value:
+                    self.add_tool_delta(call)
+                got = True
+            elif key == "refusal":
+                if isinstance(value, str):
+                    self.refusal.append(value)
+                    got = True
+            elif key == "reasoning_details" and isinstance(value, list):
+                self.details += value
         return got
 
     def mark_first_token(self, started: float) -> None:
@@ -507,6 +507,11 @@ class RawReply:
             completion_tokens=usage.get("completion_tokens") or 0,
             reasoning_tokens=(details.get("reasoning_tokens") if isinstance(details, dict) else 0) or 0,
         )
+
+
+def _text(value: Any) -> bool:
+    """A non-empty string."""
+    return bool(value) and isinstance(value, str)
 
 
 _SSE_STARTS = (b"data:", b":", b"event:", b"id:", b"retry:")
