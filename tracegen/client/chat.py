@@ -192,8 +192,10 @@ class ChatClient:
             self.requests += 1
             started = time.monotonic()
             try:
-                streamed = self.config.stream or self.api != "chat"  # the SDK path is chat completions only
-                raw = await (self._stream(body, started) if streamed else self._sdk_request(body, started))
+                if self.config.stream or self.api != "chat":
+                    raw = await self._post(body, started, self.config.stream)
+                else:  # non-streamed chat completions go through the SDK
+                    raw = await self._sdk_request(body, started)
             except RetryableTeacherError as exc:
                 if attempt >= self.config.max_attempts:
                     raise TeacherError(
@@ -214,14 +216,17 @@ class ChatClient:
         cap = min(self.config.backoff_max_s, self.config.backoff_base_s * 2.0 ** (attempt - 1))
         return cap / 2 + random.uniform(0, cap / 2)
 
-    async def _stream(self, body: dict[str, Any], started: float) -> RawReply:
+    async def _post(self, body: dict[str, Any], started: float, stream: bool = True) -> RawReply:
+        """One request through the pool: streamed (events folded in as they come), or, for the Responses and
+        Messages APIs with ``stream: false``, the whole reply object folded in at once."""
         handler: EventHandler
+        whole: WholeHandler | None = None  # chat completions' non-streamed path is the SDK's
         if self.api == "responses":
-            path, handler = "/responses", responses.handle_event
-            payload = json.dumps(responses.responses_body(body, self._effort)).encode()
+            path, handler, whole = "/responses", responses.handle_event, responses.handle_response
+            payload = json.dumps(responses.responses_body(body, self._effort, stream)).encode()
         elif self.api == "anthropic":
-            path, handler = "/messages", anthropic_messages.handle_event
-            payload = json.dumps(anthropic_messages.anthropic_body(body)).encode()
+            path, handler, whole = "/messages", anthropic_messages.handle_event, anthropic_messages.handle_message
+            payload = json.dumps(anthropic_messages.anthropic_body(body, stream)).encode()
         else:
             path, handler = "/chat/completions", _handle_event
             payload = json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode()
@@ -234,7 +239,11 @@ class ChatClient:
                     if resp.status != 200:
                         text = (await resp.read()).decode("utf-8", "replace")
                         raise self._status_error(resp.status, text, resp.headers.get("retry-after"))
-                    done = await _read_sse(resp, reply, started, self.scrub, handler)
+                    if stream or whole is None:
+                        done = await _read_sse(resp, reply, started, self.scrub, handler)
+                    else:
+                        whole(loads(await resp.read()), reply, self.scrub)
+                        done = True
         except TimeoutError as exc:
             if total.expired():
                 raise DeadlineError(
@@ -249,6 +258,8 @@ class ChatClient:
         if not done and reply.finish_reason is None:
             raise RetryableTeacherError("stream ended before a finish reason (dropped connection?)")
         reply.latency_s = time.monotonic() - started
+        if not stream:
+            reply.ttft_s = reply.latency_s
         return reply
 
     async def preflight(self) -> None:
@@ -518,6 +529,9 @@ _SSE_STARTS = (b"data:", b":", b"event:", b"id:", b"retry:")
 
 
 EventHandler = Callable[[bytes, "RawReply", float, Callable[[str], str]], bool]
+"""One API's streamed event (its data), folded into the reply; True when the stream said it is over."""
+WholeHandler = Callable[[Any, "RawReply", Callable[[str], str]], None]
+"""One API's whole (non-streamed) reply object, folded into the reply."""
 
 
 async def _read_sse(

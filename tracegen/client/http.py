@@ -96,6 +96,7 @@ class RawResponse:
             when = deadline.when()
             if when is None or when < now + idle_s:
                 deadline.reschedule(now + idle_s + slack)
+
         if self.headers.get("transfer-encoding", "").lower() == "chunked":
             while True:
                 size_line = await reader.readuntil(b"\r\n")

@@ -11,6 +11,7 @@ other direction's one hot spot: :func:`loads`, for every streamed event of every
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, Literal
 
 from tracegen.records import AssistantMessage, Message, SystemMessage, ToolMessage, UserMessage
@@ -82,7 +83,7 @@ def _should_echo(message: AssistantMessage, echo: ReasoningEcho) -> bool:
     return bool(message.tool_calls) and message.reasoning_format != "inline"
 
 
-_scan = json.JSONDecoder().scan_once
+_scan: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
 def loads(payload: bytes) -> Any:
