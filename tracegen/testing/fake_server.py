@@ -30,9 +30,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 Request = dict[str, Any]
+Api = Literal["chat", "responses", "anthropic"]
 
 
 @dataclass
@@ -691,7 +692,7 @@ async def _handle_one(
         return True
     model = request.get("model", "fake")
     events = reply.events if request.get("logprobs") else [_without_logprobs(e) for e in reply.events]
-    api = "responses" if path.endswith("/responses") else "anthropic" if path.endswith("/messages") else "chat"
+    api: Api = "responses" if path.endswith("/responses") else "anthropic" if path.endswith("/messages") else "chat"
     if not request.get("stream"):
         whole = _completion(events, reply.usage, model)
         _write_json(
@@ -708,12 +709,8 @@ async def _handle_one(
         b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n"
     )
-    if api == "responses":
-        frames = _named_frames(_responses_events(events, reply.usage))
-    elif api == "anthropic":
-        frames = _named_frames(_anthropic_events(events, reply.usage))
-    else:
-        frames = _chat_frames(events, reply.usage, model, request)
+    include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
+    frames = stream_frames(api, events, reply.usage, model, include_usage)
     if reply.event_delay_s < 0:
         # Two bursts separated by the given time: streamed, but cheap for the server to produce.
         half = len(frames) // 2
@@ -743,15 +740,43 @@ def _write_frames(writer: asyncio.StreamWriter, frames: list[bytes]) -> None:
         _write_chunk(writer, b"".join(frames))
 
 
-def _chat_frames(
-    events: list[dict[str, Any]], usage: dict[str, Any] | None, model: str, request: Request
+def stream_frames(
+    api: Api,
+    events: list[dict[str, Any]],
+    usage: dict[str, Any] | None,
+    model: str = "fake",
+    include_usage: bool = True,
 ) -> list[bytes]:
+    """``events`` (a script's chat deltas) as ``api`` streams them, one SSE frame each (without chat's ``[DONE]``)."""
+    if api == "responses":
+        return _named_frames(_responses_events(events, usage))
+    if api == "anthropic":
+        return _named_frames(_anthropic_events(events, usage))
     created = int(time.time())
     head = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": created, "model": model}
     frames = [{**head, "choices": [{"index": 0, **event}]} for event in events]
-    if (request.get("stream_options") or {}).get("include_usage") and usage:
+    if include_usage and usage:
         frames.append({**head, "choices": [], "usage": usage})
     return [b"data: " + _payload(f).encode() + b"\n\n" for f in frames]
+
+
+def stream_body(api: Api, reply: Reply) -> bytes:
+    """The whole streamed body of ``reply`` in ``api``'s shape (chat's ``[DONE]`` included), for tests that
+    alter the bytes (line endings, splits) and send them as ``Reply(body=...)``."""
+    return b"".join(stream_frames(api, reply.events, reply.usage)) + (b"data: [DONE]\n\n" if api == "chat" else b"")
+
+
+def mid_stream_error(api: Api, message: str) -> Reply:
+    """A 200 stream that fails at its first event, in each API's documented error shape: a chat chunk holding
+    ``error``; the Responses ``error`` event (https://platform.openai.com/docs/api-reference/responses-streaming/error);
+    the Messages ``error`` event (https://docs.anthropic.com/en/docs/build-with-claude/streaming#error-events)."""
+    if api == "responses":
+        event: dict[str, Any] = {"type": "error", "code": "server_error", "message": message, "param": None}
+    elif api == "anthropic":
+        event = {"type": "error", "error": {"type": "overloaded_error", "message": message}}
+    else:
+        return Reply(body=[b"data: " + json.dumps({"error": {"message": message}}).encode() + b"\n\n"])
+    return Reply(body=_named_frames([event]))
 
 
 def _payload(frame: dict[str, Any]) -> str:
@@ -855,7 +880,7 @@ def _anthropic_events(events: list[dict[str, Any]], usage: dict[str, Any] | None
     thinking block (``thinking_delta``s, then a ``signature_delta``), a text block, ``tool_use`` blocks with
     ``input_json_delta``s, then ``message_delta`` with the stop reason and usage, and ``message_stop``."""
     usage = usage or {}
-    start = {"id": "msg_fake", "type": "message", "role": "assistant", "content": []}
+    start: dict[str, Any] = {"id": "msg_fake", "type": "message", "role": "assistant", "content": []}
     start["usage"] = {"input_tokens": usage.get("prompt_tokens", 0), "output_tokens": 1}
     out: list[dict[str, Any]] = [{"type": "message_start", "message": start}]
     index, kind = -1, None
