@@ -84,12 +84,13 @@ class RawResponse:
 
         Moving the deadline on every chunk would cancel and re-arm a timer each time (a tenth of the
         client's CPU at ~20 chunks a turn); it is moved only when it is nearer than the read timeout, and
-        then a little past it, so the silence allowed is between the read timeout and that plus ``slack``.
+        then a little past it, so the silence allowed is between the read timeout and that plus
+        :func:`_slack` (the request starts with that much too, so a quick reply never moves it at all).
         """
         reader = self._conn.reader
         loop = asyncio.get_running_loop()
         deadline, idle_s = self._deadline, self._idle_s
-        slack = min(1.0, idle_s / 10)
+        slack = _slack(idle_s)
 
         def extend() -> None:
             now = loop.time()
@@ -126,6 +127,11 @@ class RawResponse:
 
     async def read(self) -> bytes:
         return b"".join([chunk async for chunk in self.iter_bytes()])
+
+
+def _slack(idle_s: float) -> float:
+    """How far past the read timeout a silence may last before it counts (see ``RawResponse.iter_bytes``)."""
+    return min(1.0, idle_s / 10)
 
 
 class ConnectionPool:
@@ -170,7 +176,7 @@ class ConnectionPool:
         head = [f"{method} {self.prefix}{path} HTTP/1.1", f"Host: {self.host_header}", f"Content-Length: {len(body)}"]
         head += [f"{k}: {v}" for k, v in headers.items()]
         request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
-        async with asyncio.timeout(self.read_timeout) as deadline:
+        async with asyncio.timeout(self.read_timeout + _slack(self.read_timeout)) as deadline:
             response = await self._send(request, deadline)
             try:
                 yield response
