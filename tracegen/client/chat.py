@@ -1,11 +1,12 @@
 """The OpenAI-compatible chat client shared by the teacher, the tool simulator and (later) the judge.
 
 Streaming (the default) reads Server-Sent Events straight off a keep-alive connection
-(:mod:`tracegen.client.http`) and parses each ``data:`` line with ``json.loads``: at hundreds of concurrent
-trajectories the per-chunk and per-request costs are the client's whole CPU budget, and the SDK's
-per-chunk pydantic objects (or httpx's pool bookkeeping) cost several times this loop.
-Non-streaming requests (``stream: false``) go through the ``openai`` SDK. Both paths end in
-:func:`assemble`, so a reply means the same thing however it arrived.
+(:mod:`tracegen.client.http`) and parses each ``data:`` line with :func:`tracegen.client.wire.loads`: at
+hundreds of concurrent trajectories the per-chunk and per-request costs are the client's whole CPU budget,
+and the SDK's per-chunk pydantic objects (or httpx's pool bookkeeping) cost several times this loop.
+Non-streaming chat requests (``stream: false``) go through the ``openai`` SDK; the Responses and Messages
+APIs then fetch the whole reply object over the same pool. Every path ends in :func:`assemble`, so a reply
+means the same thing however it arrived.
 
 What a reply may look like, all handled:
 
