@@ -1,4 +1,5 @@
-"""Collect throughput benchmark: tracegen against inspect_ai, on one fake OpenAI-compatible server.
+"""Collect throughput benchmark: tracegen against inspect_ai, on one fake OpenAI-compatible server, and
+tracegen's three teacher APIs (chat completions, Responses, Anthropic Messages) against each other.
 
 What is measured (``python bench/collect.py``; ``--quick`` for a smoke run of a few seconds):
 
@@ -16,16 +17,21 @@ What is measured (``python bench/collect.py``; ``--quick`` for a smoke run of a 
   (``memory://``), realtime sample buffer, control socket and trace log off.
 - Each engine level runs in a fresh subprocess: one warm-up run (imports, first connections), then
   the measured run. Client CPU is ``time.process_time()`` (all threads) around the measured run only.
+- The ``tracegen-responses`` and ``tracegen-anthropic`` levels run the same collect with ``teacher.api:
+  responses`` / ``anthropic``: the same server and script, whose replies it streams in that API's events
+  (the simulator stays on chat completions, as it does in a real run).
 - Ideal bound: ``concurrency / (turns x latency)`` trajectories per second.
 
-Targets (issue 2): >= 0.9 of the bound at concurrency 64 / 200 ms and at 256 / 1000 ms; <= 2.5 ms of
-client CPU per streamed turn; >= 4x inspect_ai's trajectories per second at concurrency 64.
+Targets: >= 0.9 of the bound at concurrency 64 / 200 ms and at 256 / 1000 ms; <= 2.5 ms of client CPU per
+streamed turn; >= 4x inspect_ai's trajectories per second at concurrency 64 (issue 2); <= 1 ms of client
+CPU per turn for the chat API at concurrency 64 / 200 ms, and every API's ratio to the bound (issue 15).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -39,14 +45,15 @@ from pathlib import Path
 from typing import Any
 
 TURNS = 4
+APIS = ("responses", "anthropic")  # teacher.api levels beside chat completions
 PROMPT = "Compute 6 * 7 with the python tool, then state the answer."
 
 
 @dataclass(frozen=True)
 class Level:
-    engine: (
-        str  # "tracegen" | "tracegen-docker" (sandbox, recycled containers) | "tracegen-docker-fresh" | "inspect_ai"
-    )
+    engine: str
+    """tracegen | tracegen-responses | tracegen-anthropic (teacher.api) | tracegen-docker (sandbox, recycled
+    containers) | tracegen-docker-fresh | inspect_ai"""
     concurrency: int
     latency_s: float
     trajectories: int
@@ -99,9 +106,11 @@ def plan(quick: bool, docker: bool = False) -> list[Level]:
         return [
             Level("tracegen", 1, 0.05, 2),
             Level("tracegen", 16, 0.05, 32),
+            *(Level(f"tracegen-{api}", 16, 0.05, 32) for api in APIS),
             Level("inspect_ai", 16, 0.05, 32),
         ]
     levels = [Level("tracegen", c, 0.2, max(8, 4 * c)) for c in (1, 16, 64, 256)]
+    levels[3:3] = [Level(f"tracegen-{api}", 64, 0.2, 4 * 64) for api in APIS]  # beside chat's, same load
     levels.append(Level("tracegen", 256, 1.0, 4 * 256))
     levels.append(Level("inspect_ai", 64, 0.2, 4 * 64))
     if docker:
@@ -193,7 +202,12 @@ def _write_tasks(path: Path, n: int, prefix: str) -> None:
 
 
 def work_tracegen(
-    base_url: str, concurrency: int, trajectories: int, runtime: str = "simulated", recycle: bool = True
+    base_url: str,
+    concurrency: int,
+    trajectories: int,
+    runtime: str = "simulated",
+    recycle: bool = True,
+    api: str = "chat",
 ) -> dict[str, Any]:
     from tracegen.collect.driver import run_collect
     from tracegen.config import CollectConfig
@@ -206,7 +220,7 @@ def work_tracegen(
             return CollectConfig.model_validate(
                 {
                     "tasks": str(root / f"{name}.jsonl"),
-                    "teacher": {"base_url": base_url, "model": "fake"},
+                    "teacher": {"base_url": base_url, "model": "fake", "api": api},
                     "runtime": runtime,
                     # 512m: the engine's default capacity (its memory / mem_limit) is 23 containers of
                     # 1g on a 24 GiB machine, fewer than the 32 trajectories in flight.
@@ -412,8 +426,22 @@ def verdicts(results: list[Result], quick: bool) -> list[str]:
             f"ratio inspect_ai/tracegen client CPU per turn: {cpu_ratio:.2f}x "
             f"({peer.cpu_ms_per_turn:.2f} vs {ours.cpu_ms_per_turn:.2f} ms)"
         )
+    chat = find("tracegen", peer_c, peer_latency)
+    for api in APIS:
+        other = find(f"tracegen-{api}", peer_c, peer_latency)
+        if chat and other:
+            lines.append(
+                f"teacher.api {api} vs chat at concurrency {peer_c}, {peer_latency * 1000:.0f} ms: "
+                f"{other.fraction:.2f} vs {chat.fraction:.2f} of the bound, "
+                f"{other.cpu_ms_per_turn:.2f} vs {chat.cpu_ms_per_turn:.2f} ms CPU/turn"
+            )
     if quick:
         return lines
+    if chat:
+        lines.append(
+            f"tracegen chat API client CPU per turn at concurrency 64, 200 ms: {chat.cpu_ms_per_turn:.2f} ms  "
+            f"[target <= 1 ms: {mark(chat.cpu_ms_per_turn <= 1.0)}]"
+        )
     for c, latency in ((64, 0.2), (256, 1.0)):
         r = find("tracegen", c, latency)
         if r:
@@ -464,7 +492,13 @@ def main() -> int:
     parser.add_argument("--latency", type=float, default=0.2, help=argparse.SUPPRESS)
     parser.add_argument(
         "--worker",
-        choices=["tracegen", "tracegen-docker", "tracegen-docker-fresh", "inspect_ai"],
+        choices=[
+            "tracegen",
+            *(f"tracegen-{api}" for api in APIS),
+            "tracegen-docker",
+            "tracegen-docker-fresh",
+            "inspect_ai",
+        ],
         help=argparse.SUPPRESS,
     )
     parser.add_argument(
@@ -485,13 +519,17 @@ def main() -> int:
         else:
             runtime = "docker" if args.worker.startswith("tracegen-docker") else "simulated"
             recycle = args.worker != "tracegen-docker-fresh"
-            result = work_tracegen(args.base_url, args.concurrency, args.trajectories, runtime, recycle)
+            api = args.worker.removeprefix("tracegen-") if args.worker.removeprefix("tracegen-") in APIS else "chat"
+            result = work_tracegen(args.base_url, args.concurrency, args.trajectories, runtime, recycle, api)
         print(json.dumps(result), flush=True)
         return 0
 
     levels = plan(args.quick, args.docker or args.docker_only)
     if args.docker_only:
         levels = [level for level in levels if level.engine.startswith("tracegen-docker")]
+    if importlib.util.find_spec("inspect_ai") is None:
+        print("# inspect_ai is not installed (pip install -e '.[bench]'): its level is skipped", file=sys.stderr)
+        levels = [level for level in levels if level.engine != "inspect_ai"]
     started = time.perf_counter()
     print(
         f"# collect benchmark: {TURNS}-turn trajectories, {args.chunks} deltas per reply, simulator latency "
@@ -508,7 +546,7 @@ def main() -> int:
             result = run_level(level, servers[level.latency_s], timeout_s=120 if args.quick else 600)
             results.append(result)
             print(
-                f"  {level.engine:<10} c={level.concurrency:<4} {level.latency_s * 1000:>5.0f} ms: "
+                f"  {level.engine:<18} c={level.concurrency:<4} {level.latency_s * 1000:>5.0f} ms: "
                 f"{result.throughput:7.1f} traj/s ({result.fraction:.2f} of bound), "
                 f"{result.cpu_ms_per_turn:.2f} ms CPU/turn",
                 file=sys.stderr,

@@ -19,12 +19,23 @@ from tracegen.collect.driver import run_collect
 from tracegen.config import CollectConfig, TeacherConfig
 from tracegen.errors import DeadlineError, TeacherError
 from tracegen.records import AssistantMessage, Trajectory
-from tracegen.testing.fake_server import FakeServer, ReactScript, Reply, Scripted, error_reply, text_reply
+from tracegen.testing.fake_server import (
+    Api,
+    FakeServer,
+    ReactScript,
+    Reply,
+    Scripted,
+    error_reply,
+    mid_stream_error,
+    stream_body,
+    text_reply,
+)
 
 from .conftest import SECRET, make_config
 
 Start = Callable[..., FakeServer]
 MESSAGES = [{"role": "user", "content": "hi"}]
+APIS: list[Api] = ["chat", "responses", "anthropic"]  # the hostile-byte tests run through each API's event handler
 
 
 def client_for(base_url: str, **cfg: Any) -> TeacherConfig:
@@ -105,10 +116,10 @@ def test_openai_base_url_is_honoured(fake_server: Start, monkeypatch: pytest.Mon
 # --- 10. secrets ----------------------------------------------------------------------------------
 
 
-def test_key_in_a_mid_stream_error_never_reaches_the_record(fake_server: Start, tmp_path: Path) -> None:
-    leak = json.dumps({"error": {"message": "upstream said: " + "x" * 250 + f" key={SECRET}"}})
-    server = fake_server(Scripted([Reply(events=[{"raw": leak}])]))
-    config = make_config(server.base_url, one_task(tmp_path), teacher={"max_attempts": 1})
+@pytest.mark.parametrize("api", APIS)
+def test_key_in_a_mid_stream_error_never_reaches_the_record(fake_server: Start, tmp_path: Path, api: Api) -> None:
+    server = fake_server(Scripted([mid_stream_error(api, "upstream said: " + "x" * 250 + f" key={SECRET}")]))
+    config = make_config(server.base_url, one_task(tmp_path), teacher={"max_attempts": 1, "api": api})
     trajectory = collect_one(tmp_path, config)
     assert trajectory.stop_reason == "error" and "***" in trajectory.errors[0].message
     assert SECRET[:8] not in (tmp_path / "run" / "trajectories.jsonl").read_text()
@@ -130,14 +141,13 @@ def test_simulator_on_another_host_gets_no_teacher_key(fake_server: Start, tmp_p
 # --- 11. one bad reply never ends the run --------------------------------------------------------
 
 
-def chunk(delta: dict[str, Any]) -> dict[str, Any]:
-    return {"raw": json.dumps({"choices": [{"index": 0, "delta": delta}]})}
-
-
-def test_surrogate_pair_split_across_deltas_is_joined(fake_server: Start, tmp_path: Path) -> None:
-    events = [chunk({"content": "smile \ud83d"}), chunk({"content": "\ude00"}), {"delta": {}, "finish_reason": "stop"}]
+@pytest.mark.parametrize("api", APIS)
+def test_surrogate_pair_split_across_deltas_is_joined(fake_server: Start, tmp_path: Path, api: Api) -> None:
+    # Each delta JSON-escaped on its own (as a server splitting UTF-16 does): "\ud83d" in one, "\ude00" in the next.
+    events = [{"delta": {"content": "smile \ud83d"}}, {"delta": {"content": "\ude00"}}, {"finish_reason": "stop"}]
+    assert b"\\ud83d" in stream_body(api, Reply(events=events))
     server = fake_server(Scripted([Reply(events=events)]))
-    trajectory = collect_one(tmp_path, make_config(server.base_url, one_task(tmp_path)))
+    trajectory = collect_one(tmp_path, make_config(server.base_url, one_task(tmp_path), teacher={"api": api}))
     assert trajectory.final_answer == "smile \U0001f600"
 
 
@@ -160,12 +170,17 @@ def test_a_trajectory_no_record_can_hold_is_recorded_as_an_error(fake_server: St
 # --- 12. deadlines --------------------------------------------------------------------------------
 
 
-def test_keep_alive_comments_forever_hit_the_request_deadline(fake_server: Start) -> None:
-    forever = Reply(body=[b": keep-alive\n\n"] * 2000, event_delay_s=0.01)
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("trickle", ["keep-alive", "tokens"])
+def test_a_stream_that_never_ends_hits_the_request_deadline(fake_server: Start, api: Api, trickle: str) -> None:
+    if trickle == "keep-alive":
+        forever = Reply(body=[b": keep-alive\n\n"] * 2000, event_delay_s=0.01)
+    else:  # a token every 10 ms, for 20 s: each read is quick, the whole is not
+        forever = Reply(events=[{"delta": {"content": "x"}}] * 2000, event_delay_s=0.01)
     server = fake_server(Scripted([forever]))
     started = time.monotonic()
     with pytest.raises(DeadlineError, match=r"deadline of 0\.5 s"):
-        run(client_for(server.base_url, request_timeout_s=0.5, timeout_s=5))
+        run(client_for(server.base_url, request_timeout_s=0.5, timeout_s=5, api=api))
     assert time.monotonic() - started < 3 and len(server.requests) == 1  # not retried
 
 
@@ -198,7 +213,6 @@ LO = json.dumps({"choices": [{"index": 0, "delta": {"content": "lo"}, "finish_re
 @pytest.mark.parametrize(
     "body",
     [
-        [f"data: {json.dumps(CHUNK)}\r\rdata: [DONE]\r\r".encode()],  # CR-only line endings
         [f"data: {HEL}\r".encode(), f"\n\rdata: {LO}\r\r".encode()],  # a CRLF split across chunks, then CR
         [b'data: {"choices": [{"index": 0,\ndata: "delta": {"content": "hello"}, "finish_reason": "stop"}]}\n\n'],
         [
@@ -208,7 +222,7 @@ LO = json.dumps({"choices": [{"index": 0, "delta": {"content": "lo"}, "finish_re
             + f"data: {LO}".encode()
         ],  # fields, no space after the colon, no blank line after the last event
     ],
-    ids=["cr", "crlf-split-then-cr", "multi-line-data", "fields-and-multi-line-no-final-blank"],
+    ids=["crlf-split-then-cr", "multi-line-data", "fields-and-multi-line-no-final-blank"],
 )
 def test_valid_sse_variants_are_read(fake_server: Start, body: list[bytes]) -> None:
     server = fake_server(Scripted([Reply(body=body)]))
@@ -216,6 +230,16 @@ def test_valid_sse_variants_are_read(fake_server: Start, body: list[bytes]) -> N
     assert (reply.content, reply.finish_reason) == ("hello", "stop")
 
 
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("ending", [b"\r", b"\r\n"], ids=["cr", "crlf"])
+def test_other_line_endings_on_every_api(fake_server: Start, api: Api, ending: bytes) -> None:
+    body = stream_body(api, text_reply("hello", reasoning="think"))
+    server = fake_server(Scripted([Reply(body=[body.replace(b"\n", ending)])]))
+    reply: AssistantMessage = run(client_for(server.base_url, api=api))
+    assert (reply.content, reply.reasoning, reply.finish_reason) == ("hello", "think", "stop")
+
+
+@pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize(
     ("reply", "named"),
     [
@@ -227,10 +251,10 @@ def test_valid_sse_variants_are_read(fake_server: Start, body: list[bytes]) -> N
     ],
     ids=["html", "gzip"],
 )
-def test_a_200_that_is_not_sse_is_named(fake_server: Start, reply: Reply, named: str) -> None:
+def test_a_200_that_is_not_sse_is_named(fake_server: Start, reply: Reply, named: str, api: Api) -> None:
     server = fake_server(Scripted([reply]))
     with pytest.raises(TeacherError, match="not") as info:
-        run(client_for(server.base_url))
+        run(client_for(server.base_url, api=api))
     assert named in info.value.message and "dropped" not in info.value.message
     assert len(server.requests) == 1
 

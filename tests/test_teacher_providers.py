@@ -22,6 +22,7 @@ from tracegen.records import AssistantMessage, Message, Observation, SystemMessa
 from tracegen.testing.fake_server import (
     FakeServer,
     Provider,
+    Reply,
     Scripted,
     anthropic_reply,
     gemini_tool_call_reply,
@@ -331,6 +332,50 @@ def test_anthropic_thinking_blocks_are_kept_and_echoed_unmodified(fake_server: S
     again = fake_server(Provider("anthropic", Scripted([anthropic_reply(thinking="t", calls=[("python", ARGS)])])))
     with pytest.raises(TeacherError, match="Expected `thinking` or `redacted_thinking`"):
         converse(again, api="anthropic", reasoning_echo="never")
+
+
+def test_responses_summary_parts_are_paragraphs(fake_server: Start) -> None:
+    """Each summary part arrives as part.added, its deltas, part.done: parts are joined, nothing trails."""
+    events: list[dict[str, Any]] = []
+    for n, text in enumerate(["First I plan.", "Then I check."]):
+        events.append({"type": "response.reasoning_summary_part.added", "item_id": "rs_1", "summary_index": n})
+        events.append({"type": "response.reasoning_summary_text.delta", "item_id": "rs_1", "delta": text})
+        events.append({"type": "response.reasoning_summary_part.done", "item_id": "rs_1", "summary_index": n})
+    events.append({"type": "response.output_text.delta", "item_id": "msg_1", "delta": "42"})
+    events.append({"type": "response.completed", "response": {"usage": {}}})
+    server = fake_server(Scripted([Reply(body=[f"data: {json.dumps(e)}\n\n".encode() for e in events])]))
+    [reply] = converse(server, turns=1, api="responses")
+    assert (reply.reasoning, reply.content) == ("First I plan.\n\nThen I check.", "42")
+
+
+# --- 7 and 8 without streaming --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("api", "provider"), [("responses", "openai_responses"), ("anthropic", "anthropic")])
+def test_non_streamed_reply_is_the_streamed_one(fake_server: Start, api: str, provider: str) -> None:
+    """``stream: false`` asks for the whole object (the provider's non-streamed shape) and records the same turns,
+    reasoning, continuation state and calls as streaming does; the fake provider refuses a wrong echo."""
+
+    def script() -> Scripted:
+        tool_turn = tool_call_reply([("python", ARGS)], reasoning="plan the call")
+        return Scripted([tool_turn, text_reply("The answer is 42.", reasoning="read the output")])
+
+    streamed_server, whole_server = fake_server(Provider(provider, script())), fake_server(Provider(provider, script()))
+    streamed = converse(streamed_server, api=api)
+    whole = converse(whole_server, api=api, stream=False)
+    assert [r["stream"] for r in whole_server.requests] == [False, False]
+    assert [r["stream"] for r in streamed_server.requests] == [True, True]
+    timing = {"latency_s": 0.0, "ttft_s": None}
+    assert [m.model_copy(update=timing) for m in whole] == [m.model_copy(update=timing) for m in streamed]
+    first, second = whole
+    assert (first.reasoning, first.finish_reason, [c.name for c in first.tool_calls]) == (
+        "plan the call",
+        "tool_calls",
+        ["python"],
+    )
+    assert json.loads(first.tool_calls[0].arguments) == json.loads(ARGS)
+    assert (first.echo or {})["reasoning_items"], "the reasoning state to echo was kept"
+    assert (second.content, second.finish_reason, second.reasoning) == ("The answer is 42.", "stop", "read the output")
 
 
 def test_anthropic_top_logprobs_is_refused_up_front() -> None:

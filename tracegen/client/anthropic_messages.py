@@ -16,7 +16,7 @@ import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from tracegen.client.wire import REASONING_ITEMS
+from tracegen.client.wire import REASONING_ITEMS, loads
 from tracegen.errors import RetryableTeacherError
 
 if TYPE_CHECKING:
@@ -29,15 +29,15 @@ NOT_SENT = ("reasoning_effort", "seed")
 STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "tool_use": "tool_calls", "max_tokens": "length"}
 
 
-def anthropic_body(chat: dict[str, Any]) -> dict[str, Any]:
-    """A chat-completions request body -> the Messages request body (streamed)."""
+def anthropic_body(chat: dict[str, Any], stream: bool = True) -> dict[str, Any]:
+    """A chat-completions request body -> the Messages request body."""
     system = "\n\n".join(m["content"] for m in chat["messages"] if m["role"] == "system" and m["content"])
     limit = chat.get("max_completion_tokens", chat.get("max_tokens"))
     body: dict[str, Any] = {
         "model": chat["model"],
         "max_tokens": limit or DEFAULT_MAX_TOKENS,
         "messages": _messages(chat["messages"]),
-        "stream": True,
+        "stream": stream,
     }
     if system:
         body["system"] = system
@@ -83,7 +83,7 @@ def _messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def handle_event(payload: bytes, reply: RawReply, started: float, scrub: Callable[[str], str]) -> bool:
     """One Messages stream event; True at ``message_stop``."""
-    event = json.loads(payload)
+    event = loads(payload)
     kind = event.get("type")
     if kind == "content_block_delta":
         delta = event.get("delta") or {}
@@ -126,7 +126,36 @@ def handle_event(payload: bytes, reply: RawReply, started: float, scrub: Callabl
     elif kind == "message_stop":
         return True
     elif kind == "error":
-        error = event.get("error") or {}
-        detail = error.get("message", str(error)) if isinstance(error, dict) else str(error)
-        raise RetryableTeacherError(f"server error mid-stream: {scrub(detail)}")
+        _raise_error(event, scrub)
     return False
+
+
+def handle_message(message: Any, reply: RawReply, scrub: Callable[[str], str]) -> None:
+    """A whole (non-streamed) message, folded in as its stream would have been."""
+    if isinstance(message, dict) and message.get("type") == "error":
+        _raise_error(message, scrub)
+    if not isinstance(message, dict) or not isinstance(message.get("content"), list):
+        raise ValueError(f"not a Messages API message: {scrub(str(message))}")
+    for index, block in enumerate(message["content"]):
+        btype = block.get("type")
+        if btype == "thinking":
+            reply.reasoning.append(block.get("thinking") or "")
+            reply.reasoning_format = "reasoning"
+            reply.items.append(dict(block))  # signature included: echoed unmodified
+        elif btype == "redacted_thinking":
+            reply.items.append(dict(block))
+        elif btype == "text":
+            reply.content.append(block.get("text") or "")
+        elif btype == "tool_use":
+            fn = {"name": block.get("name"), "arguments": json.dumps(block.get("input") or {})}
+            reply.add_tool_delta({"index": index, "id": block.get("id"), "function": fn})
+    stop = message.get("stop_reason")
+    reply.finish_reason = STOP_REASONS.get(stop, stop) if stop else None
+    usage = message.get("usage") or {}
+    reply.set_usage({"prompt_tokens": usage.get("input_tokens"), "completion_tokens": usage.get("output_tokens")})
+
+
+def _raise_error(event: dict[str, Any], scrub: Callable[[str], str]) -> None:
+    error = event.get("error") or {}
+    detail = error.get("message", str(error)) if isinstance(error, dict) else str(error)
+    raise RetryableTeacherError(f"server error mid-stream: {scrub(detail)}")

@@ -1,11 +1,12 @@
 """The OpenAI-compatible chat client shared by the teacher, the tool simulator and (later) the judge.
 
 Streaming (the default) reads Server-Sent Events straight off a keep-alive connection
-(:mod:`tracegen.client.http`) and parses each ``data:`` line with ``json.loads``: at hundreds of concurrent
-trajectories the per-chunk and per-request costs are the client's whole CPU budget, and the SDK's
-per-chunk pydantic objects (or httpx's pool bookkeeping) cost several times this loop.
-Non-streaming requests (``stream: false``) go through the ``openai`` SDK. Both paths end in
-:func:`assemble`, so a reply means the same thing however it arrived.
+(:mod:`tracegen.client.http`) and parses each ``data:`` line with :func:`tracegen.client.wire.loads`: at
+hundreds of concurrent trajectories the per-chunk and per-request costs are the client's whole CPU budget,
+and the SDK's per-chunk pydantic objects (or httpx's pool bookkeeping) cost several times this loop.
+Non-streaming chat requests (``stream: false``) go through the ``openai`` SDK; the Responses and Messages
+APIs then fetch the whole reply object over the same pool. Every path ends in :func:`assemble`, so a reply
+means the same thing however it arrived.
 
 What a reply may look like, all handled:
 
@@ -43,7 +44,7 @@ from pydantic import ValidationError
 from tracegen.client import anthropic_messages, responses
 from tracegen.client.http import Response, open_pool
 from tracegen.client.tools import in_code, parse_arguments, parse_text_calls
-from tracegen.client.wire import REASONING_ITEMS
+from tracegen.client.wire import REASONING_ITEMS, loads
 from tracegen.config import EndpointConfig, TeacherConfig, ToolProtocolSetting
 from tracegen.errors import DeadlineError, RetryableTeacherError, TeacherError
 from tracegen.records import (
@@ -192,8 +193,10 @@ class ChatClient:
             self.requests += 1
             started = time.monotonic()
             try:
-                streamed = self.config.stream or self.api != "chat"  # the SDK path is chat completions only
-                raw = await (self._stream(body, started) if streamed else self._sdk_request(body, started))
+                if self.config.stream or self.api != "chat":
+                    raw = await self._post(body, started, self.config.stream)
+                else:  # non-streamed chat completions go through the SDK
+                    raw = await self._sdk_request(body, started)
             except RetryableTeacherError as exc:
                 if attempt >= self.config.max_attempts:
                     raise TeacherError(
@@ -214,14 +217,17 @@ class ChatClient:
         cap = min(self.config.backoff_max_s, self.config.backoff_base_s * 2.0 ** (attempt - 1))
         return cap / 2 + random.uniform(0, cap / 2)
 
-    async def _stream(self, body: dict[str, Any], started: float) -> RawReply:
+    async def _post(self, body: dict[str, Any], started: float, stream: bool = True) -> RawReply:
+        """One request through the pool: streamed (events folded in as they come), or, for the Responses and
+        Messages APIs with ``stream: false``, the whole reply object folded in at once."""
         handler: EventHandler
+        whole: WholeHandler | None = None  # chat completions' non-streamed path is the SDK's
         if self.api == "responses":
-            path, handler = "/responses", responses.handle_event
-            payload = json.dumps(responses.responses_body(body, self._effort)).encode()
+            path, handler, whole = "/responses", responses.handle_event, responses.handle_response
+            payload = json.dumps(responses.responses_body(body, self._effort, stream)).encode()
         elif self.api == "anthropic":
-            path, handler = "/messages", anthropic_messages.handle_event
-            payload = json.dumps(anthropic_messages.anthropic_body(body)).encode()
+            path, handler, whole = "/messages", anthropic_messages.handle_event, anthropic_messages.handle_message
+            payload = json.dumps(anthropic_messages.anthropic_body(body, stream)).encode()
         else:
             path, handler = "/chat/completions", _handle_event
             payload = json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode()
@@ -234,7 +240,11 @@ class ChatClient:
                     if resp.status != 200:
                         text = (await resp.read()).decode("utf-8", "replace")
                         raise self._status_error(resp.status, text, resp.headers.get("retry-after"))
-                    done = await _read_sse(resp, reply, started, self.scrub, handler)
+                    if stream or whole is None:
+                        done = await _read_sse(resp, reply, started, self.scrub, handler)
+                    else:
+                        whole(loads(await resp.read()), reply, self.scrub)
+                        done = True
         except TimeoutError as exc:
             if total.expired():
                 raise DeadlineError(
@@ -249,6 +259,8 @@ class ChatClient:
         if not done and reply.finish_reason is None:
             raise RetryableTeacherError("stream ended before a finish reason (dropped connection?)")
         reply.latency_s = time.monotonic() - started
+        if not stream:
+            reply.ttft_s = reply.latency_s
         return reply
 
     async def preflight(self) -> None:
@@ -406,36 +418,36 @@ class RawReply:
         self.ttft_s: float | None = None
 
     def apply_delta(self, delta: dict[str, Any]) -> bool:
-        """Fold one delta in; True when it carried generated text or a call."""
+        """Fold one delta in; True when it carried generated text or a call.
+
+        The loop runs over the keys the delta has (one or two on the hot path), not over every key it might.
+        """
         got = False
-        text = delta.get("content")
-        if text:
-            if type(text) is str:
-                self.content.append(text)
-            else:
-                self.add_parts(text)
-            got = True
-        # vLLM sends both during its rename and reads only `reasoning` back: prefer it.
-        field: ReasoningFormat
-        for field in ("reasoning", "reasoning_content"):
-            thought = delta.get(field)
-            if thought and isinstance(thought, str):
-                self.reasoning.append(thought)
-                self.reasoning_format = field
+        for key, value in delta.items():
+            if not value:
+                continue
+            if key == "content":
+                if type(value) is str:
+                    self.content.append(value)
+                else:
+                    self.add_parts(value)
                 got = True
-                break
-        calls = delta.get("tool_calls")
-        if calls:
-            for call in calls:
-                self.add_tool_delta(call)
-            got = True
-        refusal = delta.get("refusal")
-        if refusal and isinstance(refusal, str):
-            self.refusal.append(refusal)
-            got = True
-        details = delta.get("reasoning_details")
-        if details and isinstance(details, list):
-            self.details += details
+            elif key == "reasoning" or key == "reasoning_content":
+                if type(value) is not str or (key == "reasoning_content" and _text(delta.get("reasoning"))):
+                    continue  # vLLM sends both during its rename and reads only `reasoning` back: prefer it
+                self.reasoning.append(value)
+                self.reasoning_format = "reasoning" if key == "reasoning" else "reasoning_content"
+                got = True
+            elif key == "tool_calls":
+                for call in value:
+                    self.add_tool_delta(call)
+                got = True
+            elif key == "refusal":
+                if isinstance(value, str):
+                    self.refusal.append(value)
+                    got = True
+            elif key == "reasoning_details" and isinstance(value, list):
+                self.details += value
         return got
 
     def mark_first_token(self, started: float) -> None:
@@ -509,10 +521,18 @@ class RawReply:
         )
 
 
+def _text(value: Any) -> bool:
+    """A non-empty string."""
+    return bool(value) and isinstance(value, str)
+
+
 _SSE_STARTS = (b"data:", b":", b"event:", b"id:", b"retry:")
 
 
 EventHandler = Callable[[bytes, "RawReply", float, Callable[[str], str]], bool]
+"""One API's streamed event (its data), folded into the reply; True when the stream said it is over."""
+WholeHandler = Callable[[Any, "RawReply", Callable[[str], str]], None]
+"""One API's whole (non-streamed) reply object, folded into the reply."""
 
 
 async def _read_sse(
@@ -585,7 +605,7 @@ def _handle_event(payload: bytes, reply: RawReply, started: float, scrub: Callab
     """One event's data; True for ``[DONE]``."""
     if payload == b"[DONE]":
         return True
-    event = json.loads(payload)
+    event = loads(payload)
     if "error" in event:
         err = event["error"]
         detail = err.get("message", str(err)) if isinstance(err, dict) else str(err)

@@ -11,11 +11,10 @@ as chat deltas, so the record is the same ``AssistantMessage`` whichever API pro
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from tracegen.client.wire import REASONING_ITEMS
+from tracegen.client.wire import REASONING_ITEMS, loads
 from tracegen.errors import RetryableTeacherError, TeacherError
 
 if TYPE_CHECKING:
@@ -24,12 +23,12 @@ if TYPE_CHECKING:
 _SAMPLING = ("temperature", "top_p", "seed")
 
 
-def responses_body(chat: dict[str, Any], reasoning_effort: str | None) -> dict[str, Any]:
-    """A chat-completions request body -> the Responses request body (streamed, nothing stored)."""
+def responses_body(chat: dict[str, Any], reasoning_effort: str | None, stream: bool = True) -> dict[str, Any]:
+    """A chat-completions request body -> the Responses request body (nothing stored)."""
     body: dict[str, Any] = {
         "model": chat["model"],
         "input": _input_items(chat["messages"]),
-        "stream": True,
+        "stream": stream,
         "store": False,
         "include": ["reasoning.encrypted_content"],
         "reasoning": {"summary": "auto", **({"effort": reasoning_effort} if reasoning_effort else {})},
@@ -72,7 +71,7 @@ def _input_items(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def handle_event(payload: bytes, reply: RawReply, started: float, scrub: Callable[[str], str]) -> bool:
     """One Responses stream event; True when the response is over (``response.completed`` and kin)."""
-    event = json.loads(payload)
+    event = loads(payload)
     kind = event.get("type")
     if kind == "response.output_text.delta":
         reply.mark_first_token(started)
@@ -81,7 +80,7 @@ def handle_event(payload: bytes, reply: RawReply, started: float, scrub: Callabl
         reply.mark_first_token(started)
         reply.reasoning.append(event.get("delta") or "")
         reply.reasoning_format = "reasoning"
-    elif kind == "response.reasoning_summary_part.done" and reply.reasoning:
+    elif kind == "response.reasoning_summary_part.added" and reply.reasoning:
         reply.reasoning.append("\n\n")  # summary parts are paragraphs
     elif kind == "response.output_item.added" and (event.get("item") or {}).get("type") == "function_call":
         item = event["item"]
@@ -92,28 +91,66 @@ def handle_event(payload: bytes, reply: RawReply, started: float, scrub: Callabl
     elif kind == "response.output_item.done" and (event.get("item") or {}).get("type") == "reasoning":
         reply.items.append(event["item"])  # whole, encrypted_content included: echoed verbatim
     elif kind in ("response.completed", "response.incomplete"):
-        response = event.get("response") or {}
-        reason = (response.get("incomplete_details") or {}).get("reason")
-        if kind == "response.incomplete":
-            reply.finish_reason = "length" if reason == "max_output_tokens" else (reason or "incomplete")
-        else:
-            reply.finish_reason = "tool_calls" if reply.tools else "stop"
-        usage = response.get("usage") or {}
-        details = usage.get("output_tokens_details") or {}
-        reply.set_usage(
-            {
-                "prompt_tokens": usage.get("input_tokens"),
-                "completion_tokens": usage.get("output_tokens"),
-                "completion_tokens_details": {"reasoning_tokens": details.get("reasoning_tokens")},
-            }
-        )
+        _finish(event.get("response") or {}, reply, incomplete=kind == "response.incomplete")
         return True
     elif kind in ("error", "response.failed"):
-        error = event.get("error") or (event.get("response") or {}).get("error") or event
-        detail = error.get("message", str(error)) if isinstance(error, dict) else str(error)
-        raise RetryableTeacherError(f"server error mid-stream: {scrub(detail)}")
+        _raise_error(event.get("error") or (event.get("response") or {}).get("error") or event, scrub)
     elif kind == "response.refusal.delta":
         reply.refusal.append(event.get("delta") or "")
     elif kind is None:
         raise TeacherError("a Responses stream event without a type", hint="check that base_url serves /responses")
     return False
+
+
+def handle_response(response: Any, reply: RawReply, scrub: Callable[[str], str]) -> None:
+    """A whole (non-streamed) response object, folded in as its stream would have been."""
+    if not isinstance(response, dict) or "output" not in response:
+        raise ValueError(f"not a Responses API response object: {scrub(str(response))}")
+    if response.get("status") == "failed":
+        _raise_error(response.get("error") or response, scrub)
+    for item in response["output"] or []:
+        kind = item.get("type")
+        if kind == "reasoning":
+            summary = [part.get("text") or "" for part in item.get("summary") or []]
+            text = [
+                part.get("text") or "" for part in item.get("content") or [] if part.get("type") == "reasoning_text"
+            ]
+            if summary or text:
+                if reply.reasoning:
+                    reply.reasoning.append("\n\n")
+                reply.reasoning.append("\n\n".join(summary) if summary else "".join(text))
+                reply.reasoning_format = "reasoning"
+            reply.items.append(item)  # whole, encrypted_content included: echoed verbatim
+        elif kind == "message":
+            for part in item.get("content") or []:
+                if part.get("type") == "output_text":
+                    reply.content.append(part.get("text") or "")
+                elif part.get("type") == "refusal":
+                    reply.refusal.append(part.get("refusal") or "")
+        elif kind == "function_call":
+            fn = {"name": item.get("name"), "arguments": item.get("arguments") or ""}
+            reply.add_tool_delta({"index": item.get("id"), "id": item.get("call_id"), "function": fn})
+    _finish(response, reply, incomplete=response.get("status") == "incomplete")
+
+
+def _finish(response: dict[str, Any], reply: RawReply, incomplete: bool) -> None:
+    """The finish reason and usage of a completed (or cut-off) response."""
+    if incomplete:
+        reason = (response.get("incomplete_details") or {}).get("reason")
+        reply.finish_reason = "length" if reason == "max_output_tokens" else (reason or "incomplete")
+    else:
+        reply.finish_reason = "tool_calls" if reply.tools else "stop"
+    usage = response.get("usage") or {}
+    details = usage.get("output_tokens_details") or {}
+    reply.set_usage(
+        {
+            "prompt_tokens": usage.get("input_tokens"),
+            "completion_tokens": usage.get("output_tokens"),
+            "completion_tokens_details": {"reasoning_tokens": details.get("reasoning_tokens")},
+        }
+    )
+
+
+def _raise_error(error: Any, scrub: Callable[[str], str]) -> None:
+    detail = error.get("message", str(error)) if isinstance(error, dict) else str(error)
+    raise RetryableTeacherError(f"server error mid-stream: {scrub(detail)}")

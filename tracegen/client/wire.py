@@ -4,11 +4,14 @@ The trajectory keeps one canonical shape; this module decides how each turn is r
 server: native tool calls as ``tool_calls`` + ``role: tool`` messages, text-protocol calls as the
 teacher's verbatim text + ``<tool_response>`` user turns, reasoning echoed per ``reasoning_echo`` (in
 the field ``reasoning_field`` names, or the one the server sent), and whatever opaque continuation
-state the provider attached (``echo`` on the message and on each call) sent back verbatim.
+state the provider attached (``echo`` on the message and on each call) sent back verbatim. And the
+other direction's one hot spot: :func:`loads`, for every streamed event of every API.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from typing import Any, Literal
 
 from tracegen.records import AssistantMessage, Message, SystemMessage, ToolMessage, UserMessage
@@ -78,3 +81,19 @@ def _should_echo(message: AssistantMessage, echo: ReasoningEcho) -> bool:
     # auto: DeepSeek's thinking mode rejects a tool-call turn whose reasoning_content was dropped;
     # inline <think> is the chat template's business (Qwen3 drops earlier turns' thinking itself).
     return bool(message.tool_calls) and message.reasoning_format != "inline"
+
+
+_scan: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+def loads(payload: bytes) -> Any:
+    """``json.loads(payload)`` for one streamed event, at about half its cost: the C scanner called directly
+    (``json.loads`` adds encoding detection and two whitespace passes per call, which at ~20 events a turn
+    are a tenth of the client's CPU). Anything but one bare JSON value in UTF-8 falls back to ``json.loads``,
+    so what is accepted and every error are exactly its."""
+    try:
+        text = payload.decode("utf-8", "surrogatepass")  # as json.loads decodes UTF-8
+        value, end = _scan(text, 0)
+    except (UnicodeDecodeError, StopIteration):
+        return json.loads(payload)
+    return value if end == len(text) else json.loads(payload)

@@ -7,6 +7,10 @@ production code path end to end. A *script* decides each reply from the request 
 - :class:`ReactScript` plays a fixed ReAct episode: ``turns - 1`` tool calls, then an answer, with a
   fixed latency per response (the benchmark's teacher).
 
+Scripts write chat-completions replies; a request to ``/responses`` or ``/messages`` gets the same reply
+in that API's shape (streamed events or, without ``stream``, the whole object), so one script (the
+benchmark's :class:`ReactScript` included) plays every API.
+
 Reply builders cover what real servers do: reasoning as ``reasoning_content``, as ``reasoning`` or
 inline ``<think>`` (with or without the opening tag), tool-call deltas split across chunks, parallel
 calls, per-token top log-probs (sent only when the request asks for them), 429 with ``Retry-After``,
@@ -26,9 +30,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 Request = dict[str, Any]
+Api = Literal["chat", "responses", "anthropic"]
 
 
 @dataclass
@@ -470,11 +475,10 @@ class ReactScript:
         self.chunks = chunks
 
     def __call__(self, request: Request) -> Reply:
-        messages = request.get("messages", [])
         if not request.get("tools"):
             reply = text_reply("hello from the simulator\nEXIT_CODE: 0", pieces=2)
         else:
-            turn = sum(1 for m in messages if m.get("role") == "assistant")
+            turn = assistant_turns(request)
             thought = " ".join(["thinking"] * (self.chunks // 2))
             if turn < self.turns - 1:
                 reply = tool_call_reply(
@@ -485,6 +489,19 @@ class ReactScript:
         reply.delay_s = self.latency_s / 2
         reply.event_delay_s = -self.latency_s / 2  # negative: split the remaining latency into two bursts
         return reply
+
+
+def assistant_turns(request: Request) -> int:
+    """Assistant turns so far in a request of any API: chat and Anthropic ``messages``, or Responses
+    ``input``, where one turn is a run of reasoning, assistant-message and function-call items."""
+    if "input" not in request:
+        return sum(1 for m in request.get("messages", []) if m.get("role") == "assistant")
+    turns, previous = 0, False
+    for item in request["input"]:
+        mine = item.get("role") == "assistant" or item.get("type") in ("reasoning", "function_call")
+        turns += mine and not previous
+        previous = mine
+    return turns
 
 
 class FakeServer:
@@ -675,36 +692,25 @@ async def _handle_one(
         return True
     model = request.get("model", "fake")
     events = reply.events if request.get("logprobs") else [_without_logprobs(e) for e in reply.events]
+    api: Api = "responses" if path.endswith("/responses") else "anthropic" if path.endswith("/messages") else "chat"
     if not request.get("stream"):
-        _write_json(writer, 200, _completion(events, reply.usage, model))
+        whole = _completion(events, reply.usage, model)
+        _write_json(
+            writer,
+            200,
+            _responses_object(whole)
+            if api == "responses"
+            else _anthropic_object(whole)
+            if api == "anthropic"
+            else whole,
+        )
         return True
     writer.write(
         b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n"
     )
-    created = int(time.time())
-    frames = [
-        {
-            "id": "chatcmpl-fake",
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, **event}],
-        }
-        for event in events
-    ]
-    include_usage = (request.get("stream_options") or {}).get("include_usage")
-    if include_usage and reply.usage:
-        frames.append(
-            {
-                "id": "chatcmpl-fake",
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [],
-                "usage": reply.usage,
-            }
-        )
+    include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
+    frames = stream_frames(api, events, reply.usage, model, include_usage)
     if reply.event_delay_s < 0:
         # Two bursts separated by the given time: streamed, but cheap for the server to produce.
         half = len(frames) // 2
@@ -722,21 +728,273 @@ async def _handle_one(
             if reply.event_delay_s:
                 await writer.drain()
                 await asyncio.sleep(reply.event_delay_s)
-    _write_chunk(writer, b"data: [DONE]\n\n")
+    if api == "chat":
+        _write_chunk(writer, b"data: [DONE]\n\n")
     writer.write(b"0\r\n\r\n")
     await writer.drain()
     return True
 
 
-def _write_frames(writer: asyncio.StreamWriter, frames: list[dict[str, Any]]) -> None:
+def _write_frames(writer: asyncio.StreamWriter, frames: list[bytes]) -> None:
     if frames:
-        _write_chunk(writer, b"".join(b"data: " + _payload(f).encode() + b"\n\n" for f in frames))
+        _write_chunk(writer, b"".join(frames))
+
+
+def stream_frames(
+    api: Api,
+    events: list[dict[str, Any]],
+    usage: dict[str, Any] | None,
+    model: str = "fake",
+    include_usage: bool = True,
+) -> list[bytes]:
+    """``events`` (a script's chat deltas) as ``api`` streams them, one SSE frame each (without chat's ``[DONE]``)."""
+    if api == "responses":
+        return _named_frames(_responses_events(events, usage))
+    if api == "anthropic":
+        return _named_frames(_anthropic_events(events, usage))
+    created = int(time.time())
+    head = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": created, "model": model}
+    frames = [{**head, "choices": [{"index": 0, **event}]} for event in events]
+    if include_usage and usage:
+        frames.append({**head, "choices": [], "usage": usage})
+    return [b"data: " + _payload(f).encode() + b"\n\n" for f in frames]
+
+
+def stream_body(api: Api, reply: Reply) -> bytes:
+    """The whole streamed body of ``reply`` in ``api``'s shape (chat's ``[DONE]`` included), for tests that
+    alter the bytes (line endings, splits) and send them as ``Reply(body=...)``."""
+    return b"".join(stream_frames(api, reply.events, reply.usage)) + (b"data: [DONE]\n\n" if api == "chat" else b"")
+
+
+def mid_stream_error(api: Api, message: str) -> Reply:
+    """A 200 stream that fails at its first event, in each API's documented error shape: a chat chunk holding
+    ``error``; the Responses ``error`` event (https://platform.openai.com/docs/api-reference/responses-streaming/error);
+    the Messages ``error`` event (https://docs.anthropic.com/en/docs/build-with-claude/streaming#error-events)."""
+    if api == "responses":
+        event: dict[str, Any] = {"type": "error", "code": "server_error", "message": message, "param": None}
+    elif api == "anthropic":
+        event = {"type": "error", "error": {"type": "overloaded_error", "message": message}}
+    else:
+        return Reply(body=[b"data: " + json.dumps({"error": {"message": message}}).encode() + b"\n\n"])
+    return Reply(body=_named_frames([event]))
 
 
 def _payload(frame: dict[str, Any]) -> str:
     choices = frame.get("choices") or [{}]
     raw = choices[0].get("raw")
     return str(raw) if raw is not None else json.dumps(frame)
+
+
+def _named_frames(events: list[dict[str, Any]]) -> list[bytes]:
+    """Events as the Responses and Messages APIs stream them: an ``event:`` line naming the type, then the data."""
+    return [f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events]
+
+
+SIGNATURE = "sig-A"
+"""The opaque state (Responses ``encrypted_content``, Anthropic thinking ``signature``) a translated reply
+carries; :class:`Provider` checks for the same default, so a translated conversation must echo it."""
+
+
+def _thought(delta: dict[str, Any]) -> str:
+    return str(delta.get("reasoning_content") or delta.get("reasoning") or "")
+
+
+def _responses_events(events: list[dict[str, Any]], usage: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Chat deltas as a Responses stream (https://platform.openai.com/docs/api-reference/responses-streaming):
+    the reasoning as one reasoning item (summary deltas, then the whole item with ``encrypted_content``),
+    text deltas, function-call items with argument deltas, then ``response.completed`` (or
+    ``response.incomplete`` for ``finish_reason: length``) with usage."""
+    out: list[dict[str, Any]] = [{"type": "response.created", "response": {"id": "resp_fake", "status": "in_progress"}}]
+    thought: list[str] = []
+    closed = False
+
+    def close_reasoning() -> None:
+        nonlocal closed
+        if thought and not closed:
+            closed = True
+            out.append({"type": "response.output_item.done", "item": _reasoning_item("".join(thought))})
+
+    finish = None
+    for event in events:
+        delta = event.get("delta") or {}
+        if _thought(delta):
+            if not thought:
+                item = {"type": "reasoning", "id": "rs_0", "summary": []}
+                out.append({"type": "response.output_item.added", "item": item})
+                out.append({"type": "response.reasoning_summary_part.added", "item_id": "rs_0", "summary_index": 0})
+            thought.append(_thought(delta))
+            out.append({"type": "response.reasoning_summary_text.delta", "item_id": "rs_0", "delta": thought[-1]})
+        if delta.get("content"):
+            close_reasoning()
+            out.append({"type": "response.output_text.delta", "item_id": "msg_0", "delta": delta["content"]})
+        for call in delta.get("tool_calls") or []:
+            close_reasoning()
+            fn, item_id = call.get("function") or {}, f"fc_{call.get('index', 0)}"
+            if call.get("id"):
+                item = {"type": "function_call", "id": item_id, "call_id": call["id"], "name": fn.get("name", "")}
+                out.append({"type": "response.output_item.added", "item": {**item, "arguments": ""}})
+            if fn.get("arguments"):
+                out.append(
+                    {"type": "response.function_call_arguments.delta", "item_id": item_id, "delta": fn["arguments"]}
+                )
+        finish = event.get("finish_reason") or finish
+    close_reasoning()
+    response: dict[str, Any] = {"id": "resp_fake", "usage": _responses_usage(usage)}
+    if finish == "length":
+        details = {"reason": "max_output_tokens"}
+        out.append(
+            {
+                "type": "response.incomplete",
+                "response": {**response, "status": "incomplete", "incomplete_details": details},
+            }
+        )
+    else:
+        out.append({"type": "response.completed", "response": {**response, "status": "completed"}})
+    return out
+
+
+def _reasoning_item(text: str) -> dict[str, Any]:
+    return {
+        "type": "reasoning",
+        "id": "rs_0",
+        "summary": [{"type": "summary_text", "text": text}],
+        "encrypted_content": SIGNATURE,
+    }
+
+
+def _responses_usage(usage: dict[str, Any] | None) -> dict[str, Any]:
+    usage = usage or {}
+    reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens", 0)
+    return {
+        "input_tokens": usage.get("prompt_tokens", 0),
+        "output_tokens": usage.get("completion_tokens", 0),
+        "output_tokens_details": {"reasoning_tokens": reasoning},
+    }
+
+
+_STOP_REASONS = {"stop": "end_turn", "tool_calls": "tool_use", "length": "max_tokens"}
+
+
+def _anthropic_events(events: list[dict[str, Any]], usage: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Chat deltas as a Messages stream (https://docs.anthropic.com/en/docs/build-with-claude/streaming): a
+    thinking block (``thinking_delta``s, then a ``signature_delta``), a text block, ``tool_use`` blocks with
+    ``input_json_delta``s, then ``message_delta`` with the stop reason and usage, and ``message_stop``."""
+    usage = usage or {}
+    start: dict[str, Any] = {"id": "msg_fake", "type": "message", "role": "assistant", "content": []}
+    start["usage"] = {"input_tokens": usage.get("prompt_tokens", 0), "output_tokens": 1}
+    out: list[dict[str, Any]] = [{"type": "message_start", "message": start}]
+    index, kind = -1, None
+
+    def block(new_kind: str, content_block: dict[str, Any]) -> None:
+        nonlocal index, kind
+        close()
+        index, kind = index + 1, new_kind
+        out.append({"type": "content_block_start", "index": index, "content_block": content_block})
+
+    def close() -> None:
+        if kind == "thinking":
+            out.append(
+                {
+                    "type": "content_block_delta",
+                    "index": index,
+                    "delta": {"type": "signature_delta", "signature": SIGNATURE},
+                }
+            )
+        if kind is not None:
+            out.append({"type": "content_block_stop", "index": index})
+
+    finish = None
+    for event in events:
+        delta = event.get("delta") or {}
+        if _thought(delta):
+            if kind != "thinking":
+                block("thinking", {"type": "thinking", "thinking": ""})
+            out.append(
+                {
+                    "type": "content_block_delta",
+                    "index": index,
+                    "delta": {"type": "thinking_delta", "thinking": _thought(delta)},
+                }
+            )
+        if delta.get("content"):
+            if kind != "text":
+                block("text", {"type": "text", "text": ""})
+            out.append(
+                {
+                    "type": "content_block_delta",
+                    "index": index,
+                    "delta": {"type": "text_delta", "text": delta["content"]},
+                }
+            )
+        for call in delta.get("tool_calls") or []:
+            fn = call.get("function") or {}
+            if call.get("id"):
+                block("tool_use", {"type": "tool_use", "id": call["id"], "name": fn.get("name", ""), "input": {}})
+            if fn.get("arguments"):
+                json_delta = {"type": "input_json_delta", "partial_json": fn["arguments"]}
+                out.append({"type": "content_block_delta", "index": index, "delta": json_delta})
+        finish = event.get("finish_reason") or finish
+    close()
+    stop = {"stop_reason": _STOP_REASONS.get(finish or "stop", "end_turn"), "stop_sequence": None}
+    out.append({"type": "message_delta", "delta": stop, "usage": {"output_tokens": usage.get("completion_tokens", 0)}})
+    out.append({"type": "message_stop"})
+    return out
+
+
+def _responses_object(whole: dict[str, Any]) -> dict[str, Any]:
+    """A chat completion as the Responses API's non-streamed response object."""
+    choice, usage = whole["choices"][0], whole.get("usage")
+    message = choice["message"]
+    output: list[dict[str, Any]] = []
+    if _thought(message):
+        output.append(_reasoning_item(_thought(message)))
+    if message.get("content"):
+        text = {"type": "output_text", "text": message["content"], "annotations": []}
+        output.append({"type": "message", "id": "msg_0", "role": "assistant", "status": "completed", "content": [text]})
+    for n, call in enumerate(message.get("tool_calls") or []):
+        fn = call["function"]
+        output.append(
+            {
+                "type": "function_call",
+                "id": f"fc_{n}",
+                "call_id": call["id"],
+                "name": fn["name"],
+                "arguments": fn["arguments"],
+            }
+        )
+    cut = choice.get("finish_reason") == "length"
+    return {
+        "id": "resp_fake",
+        "object": "response",
+        "status": "incomplete" if cut else "completed",
+        "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+        "output": output,
+        "usage": _responses_usage(usage),
+    }
+
+
+def _anthropic_object(whole: dict[str, Any]) -> dict[str, Any]:
+    """A chat completion as the Messages API's non-streamed message."""
+    choice, usage = whole["choices"][0], whole.get("usage") or {}
+    message = choice["message"]
+    content: list[dict[str, Any]] = []
+    if _thought(message):
+        content.append({"type": "thinking", "thinking": _thought(message), "signature": SIGNATURE})
+    if message.get("content"):
+        content.append({"type": "text", "text": message["content"]})
+    for call in message.get("tool_calls") or []:
+        fn = call["function"]
+        content.append(
+            {"type": "tool_use", "id": call["id"], "name": fn["name"], "input": json.loads(fn["arguments"] or "{}")}
+        )
+    return {
+        "id": "msg_fake",
+        "type": "message",
+        "role": "assistant",
+        "content": content,
+        "stop_reason": _STOP_REASONS.get(choice.get("finish_reason") or "stop", "end_turn"),
+        "usage": {"input_tokens": usage.get("prompt_tokens", 0), "output_tokens": usage.get("completion_tokens", 0)},
+    }
 
 
 def _write_chunk(writer: asyncio.StreamWriter, data: bytes) -> None:
