@@ -269,3 +269,44 @@ def test_line_buffer_is_linear_in_the_bytes(fake_server: Start) -> None:
     reply = run(client_for(server.base_url))
     assert len(reply.content) == len(text)
     assert time.thread_time() - started < 1.0  # quadratic joining copies ~4 GB here
+
+
+@pytest.mark.parametrize(
+    ("api", "path"), [("chat", "/v1/chat/completions"), ("responses", "/v1/responses"), ("anthropic", "/v1/messages")]
+)
+def test_preflight_probe_goes_to_the_endpoint_of_the_teachers_api(api: str, path: str) -> None:
+    """Where ``/models`` is absent, the probe asks the API the teacher speaks (an Anthropic-compatible
+    endpoint serves no /chat/completions): a server that knows only that route answers 401 for the key."""
+    seen: list[str] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        method, target = head.decode("latin-1").split(" ", 2)[:2]
+        length = next(
+            (int(h.split(":")[1]) for h in head.decode().split("\r\n") if h.lower().startswith("content-length")), 0
+        )
+        await reader.readexactly(length)
+        seen.append(f"{method} {target}")
+        status = "401 Unauthorized" if (method, target) == ("POST", path) else "404 Not Found"
+        body = b'{"error": {"message": "bad key", "type": "authentication_error"}}'
+        writer.write(
+            f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\nContent-Type: application/json\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        writer.close()
+
+    async def go() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = ChatClient(client_for(f"http://127.0.0.1:{port}/v1", api=api))
+        try:
+            with pytest.raises(TeacherError) as info:
+                await client.preflight()
+            assert info.value.status == 401
+        finally:
+            await client.aclose()
+            server.close()
+
+    asyncio.run(go())
+    assert seen == ["GET /v1/models", f"POST {path}"]

@@ -277,8 +277,8 @@ class ChatClient:
                 async with self._pool.get("/models", self._headers) as resp:
                     status, text = resp.status, (await resp.read()).decode("utf-8", "replace")
                 if status in (404, 405):
-                    probe = json.dumps({"model": self.model, "messages": [], "max_tokens": 1}).encode()
-                    async with self._pool.post("/chat/completions", probe, self._headers) as resp:
+                    path, body = self._probe()
+                    async with self._pool.post(path, json.dumps(body).encode(), self._headers) as resp:
                         status, text = resp.status, (await resp.read()).decode("utf-8", "replace")
                     if status in (401, 403, 404):
                         raise self._status_error(status, text, None)
@@ -305,6 +305,15 @@ class ChatClient:
                 "names it does not list)",
                 status=404,
             )
+
+    def _probe(self) -> tuple[str, dict[str, Any]]:
+        """The preflight's request where ``/models`` is absent: this API's endpoint, nothing to generate
+        from (an empty input is a 400; a bad key or an unknown model is still a 401/403/404)."""
+        if self.api == "responses":
+            return "/responses", {"model": self.model, "input": [], "max_output_tokens": 16}
+        if self.api == "anthropic":
+            return "/messages", {"model": self.model, "messages": [], "max_tokens": 1}
+        return "/chat/completions", {"model": self.model, "messages": [], "max_tokens": 1}
 
     async def _sdk_request(self, body: dict[str, Any], started: float) -> RawReply:
         import openai  # not on the streaming hot path
