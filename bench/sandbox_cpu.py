@@ -4,36 +4,39 @@
 
 Wall-clock ratios mean nothing on a shared machine; CPU seconds do. With ``--containers`` recycled
 containers held by as many trajectories, the script runs ``--waves`` waves of one concurrent
-``python`` call each (``print(6 * 7)``, the collect benchmark's tool call), then ``--rounds`` rounds
-of trajectory turnover (release: verified reset; acquire; one call), and reads, before and after each
-phase, the CPU time consumed by:
+``python`` call each (``print(6 * 7)``, the collect benchmark's tool call), ``--pause`` seconds apart
+(the teacher's turn in collect), and reads, before and after each wave and after each pause, the CPU
+time consumed by:
 
 - client: this process (``time.process_time``, all threads): the runtime's host side;
-- dockerd, containerd, shims: their ``/proc/<pid>/stat`` utime + stime (all threads, exact sums
-  reported in 10 ms ticks, so runs are long enough for that not to matter);
+- dockerd, containerd, shims (ours): their ``/proc/<pid>/stat`` utime + stime (all threads, exact
+  sums reported in 10 ms ticks, so runs are long enough for that not to matter); dockerd and
+  containerd serve whoever else uses the engine too;
 - containers: ``cpuacct.usage`` of each container's cgroup (cgroup v1) or ``cpu.stat`` ``usage_usec``
   (v2): worker, forked children, PID 1;
 - other: the rest of the machine's busy time (``/proc/stat``): other users of the machine, noise.
 
-Each transport named by ``--channels`` is measured the same way, back to back, so their ratio holds
-whatever else the machine does.
+"In the wave" is what a call costs on its path (a wave of lock-step calls queues on it); "after it"
+is what the worker does once it has replied (its next call's spare). Each image named by ``--images``
+is measured the same way, back to back, so their ratio holds whatever else the machine does (the
+host code is this checkout's for both; the worker is the image's).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tracegen.runtime.docker.episode import DockerEpisode
 from tracegen.runtime.docker.pool import DockerRuntime
-from tracegen.runtime.docker.settings import DockerRuntimeConfig
+from tracegen.runtime.docker.settings import DEFAULT_IMAGE, DockerRuntimeConfig
 from tracegen.runtime.selfcheck import run
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -48,7 +51,8 @@ def _proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def _engine_pids() -> dict[str, list[int]]:
+def _engine_pids(cids: list[str]) -> dict[str, list[int]]:
+    """dockerd's and containerd's pids (shared with anyone else using the engine), and our containers' shims."""
     found: dict[str, list[int]] = {"dockerd": [], "containerd": [], "shims": []}
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -62,7 +66,9 @@ def _engine_pids() -> dict[str, list[int]]:
         elif comm == "containerd":
             found["containerd"].append(int(name))
         elif comm.startswith("containerd-shim"):
-            found["shims"].append(int(name))
+            with contextlib.suppress(OSError):
+                if any(cid in Path(f"/proc/{name}/cmdline").read_text() for cid in cids):
+                    found["shims"].append(int(name))
     return found
 
 
@@ -86,29 +92,36 @@ def _machine_busy() -> float:
     return (sum(fields) - fields[3] - fields[4]) / TICK
 
 
-def snapshot(runtime: DockerRuntime) -> dict[str, float]:
-    """CPU seconds so far, per group (containers: this runtime's live ones)."""
-    pids = _engine_pids()
-    cids = {s.container_id for s in [*runtime._ready, *runtime._in_use, *runtime._resetting]}
-    out = {group: sum(_proc_cpu(pid) for pid in pids[group]) for group in ("dockerd", "containerd", "shims")}
-    out["client"] = time.process_time()
+def snapshot(pids: dict[str, list[int]], cids: list[str]) -> dict[str, float]:
+    """CPU seconds so far, per group. The client's is read first, so the snapshot's own reads don't count."""
+    out = {"client": time.process_time()}
+    out.update({group: sum(_proc_cpu(pid) for pid in pids[group]) for group in ("dockerd", "containerd", "shims")})
     out["containers"] = sum(_cgroup_cpu(cid) for cid in cids)
     out["busy"] = _machine_busy()
     return out
 
 
-def per_unit(before: dict[str, float], after: dict[str, float], units: int) -> dict[str, float]:
-    """Milliseconds per unit, per group; ``other`` is the machine's busy time none of the groups explains."""
-    delta = {k: after[k] - before[k] for k in before}
-    delta["other"] = delta.pop("busy") - sum(delta[g] for g in GROUPS if g != "other")
-    delta["total"] = sum(delta[g] for g in GROUPS)
-    return {k: 1000 * v / units for k, v in delta.items()}
+class Tally:
+    """CPU seconds per group, summed over the windows added."""
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys((*GROUPS[:-1], "busy"), 0.0)
+
+    def add(self, before: dict[str, float], after: dict[str, float]) -> None:
+        for key in self.seconds:
+            self.seconds[key] += after[key] - before[key]
+
+    def per(self, units: int) -> dict[str, float]:
+        """Milliseconds per unit, per group; ``other`` is the machine's busy time none of the groups explains."""
+        ms = {k: 1000 * v / units for k, v in self.seconds.items()}
+        ms["other"] = ms.pop("busy") - sum(ms[g] for g in GROUPS[:-1])
+        ms["total"] = sum(ms[g] for g in GROUPS)
+        return ms
 
 
-async def measure(channel: Literal["exec", "socket"], containers: int, waves: int, rounds: int) -> dict[str, dict[str, float]]:
-    config = DockerRuntimeConfig(
-        pool_size=containers, prefill=True, mem_limit="512m", recycle=True, channel=channel, max_starting=4
-    )
+async def measure(image: str, containers: int, waves: int, pause_s: float) -> dict[str, dict[str, float]]:
+    """Per call: CPU while a wave of calls runs (its path), and in the pause after it (spares starting)."""
+    config = DockerRuntimeConfig(image=image, pool_size=containers, prefill=True, mem_limit="512m", max_starting=4)
     runtime = DockerRuntime(config)
     await runtime.start()
     try:
@@ -118,30 +131,23 @@ async def measure(channel: Literal["exec", "socket"], containers: int, waves: in
             outs = await asyncio.gather(*(run(ep, "python", "print(6 * 7)") for ep in episodes))
             assert all(o.content == "42" for o in outs), [o.content for o in outs if o.content != "42"][:3]
 
-        await wave()  # every episode holds its container; warm-up
-        await wave()
-        before = snapshot(runtime)
+        for _ in range(2):  # every episode holds its container; warm-up
+            await wave()
+        cids = [ep.container_id or "" for ep in episodes]
+        pids = _engine_pids(cids)
+        during, after = Tally(), Tally()
+        await asyncio.sleep(pause_s)
         for _ in range(waves):
+            s0 = snapshot(pids, cids)
             await wave()
-        calls = per_unit(before, snapshot(runtime), waves * containers)
-
-        async def settle() -> None:  # every reset done, every container back in the pool
-            while runtime._resetting:
-                await asyncio.sleep(0.01)
-
-        before = snapshot(runtime)
-        for r in range(rounds):
-            for ep in episodes:
-                await ep.close()
-            await settle()
-            episodes = [await runtime.open_episode(f"cpu-{r}-{i}") for i in range(containers)]
-            await wave()
-        turnover = per_unit(before, snapshot(runtime), rounds * containers)
-        resets = {k: turnover[k] - calls[k] for k in turnover}  # one reset + hand-out, less its call
+            s1 = snapshot(pids, cids)
+            await asyncio.sleep(pause_s)  # the teacher's turn, in collect
+            during.add(s0, s1)
+            after.add(s1, snapshot(pids, cids))
         for ep in episodes:
             await ep.close()
-        await settle()
-        return {"call": calls, "reset": resets}
+        calls = waves * containers
+        return {"in the wave": during.per(calls), "after it": after.per(calls)}
     finally:
         await runtime.aclose()
 
@@ -150,25 +156,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--containers", type=int, default=16)
     parser.add_argument("--waves", type=int, default=40)
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--channels", default="exec,socket", help="transports to compare, in this order")
+    parser.add_argument("--pause", type=float, default=0.2, help="seconds between waves (the teacher's turn)")
+    parser.add_argument("--images", default=DEFAULT_IMAGE, help="sandbox images to compare, comma-separated, in order")
     args = parser.parse_args()
-    results = {}
-    for channel in args.channels.split(","):
-        results[channel] = asyncio.run(measure(channel, args.containers, args.waves, args.rounds))  # type: ignore[arg-type]
+    results = {
+        image: asyncio.run(measure(image, args.containers, args.waves, args.pause)) for image in args.images.split(",")
+    }
     print(
-        f"CPU ms by process group; {args.containers} containers, {args.waves} waves of calls "
-        f"({args.waves * args.containers} python calls), {args.rounds} rounds of turnover, {os.cpu_count()} CPUs"
+        f"CPU ms per python call by process group: {args.containers} containers, {args.waves} waves "
+        f"({args.waves * args.containers} calls), {args.pause:g} s between waves, {os.cpu_count()} CPUs"
     )
-    print(f"{'':16}" + "".join(f"{g:>11}" for g in (*GROUPS, "total")))
-    for channel, parts in results.items():
-        for what, ms in parts.items():
-            print(f"{channel + ' / ' + what:16}" + "".join(f"{ms[g]:11.3f}" for g in (*GROUPS, "total")))
+    print(f"{'':44}" + "".join(f"{g:>11}" for g in (*GROUPS, "total")))
+    for image, parts in results.items():
+        for window, ms in parts.items():
+            print(f"{image + ' / ' + window:44}" + "".join(f"{ms[g]:11.3f}" for g in (*GROUPS, "total")))
     if len(results) == 2:
         (a, pa), (b, pb) = results.items()
-        known = [g for g in GROUPS if g != "other"]
-        ratio = sum(pa["call"][g] for g in known) / sum(pb["call"][g] for g in known)
-        print(f"per call, {a} / {b}, all groups but other: {ratio:.2f}x")
+        known = GROUPS[:-1]
+        for window in pa:
+            ratio = sum(pa[window][g] for g in known) / sum(pb[window][g] for g in known)
+            print(f"{window}: {a} / {b}, all groups but other: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

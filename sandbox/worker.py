@@ -25,16 +25,17 @@ else as a protocol error.
     host -> {"op": "reset", "mounts": {PATH: MODE, ...}, ...}
     worker -> {"op": "reset", "ok": bool, "problems": [str], "duration_s": float, ...}
 
-``script`` is the program text. Every call runs in a *spare*: a child this worker forks after its
-previous reply (so the fork, the drop to the sandbox user and the interpreter's after-fork work cost
-no call's time), which then waits, as the sandbox user, for one call's job on a pipe of its own.
-With ``python`` true the script runs in that warm interpreter (several times faster than ``python3
--c``; ``bench/sandbox.py`` measures it); otherwise the spare execs ``argv`` with the script as one
-more argument (``bash -c SCRIPT``), or, when too long for one argument, as the path of an in-memory
-file (``bash /dev/fd/N``). A spare holds nothing of a call or a trajectory: it is forked from the
-worker after the previous call's processes were killed (or after a reset was verified), it is the
-only process of the sandbox user while no call runs, and ``reset`` kills it first. Not
-``subprocess``: it imports ``threading``, whose fork handlers make every fork of this worker dearer.
+``script`` is the program text. Every call runs in a *spare*: a child this worker forks once it has
+been idle for a moment after its previous reply (so the fork, the drop to the sandbox user and the
+interpreter's after-fork work cost no call's time; a call that comes first forks its own), which
+waits, as the sandbox user, for one call's job on a pipe of its own. With ``python`` true the script
+runs in that warm interpreter (several times faster than ``python3 -c``; ``bench/sandbox.py``
+measures it); otherwise the spare execs ``argv`` with the script as one more argument (``bash -c
+SCRIPT``), or, when too long for one argument, as the path of an in-memory file (``bash /dev/fd/N``).
+A spare holds nothing of a call or a trajectory: it is forked from the worker after the previous
+call's processes were killed (or after a reset was verified), it is the only process of the sandbox
+user while no call runs, and ``reset`` kills it first. Not ``subprocess``: it imports ``threading``,
+whose fork handlers make every fork of this worker dearer.
 
 Per call: the command runs in its own session with stdin from /dev/null. At the deadline, or when
 it has written more than ``kill_bytes``, every process of the sandbox user is SIGKILLed; when the
@@ -67,6 +68,7 @@ import traceback
 VERSION = 2
 READ_CHUNK = 1 << 16
 DRAIN_AFTER_EXIT_S = 1.0  # bounded: survivors are killed first, so the pipes close almost at once
+SPARE_AFTER_S = 0.1  # idle time before the next call's spare is forked (see Worker.serve)
 ARGV_SCRIPT_LIMIT = 64 * 1024  # longer scripts go through a memfd (the kernel caps one argv string)
 PR_SET_DUMPABLE = 4
 IPC_RMID = 0
@@ -378,10 +380,10 @@ def spare_main(control_r, report_w):
             argv = [*job["file_argv"], f"/dev/fd/{memfd}"]
         os.execvpe(argv[0], argv, env)
     except OSError as exc:
-        os.write(report_w, json.dumps([exc.errno, exc.strerror or str(exc)]).encode())
+        os.write(report_w, (exc.strerror or str(exc)).encode())
         return 127 if isinstance(exc, FileNotFoundError) else 126
     except (ValueError, UnicodeError) as exc:  # e.g. a NUL in an argument
-        os.write(report_w, json.dumps([0, str(exc)]).encode())
+        os.write(report_w, str(exc).encode())
         return 126
 
 
@@ -459,8 +461,7 @@ class Worker:
             with contextlib.suppress(BlockingIOError):
                 told = os.read(spare.report, 4096)
                 if told:
-                    errno, why = json.loads(told)
-                    result["error"] = f"could not start {job['argv'][0]}: {why}"
+                    result["error"] = f"could not start {job['argv'][0]}: {told.decode('utf-8', 'replace')}"
         finally:
             spare.close()
         return self.finish(result, captures, started, oom_before)
@@ -595,9 +596,11 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - one bad request must not end the worker
                 reply = {"op": "error", "error": f"{type(exc).__name__}: {exc}"}
             self.send(reply, req)
-            if self.spare is None:
-                # The next call's process starts now, while the host is busy elsewhere; only after a
-                # reply, so it is never there while a call or a reset checks the sandbox user's processes.
+            # The next call's process starts once this container has been idle for SPARE_AFTER_S: not
+            # amid a burst of lock-step calls in other containers (it would compete with them), never
+            # while a call or a reset checks the sandbox user's processes. A request sooner (the reset
+            # that ends a trajectory, a quick next call) finds no spare and forks one itself.
+            if self.spare is None and not select.select([inp], [], [], SPARE_AFTER_S)[0]:
                 with contextlib.suppress(OSError):
                     self.fork_spare()
 

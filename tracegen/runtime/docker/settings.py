@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tracegen.fingerprint import HOW
@@ -153,13 +151,6 @@ class DockerRuntimeConfig(BaseModel):
         10.0,
         gt=0,
         description="Longest wait for a reset; past it the container is replaced.",
-        json_schema_extra=HOW,
-    )
-    channel: Literal["exec", "socket"] = Field(
-        "exec",
-        description="How the host reaches each container's worker: `exec`, one attached `docker exec` stream "
-        "through the engine; `socket`, a unix socket in a root-only host directory mounted into the "
-        "container (a local engine only), which spares the engine's copy of every byte.",
         json_schema_extra=HOW,
     )
     python_zygote: bool = Field(
