@@ -159,23 +159,26 @@ def main() -> None:
     parser.add_argument("--pause", type=float, default=0.2, help="seconds between waves (the teacher's turn)")
     parser.add_argument("--images", default=DEFAULT_IMAGE, help="sandbox images to compare, comma-separated, in order")
     args = parser.parse_args()
-    results = {
-        image: asyncio.run(measure(image, args.containers, args.waves, args.pause)) for image in args.images.split(",")
-    }
+    results = [
+        (image, asyncio.run(measure(image, args.containers, args.waves, args.pause)))
+        for image in args.images.split(",")
+    ]
     print(
         f"CPU ms per python call by process group: {args.containers} containers, {args.waves} waves "
         f"({args.waves * args.containers} calls), {args.pause:g} s between waves, {os.cpu_count()} CPUs"
     )
     print(f"{'':44}" + "".join(f"{g:>11}" for g in (*GROUPS, "total")))
-    for image, parts in results.items():
+    for image, parts in results:
         for window, ms in parts.items():
             print(f"{image + ' / ' + window:44}" + "".join(f"{ms[g]:11.3f}" for g in (*GROUPS, "total")))
-    if len(results) == 2:
-        (a, pa), (b, pb) = results.items()
-        known = GROUPS[:-1]
-        for window in pa:
-            ratio = sum(pa[window][g] for g in known) / sum(pb[window][g] for g in known)
-            print(f"{window}: {a} / {b}, all groups but other: {ratio:.2f}x")
+
+    def cpu(parts: dict[str, dict[str, float]], window: str) -> float:
+        return sum(parts[window][g] for g in GROUPS[:-1])  # every group but other
+
+    for (a, pa), (b, pb) in zip(results[::2], results[1::2], strict=False):  # A,B[,A,B...]: pairs back to back
+        ratios = ", ".join(f"{w} {cpu(pa, w) / cpu(pb, w):.2f}x" for w in pa)
+        whole = sum(cpu(pa, w) for w in pa) / sum(cpu(pb, w) for w in pb)
+        print(f"{a} / {b}, every group but other: {ratios}; wave and pause together {whole:.2f}x")
 
 
 if __name__ == "__main__":
