@@ -265,11 +265,9 @@ class SandboxUser:
             os._exit(code)
 
 
-def run_python(script, env, cwd):
-    """Body of a warm-interpreter child: behave like ``python3 -c SCRIPT`` and return the exit code."""
-    os.environ.clear()
-    os.environ.update(env)
-    os.chdir(cwd)
+def prepare_python():
+    """What ``python3 -c`` has before it reads its script (standard streams, argv, ``__main__``):
+    a spare sets it up while it waits, so a call does not pay for it."""
     sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True, errors="backslashreplace")
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True, errors="backslashreplace")
@@ -277,6 +275,15 @@ def run_python(script, env, cwd):
     sys.path[0] = ""
     main = type(sys)("__main__")
     sys.modules["__main__"] = main
+    return main
+
+
+def run_python(script, env, cwd, main):
+    """Body of a warm-interpreter child (after :func:`prepare_python`): behave like ``python3 -c SCRIPT``
+    and return the exit code."""
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
     try:
         exec(compile(script, "<string>", "exec"), main.__dict__)
     except SystemExit as exc:
@@ -362,13 +369,17 @@ def spare_main(control_r, report_w):
     more argument, or, when too long for one, as the path of an in-memory file: ``bash /dev/fd/N``).
     Why an exec failed goes to the worker on ``report_w``, closed before any code of the call runs.
     """
+    main = prepare_python()  # also for a job that turns out to exec: it costs that job nothing
     with os.fdopen(control_r, "rb") as f:
         job = json.loads(f.read())
     script, env, cwd = job["script"], job["env"], job["cwd"]
     if job["python"]:
         os.close(report_w)
-        return run_python(script, env, cwd)
+        return run_python(script, env, cwd, main)
     argv = job["argv"]
+    # Python ignores these; a command starts with the defaults, as from a shell (`yes | head` ends).
+    for name in ("SIGPIPE", "SIGXFSZ"):
+        signal.signal(getattr(signal, name), signal.SIG_DFL)
     try:
         os.chdir(cwd)
         if script is not None and len(script.encode()) <= ARGV_SCRIPT_LIMIT:

@@ -496,6 +496,8 @@ async def test_a_call_runs_in_a_spare_started_ahead_and_alone_as_the_sandbox_use
             out = await run(ep, tool, probe)
             assert out.content == "True [] 0000000000000000", (tool, out.content)
             await asyncio.sleep(1.0)
+        # A command execs with the signal defaults a shell gives it, not the interpreter's ignored SIGPIPE.
+        assert (await run(ep, "bash", "yes | head -1")).content == "y"
         await ep.close()
 
 
