@@ -25,11 +25,17 @@ else as a protocol error.
     host -> {"op": "reset", "mounts": {PATH: MODE, ...}, ...}
     worker -> {"op": "reset", "ok": bool, "problems": [str], "duration_s": float, ...}
 
-``script`` is the program text. With ``python`` true it runs in a child forked from this worker
-(a warm interpreter, several times faster than ``python3 -c``; ``bench/sandbox.py`` measures it)
-that drops to the sandbox user before it reads the script; otherwise it is passed to ``argv`` as one more argument
-(``bash -c SCRIPT``), or, when too long for one argument, as the path of an in-memory file
-(``bash /dev/fd/N``).
+``script`` is the program text. Every call runs in a *spare*: a child this worker forks once it has
+been idle for a moment after its previous reply (so the fork, the drop to the sandbox user and the
+interpreter's after-fork work cost no call's time; a call that comes first forks its own), which
+waits, as the sandbox user, for one call's job on a pipe of its own. With ``python`` true the script
+runs in that warm interpreter (several times faster than ``python3 -c``; ``bench/sandbox.py``
+measures it); otherwise the spare execs ``argv`` with the script as one more argument (``bash -c
+SCRIPT``), or, when too long for one argument, as the path of an in-memory file (``bash /dev/fd/N``).
+A spare holds nothing of a call or a trajectory: it is forked from the worker after the previous
+call's processes were killed (or after a reset was verified), it is the only process of the sandbox
+user while no call runs, and ``reset`` kills it first. Not ``subprocess``: it imports ``threading``,
+whose fork handlers make every fork of this worker dearer.
 
 Per call: the command runs in its own session with stdin from /dev/null. At the deadline, or when
 it has written more than ``kill_bytes``, every process of the sandbox user is SIGKILLed; when the
@@ -50,11 +56,11 @@ import ctypes
 import gc
 import io
 import json
+import math
 import os
-import selectors
+import select
 import signal
 import stat
-import subprocess
 import sys
 import time
 import traceback
@@ -62,6 +68,7 @@ import traceback
 VERSION = 2
 READ_CHUNK = 1 << 16
 DRAIN_AFTER_EXIT_S = 1.0  # bounded: survivors are killed first, so the pipes close almost at once
+SPARE_AFTER_S = 0.1  # idle time before the next call's spare is forked (see Worker.serve)
 ARGV_SCRIPT_LIMIT = 64 * 1024  # longer scripts go through a memfd (the kernel caps one argv string)
 PR_SET_DUMPABLE = 4
 IPC_RMID = 0
@@ -103,20 +110,26 @@ class Capture:
         return head + marker + self.tail.decode("utf-8", "backslashreplace")
 
 
-def oom_kill_count():
-    """Kernel OOM kills so far in this container's memory cgroup (v2 or v1), None if unreadable."""
-    for path, key in (
-        ("/sys/fs/cgroup/memory.events", "oom_kill"),
-        ("/sys/fs/cgroup/memory/memory.oom_control", "oom_kill"),
-    ):
-        try:
-            with open(path) as f:
-                for line in f:
-                    name, _, value = line.partition(" ")
-                    if name == key:
-                        return int(value)
-        except (OSError, ValueError):
-            continue
+def oom_counter():
+    """The file counting this container's kernel OOM kills (cgroup v2 or v1), None if there is none."""
+    for path in ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control"):
+        if os.access(path, os.R_OK):
+            return path
+    return None
+
+
+def oom_kill_count(path):
+    """The ``oom_kill`` count in ``path`` (see :func:`oom_counter`), None if unreadable."""
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            for line in f.read().splitlines():
+                name, _, value = line.partition(b" ")
+                if name == b"oom_kill":
+                    return int(value)
+    except (OSError, ValueError):
+        pass
     return None
 
 
@@ -131,12 +144,14 @@ def pids_of(uid):
                 status = f.read()
         except OSError:
             continue
-        fields = dict(line.split(b":", 1) for line in status.splitlines() if b":" in line)
+        # Only two lines matter ("State:\tS (sleeping)", "Uid:\treal\teffective..."); this runs after
+        # every call, so they are found directly rather than by parsing all fifty.
+        state, uids = status.find(b"\nState:"), status.find(b"\nUid:")
         try:
-            real_uid = int(fields.get(b"Uid", b"-1").split()[0])
+            real_uid = int(status[uids + 5 : status.index(b"\n", uids + 5)].split()[0])
         except (ValueError, IndexError):
             continue
-        if real_uid == uid and not fields.get(b"State", b"").strip().startswith(b"Z"):
+        if uids >= 0 and real_uid == uid and not status[state + 7 : state + 16].strip().startswith(b"Z"):
             pids.append(int(name))
     return pids
 
@@ -188,9 +203,12 @@ class SandboxUser:
         # A process that changed uid without exec is not dumpable, which would hide its own
         # /proc/self/fd from itself; the sandbox user may see its own process, as after an exec.
         LIBC.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
-        # Make the command, not the worker, the kernel's first choice when memory runs out.
-        with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
-            f.write("1000")
+        # Make the command, not the worker, the kernel's first choice when memory runs out. (os calls,
+        # not open(): every object a forked child touches costs it a copied page.)
+        with contextlib.suppress(OSError):
+            fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+            os.write(fd, b"1000")
+            os.close(fd)
 
     def verify(self):
         """Why a child that became the sandbox user still holds a privilege, or None when it holds none."""
@@ -212,8 +230,11 @@ class SandboxUser:
         os.waitpid(pid, 0)
         return None if told == "-" else (told or "the check did not run")
 
-    def fork_as(self, child, stdout_fd, stderr_fd):
-        """Fork; the child runs ``child()`` as the sandbox user in a new session and exits with its code."""
+    def fork_as(self, child, stdout_fd, stderr_fd, keep=()):
+        """Fork; the child runs ``child()`` as the sandbox user in a new session and exits with its code.
+
+        Of the worker's descriptors the child keeps only ``stdout_fd`` and ``stderr_fd`` (as 1 and 2)
+        and those in ``keep``."""
         pid = os.fork()
         if pid:
             return pid
@@ -226,7 +247,11 @@ class SandboxUser:
             os.dup2(stdout_fd, 1)
             os.dup2(stderr_fd, 2)
             # Nothing of the worker's may reach the command: not the host stream, not a pipe end.
-            os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+            low = 3
+            for fd in sorted(keep):
+                os.closerange(low, fd)
+                low = fd + 1
+            os.closerange(low, os.sysconf("SC_OPEN_MAX"))
             self.become()
             code = child()
         except BaseException:  # noqa: BLE001 - the child must exit here, whatever happened
@@ -240,11 +265,9 @@ class SandboxUser:
             os._exit(code)
 
 
-def run_python(script, env, cwd):
-    """Body of a warm-interpreter child: behave like ``python3 -c SCRIPT`` and return the exit code."""
-    os.environ.clear()
-    os.environ.update(env)
-    os.chdir(cwd)
+def prepare_python():
+    """What ``python3 -c`` has before it reads its script (standard streams, argv, ``__main__``):
+    a spare sets it up while it waits, so a call does not pay for it."""
     sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True, errors="backslashreplace")
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True, errors="backslashreplace")
@@ -252,6 +275,15 @@ def run_python(script, env, cwd):
     sys.path[0] = ""
     main = type(sys)("__main__")
     sys.modules["__main__"] = main
+    return main
+
+
+def run_python(script, env, cwd, main):
+    """Body of a warm-interpreter child (after :func:`prepare_python`): behave like ``python3 -c SCRIPT``
+    and return the exit code."""
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
     try:
         exec(compile(script, "<string>", "exec"), main.__dict__)
     except SystemExit as exc:
@@ -310,16 +342,100 @@ def clean_as_sandbox_user(mounts):
     return 0
 
 
+class Spare:
+    """The worker's end of a waiting spare: its pid and the pipes to and from it."""
+
+    def __init__(self, pid, control, report, out, err):
+        self.pid, self.control, self.report, self.out, self.err = pid, control, report, out, err
+
+    def close(self):
+        for name in ("control", "report", "out", "err"):
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
+
+
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def spare_main(control_r, report_w):
+    """Body of a spare (already the sandbox user): wait for one call's job, then become that call.
+
+    A ``python`` job runs in this warm interpreter; any other execs its ``argv`` (the script as one
+    more argument, or, when too long for one, as the path of an in-memory file: ``bash /dev/fd/N``).
+    Why an exec failed goes to the worker on ``report_w``, closed before any code of the call runs.
+    """
+    main = prepare_python()  # also for a job that turns out to exec: it costs that job nothing
+    with os.fdopen(control_r, "rb") as f:
+        job = json.loads(f.read())
+    script, env, cwd = job["script"], job["env"], job["cwd"]
+    if job["python"]:
+        os.close(report_w)
+        return run_python(script, env, cwd, main)
+    argv = job["argv"]
+    # Python ignores these; a command starts with the defaults, as from a shell (`yes | head` ends).
+    for name in ("SIGPIPE", "SIGXFSZ"):
+        signal.signal(getattr(signal, name), signal.SIG_DFL)
+    try:
+        os.chdir(cwd)
+        if script is not None and len(script.encode()) <= ARGV_SCRIPT_LIMIT:
+            argv.append(script)  # e.g. bash -c SCRIPT
+        elif script is not None:
+            memfd = os.memfd_create("tracegen-script", 0)  # inherited by the exec: nothing on disk to race for
+            write_all(memfd, script.encode())
+            os.lseek(memfd, 0, os.SEEK_SET)
+            argv = [*job["file_argv"], f"/dev/fd/{memfd}"]
+        os.execvpe(argv[0], argv, env)
+    except OSError as exc:
+        os.write(report_w, (exc.strerror or str(exc)).encode())
+        return 127 if isinstance(exc, FileNotFoundError) else 126
+    except (ValueError, UnicodeError) as exc:  # e.g. a NUL in an argument
+        os.write(report_w, str(exc).encode())
+        return 126
+
+
 class Worker:
     def __init__(self, out, user):
         self.out = out
         self.user = user
+        self.oom_counter = oom_counter()
+        self.spare = None
 
     def send(self, obj, req):
         obj["id"] = req.get("id")
         obj["nonce"] = req.get("nonce")
         self.out.write(json.dumps(obj).encode() + b"\n")
         self.out.flush()
+
+    def fork_spare(self):
+        """Start the process the next call will run in, ahead of that call (the *spare* above)."""
+        control_r, control_w = os.pipe()
+        report_r, report_w = os.pipe()  # close-on-exec: end of file on it means the exec succeeded
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            pid = self.user.fork_as(lambda: spare_main(control_r, report_w), out_w, err_w, (control_r, report_w))
+        except OSError:
+            for fd in (control_r, control_w, report_r, report_w, out_r, out_w, err_r, err_w):
+                os.close(fd)
+            raise
+        for fd in (control_r, report_w, out_w, err_w):
+            os.close(fd)
+        os.set_blocking(report_r, False)
+        self.spare = Spare(pid, control_w, report_r, out_r, err_r)
+
+    def drop_spare(self):
+        """Kill and reap the waiting spare, if there is one."""
+        spare, self.spare = self.spare, None
+        if spare is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(spare.pid, signal.SIGKILL)
+            os.waitpid(spare.pid, 0)
+            spare.close()
 
     def run(self, req):
         started = time.monotonic()
@@ -329,85 +445,64 @@ class Worker:
         captures = {"stdout": Capture(keep), "stderr": Capture(keep)}
         result = {"op": "result", "exit_code": None, "signal": None, "timed_out": False, "output_capped": False}
         result["error"] = None
-        oom_before = oom_kill_count()
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        memfd = None
+        oom_before = oom_kill_count(self.oom_counter)
+        job = {
+            "argv": [str(a) for a in req["argv"]],
+            "file_argv": [str(a) for a in req.get("file_argv") or req["argv"]],
+            "script": req.get("script"),
+            "python": bool(req.get("python")) and req.get("script") is not None,
+            "env": req.get("env") or dict(os.environ),
+            "cwd": req.get("cwd") or "/",
+        }
         try:
-            script = req.get("script")
-            env = req.get("env") or {k: v for k, v in os.environ.items()}
-            cwd = req.get("cwd") or "/"
-            if req.get("python") and script is not None:
-                pid = self.user.fork_as(lambda: run_python(script, env, cwd), out_w, err_w)
-            else:
-                argv = [str(a) for a in req["argv"]]
-                if script is not None and len(script.encode()) <= ARGV_SCRIPT_LIMIT:
-                    argv.append(script)  # e.g. bash -c SCRIPT
-                elif script is not None:
-                    # An in-memory file the command opens by path (bash /dev/fd/N): nothing on disk to race for.
-                    memfd = os.memfd_create("tracegen-script")
-                    os.write(memfd, script.encode())
-                    os.lseek(memfd, 0, os.SEEK_SET)
-                    argv = [*[str(a) for a in req.get("file_argv") or argv], f"/dev/fd/{memfd}"]
-                # The C child of subprocess (no Python runs between fork and exec) switches to the
-                # sandbox user; exec leaves it with no capabilities, as the privileges check verifies.
-                proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out_w,
-                    stderr=err_w,
-                    cwd=cwd,
-                    env=env,
-                    start_new_session=True,
-                    user=self.user.uid,
-                    group=self.user.gid,
-                    extra_groups=[],
-                    pass_fds=() if memfd is None else (memfd,),
-                )
-                proc.returncode = 0  # reaped by pump(), not by Popen
-                pid = proc.pid
-        except (OSError, ValueError, UnicodeError) as exc:
-            if isinstance(exc, OSError):
-                result["error"] = f"could not start {req.get('argv', ['the command'])[0]}: {exc.strerror or exc}"
-            else:
-                result["error"] = f"could not start the command: {exc}"
-            result["exit_code"] = 127 if isinstance(exc, FileNotFoundError) else 126
-            for fd in (out_r, out_w, err_r, err_w):
-                os.close(fd)
+            message = json.dumps(job).encode()
+            if self.spare is None:  # none was started ahead (the last fork failed): start one now
+                self.fork_spare()
+        except (OSError, ValueError) as exc:
+            result["error"] = f"could not start {job['argv'][0]}: {getattr(exc, 'strerror', None) or exc}"
+            result["exit_code"] = 126
             return self.finish(result, captures, started, oom_before)
+        spare, self.spare = self.spare, None
+        try:
+            with contextlib.suppress(BrokenPipeError):  # a spare that died waiting: the pump reads how it ended
+                write_all(spare.control, message)
+            os.close(spare.control)
+            out, err, spare.control, spare.out, spare.err = spare.out, spare.err, None, None, None
+            self.pump(spare.pid, out, err, captures, started + timeout, kill_bytes, result)  # closes out, err
+            with contextlib.suppress(BlockingIOError):
+                told = os.read(spare.report, 4096)
+                if told:
+                    result["error"] = f"could not start {job['argv'][0]}: {told.decode('utf-8', 'replace')}"
         finally:
-            if memfd is not None:
-                os.close(memfd)
-        os.close(out_w)
-        os.close(err_w)
-        self.pump(pid, out_r, err_r, captures, started + timeout, kill_bytes, result)
+            spare.close()
         return self.finish(result, captures, started, oom_before)
 
     def pump(self, pid, out_r, err_r, captures, deadline, kill_bytes, result):
-        sel = selectors.DefaultSelector()
-        sel.register(out_r, selectors.EVENT_READ, "stdout")
-        sel.register(err_r, selectors.EVENT_READ, "stderr")
+        poller = select.poll()
+        streams = {out_r: "stdout", err_r: "stderr"}
+        for fd in streams:
+            poller.register(fd, select.POLLIN)
         open_streams = [2]
-        # A pidfd turns "the process exited" into one more readable fd, so one select waits for
+        # A pidfd turns "the process exited" into one more readable fd, so one poll waits for
         # output and exit alike; without one (old kernels) we poll every 10 ms.
         pidfd = None
         try:
             pidfd = os.pidfd_open(pid)
-            sel.register(pidfd, selectors.EVENT_READ, "exit")
+            poller.register(pidfd, select.POLLIN)
         except (AttributeError, OSError):
             pass
 
         def read_ready(wait):
-            for key, _ in sel.select(wait):
-                if key.data == "exit":
-                    sel.unregister(key.fileobj)
+            for fd, _ in poller.poll(math.ceil(wait * 1000)):
+                if fd == pidfd:
+                    poller.unregister(fd)
                     continue
-                data = os.read(key.fd, READ_CHUNK)
+                data = os.read(fd, READ_CHUNK)
                 if not data:
-                    sel.unregister(key.fileobj)
+                    poller.unregister(fd)
                     open_streams[0] -= 1
                 elif not result["output_capped"]:  # once capped, what is still in flight is dropped
-                    captures[key.data].add(data)
+                    captures[streams[fd]].add(data)
                     if captures["stdout"].total + captures["stderr"].total > kill_bytes:
                         result["output_capped"] = True
 
@@ -430,7 +525,6 @@ class Worker:
         drain_until = time.monotonic() + DRAIN_AFTER_EXIT_S
         while open_streams[0] and time.monotonic() < drain_until:
             read_ready(0.05)
-        sel.close()
         for fd in (out_r, err_r, pidfd):
             if fd is not None:
                 os.close(fd)
@@ -444,7 +538,7 @@ class Worker:
             result["exit_code"] = os.WEXITSTATUS(status)
 
     def finish(self, result, captures, started, oom_before):
-        oom_after = oom_kill_count()
+        oom_after = oom_kill_count(self.oom_counter)
         result["oom_kills"] = None if oom_before is None or oom_after is None else oom_after - oom_before
         for name, cap in captures.items():
             result[name] = cap.text()
@@ -458,6 +552,7 @@ class Worker:
         started = time.monotonic()
         mounts = {str(path): int(mode) for path, mode in (req.get("mounts") or {}).items()}
         problems = []
+        self.drop_spare()
         if not kill_user(self.user.uid):
             problems.append(f"processes of uid {self.user.uid} survived SIGKILL")
         err_r, err_w = os.pipe()
@@ -512,6 +607,13 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - one bad request must not end the worker
                 reply = {"op": "error", "error": f"{type(exc).__name__}: {exc}"}
             self.send(reply, req)
+            # The next call's process starts once this container has been idle for SPARE_AFTER_S: not
+            # amid a burst of lock-step calls in other containers (it would compete with them), never
+            # while a call or a reset checks the sandbox user's processes. A request sooner (the reset
+            # that ends a trajectory, a quick next call) finds no spare and forks one itself.
+            if self.spare is None and not select.select([inp], [], [], SPARE_AFTER_S)[0]:
+                with contextlib.suppress(OSError):
+                    self.fork_spare()
 
 
 def main():

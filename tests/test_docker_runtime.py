@@ -6,6 +6,7 @@ import asyncio
 import functools
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -466,6 +467,38 @@ async def test_recycle_off_and_tainted_containers_are_replaced(docker_client: An
             ids.append(ep.container_id)
             await ep.close()
         assert ids[0] == ids[1] != ids[2], "recycle_max_uses bounds the trajectories per container"
+
+
+# From inside a call: how long ago its own process started, and the other processes of its uid.
+SPARE_PROBE = """
+import os
+def field(pid, name):
+    return [line.split()[1] for line in open(f'/proc/{pid}/status') if line.startswith(name)][0]
+started = int(open('/proc/self/stat').read().rsplit(')', 1)[1].split()[19]) / os.sysconf('SC_CLK_TCK')
+age = float(open('/proc/uptime').read().split()[0]) - started
+mine = str(os.getuid())
+others = [p for p in os.listdir('/proc') if p.isdigit() and int(p) != os.getpid() and field(p, 'Uid:') == mine]
+print(age > 0.5, others, field('self', 'CapEff:'))
+"""
+
+
+@pytest.mark.anyio
+async def test_a_call_runs_in_a_spare_started_ahead_and_alone_as_the_sandbox_user(docker_client: Any) -> None:
+    """While the container idles, the worker forks the next call's process (the fork costs no call's
+    time), already the sandbox user without capabilities; no other process of that user exists then,
+    so no call can reach the process of the next one, and after a call nothing of it is left."""
+    async with started() as rt:
+        ep = await rt.open_episode("t")
+        await run(ep, "bash", "sleep 300 & echo started")  # left behind: killed when the call returns
+        await asyncio.sleep(1.0)
+        # `exec` keeps the shell's process: the probe then asks about the process the bash call ran in.
+        for tool, probe in (("python", SPARE_PROBE), ("bash", f"exec python3 -c {shlex.quote(SPARE_PROBE)}")):
+            out = await run(ep, tool, probe)
+            assert out.content == "True [] 0000000000000000", (tool, out.content)
+            await asyncio.sleep(1.0)
+        # A command execs with the signal defaults a shell gives it, not the interpreter's ignored SIGPIPE.
+        assert (await run(ep, "bash", "yes | head -1")).content == "y"
+        await ep.close()
 
 
 @pytest.mark.anyio

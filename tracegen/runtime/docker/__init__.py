@@ -5,8 +5,10 @@ under ``init``, auto-removed when it exits), each with the sandbox worker (``san
 already attached over one ``docker exec`` stream that speaks JSON lines. A trajectory takes a
 container on its first tool call and keeps it until it ends, so files written by one call are
 there for the next. A call is one JSON line each way: a few milliseconds, against tens for a
-``docker exec`` and hundreds for a ``docker run``; ``python`` calls fork from the worker's warm
-interpreter instead of starting ``python3``.
+``docker exec`` and hundreds for a ``docker run``. Each call runs in a *spare* process that the
+worker forked from itself ahead of the call (once idle after its previous reply) and that already
+switched to the sandbox user: a ``python`` call runs in that warm interpreter instead of starting
+``python3``, any other execs its command.
 
 Two users. The worker and PID 1 run as root with only SETUID, SETGID and KILL; every command runs
 as ``user`` (1000:1000), no capabilities, no supplementary groups. So tool code cannot open the
@@ -27,7 +29,8 @@ to a later trajectory instead of being replaced, up to ``recycle_max_uses`` time
 every process of the sandbox user, empties every mount it can write to (``tmpfs`` work dirs,
 ``/dev/shm``, ``/dev/mqueue``) and restores their modes, removes its System V IPC objects, then
 verifies each of those (no process of the uid, each mount empty at its mode, no IPC object, the
-worker answering) before the container goes back to the pool; a reset that fails or is not verified
+worker answering) before the container goes back to the pool (only then does the worker fork the
+next call's spare, from its own state: it holds nothing of any trajectory); a reset that fails or is not verified
 in ``reset_timeout_s`` replaces the container, and so does a container whose call timed out or
 was OOM-killed. Against a fresh container, a recycled one differs only in what the sandbox user
 cannot reset and the next trajectory can at most observe: the pid counter and process start times,
