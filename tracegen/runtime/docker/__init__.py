@@ -67,7 +67,7 @@ What it does not protect against:
 - code inside one trajectory harming that trajectory (deleting its own files, exiting early);
 - a solution under ``filter --verifier tests`` that deliberately reads the test runner's memory
   for its end-of-tests marker: the tests run in the solution's process by design. An early exit
-  (``sys.exit(0)``, ``os._exit(0)``) fails (``tracegen.checks.task_tests.TESTS_RUNNER``);
+  (``sys.exit(0)``, ``os._exit(0)``) fails (``tracegen.checks.task_tests.LANGUAGES``);
 - processes outliving a call: every process a call started is killed when the call ends. Files
   persist across the calls of a trajectory; processes do not.
 """
