@@ -49,7 +49,7 @@ def docker_client_fixture() -> Iterator[Any]:
     except docker.errors.ImageNotFound:
         unavailable(f"the sandbox image {DEFAULT_IMAGE} is missing; build it: tracegen sandbox build")
     if labels.get(DIGEST_LABEL) != sandbox_digest():  # e.g. built before node was added
-        unavailable(f"the sandbox image {DEFAULT_IMAGE} was built from another sandbox/; rebuild: tracegen sandbox build")
+        unavailable(f"the sandbox image {DEFAULT_IMAGE} is older than sandbox/; rebuild: tracegen sandbox build")
     yield client
     client.close()
 
