@@ -95,7 +95,7 @@ def _to_task(where: str, row: Mapping[str, Any], columns: TaskColumns) -> Task:
     tests = row.get(columns.tests)
     if columns.choices is not None:
         prompt, reference = _multiple_choice(where, row, prompt, reference, columns.choices)
-    language = row.get(columns.language, "python")
+    language = row.get(columns.language) or "python"  # absent, null (a dataset column) or empty
     if language not in LANGUAGES:
         raise BadInputError(
             f"{where}: field {columns.language!r} is {language!r}, not one of {', '.join(LANGUAGES)}",
