@@ -42,10 +42,14 @@ def docker_client_fixture() -> Iterator[Any]:
         unavailable(f"no Docker engine answers ({exc.message}); start one: bash scripts/provision_docker.sh")
     import docker.errors
 
+    from tracegen.runtime.image import DIGEST_LABEL, sandbox_digest
+
     try:
-        client.api.inspect_image(DEFAULT_IMAGE)
+        labels = client.api.inspect_image(DEFAULT_IMAGE)["Config"].get("Labels") or {}
     except docker.errors.ImageNotFound:
         unavailable(f"the sandbox image {DEFAULT_IMAGE} is missing; build it: tracegen sandbox build")
+    if labels.get(DIGEST_LABEL) != sandbox_digest():  # e.g. built before node was added
+        unavailable(f"the sandbox image {DEFAULT_IMAGE} is older than sandbox/; rebuild: tracegen sandbox build")
     yield client
     client.close()
 

@@ -227,3 +227,19 @@ def test_multiple_choice_answer_out_of_range_names_the_row(tmp_path: Path) -> No
     bad.write_text(json.dumps({"id": "x", "prompt": "Q?", "choices": ["a", "b"], "reference": 5}) + "\n")
     with pytest.raises(BadInputError, match=r"mc.jsonl:1: the answer 5 is neither an option letter"):
         load_tasks(bad, TaskColumns(choices="choices"))
+
+
+def test_task_language_is_read_and_an_unknown_one_names_the_row(tmp_path: Path) -> None:
+    from tracegen.collect.tasks import load_tasks
+    from tracegen.config import TaskColumns
+    from tracegen.errors import BadInputError
+
+    shipped = Path(__file__).parent.parent / "recipes" / "tasks"
+    assert {t.language for t in load_tasks(shipped / "code-javascript.jsonl", TaskColumns())} == {"javascript"}
+    assert {t.language for t in load_tasks(shipped / "code-bash.jsonl", TaskColumns())} == {"bash"}
+    assert {t.language for t in load_tasks(shipped / "agentic-smoke.jsonl", TaskColumns())} == {"python"}  # absent
+    bad = tmp_path / "tasks.jsonl"
+    rows = [{"id": "a", "prompt": "p", "tests": "t"}, {"id": "b", "prompt": "p", "tests": "t", "lang": "ruby"}]
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(BadInputError, match=r"tasks.jsonl:2: field 'lang' is 'ruby', not one of python, javascript"):
+        load_tasks(bad, TaskColumns(language="lang"))

@@ -180,6 +180,15 @@ def test_recipe_has_the_cards_settings(name: str) -> None:
     assert recipe.smoke is not None, "every seed recipe has a smoke block for CI"
 
 
+def test_tkd_recipe_names_the_cards_four_sets_and_smoke_reads_local_stand_ins() -> None:
+    full = load_recipe(RECIPES / "topological-qwen-dualmind.yaml")
+    assert full.run.data is None and full.data.rows is None  # the card's "~1,599" is not an exact count
+    assert [s.rows for s in full.data.sources] == [636, 307, 580, 76]  # as the card states each set
+    smoke = load_recipe(RECIPES / "topological-qwen-dualmind.yaml", "smoke")
+    assert len(smoke.data.sources) == 4 and all(Path(s.path).is_file() for s in smoke.data.sources)
+    assert all(s.rows is None for s in smoke.data.sources)
+
+
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
 def test_smoke_block_uses_only_offline_models(path: Path) -> None:
     recipe = load_recipe(path, "smoke") if load_recipe(path).smoke is not None else load_recipe(path)

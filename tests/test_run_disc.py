@@ -52,6 +52,8 @@ def test_tkd_recipe_smoke_trains_windows_with_the_ramp_and_curriculum(tmp_path: 
     assert plan["pieces"] > plan["rows"]  # the smoke rows were cut into windows
     assert all(w[2] - w[1] <= 96 for w in plan["windows"])
     assert all(m["drift"] >= 0 for m in steps)  # the drift channel is on (drift_weight 0.02)
+    sources = json.loads((tmp_path / "work" / ".run" / "format.json").read_text())["facts"]["sources"]
+    assert [s["read"] for s in sources["sources"]] == [2, 2, 2, 2] and sources["rows"] == 8  # data.sources
     evaluation = json.loads((tmp_path / "work" / "eval" / "eval.json").read_text())
     assert evaluation["totals"]["answers"] == 2  # the rows distill held out: ceil(8 * 0.25)
     answers = evaluation["answers"]

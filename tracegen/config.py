@@ -224,6 +224,9 @@ class TaskColumns(Strict):
     prompt: str = "prompt"
     reference: str = "reference"
     tests: str = "tests"
+    language: str = Field(
+        "language", description="The tests' language: python (default when absent), javascript (node) or bash."
+    )
     metadata: list[str] = Field(default_factory=list, description="Extra columns kept in task.metadata.")
     choices: str | None = Field(
         None,

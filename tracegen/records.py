@@ -44,6 +44,10 @@ class Usage(Record):
         return self.prompt_tokens + self.completion_tokens
 
 
+TestsLanguage = Literal["python", "javascript", "bash"]
+"""What a task's tests and solution are written in: run by ``python3``, ``node`` or ``bash`` in the sandbox."""
+
+
 class Task(Record):
     """One unit of work: a prompt, and optionally what a verifier checks the answer against."""
 
@@ -51,6 +55,7 @@ class Task(Record):
     prompt: str
     reference: str | None = None
     tests: str | None = None
+    language: TestsLanguage = "python"
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from tracegen.config import TaskColumns
 from tracegen.errors import BadInputError
-from tracegen.records import Task
+from tracegen.records import Task, TestsLanguage
+
+LANGUAGES: tuple[TestsLanguage, ...] = get_args(TestsLanguage)
 
 
 def load_tasks(path: Path, columns: TaskColumns, limit: int | None = None) -> list[Task]:
@@ -93,11 +95,18 @@ def _to_task(where: str, row: Mapping[str, Any], columns: TaskColumns) -> Task:
     tests = row.get(columns.tests)
     if columns.choices is not None:
         prompt, reference = _multiple_choice(where, row, prompt, reference, columns.choices)
+    language = row.get(columns.language) or "python"  # absent, null (a dataset column) or empty
+    if language not in LANGUAGES:
+        raise BadInputError(
+            f"{where}: field {columns.language!r} is {language!r}, not one of {', '.join(LANGUAGES)}",
+            hint="name the language the task's tests are written in, or leave the field out for python",
+        )
     return Task(
         id=str(row[columns.id]),
         prompt=prompt,
         reference=None if reference is None else str(reference),
         tests=None if tests is None else str(tests),
+        language=language,
         metadata={k: row[k] for k in columns.metadata if k in row},
     )
 

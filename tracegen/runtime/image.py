@@ -5,12 +5,15 @@ Two ways to the base the Dockerfile builds on, tried in order:
 1. ``registry``: ``python:3.12-slim`` is on the engine already or the engine can pull it (the
    ordinary path on a user's machine);
 2. ``local``: no registry answers, so a Debian base is made on this machine:
-   ``debootstrap --variant=minbase --include=python3 bookworm DIR``, then
-   ``tar -C DIR -c . | docker import - tracegen-sandbox-base:bookworm`` (needs root and
-   debootstrap; about a minute). A base made earlier is reused unless ``rebuild_base``.
+   ``debootstrap --variant=minbase --include=python3,nodejs bookworm DIR``, then
+   ``tar -C DIR -c . | docker import - tracegen-sandbox-base:bookworm-python3-nodejs`` (needs root
+   and debootstrap; a few minutes). A base made earlier is reused unless ``rebuild_base``; its tag
+   names its packages, so a base made before a package was added is not.
 
-The worker layer is then built from the same Dockerfile with ``--build-arg BASE=<base>``. With
-several engines the image is built on the first and copied to the others (``docker save | load``).
+The worker layer is then built from the same Dockerfile with ``--build-arg BASE=<base>`` (it installs
+``nodejs`` with apt only when the base lacks ``node``). The image is labelled with
+:func:`sandbox_digest`, which the Docker tests compare with the source tree. With several engines
+the image is built on the first and copied to the others (``docker save | load``).
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ if TYPE_CHECKING:
     import docker
 
 REGISTRY_BASE = "python:3.12-slim"
-LOCAL_BASE = "tracegen-sandbox-base:bookworm"
 DEBIAN_SUITE = "bookworm"
+LOCAL_PACKAGES = ("python3", "nodejs")  # the worker and python tool; node for javascript tests
+LOCAL_BASE = f"tracegen-sandbox-base:{DEBIAN_SUITE}-{'-'.join(LOCAL_PACKAGES)}"
+DIGEST_LABEL = "tracegen.sandbox-sha256"
 
 BasePath = Literal["registry", "local"]
 
@@ -63,6 +68,15 @@ def worker_digest() -> str:
     return hashlib.sha256((sandbox_dir() / "worker.py").read_bytes()).hexdigest()[:16]
 
 
+def sandbox_digest() -> str:
+    """What the image is built from: the Dockerfile, the worker and the offline base's packages."""
+    h = hashlib.sha256()
+    for part in ((sandbox_dir() / "Dockerfile").read_bytes(), (sandbox_dir() / "worker.py").read_bytes()):
+        h.update(hashlib.sha256(part).digest())
+    h.update(" ".join(LOCAL_PACKAGES).encode())
+    return h.hexdigest()[:16]
+
+
 def build_image(
     client: docker.DockerClient,
     tag: str = DEFAULT_IMAGE,
@@ -81,7 +95,7 @@ def build_image(
             path=str(sandbox_dir()),
             tag=tag,
             buildargs={"BASE": chosen},
-            labels={"tracegen.worker-sha256": worker_digest(), "tracegen.base": chosen},
+            labels={"tracegen.worker-sha256": worker_digest(), DIGEST_LABEL: sandbox_digest(), "tracegen.base": chosen},
             rm=True,
             forcerm=True,
             pull=False,
@@ -122,7 +136,7 @@ def _has_image(client: docker.DockerClient, name: str) -> bool:
 
 
 def bootstrap_base(client: docker.DockerClient, name: str = LOCAL_BASE, say: Callable[[str], None] = print) -> None:
-    """``debootstrap --variant=minbase --include=python3 bookworm DIR``, then import DIR as ``name``."""
+    """``debootstrap --variant=minbase --include=python3,nodejs bookworm DIR``, then import DIR as ``name``."""
     if shutil.which("debootstrap") is None:
         raise RuntimeToolError(
             "no registry answers and debootstrap is not installed, so no base image can be made",
@@ -131,10 +145,11 @@ def bootstrap_base(client: docker.DockerClient, name: str = LOCAL_BASE, say: Cal
         )
     if os.geteuid() != 0:
         raise RuntimeToolError("bootstrapping the offline base image needs root (debootstrap)", hint="run as root")
+    include = f"--include={','.join(LOCAL_PACKAGES)}"
     with _scratch_dir() as root:
-        say(f"debootstrap --variant=minbase --include=python3 {DEBIAN_SUITE} {root} (about a minute)")
+        say(f"debootstrap --variant=minbase {include} {DEBIAN_SUITE} {root} (a few minutes)")
         done = subprocess.run(
-            ["debootstrap", "--variant=minbase", "--include=python3", DEBIAN_SUITE, str(root)],
+            ["debootstrap", "--variant=minbase", include, DEBIAN_SUITE, str(root)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

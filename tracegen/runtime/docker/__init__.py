@@ -68,9 +68,10 @@ What it does not protect against:
 - exhaustion of shared resources the limits do not cover (disk I/O bandwidth, the page cache,
   the engine's own throughput);
 - code inside one trajectory harming that trajectory (deleting its own files, exiting early);
-- a solution under ``filter --verifier tests`` that deliberately reads the test runner's memory
-  for its end-of-tests marker: the tests run in the solution's process by design. An early exit
-  (``sys.exit(0)``, ``os._exit(0)``) fails (``tracegen.checks.task_tests.TESTS_RUNNER``);
+- a solution under ``filter --verifier tests`` that deliberately reads the test runner's state
+  for its end-of-tests marker (its memory; the bash runner's variables; node's process events): the
+  tests run in the solution's process by design. An early exit (``sys.exit(0)``, ``os._exit(0)``,
+  ``process.exit(0)``, ``exit 0`` or an ``exit 0`` trap) fails (``tracegen.checks.task_tests.LANGUAGES``);
 - processes outliving a call: every process a call started is killed when the call ends. Files
   persist across the calls of a trajectory; processes do not.
 """

@@ -38,7 +38,10 @@ class DockerRuntimeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    image: str = Field(DEFAULT_IMAGE, description="Sandbox image; needs python3, bash and the tracegen worker.")
+    image: str = Field(
+        DEFAULT_IMAGE,
+        description="Sandbox image; needs python3, bash, the tracegen worker (and node for javascript tests).",
+    )
     engines: list[str] = Field(
         default_factory=list,
         description="Docker engines to spread containers over (unix://, tcp://, ssh:// URLs); "
