@@ -185,8 +185,10 @@ def test_a_stream_that_never_ends_hits_the_request_deadline(fake_server: Start, 
 
 
 def test_request_deadline_defaults_from_max_tokens() -> None:
-    assert client_for("http://x/v1", max_tokens=1000).request_deadline_s() == 160
+    assert client_for("http://x/v1", max_tokens=1000, timeout_s=60).request_deadline_s() == 160
     assert client_for("http://x/v1", max_tokens=None).request_deadline_s() == 3600
+    # never shorter than the silence a reply may start with (a request queued on a busy local server)
+    assert client_for("http://x/v1", max_tokens=48).request_deadline_s() == 604.8
 
 
 def test_retry_after_infinity_is_capped(fake_server: Start) -> None:

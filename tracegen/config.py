@@ -78,8 +78,9 @@ class EndpointConfig(Strict):
     request_timeout_s: float | None = Field(
         None,
         gt=0,
-        description="Longest one request may take in all, however steadily it streams; default 60 s + 0.1 s per "
-        "completion token allowed (3600 s when no limit is sent).",
+        description="Longest one request may take in all, however steadily it streams; default timeout_s (the "
+        "silence a reply may start with, e.g. queued on a busy server) + 0.1 s per completion token allowed "
+        "(at least 3600 s when no limit is sent).",
         json_schema_extra=HOW,
     )
     retry_after_max_s: float = Field(
@@ -142,8 +143,10 @@ class EndpointConfig(Strict):
     def request_deadline_s(self) -> float:
         if self.request_timeout_s is not None:
             return self.request_timeout_s
+        # Never shorter than the silence timeout_s allows before the first token: a request queued on a
+        # busy local server must not be cut by the total deadline while its reads are still within limits.
         limit = self.completion_limit()
-        return 60.0 + limit / 10.0 if limit else 3600.0
+        return self.timeout_s + limit / 10.0 if limit else max(3600.0, self.timeout_s)
 
 
 ToolProtocolSetting = Literal[
