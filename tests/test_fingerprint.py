@@ -8,7 +8,7 @@ from tracegen.checks.judge import JudgeCheck
 from tracegen.checks.sandbox import SharedSandbox
 from tracegen.checks.task_tests import TestsCheck
 from tracegen.config import CollectConfig, JudgeConfig, Recipe
-from tracegen.fingerprint import deciding, how_fields
+from tracegen.fingerprint import deciding, fingerprint, how_fields
 from tracegen.runtime.docker.settings import DockerRuntimeConfig
 
 # Settings that are about how work runs wherever they appear (a subclass redefining one must keep the mark).
@@ -77,3 +77,22 @@ def test_check_keys_follow_the_same_rule() -> None:
     assert JudgeCheck(JudgeConfig(model="m", rubric="r", concurrency=1, base_url="http://x/v1")).key == judge
     assert JudgeCheck(JudgeConfig(model="m", rubric="other")).key != judge
     assert "concurrency" not in deciding(JudgeConfig())
+
+
+# The default collect fingerprint since fingerprint_version 2 (the ids runs have been written under).
+# A change here orphans every earlier collect run: mark a new setting ADDED (when its default changes
+# nothing) or, when ids must change, bump fingerprint_version on purpose and say so in the README.
+PINNED_DEFAULT_COLLECT = "de8f7f154356bc49"
+
+
+def test_the_default_collect_fingerprint_is_pinned() -> None:
+    assert fingerprint(CollectConfig().generation_settings()) == PINNED_DEFAULT_COLLECT
+
+
+def test_a_setting_added_later_counts_only_away_from_its_default() -> None:
+    """task_columns.language came after version 2: at its default, earlier runs keep their ids; set, it decides."""
+    base = CollectConfig()
+    assert "language" not in base.generation_settings()["task_columns"]
+    moved = CollectConfig.model_validate({"task_columns": {"language": "lang"}})
+    assert moved.generation_settings()["task_columns"]["language"] == "lang"
+    assert moved.fingerprint() != base.fingerprint()

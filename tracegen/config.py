@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tracegen.fingerprint import HOW, deciding, fingerprint
+from tracegen.fingerprint import ADDED, HOW, deciding, fingerprint
 from tracegen.runtime.docker.settings import DockerRuntimeConfig
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -228,7 +228,9 @@ class TaskColumns(Strict):
     reference: str = "reference"
     tests: str = "tests"
     language: str = Field(
-        "language", description="The tests' language: python (default when absent), javascript (node) or bash."
+        "language",
+        description="The tests' language: python (default when absent), javascript (node) or bash.",
+        json_schema_extra=ADDED,
     )
     metadata: list[str] = Field(default_factory=list, description="Extra columns kept in task.metadata.")
     choices: str | None = Field(

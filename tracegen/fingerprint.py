@@ -4,6 +4,11 @@ A fingerprint hashes every setting that decides *what* a stage produces. Setting
 runs (concurrency, retries, URLs, client timeouts, pool sizes) are marked once, where they are
 declared, with ``json_schema_extra=HOW``, and left out everywhere. The rule fails safe: a new
 setting is in every fingerprint unless someone marks it, so stale work is never silently reused.
+
+A setting added later whose default reproduces what tracegen did before it existed is marked
+:data:`ADDED`: it counts only when set to something else, so runs started before it was added keep
+their ids and resume (``tests/test_fingerprint.py`` pins the default collect fingerprint, so a new
+unmarked setting fails that test instead of silently orphaning every earlier run).
 """
 
 from __future__ import annotations
@@ -19,19 +24,32 @@ HOW: dict[str, Any] = {"tracegen_how": True}
 """Field metadata: this setting changes how the work runs, not what it produces."""
 
 
+ADDED: dict[str, Any] = {"tracegen_added": True}
+"""Field metadata: added after ``fingerprint_version`` 2 with a default that changes nothing; it counts
+only when it differs from that default."""
+
+
+def _marked(field: Any, key: str) -> bool:
+    return isinstance(field.json_schema_extra, dict) and bool(field.json_schema_extra.get(key))
+
+
 def how_fields(model: type[BaseModel]) -> set[str]:
     """Names of ``model``'s fields marked :data:`HOW`."""
-    return {
-        name
-        for name, field in model.model_fields.items()
-        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("tracegen_how")
-    }
+    return {name for name, field in model.model_fields.items() if _marked(field, "tracegen_how")}
 
 
 def deciding(model: BaseModel, exclude: Collection[str] = ()) -> dict[str, Any]:
     """The settings of ``model`` that decide what it produces, as JSON values (nested models likewise)."""
     skip = how_fields(type(model)) | set(exclude)
-    return {name: deciding_value(getattr(model, name)) for name in type(model).model_fields if name not in skip}
+    fields = type(model).model_fields
+    return {
+        name: deciding_value(getattr(model, name))
+        for name, field in fields.items()
+        if name not in skip
+        and not (
+            _marked(field, "tracegen_added") and getattr(model, name) == field.get_default(call_default_factory=True)
+        )
+    }
 
 
 def deciding_value(value: Any) -> Any:
