@@ -617,10 +617,14 @@ class FormatConfig(Strict):
     import_columns: ImportColumns = Field(default_factory=ImportColumns)
     license: str = Field("other", description="License in the dataset card's metadata (a Hub license id, or other).")
     license_name: str | None = Field(
-        None, description="With license: other, an id for the license (e.g. my-license-1.0); push requires it."
+        None,
+        description="With license: other, an id for the license (e.g. my-license-1.0); push requires it.",
+        json_schema_extra=ADDED,
     )
     license_link: str | None = Field(
-        None, description="With license: other, a URL (or LICENSE file in the repo) for its text; push requires it."
+        None,
+        description="With license: other, a URL (or LICENSE file in the repo) for its text; push requires it.",
+        json_schema_extra=ADDED,
     )
     batch_size: int = Field(
         256,
