@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tracegen.fingerprint import ADDED, HOW, deciding, fingerprint
+from tracegen.records import ExampleTurn
 from tracegen.runtime.docker.settings import DockerRuntimeConfig
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -268,6 +269,14 @@ class AgentLoopConfig(Strict):
         description="Tools offered to the teacher.",
     )
     system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, description="System prompt of every trajectory.")
+    few_shot: list[ExampleTurn] = Field(
+        default_factory=list,
+        description="Worked example turns ({role: user|assistant, content}) sent verbatim after the system prompt "
+        "and before each task, e.g. a tool call in the model's text protocol and its <tool_response>, for a "
+        "model that does not call tools from the description alone. Recorded as the trajectory's few_shot "
+        "(prompt, like the system prompt): never trained.",
+        json_schema_extra=ADDED,
+    )
     concurrency: int = Field(
         32,
         ge=1,

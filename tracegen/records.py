@@ -100,6 +100,14 @@ class UserMessage(Record):
     content: str
 
 
+class ExampleTurn(Record):
+    """A worked example sent before the task (``few_shot``): part of the prompt, never the teacher's own
+    behaviour, so it is recorded beside the messages and never trained."""
+
+    role: Literal["user", "assistant"]
+    content: str
+
+
 class AssistantMessage(Record):
     role: Literal["assistant"] = "assistant"
     content: str = ""
@@ -239,6 +247,8 @@ class Trajectory(Record):
     teacher: TeacherInfo
     runtime: RuntimeInfo
     tools: list[ToolSpec]
+    few_shot: list[ExampleTurn] = Field(default_factory=list)
+    """The example turns the teacher saw between the system prompt and the task (prompt, never trained)."""
     messages: list[Message]
     final_answer: str | None = None
     stop_reason: StopReason

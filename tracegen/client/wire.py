@@ -4,17 +4,18 @@ The trajectory keeps one canonical shape; this module decides how each turn is r
 server: native tool calls as ``tool_calls`` + ``role: tool`` messages, text-protocol calls as the
 teacher's verbatim text + ``<tool_response>`` user turns, reasoning echoed per ``reasoning_echo`` (in
 the field ``reasoning_field`` names, or the one the server sent), and whatever opaque continuation
-state the provider attached (``echo`` on the message and on each call) sent back verbatim. And the
-other direction's one hot spot: :func:`loads`, for every streamed event of every API.
+state the provider attached (``echo`` on the message and on each call) sent back verbatim. Few-shot
+example turns go right after the system turn, verbatim. And the other direction's one hot spot:
+:func:`loads`, for every streamed event of every API.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from tracegen.records import AssistantMessage, Message, SystemMessage, ToolMessage, UserMessage
+from tracegen.records import AssistantMessage, ExampleTurn, Message, SystemMessage, ToolMessage, UserMessage
 
 ReasoningEcho = Literal["auto", "always", "never"]
 
@@ -24,13 +25,22 @@ Responses API reasoning items (``encrypted_content``), Anthropic thinking blocks
 ReasoningField = Literal["auto", "reasoning_content", "reasoning"]
 
 
-def to_wire(messages: list[Message], echo: ReasoningEcho, field: ReasoningField = "auto") -> list[dict[str, Any]]:
+def to_wire(
+    messages: list[Message],
+    echo: ReasoningEcho,
+    field: ReasoningField = "auto",
+    few_shot: Sequence[ExampleTurn] = (),
+) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     native_ids: set[str] = set()
+    examples = [{"role": turn.role, "content": turn.content} for turn in few_shot]
     for message in messages:
-        if isinstance(message, SystemMessage) and not message.content:
-            continue  # system_prompt "": no system turn at all (a student trained without one expects none)
-        if isinstance(message, SystemMessage | UserMessage):
+        if isinstance(message, SystemMessage):
+            if message.content:  # system_prompt "": no system turn (a student trained without one expects none)
+                out.append({"role": message.role, "content": message.content})
+            out += examples
+            examples = []
+        elif isinstance(message, UserMessage):
             out.append({"role": message.role, "content": message.content})
         elif isinstance(message, AssistantMessage):
             out.append(_assistant(message, echo, field))

@@ -103,7 +103,7 @@ class Agent:
                     t0 = time.monotonic()
                     try:
                         reply = await self.teacher.complete(
-                            to_wire(messages, cfg.reasoning_echo, cfg.reasoning_field),
+                            to_wire(messages, cfg.reasoning_echo, cfg.reasoning_field, self.config.few_shot),
                             self.native_tools,
                             tool_protocol=cfg.tool_protocol,
                             call_id_prefix=f"call-{turn}",
@@ -206,6 +206,7 @@ class Agent:
             teacher=self.teacher_info,
             runtime=self.runtime.info(),
             tools=self.specs,
+            few_shot=self.config.few_shot,
             **fields,
         )
 
