@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 
 from tracegen.collect.driver import run_collect
+from tracegen.data.format import message_rows
+from tracegen.data.templates import MaskPolicy, render_instruct, render_proof
 from tracegen.errors import BadInputError
 from tracegen.records import AssistantMessage, ToolMessage
 from tracegen.store import read_trajectories
@@ -183,6 +185,34 @@ def test_pinned_text_protocol_puts_tools_in_the_prompt_and_answers_in_tool_respo
     assert "tools" not in first and "<tool_call>" in first["messages"][0]["content"]
     assert third["messages"][-1] == {"role": "user", "content": "<tool_response>\nhi\n</tool_response>"}
     assert records(tmp_path / "run")[0].final_answer == "said hi"
+
+
+def test_few_shot_turns_are_sent_before_every_task_recorded_apart_and_never_trained(
+    fake_server: Start, tmp_path: Path
+) -> None:
+    example = [
+        {"role": "user", "content": "What is 12 * 34? Use the python tool."},
+        {"role": "assistant", "content": '<tool_call>{"name": "python", "arguments": {"code": "print(12*34)"}}'},
+        {"role": "user", "content": "<tool_response>\n408\n</tool_response>"},
+        {"role": "assistant", "content": "12 * 34 = 408."},
+    ]
+    call = '<tool_call>{"name": "bash", "arguments": {"command": "echo hi"}}</tool_call>'
+    server = fake_server(Scripted([text_reply(call), text_reply("hi\nEXIT_CODE: 0"), text_reply("said hi")]))
+    tasks = write_tasks(tmp_path / "t.jsonl", 1)
+    cfg = make_config(server.base_url, tasks, teacher={"tool_protocol": "hermes"}, few_shot=example)
+    run_collect(cfg, tmp_path / "run", show_progress=False)
+    first, _, third = server.requests  # the teacher's two turns (the second request is the simulator's)
+    for request in (first, third):  # every turn of the trajectory sees them, right after the system turn
+        assert request["messages"][0]["role"] == "system" and request["messages"][1:5] == example
+        assert request["messages"][5] == {"role": "user", "content": "What is 0 + 0?"}
+    (t,) = records(tmp_path / "run")
+    assert [turn.model_dump() for turn in t.few_shot] == example and t.final_answer == "said hi"
+    assert [m.role for m in t.messages] == ["system", "user", "assistant", "tool", "assistant"]
+    # Prompt, not the teacher's behaviour: no template renders them, so no token of them is trained.
+    for rendered in (render_proof(t, MaskPolicy(), "</s>"), render_instruct(t, MaskPolicy(), "</s>")):
+        text = "".join(piece.text for piece in rendered.pieces)
+        assert "12 * 34" not in text and "What is 0 + 0?" in text
+    assert not any("12 * 34" in str(row["content"]) for row in message_rows(t))
 
 
 def test_bad_task_line_stops_before_any_request_and_writes_nothing(fake_server: Start, tmp_path: Path) -> None:
