@@ -24,6 +24,19 @@ def test_several_hermes_calls_and_a_malformed_one() -> None:
     assert calls[1].arguments == "{name: python}"  # the raw text is kept
 
 
+def test_hermes_list_form_is_one_call_per_item() -> None:
+    """SmolLM2's documented function-calling answer: a JSON list of calls inside one <tool_call> block."""
+    text = (
+        '<tool_call>[\n{"name": "python", "arguments": {"code": "print(1)"}},\n'
+        '{"name": "bash", "arguments": {"command": "ls"}}\n]</tool_call>\n<tool_call>[{"name": "python"]</tool_call>'
+    )
+    found = parse_text_calls(text, "c", only="hermes")
+    assert [(c.id, c.name, c.parse_error) for c in found.calls[:2]] == [("c-0", "python", None), ("c-1", "bash", None)]
+    assert json.loads(found.calls[1].arguments) == {"command": "ls"}
+    assert found.calls[2].id == "c-2" and found.calls[2].parse_error and "not valid JSON" in found.calls[2].parse_error
+    assert parse_text_calls(text, "c").protocol == "hermes"  # found unpinned too
+
+
 def test_function_tag_calls_parse_even_inside_tool_call() -> None:
     text = (
         "<tool_call>\n<function=python>\n<parameter=code>\nfor i in range(3):\n    print(i)\n"

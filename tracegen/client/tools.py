@@ -3,7 +3,8 @@
 Servers with function calling send structured ``tool_calls``; the rest write calls as text. These text
 forms are understood:
 
-- hermes (Qwen, Hermes): ``<tool_call>{"name": "python", "arguments": {"code": "..."}}</tool_call>``
+- hermes (Qwen, Hermes): ``<tool_call>{"name": "python", "arguments": {"code": "..."}}</tool_call>``, or a
+  JSON list of such calls in one block (SmolLM2's and APIGen's function-calling format)
 - function_tag (Qwen3.6, OpenHands): ``<function=python><parameter=code>...</parameter></function>``
   (optionally wrapped in ``<tool_call>...</tool_call>``)
 - and what a server without a tool parser leaves in the content: DeepSeek-V3 special tokens
@@ -123,7 +124,7 @@ def _tags(text: str, tag: str) -> list[int]:
     found, pos = [], text.find(tag)
     while pos >= 0:
         rest = text[pos + len(tag) : pos + len(tag) + 64].lstrip()
-        if not in_code(text, pos) and (tag != "<tool_call>" or rest.startswith(("{", "<function="))):
+        if not in_code(text, pos) and (tag != "<tool_call>" or rest.startswith(("{", "[", "<function="))):
             found.append(pos)
         pos = text.find(tag, pos + 1)
     return found
@@ -154,11 +155,19 @@ def _hermes(content: str, id_prefix: str) -> list[ToolCall] | None:
     starts = _tags(content, "<tool_call>")
     if not starts:
         return None
-    calls = []
-    for i, start in enumerate(starts):
+    calls: list[ToolCall] = []
+    for start in starts:
         match = _HERMES.match(content, start)
         assert match is not None
-        calls.append(_json_call(match.group(1), f"{id_prefix}-{i}"))
+        body = match.group(1)
+        try:
+            items = json.loads(body) if body.startswith("[") else None
+        except json.JSONDecodeError:
+            items = None  # _json_call below records the raw text and why it does not parse
+        if isinstance(items, list):  # SmolLM2 / APIGen: <tool_call>[{...}, {...}]</tool_call>
+            calls += [_json_call(json.dumps(item), f"{id_prefix}-{len(calls) + j}") for j, item in enumerate(items)]
+        else:
+            calls.append(_json_call(body, f"{id_prefix}-{len(calls)}"))
     return calls
 
 
