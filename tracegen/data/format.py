@@ -153,12 +153,13 @@ def critiques_for(trajs: list[Trajectory], config: FormatConfig) -> list[str | N
 MESSAGE_FIELDS = ("role", "content", "reasoning_content", "tool_calls", "tool_call_id", "name", "observation_source")
 
 
-def message_rows(traj: Trajectory) -> list[dict[str, Any]]:
+def message_rows(traj: Trajectory, messages: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """The ``messages`` column: exactly the messages ``--template chat`` renders (OpenAI tool-call shape,
     reasoning in ``reasoning_content``), plus each tool message's ``observation_source``; absent fields are None,
-    which transformers' ``apply_chat_template`` drops before rendering."""
+    which transformers' ``apply_chat_template`` drops before rendering. ``messages``: the ones ``chat`` already
+    built for this trajectory, if any."""
     rows = []
-    for m, msg in zip(traj.messages, chat_messages(traj), strict=True):
+    for m, msg in zip(traj.messages, messages or chat_messages(traj), strict=True):
         row = dict.fromkeys(MESSAGE_FIELDS)
         row.update(msg)
         if isinstance(m, ToolMessage):
@@ -247,7 +248,7 @@ def _sharegpt_table(trajs: list[Trajectory]) -> Any:
     )
 
 
-def build_row(traj: Trajectory, tok_row: Tokenized) -> dict[str, Any]:
+def build_row(traj: Trajectory, tok_row: Tokenized, messages: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     ids = tok_row["input_ids"]
     return {
         "id": traj.id,
@@ -257,7 +258,7 @@ def build_row(traj: Trajectory, tok_row: Tokenized) -> dict[str, Any]:
         "input_ids": ids,
         "labels": tok_row["labels"],
         "proof_mask": tok_row["proof_mask"],
-        "messages": message_rows(traj),
+        "messages": message_rows(traj, messages),
         "tools": json.dumps([t.openai_schema() for t in traj.tools], ensure_ascii=False),
         "task_id": traj.task.id,
         "sample_index": traj.sample_index,
@@ -411,9 +412,10 @@ def _format_range(bounds: tuple[int, int]) -> Chunk:
 
     def finish(indices: list[int], batch: TokenBatch, encoded: Future[None]) -> None:
         encoded.result()
-        for i, tok_row in zip(indices, assemble(batch, job.tok, job.max_length, stats, job.overflow), strict=True):
+        tok_rows = assemble(batch, job.tok, job.max_length, stats, job.overflow)
+        for i, sample, tok_row in zip(indices, batch.samples, tok_rows, strict=True):
             if tok_row is not None:
-                rows.append(build_row(job.trajs[i], tok_row))
+                rows.append(build_row(job.trajs[i], tok_row, sample.messages))
                 kept.append(i)
 
     with ThreadPoolExecutor(1, thread_name_prefix="tracegen-encode") as encoder:

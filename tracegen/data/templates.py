@@ -159,6 +159,8 @@ class Rendered:
     """Assistant turns whose reasoning the chat template left out."""
     tool_calls_dropped: int = 0
     """Tool calls the chat template left out."""
+    messages: list[dict[str, Any]] | None = None
+    """``chat``: the OpenAI-shape messages it rendered, kept for the ``messages`` column (built once per sample)."""
 
     @property
     def text(self) -> str:
@@ -423,7 +425,7 @@ def render_chat(
     state.template_text(rendered[cursor:], chat, pieces)
     dropped = sum(1 for i, f in enumerate(fields) if i not in seen and f.kind == "reasoning")
     calls_dropped = sum(1 for i, f in enumerate(fields) if i not in seen and f.kind == "tool_call")
-    out = Rendered(traj.id, "chat", pieces, min(dropped, reasoning_turns), calls_dropped)
+    out = Rendered(traj.id, "chat", pieces, min(dropped, reasoning_turns), calls_dropped, messages)
     lost = {"reasoning": out.reasoning_dropped, "tool_calls": calls_dropped}
     refused = [k for k in DROPPABLE if lost[k] and k not in allow_dropped]
     if refused:
