@@ -207,6 +207,52 @@ def test_sharegpt_export_keeps_every_turns_reasoning_and_text_and_names_itself(t
     assert rows[0]["attention_mask"] == [1] * len(rows[0]["input_ids"]) == [1] * len(rows[0]["labels"])
 
 
+@pytest.mark.slow
+def test_llamafactory_trains_the_same_tokens_from_the_sharegpt_export(tmp_path: Path) -> None:
+    """LLaMA-Factory's own pipeline (dataset_info.json -> sharegpt converter -> qwen3 template -> supervised
+    processor) on the export trains exactly tracegen's tokens, plus the "\n" its qwen3 template writes after
+    each assistant <|im_end|> (one per assistant turn; tracegen does not train it, as with TRL's template)."""
+    import os
+    import subprocess
+    import sys
+
+    import datasets
+
+    from tracegen.config import FormatConfig
+    from tracegen.data.format import format_dataset
+    from tracegen.data.tokenize import load_tokenizer
+
+    src = tmp_path / "kept.jsonl"
+    write_trajectories(str(src), 6, source="mixed")
+    out = tmp_path / "ds"
+    format_dataset(src, out, FormatConfig(template="chat", tokenizer="qwen3", export=["sharegpt"], workers=1))
+    tok = load_tokenizer("qwen3")
+    theirs_file = tmp_path / "llamafactory.json"
+    script = Path(__file__).parent / "consumers" / "llamafactory_sft.py"
+    env = dict(os.environ, HF_DATASETS_CACHE=str(tmp_path / "hf-cache"))
+    run = subprocess.run(
+        [sys.executable, str(script), str(out), str(tok.path), str(theirs_file)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    theirs = json.loads(theirs_file.read_text())
+    ours = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf-cache"))
+    newline = tok.full.token_to_id("\u010a")  # byte-level "\n"
+    assert len(theirs) == len(ours) == 6
+    for their_row, our_row in zip(theirs, ours, strict=True):
+        ids, labels = their_row["input_ids"], their_row["labels"]
+        their_trained = [t for t, lab in zip(ids, labels, strict=True) if lab != -100]
+        after_end = [i for i in range(1, len(ids)) if ids[i - 1] == tok.eos_id and labels[i] == newline]
+        without = [t for i, t in enumerate(ids) if labels[i] != -100 and i not in after_end]
+        our_trained = [t for t, lab in zip(our_row["input_ids"], our_row["labels"], strict=True) if lab != -100]
+        assert without == our_trained
+        turns = sum(1 for m in our_row["messages"] if m["role"] == "assistant")
+        assert len(their_trained) - len(our_trained) == len(after_end) == turns
+
+
 def test_overflow_truncate_keeps_the_start_and_the_card_sets_trls_max_length(
     tiny_tokenizer: Path, tmp_path: Path
 ) -> None:
