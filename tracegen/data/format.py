@@ -39,7 +39,6 @@ from tracegen.data.templates import (
     chat_messages,
     compile_chat_template,
     missing_capabilities,
-    needs_mapping_arguments,
     renderer_for,
     trajectory_parts,
 )
@@ -340,12 +339,6 @@ def refuse_missing_capabilities(chat: ChatTemplate, trajs: list[Trajectory], con
     """Before any work: a chat template that cannot render content the samples have is refused, unless allowed."""
     have = content_counts(trajs)
     which = config.chat_template or f"the tokenizer {config.tokenizer}'s own"
-    if have["tool_calls"] and needs_mapping_arguments(chat):
-        raise BadInputError(
-            f"the chat template ({which}) reads tool-call arguments as a mapping, and tracegen renders them as "
-            "the JSON string the OpenAI shape carries (what the `messages` column holds): use a template that "
-            "takes string arguments (Qwen3, DeepSeek-V3, TRL's qwen3_training.jinja) or --template proof"
-        )
     missing = [k for k in missing_capabilities(chat) if have[k] and k not in config.allow_dropped]
     if missing:
         names = " or ".join(k.replace("_", " ") for k in missing)
