@@ -399,7 +399,9 @@ def render_chat(
 ) -> Rendered:
     """The conversation rendered by ``chat``; content the template leaves out is an error unless allowed."""
     messages = chat_messages(traj)
-    rendered_messages = with_mapping_arguments(messages, f"trajectory {traj.id}: ") if chat.mapping_arguments else messages
+    rendered_messages = (
+        with_mapping_arguments(messages, f"trajectory {traj.id}: ") if chat.mapping_arguments else messages
+    )
     fields: list[Field] = []
     sources = [m.observation.source if isinstance(m, ToolMessage) else None for m in traj.messages]
     last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
