@@ -292,15 +292,30 @@ def test_sharegpt_export_keeps_every_turns_reasoning_and_text_and_names_itself(t
     assert rows[0]["attention_mask"] == [1] * len(rows[0]["input_ids"]) == [1] * len(rows[0]["labels"])
 
 
+def _run_consumer(script: str, tmp_path: Path, *args: object) -> list[dict]:
+    """Run a consumer's own pipeline (tests/consumers/SCRIPT, its own process) and return its rows' ids and labels."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / f"{script}.json"
+    run = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "consumers" / script), *map(str, args), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, HF_DATASETS_CACHE=str(tmp_path / "hf-cache")),
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows: list[dict] = json.loads(out.read_text())
+    return rows
+
+
 @pytest.mark.slow
 def test_llamafactory_trains_the_same_tokens_from_the_sharegpt_export(tmp_path: Path) -> None:
     """LLaMA-Factory's own pipeline (dataset_info.json -> sharegpt converter -> qwen3 template -> supervised
     processor) on the export trains exactly tracegen's tokens, plus the "\n" its qwen3 template writes after
     each assistant <|im_end|> (one per assistant turn; tracegen does not train it, as with TRL's template)."""
-    import os
-    import subprocess
-    import sys
-
     import datasets
 
     from tracegen.config import FormatConfig
@@ -312,18 +327,7 @@ def test_llamafactory_trains_the_same_tokens_from_the_sharegpt_export(tmp_path: 
     out = tmp_path / "ds"
     format_dataset(src, out, FormatConfig(template="chat", tokenizer="qwen3", export=["sharegpt"], workers=1))
     tok = load_tokenizer("qwen3")
-    theirs_file = tmp_path / "llamafactory.json"
-    script = Path(__file__).parent / "consumers" / "llamafactory_sft.py"
-    env = dict(os.environ, HF_DATASETS_CACHE=str(tmp_path / "hf-cache"))
-    run = subprocess.run(
-        [sys.executable, str(script), str(out), str(tok.path), str(theirs_file)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    theirs = json.loads(theirs_file.read_text())
+    theirs = _run_consumer("llamafactory_sft.py", tmp_path, out, tok.path)
     ours = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf-cache"))
     newline = tok.full.token_to_id("\u010a")  # byte-level "\n"
     assert len(theirs) == len(ours) == 6
@@ -336,6 +340,36 @@ def test_llamafactory_trains_the_same_tokens_from_the_sharegpt_export(tmp_path: 
         assert without == our_trained
         turns = sum(1 for m in our_row["messages"] if m["role"] == "assistant")
         assert len(their_trained) - len(our_trained) == len(after_end) == turns
+
+
+@pytest.mark.slow
+def test_axolotl_chat_template_strategy_trains_the_messages_column_as_format_did(tmp_path: Path) -> None:
+    """axolotl's `type: chat_template` strategy on the `messages` column (same template: TRL's Qwen3 training
+    copy) gives format's input_ids, and trains format's tokens but the `<think>` and "\n" that open each
+    assistant turn: axolotl counts them as the prompt, tracegen trains them (the student must generate them)."""
+    import datasets
+
+    from tracegen.config import FormatConfig
+    from tracegen.data.format import format_dataset
+    from tracegen.data.tokenize import load_tokenizer
+
+    src = tmp_path / "kept.jsonl"
+    write_trajectories(str(src), 4, source="mixed")
+    out, template = tmp_path / "ds", _trl_template("qwen3_training")
+    format_dataset(src, out, FormatConfig(template="chat", tokenizer="qwen3", chat_template=str(template), workers=1))
+    tok = load_tokenizer("qwen3")
+    theirs = _run_consumer("axolotl_chat_template.py", tmp_path, out, tok.path, template)
+    ours = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf-cache"))
+    header = tok.full.encode("<|im_start|>assistant\n<think>\n", add_special_tokens=False).ids
+    assert len(theirs) == len(ours) == 4
+    for their_row, our_row in zip(theirs, ours, strict=True):
+        ids = our_row["input_ids"]
+        assert their_row["input_ids"] == ids
+        diff = [p for p, (a, b) in enumerate(zip(their_row["labels"], our_row["labels"], strict=True)) if a != b]
+        turn_openings = [p for p in range(len(ids)) if ids[p - 3 : p + 2] == header]  # "<think>", "\n" at p, p+1
+        assert diff == sorted(q for p in turn_openings for q in (p, p + 1))
+        assert all(their_row["labels"][p] == -100 for p in diff)
+        assert len(turn_openings) == sum(1 for m in our_row["messages"] if m["role"] == "assistant")
 
 
 def test_overflow_truncate_keeps_the_start_and_the_card_sets_trls_max_length(
