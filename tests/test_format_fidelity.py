@@ -234,6 +234,8 @@ def test_templates_that_read_arguments_as_a_mapping_render_tool_calls_and_the_co
             allowed = ">\n" if template.startswith("glm") else "\n"  # GLM: "|>" + "\n" of <|assistant|>\n etc.
             diff = np.flatnonzero(theirs != ours)
             assert all(theirs[p] and hf.decode([row["input_ids"][p]]) == allowed for p in diff)
+    audit = tracegen("audit", str(tmp_path / "ds"))  # every call's arguments are found in the text
+    assert audit.returncode == 0 and "tool calls block" not in audit.stdout, audit.stdout + audit.stderr
     rich = ds[len(samples) - 1]["text"]
     expected = 'print(\\"a\\")\\nx = 1' if template == "llama3_1" else 'print("a")\nx = 1'
     assert expected in rich and '{"A": "1"}' in rich
