@@ -36,6 +36,9 @@ generation header, e.g. ``<|im_start|>assistant\\n``, up to and including its en
 e.g. ``<|im_end|>``) template text is trained, like TRL's ``{% generation %}`` blocks; the newline
 the template writes after the end-of-turn token is *not* trained (the model never generates it:
 this is the one documented difference from TRL's Qwen3 training template).
+A template that reads tool-call arguments as a mapping (Qwen3.6, GLM-4.5, Nemotron 3, Llama 3.1; found
+by a probe) is given the parsed JSON object with a sentinel for each key and string value; a field the
+template JSON-encodes (Llama 3.1's ``tojson``) is recognised by its sentinel and kept escaped, as written.
 
 Policy (:class:`MaskPolicy`): template text of the prompt, system, prompt and every observation are
 masked; reasoning, tool calls, answer, critique, the template text the student must generate
