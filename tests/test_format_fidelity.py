@@ -157,16 +157,103 @@ def test_messages_column_re_renders_to_the_trained_tokens(template: str | None, 
             assert all(theirs[p] and hf.decode([row["input_ids"][p]]) == "\n" for p in diff)
 
 
-@pytest.mark.parametrize("template", ["qwen3_6", "llama3_1", "glm4moe", "nemotron_3_nano"])
-def test_templates_that_need_mapping_arguments_are_refused_by_name(template: str, tmp_path: Path) -> None:
+TEMPLATES = Path(__file__).parent / "templates"  # the vendors' chat templates, sources in README.md there
+
+RICH_ARGUMENTS = json.dumps({"code": 'print("a")\nx = 1', "timeout": 5, "env": {"A": "1"}, "flags": ["-v", "q"]})
+"""Arguments a mapping template writes part by part: quotes and a newline (JSON-escaped by Llama 3.1's tojson), a
+number, a nested object and a list (which Qwen3.6, GLM-4.5 and Nemotron JSON-encode inside their parameter tags)."""
+
+
+def _mapping_samples(single_calls: bool) -> list[str]:
+    """Tool-calling trajectories, one with rich arguments; no parallel calls for a template that refuses them."""
+    trajs = [make_trajectory(i, turns=2, source="mixed") for i in (0, 2)]
+    if not single_calls:
+        trajs.append(make_trajectory(1, turns=3, source="mixed"))  # parallel calls
+    rich = make_trajectory(4, turns=2)
+    turn = next(m for m in rich.messages if isinstance(m, AssistantMessage) and m.tool_calls)
+    calls = [turn.tool_calls[0].model_copy(update={"arguments": RICH_ARGUMENTS})]
+    rich.messages[rich.messages.index(turn)] = turn.model_copy(update={"tool_calls": calls})
+    return [t.model_dump_json() for t in [*trajs, rich]]
+
+
+@pytest.mark.parametrize(
+    ("template", "options"),
+    [
+        ("qwen3_6", {}),
+        ("qwen3_6_training", {}),  # TRL's {% generation %} copy: masks to compare with
+        ("nemotron_3_nano", {}),
+        ("nemotron_3_nano_training", {}),
+        ("glm4moe", {"end_of_turn": "<|observation|>"}),  # a GLM tool-call turn ends at <|observation|>
+        ("glm4moe_training", {"end_of_turn": "<|observation|>"}),
+        ("llama3_1", {"end_of_turn": "<|eot_id|>", "allow_dropped": ["reasoning"]}),  # renders no reasoning
+    ],
+)
+def test_templates_that_read_arguments_as_a_mapping_render_tool_calls_and_the_column_re_renders(
+    template: str, options: dict, tmp_path: Path
+) -> None:
+    """Qwen3.6, Nemotron 3, GLM-4.5 and Llama 3.1 iterate tool-call arguments as a mapping. format renders them
+    from the parsed object; the `messages` column (arguments stay the OpenAI JSON string), with the one-line
+    json.loads a consumer applies, re-renders under the same template through transformers to format's ids, and
+    under TRL's training copies to its masks (but for the documented newline after <|im_end|>, and for GLM's
+    markers, which Qwen's tokenizer merges with the next newline: such a straddling token is masked)."""
+    import datasets
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from tracegen.config import FormatConfig
+    from tracegen.data.format import format_dataset
+    from tracegen.data.tokenize import load_tokenizer
+
+    src = tmp_path / "kept.jsonl"
+    samples = _mapping_samples(single_calls=template == "llama3_1")
+    src.write_text("\n".join(samples) + "\n")
+    path = TEMPLATES / f"{template}.jinja"
+    config = FormatConfig(template="chat", tokenizer="qwen3", chat_template=str(path), workers=1, **options)
+    result = format_dataset(src, tmp_path / "ds", config)
+    assert result.stats.samples == len(samples) and result.stats.tool_calls_dropped_by_template == 0
+    assert result.stats.kind_trained["tool_call"] > 0
+    ds = datasets.load_dataset(str(tmp_path / "ds"), split="train", cache_dir=str(tmp_path / "hf-cache"))
+    hf = AutoTokenizer.from_pretrained(str(load_tokenizer("qwen3").path))
+    training = template.endswith("_training")
+    for row in ds:
+        messages = row["messages"]
+        for m in messages:  # the consumer's one line: arguments as the mapping transformers documents
+            for call in m["tool_calls"] or []:
+                call["function"]["arguments"] = json.loads(call["function"]["arguments"])
+        res = hf.apply_chat_template(
+            messages,
+            tools=json.loads(row["tools"]),
+            chat_template=path.read_text(),
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=training,
+        )
+        assert res["input_ids"] == row["input_ids"]
+        if training:
+            theirs, ours = np.asarray(res["assistant_masks"], bool), np.asarray(row["labels"]) != -100
+            allowed = ">\n" if template.startswith("glm") else "\n"  # GLM: "|>" + "\n" of <|assistant|>\n etc.
+            diff = np.flatnonzero(theirs != ours)
+            assert all(theirs[p] and hf.decode([row["input_ids"][p]]) == allowed for p in diff)
+    audit = tracegen("audit", str(tmp_path / "ds"))  # every call's arguments are found in the text
+    assert audit.returncode == 0 and "tool calls block" not in audit.stdout, audit.stdout + audit.stderr
+    rich = ds[len(samples) - 1]["text"]
+    expected = 'print(\\"a\\")\\nx = 1' if template == "llama3_1" else 'print("a")\nx = 1'
+    assert expected in rich and '{"A": "1"}' in rich
+
+
+def test_arguments_that_are_not_a_json_object_are_refused_under_a_mapping_template(tmp_path: Path) -> None:
     from tracegen.config import FormatConfig
     from tracegen.data.format import format_dataset
     from tracegen.errors import BadInputError
 
+    t = make_trajectory(0, turns=2)
+    turn = next(m for m in t.messages if isinstance(m, AssistantMessage) and m.tool_calls)
+    broken = turn.tool_calls[0].model_copy(update={"arguments": '{"code": "print(1)"', "parse_error": "EOF"})
+    t.messages[t.messages.index(turn)] = turn.model_copy(update={"tool_calls": [broken]})
     src = tmp_path / "kept.jsonl"
-    write_trajectories(str(src), 2)
-    config = FormatConfig(template="chat", tokenizer="qwen3", chat_template=str(_trl_template(template)), workers=1)
-    with pytest.raises(BadInputError, match="reads tool-call arguments as a mapping"):
+    src.write_text(t.model_dump_json() + "\n")
+    config = FormatConfig(template="chat", tokenizer="qwen3", chat_template=str(TEMPLATES / "qwen3_6.jinja"), workers=1)
+    with pytest.raises(BadInputError, match=f"trajectory {t.id}: tool call {broken.id}: its arguments are not a JSON"):
         format_dataset(src, tmp_path / "ds", config)
     assert not (tmp_path / "ds").exists()
 
@@ -205,6 +292,86 @@ def test_sharegpt_export_keeps_every_turns_reasoning_and_text_and_names_itself(t
     assert info == {"tracegen": LLAMA_FACTORY_ENTRY} and (out / info["tracegen"]["file_name"]).is_dir()
     rows = datasets.load_dataset(str(out), split="train", cache_dir=cache)
     assert rows[0]["attention_mask"] == [1] * len(rows[0]["input_ids"]) == [1] * len(rows[0]["labels"])
+
+
+def _run_consumer(script: str, tmp_path: Path, *args: object) -> list[dict]:
+    """Run a consumer's own pipeline (tests/consumers/SCRIPT, its own process) and return its rows' ids and labels."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / f"{script}.json"
+    run = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "consumers" / script), *map(str, args), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, HF_DATASETS_CACHE=str(tmp_path / "hf-cache")),
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows: list[dict] = json.loads(out.read_text())
+    return rows
+
+
+@pytest.mark.slow
+def test_llamafactory_trains_the_same_tokens_from_the_sharegpt_export(tmp_path: Path) -> None:
+    """LLaMA-Factory's own pipeline (dataset_info.json -> sharegpt converter -> qwen3 template -> supervised
+    processor) on the export trains exactly tracegen's tokens, plus the "\n" its qwen3 template writes after
+    each assistant <|im_end|> (one per assistant turn; tracegen does not train it, as with TRL's template)."""
+    import datasets
+
+    from tracegen.config import FormatConfig
+    from tracegen.data.format import format_dataset
+    from tracegen.data.tokenize import load_tokenizer
+
+    src = tmp_path / "kept.jsonl"
+    write_trajectories(str(src), 6, source="mixed")
+    out = tmp_path / "ds"
+    format_dataset(src, out, FormatConfig(template="chat", tokenizer="qwen3", export=["sharegpt"], workers=1))
+    tok = load_tokenizer("qwen3")
+    theirs = _run_consumer("llamafactory_sft.py", tmp_path, out, tok.path)
+    ours = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf-cache"))
+    newline = tok.full.token_to_id("\u010a")  # byte-level "\n"
+    assert len(theirs) == len(ours) == 6
+    for their_row, our_row in zip(theirs, ours, strict=True):
+        ids, labels = their_row["input_ids"], their_row["labels"]
+        their_trained = [t for t, lab in zip(ids, labels, strict=True) if lab != -100]
+        after_end = [i for i in range(1, len(ids)) if ids[i - 1] == tok.eos_id and labels[i] == newline]
+        without = [t for i, t in enumerate(ids) if labels[i] != -100 and i not in after_end]
+        our_trained = [t for t, lab in zip(our_row["input_ids"], our_row["labels"], strict=True) if lab != -100]
+        assert without == our_trained
+        turns = sum(1 for m in our_row["messages"] if m["role"] == "assistant")
+        assert len(their_trained) - len(our_trained) == len(after_end) == turns
+
+
+@pytest.mark.slow
+def test_axolotl_chat_template_strategy_trains_the_messages_column_as_format_did(tmp_path: Path) -> None:
+    """axolotl's `type: chat_template` strategy on the `messages` column (same template: TRL's Qwen3 training
+    copy) gives format's input_ids, and trains format's tokens but the `<think>` and "\n" that open each
+    assistant turn: axolotl counts them as the prompt, tracegen trains them (the student must generate them)."""
+    import datasets
+
+    from tracegen.config import FormatConfig
+    from tracegen.data.format import format_dataset
+    from tracegen.data.tokenize import load_tokenizer
+
+    src = tmp_path / "kept.jsonl"
+    write_trajectories(str(src), 4, source="mixed")
+    out, template = tmp_path / "ds", _trl_template("qwen3_training")
+    format_dataset(src, out, FormatConfig(template="chat", tokenizer="qwen3", chat_template=str(template), workers=1))
+    tok = load_tokenizer("qwen3")
+    theirs = _run_consumer("axolotl_chat_template.py", tmp_path, out, tok.path, template)
+    ours = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf-cache"))
+    header = tok.full.encode("<|im_start|>assistant\n<think>\n", add_special_tokens=False).ids
+    assert len(theirs) == len(ours) == 4
+    for their_row, our_row in zip(theirs, ours, strict=True):
+        ids = our_row["input_ids"]
+        assert their_row["input_ids"] == ids
+        diff = [p for p, (a, b) in enumerate(zip(their_row["labels"], our_row["labels"], strict=True)) if a != b]
+        turn_openings = [p for p in range(len(ids)) if ids[p - 3 : p + 2] == header]  # "<think>", "\n" at p, p+1
+        assert diff == sorted(q for p in turn_openings for q in (p, p + 1))
+        assert all(their_row["labels"][p] == -100 for p in diff)
+        assert len(turn_openings) == sum(1 for m in our_row["messages"] if m["role"] == "assistant")
 
 
 def test_overflow_truncate_keeps_the_start_and_the_card_sets_trls_max_length(

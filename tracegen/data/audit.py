@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import html as html_lib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,7 +230,7 @@ def check_content(i: int, row: dict[str, Any], permitted: list[str], report: Aud
         lost["reasoning"] += bool(reasoning) and reasoning not in text
         for call in m.get("tool_calls") or []:
             arguments = (call.get("function") or call).get("arguments") or ""
-            lost["tool_calls"] += arguments.strip() not in text
+            lost["tool_calls"] += not _call_in_text(arguments, text)
     for kind, n in lost.items():
         report.missing[kind] += n
         if n and kind not in permitted:
@@ -238,6 +239,33 @@ def check_content(i: int, row: dict[str, Any], permitted: list[str], report: Aud
                 "text (the chat template left them out) and the dataset was not formatted with "
                 f"--allow-dropped {kind}"
             )
+
+
+def _call_in_text(arguments: str, text: str) -> bool:
+    """A call's arguments are in the text verbatim (templates that write the JSON string: Qwen3, DeepSeek-V3) or,
+    for templates that write them from the parsed object (Qwen3.6, GLM-4.5, Nemotron 3, Llama 3.1), each key and
+    string value is, as is or JSON-escaped (Llama 3.1's ``tojson``)."""
+    if arguments.strip() in text:
+        return True
+    try:
+        parsed = json.loads(arguments)
+    except ValueError:
+        return False
+    return isinstance(parsed, dict) and all(
+        s in text or json.dumps(s, ensure_ascii=False)[1:-1] in text for s in _json_strings(parsed)
+    )
+
+
+def _json_strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from _json_strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _json_strings(v)
 
 
 def _view(i: int, row: dict[str, Any], checked: tuple[Any, Any, Any, Any, Any], limit: int | None) -> SampleView:

@@ -39,7 +39,6 @@ from tracegen.data.templates import (
     chat_messages,
     compile_chat_template,
     missing_capabilities,
-    needs_mapping_arguments,
     renderer_for,
     trajectory_parts,
 )
@@ -153,12 +152,13 @@ def critiques_for(trajs: list[Trajectory], config: FormatConfig) -> list[str | N
 MESSAGE_FIELDS = ("role", "content", "reasoning_content", "tool_calls", "tool_call_id", "name", "observation_source")
 
 
-def message_rows(traj: Trajectory) -> list[dict[str, Any]]:
+def message_rows(traj: Trajectory, messages: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """The ``messages`` column: exactly the messages ``--template chat`` renders (OpenAI tool-call shape,
     reasoning in ``reasoning_content``), plus each tool message's ``observation_source``; absent fields are None,
-    which transformers' ``apply_chat_template`` drops before rendering."""
+    which transformers' ``apply_chat_template`` drops before rendering. ``messages``: the ones ``chat`` already
+    built for this trajectory, if any."""
     rows = []
-    for m, msg in zip(traj.messages, chat_messages(traj), strict=True):
+    for m, msg in zip(traj.messages, messages or chat_messages(traj), strict=True):
         row = dict.fromkeys(MESSAGE_FIELDS)
         row.update(msg)
         if isinstance(m, ToolMessage):
@@ -247,7 +247,7 @@ def _sharegpt_table(trajs: list[Trajectory]) -> Any:
     )
 
 
-def build_row(traj: Trajectory, tok_row: Tokenized) -> dict[str, Any]:
+def build_row(traj: Trajectory, tok_row: Tokenized, messages: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     ids = tok_row["input_ids"]
     return {
         "id": traj.id,
@@ -257,7 +257,7 @@ def build_row(traj: Trajectory, tok_row: Tokenized) -> dict[str, Any]:
         "input_ids": ids,
         "labels": tok_row["labels"],
         "proof_mask": tok_row["proof_mask"],
-        "messages": message_rows(traj),
+        "messages": message_rows(traj, messages),
         "tools": json.dumps([t.openai_schema() for t in traj.tools], ensure_ascii=False),
         "task_id": traj.task.id,
         "sample_index": traj.sample_index,
@@ -343,12 +343,6 @@ def refuse_missing_capabilities(chat: ChatTemplate, trajs: list[Trajectory], con
     """Before any work: a chat template that cannot render content the samples have is refused, unless allowed."""
     have = content_counts(trajs)
     which = config.chat_template or f"the tokenizer {config.tokenizer}'s own"
-    if have["tool_calls"] and needs_mapping_arguments(chat):
-        raise BadInputError(
-            f"the chat template ({which}) reads tool-call arguments as a mapping, and tracegen renders them as "
-            "the JSON string the OpenAI shape carries (what the `messages` column holds): use a template that "
-            "takes string arguments (Qwen3, DeepSeek-V3, TRL's qwen3_training.jinja) or --template proof"
-        )
     missing = [k for k in missing_capabilities(chat) if have[k] and k not in config.allow_dropped]
     if missing:
         names = " or ".join(k.replace("_", " ") for k in missing)
@@ -415,9 +409,10 @@ def _format_range(bounds: tuple[int, int]) -> Chunk:
 
     def finish(indices: list[int], batch: TokenBatch, encoded: Future[None]) -> None:
         encoded.result()
-        for i, tok_row in zip(indices, assemble(batch, job.tok, job.max_length, stats, job.overflow), strict=True):
+        tok_rows = assemble(batch, job.tok, job.max_length, stats, job.overflow)
+        for i, sample, tok_row in zip(indices, batch.samples, tok_rows, strict=True):
             if tok_row is not None:
-                rows.append(build_row(job.trajs[i], tok_row))
+                rows.append(build_row(job.trajs[i], tok_row, sample.messages))
                 kept.append(i)
 
     with ThreadPoolExecutor(1, thread_name_prefix="tracegen-encode") as encoder:

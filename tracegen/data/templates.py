@@ -36,6 +36,9 @@ generation header, e.g. ``<|im_start|>assistant\\n``, up to and including its en
 e.g. ``<|im_end|>``) template text is trained, like TRL's ``{% generation %}`` blocks; the newline
 the template writes after the end-of-turn token is *not* trained (the model never generates it:
 this is the one documented difference from TRL's Qwen3 training template).
+A template that reads tool-call arguments as a mapping (Qwen3.6, GLM-4.5, Nemotron 3, Llama 3.1; found
+by a probe) is given the parsed JSON object with a sentinel for each key and string value; a field the
+template JSON-encodes (Llama 3.1's ``tojson``) is recognised by its sentinel and kept escaped, as written.
 
 Policy (:class:`MaskPolicy`): template text of the prompt, system, prompt and every observation are
 masked; reasoning, tool calls, answer, critique, the template text the student must generate
@@ -159,6 +162,8 @@ class Rendered:
     """Assistant turns whose reasoning the chat template left out."""
     tool_calls_dropped: int = 0
     """Tool calls the chat template left out."""
+    messages: list[dict[str, Any]] | None = None
+    """``chat``: the OpenAI-shape messages it rendered, kept for the ``messages`` column (built once per sample)."""
 
     @property
     def text(self) -> str:
@@ -299,7 +304,9 @@ def _require_answer(traj: Trajectory, policy: MaskPolicy) -> Parts:
 # ---------------------------------------------------------------------------------------------------
 # chat: the tokenizer's own Jinja template, cut back into fields with sentinels
 
-_SENTINEL = re.compile("\ue000(\\d+)\ue001")
+# A field's stand-in: "\ue000{index}\x01\ue001". The \x01 says how the template wrote it: as is, or JSON-encoded
+# (Llama 3.1's ``arguments | tojson``, its tool outputs), which turns it into the six characters "\u0001".
+_SENTINEL = re.compile("\ue000(\\d+)(\x01|\\\\u0001)\ue001")
 
 
 @dataclass(slots=True)
@@ -325,6 +332,9 @@ class ChatTemplate:
     tool_call_open: str = "<tool_call>"
     tool_call_close: str = "</tool_call>"
     verified: bool = False
+    mapping_arguments: bool = False
+    """The template reads tool-call arguments as a mapping (Qwen3.6, GLM-4.5, Nemotron 3, Llama 3.1): they are
+    rendered from the parsed JSON object (what transformers documents), not the JSON string OpenAI sends."""
 
 
 def chat_messages(traj: Trajectory) -> list[dict[str, Any]]:
@@ -348,6 +358,34 @@ def chat_messages(traj: Trajectory) -> list[dict[str, Any]]:
     return out
 
 
+def with_mapping_arguments(messages: list[dict[str, Any]], where: str = "") -> list[dict[str, Any]]:
+    """``messages`` with every tool call's ``arguments`` parsed into the mapping a template such as Qwen3.6's reads.
+
+    The ``messages`` column keeps them as JSON strings; a consumer does the same with one line per call:
+    ``call["function"]["arguments"] = json.loads(call["function"]["arguments"])``.
+    """
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = []
+            for c in m["tool_calls"]:
+                raw = c["function"]["arguments"]
+                try:
+                    parsed = json.loads(raw) if isinstance(raw, str) else raw
+                except ValueError:
+                    parsed = None
+                if not isinstance(parsed, dict):
+                    raise BadInputError(
+                        f"{where}tool call {c['id']}: its arguments are not a JSON object ({str(raw)[:60]!r}), and the "
+                        "chat template reads them as a mapping: drop the record (tracegen filter's structural "
+                        "check) or use --template proof"
+                    )
+                calls.append({**c, "function": {**c["function"], "arguments": parsed}})
+            m = {**m, "tool_calls": calls}
+        out.append(m)
+    return out
+
+
 DROPPABLE = ("reasoning", "tool_calls")
 """Trajectory content a chat template may leave out of the text, only with ``allow_dropped``."""
 
@@ -364,6 +402,9 @@ def render_chat(
 ) -> Rendered:
     """The conversation rendered by ``chat``; content the template leaves out is an error unless allowed."""
     messages = chat_messages(traj)
+    rendered_messages = (
+        with_mapping_arguments(messages, f"trajectory {traj.id}: ") if chat.mapping_arguments else messages
+    )
     fields: list[Field] = []
     sources = [m.observation.source if isinstance(m, ToolMessage) else None for m in traj.messages]
     last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
@@ -374,11 +415,21 @@ def render_chat(
         if "\ue000" in text or "\ue001" in text:
             raise BadInputError(f"trajectory {traj.id}: text contains the private-use characters U+E000/U+E001")
         fields.append(Field(text, kind, train, source))
-        return f"\ue000{len(fields) - 1}\ue001"
+        return f"\ue000{len(fields) - 1}\x01\ue001"
+
+    def sub_json(value: Any) -> Any:
+        """A parsed arguments object with each string (keys too) replaced by its sentinel; numbers stay."""
+        if isinstance(value, str):
+            return sub(value, "tool_call", True)
+        if isinstance(value, dict):
+            return {sub_json(k): sub_json(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [sub_json(v) for v in value]
+        return value
 
     reasoning_turns = 0
     masked: list[dict[str, Any]] = []
-    for i, m in enumerate(messages):
+    for i, m in enumerate(rendered_messages):
         m2 = dict(m)
         role = m["role"]
         if role == "system":
@@ -396,10 +447,7 @@ def render_chat(
                 m2["reasoning_content"] = sub(m["reasoning_content"], "reasoning", True)
             if "tool_calls" in m:
                 m2["tool_calls"] = [
-                    {
-                        **c,
-                        "function": {**c["function"], "arguments": sub(c["function"]["arguments"], "tool_call", True)},
-                    }
+                    {**c, "function": {**c["function"], "arguments": sub_json(c["function"]["arguments"])}}
                     for c in m["tool_calls"]
                 ]
         masked.append(m2)
@@ -418,19 +466,20 @@ def render_chat(
         f = fields[idx]
         seen.add(idx)
         in_reasoning = f.kind == "reasoning" and state.in_assistant
-        pieces.append(Piece(f.text, f.kind, f.train, f.source, derivation=in_reasoning))
+        text = f.text if match.group(2) == "\x01" else json.dumps(f.text, ensure_ascii=False)[1:-1]
+        pieces.append(Piece(text, f.kind, f.train, f.source, derivation=in_reasoning))
         cursor = match.end()
     state.template_text(rendered[cursor:], chat, pieces)
     dropped = sum(1 for i, f in enumerate(fields) if i not in seen and f.kind == "reasoning")
     calls_dropped = sum(1 for i, f in enumerate(fields) if i not in seen and f.kind == "tool_call")
-    out = Rendered(traj.id, "chat", pieces, min(dropped, reasoning_turns), calls_dropped)
+    out = Rendered(traj.id, "chat", pieces, min(dropped, reasoning_turns), calls_dropped, messages)
     lost = {"reasoning": out.reasoning_dropped, "tool_calls": calls_dropped}
     refused = [k for k in DROPPABLE if lost[k] and k not in allow_dropped]
     if refused:
         what = " and ".join(f"{lost[k]} {k.replace('_', ' ')} block(s)" for k in refused)
         raise BadInputError(f"trajectory {traj.id}: the chat template leaves out {what}; {allow_dropped_fix(refused)}")
     if not chat.verified:
-        _verify_chat(out, messages, tools, chat)
+        _verify_chat(out, rendered_messages, tools, chat)
     return out
 
 
@@ -527,7 +576,7 @@ def missing_capabilities(chat: ChatTemplate) -> list[str]:
     The probe's assistant turns follow the only user message, where every template that renders
     reasoning renders it (Qwen3's drops it only before the last user message).
     """
-    messages = _probe_messages(PROBE_ARGUMENTS)
+    messages = _probe_messages(json.loads(PROBE_ARGUMENTS) if chat.mapping_arguments else PROBE_ARGUMENTS)
     text = _renders(chat, messages, [_PROBE_TOOL])
     if text is None:  # it raises on a tool turn: probe reasoning alone
         text = _renders(chat, [messages[0], messages[3]], None) or ""
@@ -562,7 +611,9 @@ def compile_chat_template(source: str, special: dict[str, str], end_of_turn: str
     header = with_prompt[len(without) :]
     if "<think>" in header and not header.startswith("<think>"):
         header = header[: header.index("<think>")]
-    return ChatTemplate(render=render, header=header, end_of_turn=end_of_turn)
+    chat = ChatTemplate(render=render, header=header, end_of_turn=end_of_turn)
+    chat.mapping_arguments = needs_mapping_arguments(chat)
+    return chat
 
 
 def renderer_for(
