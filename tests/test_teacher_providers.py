@@ -398,7 +398,12 @@ def test_collect_runs_unchanged_on_the_anthropic_api(fake_server: Start, tmp_pat
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text(json.dumps({"id": "t0", "prompt": "6*7?"}) + "\n")
     run_collect(
-        make_config(server.base_url, tasks, teacher={"api": "anthropic", "reasoning_effort": "high", "seed": 7}),
+        make_config(
+            server.base_url,
+            tasks,
+            teacher={"api": "anthropic", "reasoning_effort": "high", "seed": 7, "max_tokens": None},
+            simulator={"max_tokens": 64},
+        ),
         tmp_path / "run",
         show_progress=False,
     )
@@ -409,3 +414,5 @@ def test_collect_runs_unchanged_on_the_anthropic_api(fake_server: Start, tmp_pat
     teacher_requests = [b for b in server.requests if "stream_options" not in b]
     assert teacher_requests and not any({"reasoning_effort", "seed"} & set(b) for b in teacher_requests)
     assert (trajectory.teacher.sampling.reasoning_effort, trajectory.teacher.sampling.seed) == (None, None)
+    # its one limit is recorded as sent: with max_tokens unset, the default the API requires
+    assert {b["max_tokens"] for b in teacher_requests} == {trajectory.teacher.sampling.max_tokens}

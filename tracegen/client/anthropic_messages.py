@@ -29,13 +29,17 @@ NOT_SENT = ("reasoning_effort", "seed")
 STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "tool_use": "tool_calls", "max_tokens": "length"}
 
 
+def max_tokens_sent(max_tokens: int | None, max_completion_tokens: int | None) -> int:
+    """The Messages API's required ``max_tokens``: the completion limit set, else the default."""
+    return max_completion_tokens or max_tokens or DEFAULT_MAX_TOKENS
+
+
 def anthropic_body(chat: dict[str, Any], stream: bool = True) -> dict[str, Any]:
     """A chat-completions request body -> the Messages request body."""
     system = "\n\n".join(m["content"] for m in chat["messages"] if m["role"] == "system" and m["content"])
-    limit = chat.get("max_completion_tokens", chat.get("max_tokens"))
     body: dict[str, Any] = {
         "model": chat["model"],
-        "max_tokens": limit or DEFAULT_MAX_TOKENS,
+        "max_tokens": max_tokens_sent(chat.get("max_tokens"), chat.get("max_completion_tokens")),
         "messages": _messages(chat["messages"]),
         "stream": stream,
     }
