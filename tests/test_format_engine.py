@@ -81,7 +81,7 @@ def test_any_number_of_workers_writes_the_same_bytes(tmp_path: Path) -> None:
     write_trajectories(str(src), 30, source="mixed", hostile=True)
     folders = []
     for workers, batch_size in ((1, 256), (1, 4), (3, 4)):
-        out = tmp_path / f"w{workers}-b{batch_size}"
+        out = tmp_path / f"w{workers}-b{batch_size}" / "dataset"  # one folder name: the card names it
         config = FormatConfig(template="chat", tokenizer="qwen3", workers=workers, batch_size=batch_size)
         result = format_dataset(src, out, config)
         assert result.stats.samples == 30

@@ -441,3 +441,19 @@ def test_dualmind_empty_teacher_critique_is_re_asked_then_skipped_and_counted(  
     assert len(server.requests) == 3 + EXAMINE_RETRIES
     assert all("<examine>\n\n</examine>" not in r["text"] for r in rows)
     assert "1 with an empty critique" in (tmp_path / "d" / "README.md").read_text()
+
+
+def test_an_end_of_turn_the_template_never_writes_is_refused_not_trained_through(tmp_path: Path) -> None:
+    """GLM-4.5 ends no assistant turn with the tokenizer's eos: without format.end_of_turn, everything after
+    the first assistant header (user headers, tool-response tags) would be trained. format refuses, naming the fix."""
+    from tracegen.config import FormatConfig
+    from tracegen.data.format import format_dataset
+    from tracegen.errors import BadInputError
+
+    src = tmp_path / "kept.jsonl"
+    src.write_text(make_trajectory(0, turns=2).model_dump_json() + "\n")
+    config = FormatConfig(template="chat", tokenizer="qwen3", chat_template=str(TEMPLATES / "glm4moe.jinja"), workers=1)
+    with pytest.raises(BadInputError, match=r"never writes end_of_turn '<\|im_end\|>'.*set format\.end_of_turn"):
+        format_dataset(src, tmp_path / "ds", config)
+    assert not (tmp_path / "ds").exists()
+    format_dataset(src, tmp_path / "ok", config.model_copy(update={"end_of_turn": "<|observation|>"}))

@@ -146,26 +146,32 @@ def save_dataset(
     with staged_dir(out.resolve()) as tmp:
         for name, folder, tab in [("default", "data", table), *((n, n, t) for n, t in (extra_tables or {}).items())]:
             files = [tmp / folder / f for f in write_shards(tab, tmp / folder, shard_rows)]
-            metadata["configs"][name] = {"path": f"{folder}/train-*.parquet", "dataset_info": _dataset_info(tab, files)}
+            info = _dataset_info(tab, files, shard_rows)
+            metadata["configs"][name] = {"path": f"{folder}/train-*.parquet", "dataset_info": info}
         for name, content in (json_files or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(dataset_card(metadata), encoding="utf-8")
 
 
-def _dataset_info(table: Any, files: list[Path]) -> dict[str, Any]:
+def _dataset_info(table: Any, files: list[Path], shard_rows: int) -> dict[str, Any]:
     """The card's ``dataset_info`` for one config, as ``datasets`` itself writes it (features, splits, sizes)."""
     from datasets import DatasetInfo, Features, SplitDict, SplitInfo
     from datasets.info import DatasetInfosDict
     from huggingface_hub import DatasetCardData
 
+    # Arrow's size depends on how the table is chunked (one offsets entry and bitmap per chunk), which
+    # depends on format's worker count: measured shard by shard, each shard in one chunk, it does not.
+    size = sum(
+        table.slice(start, shard_rows).combine_chunks().nbytes for start in range(0, max(table.num_rows, 1), shard_rows)
+    )
     splits = SplitDict()
-    splits.add(SplitInfo(name="train", num_bytes=int(table.nbytes), num_examples=table.num_rows))
+    splits.add(SplitInfo(name="train", num_bytes=size, num_examples=table.num_rows))
     info = DatasetInfo(
         features=Features.from_arrow_schema(table.schema),
         splits=splits,
         download_size=sum(f.stat().st_size for f in files),
-        dataset_size=int(table.nbytes),
+        dataset_size=size,
     )
     card_data = DatasetCardData()
     DatasetInfosDict({"default": info}).to_dataset_card_data(card_data)

@@ -465,6 +465,14 @@ def render_chat(
         idx = int(match.group(1))
         f = fields[idx]
         seen.add(idx)
+        if state.in_assistant and f.kind in ("prompt", "observation"):
+            # the assistant turn never ended: the next turn's template text (headers, tags) would be trained
+            raise BadInputError(
+                f"trajectory {traj.id}: the chat template never writes end_of_turn {chat.end_of_turn!r} between an "
+                f"assistant turn and the {'user' if f.kind == 'prompt' else 'tool'} message after it; set "
+                "format.end_of_turn in the recipe to the text that ends an assistant turn in this template "
+                "(e.g. GLM-4.5: <|observation|> before a tool result)"
+            )
         in_reasoning = f.kind == "reasoning" and state.in_assistant
         text = f.text if match.group(2) == "\x01" else json.dumps(f.text, ensure_ascii=False)[1:-1]
         pieces.append(Piece(text, f.kind, f.train, f.source, derivation=in_reasoning))
