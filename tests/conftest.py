@@ -16,7 +16,7 @@ from tracegen.config import CollectConfig
 from tracegen.testing.fake_server import FakeServer, Script
 
 ROOT = Path(__file__).parent.parent
-pytest_plugins = ["tests.docker_fixtures"]  # docker_client, no_leftover_containers
+pytest_plugins = ["tests.docker_fixtures", "tests.hub_fixtures"]  # docker_client, no_leftover_containers; hub
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,12 +19,12 @@ from tracegen.config import FormatConfig, ImportColumns
 from tracegen.data.format import format_dataset
 from tracegen.data.hub import push_dataset
 from tracegen.errors import BadInputError, TracegenError
-from tracegen.testing.fake_hub import FakeHub, serve
+from tracegen.testing.fake_hub import FakeHub
 from tracegen.testing.synthetic import make_trajectory, write_trajectories
 
 from .conftest import tracegen
+from .hub_fixtures import HUB_TOKEN as TOKEN
 
-TOKEN = "hf_SECRET_token_do_not_leak_123"
 LICENSE = {"license": "other", "license_name": "teacher-terms-1.0", "license_link": "https://example.com/terms"}
 
 # The top-level keys of the Hub's dataset card metadata spec (hub-docs datasetcard.md, which
@@ -50,22 +49,6 @@ def dataset(tiny_tokenizer: Path, tmp_path: Path) -> Path:
     src = tmp_path / "t.jsonl"
     write_trajectories(str(src), 3)
     return fmt(src, tmp_path / "proofs", tiny_tokenizer, **LICENSE)
-
-
-@pytest.fixture
-def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHub]:
-    """A fake Hub on loopback, as HF_ENDPOINT for subprocesses and huggingface_hub's endpoint in-process."""
-    from huggingface_hub import constants
-
-    fake = FakeHub()
-    server, url = serve(fake)
-    monkeypatch.setenv("HF_ENDPOINT", url)
-    monkeypatch.setattr(constants, "ENDPOINT", url)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # never the machine's own login
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    yield fake
-    server.shutdown()
-    server.server_close()
 
 
 def snapshot(folder: Path) -> dict[str, str]:

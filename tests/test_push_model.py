@@ -6,7 +6,6 @@ A real (tiny, offline) distill run and merge make the folders; the upload goes t
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,14 @@ from tracegen.distill.model_card import model_card, push_model
 from tracegen.distill.trainer import train
 from tracegen.errors import BadInputError
 from tracegen.evaluate import AnswerRow, EvalSummary
-from tracegen.testing.fake_hub import FakeHub, serve
+from tracegen.testing.fake_hub import FakeHub
 
 from .conftest import tracegen
 from .distill_fixtures import read_metrics, save_model, write_dataset
 from .distill_fixtures import small_config as small
+from .hub_fixtures import HUB_TOKEN as TOKEN
 
 torch.set_num_threads(2)
-TOKEN = "hf_SECRET_token_do_not_leak_789"
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
@@ -48,21 +47,6 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _row(task: str, correct: bool) -> AnswerRow:
     return AnswerRow(task, 0, "stop", "answer", correct, {}, completion_tokens=50, turns=1, answer="x")
-
-
-@pytest.fixture
-def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHub]:
-    from huggingface_hub import constants
-
-    fake = FakeHub()
-    server, url = serve(fake)
-    monkeypatch.setenv("HF_ENDPOINT", url)
-    monkeypatch.setattr(constants, "ENDPOINT", url)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    yield fake
-    server.shutdown()
-    server.server_close()
 
 
 def test_adapter_is_pushed_with_a_card_of_its_recipe_losses_and_eval(run: Path, hub: FakeHub) -> None:
