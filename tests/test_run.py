@@ -273,9 +273,7 @@ def test_stem_recipe_smoke_runs_every_stage_then_resumes(tmp_path: Path) -> None
     # The same work directory with different training settings is refused, not mixed.
     changed = tmp_path / "changed.yaml"
     changed.write_text(recipe.read_text().replace("max_steps: 3", "max_steps: 4"))
-    for data in (RECIPES / "data").iterdir():
-        (tmp_path / "data").mkdir(exist_ok=True)
-        (tmp_path / "data" / data.name).write_bytes(data.read_bytes())
+    shutil.copytree(RECIPES / "data", tmp_path / "data", dirs_exist_ok=True)  # the recipe's data, folders too
     refused = tracegen("run", str(changed), "--out", str(work), "--scale", "smoke", "--quiet")
     assert refused.returncode == 2 and "finished with different settings" in refused.stderr
 
