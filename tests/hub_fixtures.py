@@ -16,7 +16,8 @@ HUB_TOKEN = "hf_SECRET_token_do_not_leak_789"
 @pytest.fixture
 def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHub]:
     """A fake Hub on loopback, as HF_ENDPOINT for subprocesses and huggingface_hub's endpoint in-process;
-    HF_TOKEN set to :data:`HUB_TOKEN`, HF_HOME a fresh folder (never the machine's own login)."""
+    HF_TOKEN set to :data:`HUB_TOKEN`, HF_HOME a fresh folder (never the machine's own login), offline
+    mode off."""
     from huggingface_hub import constants
 
     fake = FakeHub()
@@ -25,6 +26,10 @@ def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHub]:
     monkeypatch.setattr(constants, "ENDPOINT", url)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+    # The suite runs offline (scripts/test.sh); pushing to this loopback Hub is the one thing that must not.
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     yield fake
     server.shutdown()
     server.server_close()

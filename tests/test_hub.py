@@ -170,6 +170,14 @@ def test_push_uses_the_token_hf_auth_login_saved(dataset: Path, hub: FakeHub, tm
     assert authorizations(fake) == {f"Bearer {saved}"}
 
 
+def test_push_in_offline_mode_is_refused_before_any_request(dataset: Path, hub: FakeHub) -> None:
+    """HF_HUB_OFFLINE (set by many offline set-ups, this suite's included) names itself, not "the network"."""
+    before = snapshot(dataset)
+    r = tracegen("push", str(dataset), "--repo-id", "org/proofs", env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and "offline mode is on" in r.stderr and "unset HF_HUB_OFFLINE" in r.stderr
+    assert hub.requests == [] and snapshot(dataset) == before
+
+
 @pytest.mark.parametrize(
     ("status", "said"),
     [
@@ -209,6 +217,7 @@ def test_push_explains_an_unreachable_hub_as_a_network_failure(
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the suite runs offline; this push must try the network
     before = snapshot(dataset)
     r = tracegen("push", str(dataset), "--repo-id", "org/proofs")
     assert r.returncode == 1

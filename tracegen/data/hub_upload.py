@@ -22,7 +22,13 @@ RETRIES = 3
 
 
 def hub_token() -> str:
-    from huggingface_hub import get_token
+    from huggingface_hub import constants, get_token
+
+    if constants.is_offline_mode():  # huggingface_hub would refuse every request, after the checks
+        raise BadInputError(
+            "push needs the Hub, but offline mode is on (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set)",
+            hint="unset HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE for this command",
+        )
 
     token = get_token()
     if not token:
