@@ -64,10 +64,6 @@ def sandbox_dir() -> Path:
     return here
 
 
-def worker_digest() -> str:
-    return hashlib.sha256((sandbox_dir() / "worker.py").read_bytes()).hexdigest()[:16]
-
-
 def sandbox_digest() -> str:
     """What the image is built from: the Dockerfile, the worker and the offline base's packages."""
     h = hashlib.sha256()
@@ -95,7 +91,7 @@ def build_image(
             path=str(sandbox_dir()),
             tag=tag,
             buildargs={"BASE": chosen},
-            labels={"tracegen.worker-sha256": worker_digest(), DIGEST_LABEL: sandbox_digest(), "tracegen.base": chosen},
+            labels={DIGEST_LABEL: sandbox_digest(), "tracegen.base": chosen},  # the digest covers the worker
             rm=True,
             forcerm=True,
             pull=False,
