@@ -34,6 +34,16 @@ def max_tokens_sent(max_tokens: int | None, max_completion_tokens: int | None) -
     return max_completion_tokens or max_tokens or DEFAULT_MAX_TOKENS
 
 
+def sampling_sent(max_tokens: int | None, max_completion_tokens: int | None) -> dict[str, Any]:
+    """How a record's sampling settings differ for this API: its one limit as sent (the default
+    included), and no field the API has no place for."""
+    return {
+        **dict.fromkeys(NOT_SENT),
+        "max_tokens": max_tokens_sent(max_tokens, max_completion_tokens),
+        "max_completion_tokens": None,
+    }
+
+
 def anthropic_body(chat: dict[str, Any], stream: bool = True) -> dict[str, Any]:
     """A chat-completions request body -> the Messages request body."""
     system = "\n\n".join(m["content"] for m in chat["messages"] if m["role"] == "system" and m["content"])

@@ -17,8 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tracegen import __version__
-from tracegen.client.anthropic_messages import NOT_SENT as ANTHROPIC_NOT_SENT
-from tracegen.client.anthropic_messages import max_tokens_sent
+from tracegen.client.anthropic_messages import sampling_sent
 from tracegen.client.chat import ChatClient
 from tracegen.client.tools import check_arguments, describe_for_prompt, parse_arguments, tool_specs
 from tracegen.client.wire import to_wire
@@ -43,15 +42,6 @@ from tracegen.records import (
     UserMessage,
 )
 from tracegen.runtime.base import Episode, Runtime
-
-
-def _anthropic_sent(max_tokens: int | None, max_completion_tokens: int | None) -> dict[str, Any]:
-    """The Messages API's request in the record: its one limit as sent (default included), no unsent fields."""
-    return {
-        **dict.fromkeys(ANTHROPIC_NOT_SENT),
-        "max_tokens": max_tokens_sent(max_tokens, max_completion_tokens),
-        "max_completion_tokens": None,
-    }
 
 
 def trajectory_id(fingerprint: str, task_id: str, sample_index: int) -> str:
@@ -84,7 +74,7 @@ class Agent:
                 max_completion_tokens=cfg.max_completion_tokens,
                 reasoning_effort=cfg.reasoning_effort,
             ).model_copy(
-                update=_anthropic_sent(cfg.max_tokens, cfg.max_completion_tokens) if cfg.api == "anthropic" else {}
+                update=sampling_sent(cfg.max_tokens, cfg.max_completion_tokens) if cfg.api == "anthropic" else {}
             ),
         )  # the record (and the dataset card) names only settings the request carried
         text_protocol = cfg.tool_protocol in ("hermes", "function_tag")
