@@ -278,6 +278,33 @@ def prepare_python():
     return main
 
 
+# Compiled and run by a spare while it waits. A forked child shares the worker's memory until it writes
+# to it; the parser, the compiler and the evaluator then write to hundreds of shared pages, and each
+# costs a copy. Warming them here moves those copies off the call's path (print(6 * 7) compiled in
+# 1.3-1.6 ms in a fresh spare, 0.05 ms in a warmed one). Fixed text, its own namespace, no output.
+WARM_UP = """
+import math
+class Point:
+    def __init__(self, x, y=0.5):
+        self.x, self.y = x, y
+    def norm(self):
+        return math.sqrt(self.x ** 2 + self.y ** 2)
+points = [Point(i, y=i / 3) for i in range(16)]
+total = sum(p.norm() for p in points if p.x % 2 == 0)
+words = {f"w{i}": str(i) * 3 for i in range(8)}
+text = " ".join(sorted(words.values())) + repr((total, b"bytes", None, 1e-9))
+try:
+    raise ValueError(text[:8])
+except ValueError as exc:
+    message = str(exc)
+"""
+
+
+def warm_up():
+    """Run :data:`WARM_UP` in a namespace of its own (see there for why)."""
+    exec(compile(WARM_UP, "<warm-up>", "exec"), {"__builtins__": __builtins__, "__name__": "__warm_up__"})
+
+
 def run_python(script, env, cwd, main):
     """Body of a warm-interpreter child (after :func:`prepare_python`): behave like ``python3 -c SCRIPT``
     and return the exit code."""
@@ -370,6 +397,7 @@ def spare_main(control_r, report_w):
     Why an exec failed goes to the worker on ``report_w``, closed before any code of the call runs.
     """
     main = prepare_python()  # also for a job that turns out to exec: it costs that job nothing
+    warm_up()
     with os.fdopen(control_r, "rb") as f:
         job = json.loads(f.read())
     script, env, cwd = job["script"], job["env"], job["cwd"]
