@@ -305,11 +305,16 @@ def warm_up():
     exec(compile(WARM_UP, "<warm-up>", "exec"), {"__builtins__": __builtins__, "__name__": "__warm_up__"})
 
 
+def set_environ(env):
+    if os.environ != env:
+        os.environ.clear()
+        os.environ.update(env)
+
+
 def run_python(script, env, cwd, main):
     """Body of a warm-interpreter child (after :func:`prepare_python`): behave like ``python3 -c SCRIPT``
     and return the exit code."""
-    os.environ.clear()
-    os.environ.update(env)
+    set_environ(env)
     os.chdir(cwd)
     try:
         exec(compile(script, "<string>", "exec"), main.__dict__)
@@ -389,21 +394,36 @@ def write_all(fd, data):
         view = view[os.write(fd, view) :]
 
 
-def spare_main(control_r, report_w):
+def spare_main(control_r, report_w, env_ahead):
     """Body of a spare (already the sandbox user): wait for one call's job, then become that call.
 
-    A ``python`` job runs in this warm interpreter; any other execs its ``argv`` (the script as one
-    more argument, or, when too long for one, as the path of an in-memory file: ``bash /dev/fd/N``).
-    Why an exec failed goes to the worker on ``report_w``, closed before any code of the call runs.
+    A ``python`` job runs in this warm interpreter, then reports ``exit N`` on ``report_w``; any other
+    execs its ``argv`` (the script as one more argument, or, when too long for one, as the path of an
+    in-memory file: ``bash /dev/fd/N``), and why an exec failed goes to the worker on ``report_w``
+    (close-on-exec: end of file there means the exec succeeded).
     """
     main = prepare_python()  # also for a job that turns out to exec: it costs that job nothing
     warm_up()
+    if env_ahead is not None:
+        set_environ(env_ahead)  # the last call's environment, most likely the next one's too
     with os.fdopen(control_r, "rb") as f:
         job = json.loads(f.read())
     script, env, cwd = job["script"], job["env"], job["cwd"]
     if job["python"]:
-        os.close(report_w)
-        return run_python(script, env, cwd, main)
+        code = run_python(script, env, cwd, main)
+        # Output closed, then the exit status on the report pipe: the worker can answer the host now,
+        # while this process's exit (tearing down a forked interpreter: ~0.7 ms here) runs. The call's
+        # code could write such a report itself, but no more than it can do with os._exit.
+        with contextlib.suppress(BaseException):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        for fd in (1, 2):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with contextlib.suppress(OSError):
+            os.write(report_w, b"exit %d\n" % code)
+        os.sched_yield()  # on a shared CPU the waking worker answers first; this process's exit waits
+        return code
     argv = job["argv"]
     # Python ignores these; a command starts with the defaults, as from a shell (`yes | head` ends).
     for name in ("SIGPIPE", "SIGXFSZ"):
@@ -431,7 +451,13 @@ class Worker:
         self.out = out
         self.user = user
         self.oom_counter = oom_counter()
+        self.oom_seen = oom_kill_count(self.oom_counter)
+        """The OOM-kill count when the last request ended: the next call's baseline, read off its path."""
         self.spare = None
+        self.last_env = None
+        """The environment of the last call: a spare sets it while it waits."""
+        self.after_reply = None
+        """Work left from the last request (see :meth:`pump`), done once its reply is sent."""
 
     def send(self, obj, req):
         obj["id"] = req.get("id")
@@ -446,7 +472,9 @@ class Worker:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         try:
-            pid = self.user.fork_as(lambda: spare_main(control_r, report_w), out_w, err_w, (control_r, report_w))
+            pid = self.user.fork_as(
+                lambda: spare_main(control_r, report_w, self.last_env), out_w, err_w, (control_r, report_w)
+            )
         except OSError:
             for fd in (control_r, control_w, report_r, report_w, out_r, out_w, err_r, err_w):
                 os.close(fd)
@@ -473,7 +501,7 @@ class Worker:
         captures = {"stdout": Capture(keep), "stderr": Capture(keep)}
         result = {"op": "result", "exit_code": None, "signal": None, "timed_out": False, "output_capped": False}
         result["error"] = None
-        oom_before = oom_kill_count(self.oom_counter)
+        oom_before = self.oom_seen
         job = {
             "argv": [str(a) for a in req["argv"]],
             "file_argv": [str(a) for a in req.get("file_argv") or req["argv"]],
@@ -482,6 +510,7 @@ class Worker:
             "env": req.get("env") or dict(os.environ),
             "cwd": req.get("cwd") or "/",
         }
+        self.last_env = job["env"]
         try:
             message = json.dumps(job).encode()
             if self.spare is None:  # none was started ahead (the last fork failed): start one now
@@ -496,21 +525,29 @@ class Worker:
                 write_all(spare.control, message)
             os.close(spare.control)
             out, err, spare.control, spare.out, spare.err = spare.out, spare.err, None, None, None
-            self.pump(spare.pid, out, err, captures, started + timeout, kill_bytes, result)  # closes out, err
+            report = spare.report if job["python"] else None
+            self.pump(spare.pid, out, err, report, captures, started + timeout, kill_bytes, result)  # closes out, err
             with contextlib.suppress(BlockingIOError):
-                told = os.read(spare.report, 4096)
+                told = b"" if job["python"] else os.read(spare.report, 4096)
                 if told:
                     result["error"] = f"could not start {job['argv'][0]}: {told.decode('utf-8', 'replace')}"
         finally:
             spare.close()
         return self.finish(result, captures, started, oom_before)
 
-    def pump(self, pid, out_r, err_r, captures, deadline, kill_bytes, result):
+    def pump(self, pid, out_r, err_r, report_r, captures, deadline, kill_bytes, result):
+        """Collect the call's output until it ends; kill whatever it left. A python call that closed its
+        output and reported ``exit N`` on ``report_r`` ends there: reaping it and killing what it left
+        wait in :attr:`after_reply`, which runs before the next request is read."""
         poller = select.poll()
         streams = {out_r: "stdout", err_r: "stderr"}
         for fd in streams:
             poller.register(fd, select.POLLIN)
         open_streams = [2]
+        report = bytearray()
+        reported = []  # the status a well-formed report gave
+        if report_r is not None:
+            poller.register(report_r, select.POLLIN)
         # A pidfd turns "the process exited" into one more readable fd, so one poll waits for
         # output and exit alike; without one (old kernels) we poll every 10 ms.
         pidfd = None
@@ -524,6 +561,19 @@ class Worker:
             for fd, _ in poller.poll(math.ceil(wait * 1000)):
                 if fd == pidfd:
                     poller.unregister(fd)
+                    continue
+                if fd == report_r:
+                    # Exactly one "exit N" line, or no early end at all: then the exit status decides.
+                    data = os.read(fd, 64)
+                    report.extend(data)
+                    reported.clear()
+                    parts = report.split()
+                    if data and report.endswith(b"\n") and len(parts) == 2 and parts[0] == b"exit":
+                        with contextlib.suppress(ValueError):
+                            reported.append(int(parts[1]) & 0xFF)
+                    if not data or len(report) > 16:
+                        reported.clear()
+                        poller.unregister(fd)
                     continue
                 data = os.read(fd, READ_CHUNK)
                 if not data:
@@ -543,6 +593,12 @@ class Worker:
             if done:
                 reaped = True
                 break
+            if reported and not open_streams[0]:
+                result["exit_code"] = reported[0]
+                for fd in (out_r, err_r):
+                    os.close(fd)
+                self.after_reply = lambda: self.reap(pid, pidfd)
+                return
             left = deadline - time.monotonic()
             if left <= 0:
                 result["timed_out"] = True
@@ -565,8 +621,20 @@ class Worker:
         else:
             result["exit_code"] = os.WEXITSTATUS(status)
 
+    def reap(self, pid, pidfd):
+        """After an early end (see :meth:`pump`): let the call's process finish exiting, then kill
+        whatever of the sandbox user is left, and reap it."""
+        if pidfd is not None:
+            exited = select.poll()
+            exited.register(pidfd, select.POLLIN)
+            exited.poll(50)  # its exit: usually under a millisecond
+            os.close(pidfd)
+        kill_user(self.user.uid)
+        os.waitpid(pid, 0)
+        self.oom_seen = oom_kill_count(self.oom_counter)
+
     def finish(self, result, captures, started, oom_before):
-        oom_after = oom_kill_count(self.oom_counter)
+        oom_after = self.oom_seen = oom_kill_count(self.oom_counter)
         result["oom_kills"] = None if oom_before is None or oom_after is None else oom_after - oom_before
         for name, cap in captures.items():
             result[name] = cap.text()
@@ -607,6 +675,7 @@ class Worker:
                 problems.append(f"{path} has mode {stat.S_IMODE(st.st_mode):o}, not {mode:o}")
         if sysv_ipc_of(self.user.uid):
             problems.append(f"System V IPC objects of uid {self.user.uid} remain")
+        self.oom_seen = oom_kill_count(self.oom_counter)
         return {"op": "reset", "ok": not problems, "problems": problems, "duration_s": time.monotonic() - started}
 
     def handle(self, req):
@@ -635,6 +704,10 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - one bad request must not end the worker
                 reply = {"op": "error", "error": f"{type(exc).__name__}: {exc}"}
             self.send(reply, req)
+            after, self.after_reply = self.after_reply, None
+            if after is not None:
+                with contextlib.suppress(OSError):
+                    after()
             # The next call's process starts once this container has been idle for SPARE_AFTER_S: not
             # amid a burst of lock-step calls in other containers (it would compete with them), never
             # while a call or a reset checks the sandbox user's processes. A request sooner (the reset

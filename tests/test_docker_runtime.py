@@ -510,12 +510,17 @@ async def test_python_calls_fork_from_a_warm_interpreter_as_the_sandbox_user(doc
             "atexit.register(lambda: print('at exit'))\n"
             "print(os.getuid(), os.getgid(), os.getgroups(), sys.argv, repr(sys.path[0]), __name__)\n"
             "caps = open('/proc/self/status').read().count('CapEff:\t0000000000000000')\n"
-            "print(sorted(os.listdir('/proc/self/fd')), caps)"
+            "fds = sorted(int(fd) for fd in os.listdir('/proc/self/fd'))\n"
+            "kinds = [(os.readlink(f'/proc/self/fd/{fd}').split(':')[0], os.stat(fd).st_uid) for fd in fds[4:]]\n"
+            "print(fds[:4], kinds, caps)"
         )
         out = await run(ep, "python", script)
         assert out.content.splitlines() == [
             "1000 1000 [] ['-c'] '' __main__",
-            "['0', '1', '2', '3'] 1",  # 3 is listdir's own descriptor: nothing of the worker's
+            # 3 is listdir's own descriptor; the one more is the spare's end of its report pipe (it tells
+            # the worker the exit status; the selfcheck's "forged exit report" shows what writing to it
+            # gains). Nothing of the worker's.
+            "[0, 1, 2, 3] [('pipe', 0)] 1",
             "at exit",
         ]
         cold = rt.config.model_copy(update={"python_zygote": False})

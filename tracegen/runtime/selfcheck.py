@@ -225,6 +225,39 @@ async def forged_reply(rt: DockerRuntime) -> Outcome:
         return Outcome(f"forger saw {out.content[:40]!r}; next call saw {after.content[:30]!r}", ok)
 
 
+LIE_TO_EVERY_FD = (
+    "import os\n"
+    "for fd in [int(fd) for fd in os.listdir('/proc/self/fd') if int(fd) > 2]:\n"
+    "    try:\n"
+    "        os.write(fd, b'exit 0\\n')\n"
+    "    except OSError:\n"
+    "        pass\n"
+)
+LEFT_BEHIND = (
+    "import os\n"
+    "print([p for p in os.listdir('/proc') if p.isdigit() and int(p) != os.getpid() "
+    "and os.stat(f'/proc/{p}').st_uid == os.getuid()])"
+)
+
+
+async def forged_exit_report(rt: DockerRuntime) -> Outcome:
+    """A python call tells the worker its exit status on a pipe of its own (the host is answered while
+    its process exits). Code that writes that report itself gains nothing it has not with os._exit: a
+    report followed by another is ignored, and one that ends the call early leaves no process behind."""
+    async with _episode(rt) as ep:
+        lied = await run(ep, "python", LIE_TO_EVERY_FD + "print('lied')\nraise SystemExit(3)")
+        ended = await run(ep, "python", LIE_TO_EVERY_FD + "os.close(1)\nos.close(2)\nwhile True:\n    pass")
+        left = await run(ep, "python", LEFT_BEHIND)
+        ok = (
+            lied.content == "lied\n[exit code 3]"
+            and not ended.observation.timed_out
+            and ended.observation.exit_code == 0
+            and left.content == "[]"
+        )
+        observed = f"exit {lied.observation.exit_code} after a forged report; early end leaves {left.content}"
+        return Outcome(observed, ok)
+
+
 async def ptrace_worker(rt: DockerRuntime) -> Outcome:
     async with _episode(rt) as ep:
         code = OTHER_PROCESSES + (
@@ -383,6 +416,7 @@ CASES: list[tuple[str, str, Case]] = [
     ("privileges", "non-root, no capabilities, no-new-privileges", privileges),
     ("attack the worker", "no signal reaches the worker or PID 1; files kept", kill_worker),
     ("forged reply", "writing a worker reply into another process's fds is refused", forged_reply),
+    ("forged exit report", "no more than os._exit: a second report is ignored, no process left", forged_exit_report),
     ("ptrace", "the worker and PID 1 cannot be traced or their memory read", ptrace_worker),
     ("PID 1 streams", "unwritable; the container log is off", pid1_streams),
     ("host buffer flood", "output bounded end to end; host memory flat", host_buffer_flood),
