@@ -32,20 +32,26 @@ waits, as the sandbox user, for one call's job on a pipe of its own. With ``pyth
 runs in that warm interpreter (several times faster than ``python3 -c``; ``bench/sandbox.py``
 measures it); otherwise the spare execs ``argv`` with the script as one more argument (``bash -c
 SCRIPT``), or, when too long for one argument, as the path of an in-memory file (``bash /dev/fd/N``).
-A spare holds nothing of a call or a trajectory: it is forked from the worker after the previous
-call's processes were killed (or after a reset was verified), it is the only process of the sandbox
-user while no call runs, and ``reset`` kills it first. Not ``subprocess``: it imports ``threading``,
-whose fork handlers make every fork of this worker dearer.
+While it waits the spare also compiles a fixed program and sets the last call's environment, so a
+call's own compile does not pay for the copy-on-write of the compiler's pages. A spare runs no code
+of a call or a trajectory before its own call: it is forked from the worker after the previous
+call's processes were killed, it is the only process of the sandbox user while no call runs, and a
+``reset`` keeps it (it runs nothing while the mounts are emptied) for the next trajectory's first
+call. Not ``subprocess``: it imports ``threading``, whose fork handlers make every fork of this
+worker dearer.
 
 Per call: the command runs in its own session with stdin from /dev/null. At the deadline, or when
 it has written more than ``kill_bytes``, every process of the sandbox user is SIGKILLed; when the
-call ends for any reason, so is anything it left behind: files persist across calls, processes do
-not. Of each stream at most ``keep_bytes`` are kept, half from the head and half from the tail.
+call ends for any reason, so is anything it left behind, before the next request is read: files
+persist across calls, processes do not. A python call ends when it has closed its output and
+reported ``exit N`` on its report pipe: the reply goes out then, while its process is still exiting
+(the call's code could write that report itself, which gains it nothing over ``os._exit``). Of each
+stream at most ``keep_bytes`` are kept, half from the head and half from the tail.
 
 ``reset`` makes a used container equal, for the next trajectory, to a fresh one in everything the
-sandbox user could change: it kills every process of that user, empties each writable mount (and
-restores its mode), removes the user's System V IPC objects, then verifies all of it and reports
-what it found instead of handing out a container it could not clean.
+sandbox user could change: it kills every process of that user (but the waiting spare), empties each
+writable mount (and restores its mode), removes the user's System V IPC objects, then verifies all
+of it and reports what it found instead of handing out a container it could not clean.
 
 Standard library only; any image with python3 (>= 3.9) and bash can host it.
 """
@@ -74,6 +80,7 @@ PR_SET_DUMPABLE = 4
 IPC_RMID = 0
 SYSV_IPC = (("shm", "shmctl"), ("msg", "msgctl"), ("sem", "semctl"))
 LIBC = ctypes.CDLL(None, use_errno=True)  # loaded once here, not in every forked child
+PRCTL = LIBC.prctl  # resolved once here too: in each child it cost 0.35 ms
 
 
 class Capture:
@@ -156,17 +163,17 @@ def pids_of(uid):
     return pids
 
 
-def kill_user(uid):
-    """SIGKILL every process of ``uid`` until none is left; True when none is."""
+def kill_user(uid, spared=None):
+    """SIGKILL every process of ``uid`` but ``spared`` until none is left; True when none is."""
     for _ in range(200):
-        pids = pids_of(uid)
+        pids = [pid for pid in pids_of(uid) if pid != spared]
         if not pids:
             return True
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.002)  # let a fork bomb's last children appear, then kill them too
-    return not pids_of(uid)
+    return not [pid for pid in pids_of(uid) if pid != spared]
 
 
 def sysv_ipc_of(uid):
@@ -202,7 +209,7 @@ class SandboxUser:
             raise OSError("could not drop to the sandbox user")
         # A process that changed uid without exec is not dumpable, which would hide its own
         # /proc/self/fd from itself; the sandbox user may see its own process, as after an exec.
-        LIBC.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
+        PRCTL(PR_SET_DUMPABLE, 1, 0, 0, 0)
         # Make the command, not the worker, the kernel's first choice when memory runs out. (os calls,
         # not open(): every object a forked child touches costs it a copied page.)
         with contextlib.suppress(OSError):
@@ -265,12 +272,26 @@ class SandboxUser:
             os._exit(code)
 
 
+def standard_streams():
+    """``sys.stdin``, ``stdout`` and ``stderr`` as ``python3 -c`` has them, on descriptors 0, 1 and 2.
+
+    Made once, in the worker, which never uses them (its own 0 and 1 are the host's stream): each
+    spare, whose 0, 1 and 2 are its call's, takes them as they are (making them there cost 0.4 ms).
+    """
+    return (
+        io.TextIOWrapper(io.FileIO(0, "r", closefd=False)),
+        io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True, errors="backslashreplace"),
+        io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True, errors="backslashreplace"),
+    )
+
+
+STANDARD_STREAMS = standard_streams()
+
+
 def prepare_python():
     """What ``python3 -c`` has before it reads its script (standard streams, argv, ``__main__``):
     a spare sets it up while it waits, so a call does not pay for it."""
-    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
-    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True, errors="backslashreplace")
-    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True, errors="backslashreplace")
+    sys.stdin, sys.stdout, sys.stderr = STANDARD_STREAMS
     sys.argv = ["-c"]
     sys.path[0] = ""
     main = type(sys)("__main__")
@@ -278,10 +299,10 @@ def prepare_python():
     return main
 
 
-# Compiled and run by a spare while it waits. A forked child shares the worker's memory until it writes
-# to it; the parser, the compiler and the evaluator then write to hundreds of shared pages, and each
-# costs a copy. Warming them here moves those copies off the call's path (print(6 * 7) compiled in
-# 1.3-1.6 ms in a fresh spare, 0.05 ms in a warmed one). Fixed text, its own namespace, no output.
+# Compiled (not run) by a spare while it waits. A forked child shares the worker's memory until it
+# writes to it; the parser and the compiler then write to hundreds of shared pages, and each costs a
+# copy. Compiling this first moves those copies off the call's path (print(6 * 7) compiled in 1.3-1.6
+# ms in a fresh spare, 0.05 ms in a warmed one). Running it too cost more than it saved.
 WARM_UP = """
 import math
 class Point:
@@ -301,8 +322,8 @@ except ValueError as exc:
 
 
 def warm_up():
-    """Run :data:`WARM_UP` in a namespace of its own (see there for why)."""
-    exec(compile(WARM_UP, "<warm-up>", "exec"), {"__builtins__": __builtins__, "__name__": "__warm_up__"})
+    """Compile :data:`WARM_UP` (see there for why)."""
+    compile(WARM_UP, "<warm-up>", "exec")
 
 
 def set_environ(env):
@@ -484,15 +505,6 @@ class Worker:
         os.set_blocking(report_r, False)
         self.spare = Spare(pid, control_w, report_r, out_r, err_r)
 
-    def drop_spare(self):
-        """Kill and reap the waiting spare, if there is one."""
-        spare, self.spare = self.spare, None
-        if spare is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(spare.pid, signal.SIGKILL)
-            os.waitpid(spare.pid, 0)
-            spare.close()
-
     def run(self, req):
         started = time.monotonic()
         keep = int(req.get("keep_bytes", 65536))
@@ -648,8 +660,13 @@ class Worker:
         started = time.monotonic()
         mounts = {str(path): int(mode) for path, mode in (req.get("mounts") or {}).items()}
         problems = []
-        self.drop_spare()
-        if not kill_user(self.user.uid):
+        # A waiting spare is kept for the next trajectory's first call: it was forked after the last
+        # call's processes were gone and has run nothing since (one fork less per trajectory).
+        if self.spare is not None and os.waitpid(self.spare.pid, os.WNOHANG)[0]:
+            self.spare.close()  # it died waiting (reaped just now): the next call forks its own
+            self.spare = None
+        spared = self.spare.pid if self.spare is not None else None
+        if not kill_user(self.user.uid, spared):
             problems.append(f"processes of uid {self.user.uid} survived SIGKILL")
         err_r, err_w = os.pipe()
         pid = self.user.fork_as(lambda: clean_as_sandbox_user(mounts), err_w, err_w)
@@ -660,7 +677,7 @@ class Worker:
         if status != 0:
             problems.append(f"cleaning failed: {told or status}")
         # Verification, by the worker itself (the mounts are readable again at their restored mode).
-        if pids_of(self.user.uid):
+        if [pid for pid in pids_of(self.user.uid) if pid != spared]:
             problems.append(f"a process of uid {self.user.uid} is still running")
         for path, mode in mounts.items():
             try:

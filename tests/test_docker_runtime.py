@@ -502,6 +502,24 @@ async def test_a_call_runs_in_a_spare_started_ahead_and_alone_as_the_sandbox_use
 
 
 @pytest.mark.anyio
+async def test_a_reset_keeps_the_waiting_spare_for_the_next_trajectory(docker_client: Any) -> None:
+    """The spare forked after a trajectory's last call ran nothing of it, so the reset keeps it (one fork
+    less per trajectory): the next trajectory's first call, made at once, runs in that process, alone."""
+    async with started() as rt:
+        first = await rt.open_episode("first")
+        await run(first, "bash", "sleep 300 & echo left behind > here.txt")
+        used = first.container_id
+        await asyncio.sleep(1.0)  # the spare is forked 0.1 s after the reply
+        await first.close()  # reset: kills the sleep, empties /work, keeps the spare
+        second = await rt.open_episode("second")
+        out = await run(second, "python", SPARE_PROBE)
+        assert second.container_id == used
+        assert out.content == "True [] 0000000000000000"  # started before the reset; no other process
+        assert (await run(second, "bash", "ls -A")).content == "[no output]"
+        await second.close()
+
+
+@pytest.mark.anyio
 async def test_python_calls_fork_from_a_warm_interpreter_as_the_sandbox_user(docker_client: Any) -> None:
     async with started() as rt:
         ep = await rt.open_episode("t")

@@ -8,7 +8,8 @@ there for the next. A call is one JSON line each way: a few milliseconds, agains
 ``docker exec`` and hundreds for a ``docker run``. Each call runs in a *spare* process that the
 worker forked from itself ahead of the call (once idle after its previous reply) and that already
 switched to the sandbox user: a ``python`` call runs in that warm interpreter instead of starting
-``python3``, any other execs its command.
+``python3`` (and is answered once it has closed its output and reported its exit status, while its
+process exits), any other execs its command.
 
 Two users. The worker and PID 1 run as root with only SETUID, SETGID and KILL; every command runs
 as ``user`` (1000:1000), no capabilities, no supplementary groups. So tool code cannot open the
@@ -28,14 +29,19 @@ Recycling (``recycle``, on by default). When a trajectory ends, its container is
 to a later trajectory instead of being replaced, up to ``recycle_max_uses`` times. The reset kills
 every process of the sandbox user, empties every mount it can write to (``tmpfs`` work dirs,
 ``/dev/shm``, ``/dev/mqueue``) and restores their modes, removes its System V IPC objects, then
-verifies each of those (no process of the uid, each mount empty at its mode, no IPC object, the
-worker answering) before the container goes back to the pool (only then does the worker fork the
-next call's spare, from its own state: it holds nothing of any trajectory); a reset that fails or is not verified
-in ``reset_timeout_s`` replaces the container, and so does a container whose call timed out or
-was OOM-killed. Against a fresh container, a recycled one differs only in what the sandbox user
-cannot reset and the next trajectory can at most observe: the pid counter and process start times,
-the container's uptime and cgroup counters (CPU time, OOM-kill count, memory high-water mark),
-the kernel's shared state (page cache, entropy, network namespace counters on loopback). The
+verifies each of those (no process of the uid but the waiting spare, each mount empty at its mode,
+no IPC object, the worker answering) before the container goes back to the pool. The spare is kept
+for the next trajectory's first call: it was forked after the last call's processes were gone and has
+run only the worker's code since. A reset that fails or is not verified in ``reset_timeout_s``
+replaces the container, and so does a container whose call timed out or was OOM-killed. Against a
+fresh container, a recycled one differs only in what the sandbox user cannot reset and the next
+trajectory can at most observe: the pid counter and process start times, the container's uptime
+and cgroup counters (CPU time, OOM-kill count, memory high-water mark), the kernel's shared state
+(page cache, entropy, network namespace counters on loopback), and freed memory of the worker: it
+parsed earlier calls' scripts and built their replies, and every spare is a copy of its memory, so
+code that reads its own process's memory could find fragments of earlier calls (of earlier
+trajectories too) that Python has freed but not overwritten. ``recycle: false`` has no such
+channel: each container's worker only ever served one trajectory. The
 read-only root filesystem means nothing else can carry a file from one trajectory to the next; the
 ``writable places`` self-check asserts that every writable path is a mount that the reset empties.
 With ``recycle: false`` every trajectory gets a fresh container, as before.
