@@ -415,7 +415,7 @@ def write_all(fd, data):
         view = view[os.write(fd, view) :]
 
 
-def spare_main(control_r, report_w, env_ahead):
+def spare_main(control_r, report_w, ahead, env_ahead):
     """Body of a spare (already the sandbox user): wait for one call's job, then become that call.
 
     A ``python`` job runs in this warm interpreter, then reports ``exit N`` on ``report_w``; any other
@@ -424,9 +424,10 @@ def spare_main(control_r, report_w, env_ahead):
     (close-on-exec: end of file there means the exec succeeded).
     """
     main = prepare_python()  # also for a job that turns out to exec: it costs that job nothing
-    warm_up()
-    if env_ahead is not None:
-        set_environ(env_ahead)  # the last call's environment, most likely the next one's too
+    if ahead:  # forked ahead of its call, not by it: there is time to spare
+        warm_up()
+        if env_ahead is not None:
+            set_environ(env_ahead)  # the last call's environment, most likely the next one's too
     with os.fdopen(control_r, "rb") as f:
         job = json.loads(f.read())
     script, env, cwd = job["script"], job["env"], job["cwd"]
@@ -486,15 +487,19 @@ class Worker:
         self.out.write(json.dumps(obj).encode() + b"\n")
         self.out.flush()
 
-    def fork_spare(self):
-        """Start the process the next call will run in, ahead of that call (the *spare* above)."""
+    def fork_spare(self, ahead=True):
+        """Start the process the next call will run in (the *spare* above): ahead of that call, or,
+        with ``ahead`` false, for a call that found none (which then skips the warm-up)."""
         control_r, control_w = os.pipe()
         report_r, report_w = os.pipe()  # close-on-exec: end of file on it means the exec succeeded
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         try:
             pid = self.user.fork_as(
-                lambda: spare_main(control_r, report_w, self.last_env), out_w, err_w, (control_r, report_w)
+                lambda: spare_main(control_r, report_w, ahead, self.last_env),
+                out_w,
+                err_w,
+                (control_r, report_w),
             )
         except OSError:
             for fd in (control_r, control_w, report_r, report_w, out_r, out_w, err_r, err_w):
@@ -525,8 +530,8 @@ class Worker:
         self.last_env = job["env"]
         try:
             message = json.dumps(job).encode()
-            if self.spare is None:  # none was started ahead (the last fork failed): start one now
-                self.fork_spare()
+            if self.spare is None:  # none was started ahead (no idle moment, or the fork failed): start one now
+                self.fork_spare(ahead=False)
         except (OSError, ValueError) as exc:
             result["error"] = f"could not start {job['argv'][0]}: {getattr(exc, 'strerror', None) or exc}"
             result["exit_code"] = 126
