@@ -433,17 +433,19 @@ def spare_main(control_r, report_w, ahead, env_ahead):
     script, env, cwd = job["script"], job["env"], job["cwd"]
     if job["python"]:
         code = run_python(script, env, cwd, main)
-        # Output closed, then the exit status on the report pipe: the worker can answer the host now,
-        # while this process's exit (tearing down a forked interpreter: ~0.7 ms here) runs. The call's
-        # code could write such a report itself, but no more than it can do with os._exit.
+        # The exit status on the report pipe, then the output closed: the worker can answer the host
+        # now, while this process's exit (tearing down a forked interpreter: ~0.7 ms here) runs. The
+        # report goes first, so the worker, which ends a call early only once both streams are at end
+        # of file, has read it by then, after any the call's code wrote (two reports: no early end).
+        # The code could write one report alone, which gains it no more than os._exit would.
         with contextlib.suppress(BaseException):
             sys.stdout.flush()
             sys.stderr.flush()
+        with contextlib.suppress(OSError):
+            os.write(report_w, b"exit %d\n" % code)
         for fd in (1, 2):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        with contextlib.suppress(OSError):
-            os.write(report_w, b"exit %d\n" % code)
         os.sched_yield()  # on a shared CPU the waking worker answers first; this process's exit waits
         return code
     argv = job["argv"]
@@ -582,14 +584,16 @@ class Worker:
                 if fd == report_r:
                     # Exactly one "exit N" line, or no early end at all: then the exit status decides.
                     data = os.read(fd, 64)
+                    if not data:  # the process (and any child holding the pipe) is gone
+                        poller.unregister(fd)
+                        continue
                     report.extend(data)
                     reported.clear()
                     parts = report.split()
-                    if data and report.endswith(b"\n") and len(parts) == 2 and parts[0] == b"exit":
+                    if len(report) <= 16 and report.endswith(b"\n") and len(parts) == 2 and parts[0] == b"exit":
                         with contextlib.suppress(ValueError):
                             reported.append(int(parts[1]) & 0xFF)
-                    if not data or len(report) > 16:
-                        reported.clear()
+                    if len(report) > 16:
                         poller.unregister(fd)
                     continue
                 data = os.read(fd, READ_CHUNK)
@@ -611,6 +615,11 @@ class Worker:
                 reaped = True
                 break
             if reported and not open_streams[0]:
+                with contextlib.suppress(BlockingIOError):  # nothing may follow the report: no second one
+                    if os.read(report_r, 1):
+                        reported.clear()
+                        poller.unregister(report_r)
+                        continue
                 result["exit_code"] = reported[0]
                 for fd in (out_r, err_r):
                     os.close(fd)
