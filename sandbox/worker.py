@@ -544,10 +544,10 @@ class Worker:
                 write_all(spare.control, message)
             os.close(spare.control)
             out, err, spare.control, spare.out, spare.err = spare.out, spare.err, None, None, None
-            report = spare.report if job["python"] else None
+            report = spare.report if job["python"] else None  # python: its exit report; else: why exec failed
             self.pump(spare.pid, out, err, report, captures, started + timeout, kill_bytes, result)  # closes out, err
             with contextlib.suppress(BlockingIOError):
-                told = b"" if job["python"] else os.read(spare.report, 4096)
+                told = os.read(spare.report, 4096) if report is None else b""
                 if told:
                     result["error"] = f"could not start {job['argv'][0]}: {told.decode('utf-8', 'replace')}"
         finally:

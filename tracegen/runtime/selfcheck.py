@@ -233,11 +233,6 @@ LIE_TO_EVERY_FD = (
     "    except OSError:\n"
     "        pass\n"
 )
-LEFT_BEHIND = (
-    "import os\n"
-    "print([p for p in os.listdir('/proc') if p.isdigit() and int(p) != os.getpid() "
-    "and os.stat(f'/proc/{p}').st_uid == os.getuid()])"
-)
 
 
 async def forged_exit_report(rt: DockerRuntime) -> Outcome:
@@ -247,14 +242,18 @@ async def forged_exit_report(rt: DockerRuntime) -> Outcome:
     async with _episode(rt) as ep:
         lied = await run(ep, "python", LIE_TO_EVERY_FD + "print('lied')\nraise SystemExit(3)")
         ended = await run(ep, "python", LIE_TO_EVERY_FD + "os.close(1)\nos.close(2)\nwhile True:\n    pass")
-        left = await run(ep, "python", LEFT_BEHIND)
+        seen = await run(ep, "python", SHOW_STATE)
+        try:
+            left = json.loads(seen.content)["procs"]
+        except (ValueError, KeyError):
+            return Outcome(f"unreadable state: {seen.content[:60]!r}", False)
         ok = (
             lied.content == "lied\n[exit code 3]"
             and not ended.observation.timed_out
             and ended.observation.exit_code == 0
-            and left.content == "[]"
+            and left == []
         )
-        observed = f"exit {lied.observation.exit_code} after a forged report; early end leaves {left.content}"
+        observed = f"exit {lied.observation.exit_code} after a forged report; early end leaves processes {left}"
         return Outcome(observed, ok)
 
 
